@@ -1,0 +1,45 @@
+"""slit: audio-language models bootstrapped from frozen pretrained models (JAX/Flax NNX)."""
+
+import pathlib
+import re
+
+from setuptools import find_packages, setup
+
+_VERSION = re.search(
+    r'__version__ = "([^"]+)"', pathlib.Path(__file__).with_name("slit").joinpath("__init__.py").read_text()
+).group(1)
+
+setup(
+    name="slit",
+    version=_VERSION,
+    description="Audio-language models from a frozen audio encoder, a Q-Former and a frozen LLM, in JAX/Flax NNX.",
+    long_description=pathlib.Path(__file__).with_name("README.md").read_text(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.11",
+    packages=find_packages(include=["slit", "slit.*"]),
+    install_requires=[
+        "jax>=0.10.0",
+        "flax>=0.12.8",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12.8",
+        "transformers>=5.0",
+        "tokenizers>=0.22",
+        "tensorflow-datasets>=4.9.10",
+        "array_record>=0.8",
+        "grain>=0.2.18",
+        "ml-collections>=1.1.0",
+        "numpy>=2.0",
+        "scipy>=1.13",
+        "soundfile>=0.13",
+        "tensorboardX>=2.6",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "test": ["pytest>=8.0", "pytest-xdist>=3.6", "ruff>=0.8"],
+        # Reference implementations for parity tests. torch is pinned exactly: an unpinned torch
+        # pulls a multi-GB CUDA build.
+        "parity": ["torch==2.13.0"],
+    },
+    entry_points={"console_scripts": ["slit=slit.cli:main"]},
+)
