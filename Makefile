@@ -1,0 +1,33 @@
+# The two commands of the README:
+#   make demo   trains stage one on the built-in synthetic sounds and prints held-out retrieval
+#   make test   runs the whole test suite
+# Each creates (or reuses) the virtual environment in .venv and installs what it needs.
+
+VENV ?= .venv
+PYTHON ?= python3
+STAMP := $(VENV)/.installed-$(shell cat setup.py | sha1sum | cut -c1-12)
+WORKDIR ?= runs/stage1_synthetic
+PYTEST_ARGS ?=
+
+.PHONY: demo test lint clean-venv
+
+$(STAMP): setup.py
+	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)/bin/python -m pip install --quiet -e ".[test]"
+	@rm -f $(VENV)/.installed-* && touch $@
+
+demo: $(STAMP)
+	$(VENV)/bin/slit train --config configs/stage1_synthetic.py --workdir $(WORKDIR)
+
+# pytest exits 5 when it collected no test: that is a failure here.
+test: $(STAMP)
+	@$(VENV)/bin/python -m pytest -n 2 --durations=15 $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check slit configs tests launch
+	$(VENV)/bin/ruff format --check slit configs tests launch
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,197 @@
+"""Config files, command-line overrides and validation.
+
+A config is a Python file in `configs/` with `get_config() -> ml_collections.ConfigDict`. Any field
+can be overridden on the command line as `--config.a.b=value`. The resolved config is validated
+before anything compiles, then written to `<workdir>/config.json`.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import json
+import math
+import pathlib
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import ml_collections
+
+from slit.train import sharding
+
+
+class ConfigError(ValueError):
+    """A config that cannot work. The message lists every problem and what to do about it."""
+
+
+def load_config_file(path: str | pathlib.Path) -> ml_collections.ConfigDict:
+    """Imports `path` and returns its `get_config()`, locked so that unknown keys cannot be added."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; the shipped configs are in configs/")
+    spec = importlib.util.spec_from_file_location(f"slit_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file {path} has no get_config() function")
+    config = module.get_config()
+    config.lock()
+    return config
+
+
+def _all_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in config.items():
+        full = f"{prefix}{key}"
+        keys.append(full)
+        if isinstance(value, ml_collections.ConfigDict):
+            keys.extend(_all_keys(value, full + "."))
+    return keys
+
+
+def _parse_value(key: str, text: str, current: Any) -> Any:
+    """Parses `text` into the type of the field's current value."""
+    if isinstance(current, bool):
+        lowered = text.lower()
+        if lowered in ("true", "1", "yes"):
+            return True
+        if lowered in ("false", "0", "no"):
+            return False
+        raise ConfigError(f"--config.{key}={text}: expected true or false")
+    if isinstance(current, int):
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(f"--config.{key}={text}: expected an integer") from None
+    if isinstance(current, float):
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"--config.{key}={text}: expected a number") from None
+    if isinstance(current, str):
+        return text
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        raise ConfigError(f"--config.{key}={text}: expected a Python literal like {current!r}") from None
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[tuple[str, str]]) -> None:
+    """Applies (dotted key, value text) overrides in place; unknown keys are refused with suggestions."""
+    known = _all_keys(config)
+    for key, text in overrides:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=3)
+            hint = f"; did you mean {', '.join('--config.' + c for c in close)}?" if close else ""
+            raise ConfigError(f"unknown config key --config.{key}{hint}")
+        *parents, leaf = key.split(".")
+        node = config
+        for p in parents:
+            node = node[p]
+        if isinstance(node[leaf], ml_collections.ConfigDict):
+            raise ConfigError(f"--config.{key} is a group of fields; set one of its fields instead")
+        with node.unlocked():
+            node[leaf] = _parse_value(key, text, node[leaf])
+
+
+def parse_override_args(args: Sequence[str]) -> list[tuple[str, str]]:
+    """Parses `--config.a.b=value` and `--config.a.b value` arguments into (key, value) pairs."""
+    overrides, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--config."):
+            raise ConfigError(f"unexpected argument {arg!r}; overrides look like --config.a.b=value")
+        body = arg[len("--config.") :]
+        if "=" in body:
+            key, value = body.split("=", 1)
+        elif i + 1 < len(args):
+            key, value = body, args[i + 1]
+            i += 1
+        else:
+            raise ConfigError(f"{arg} needs a value: {arg}=VALUE")
+        overrides.append((key, value))
+        i += 1
+    return overrides
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+def validate_stage1(config: ml_collections.ConfigDict, num_devices: int, num_processes: int = 1) -> None:
+    """Checks everything that can be checked before compiling; raises ConfigError listing all problems."""
+    problems = []
+    try:
+        shape = sharding.resolve_mesh_shape(config.mesh, num_devices)
+    except ValueError as e:
+        problems.append(str(e))
+        shape = None
+    if shape is not None:
+        sizes = dict(zip(sharding.MESH_AXES, shape, strict=True))
+        batch_target = dict(sharding.rules_dict(config.sharding_rules)).get("batch")
+        batch_axes = (batch_target,) if isinstance(batch_target, str) else tuple(batch_target or ())
+        unknown_axes = [a for a in batch_axes if a not in sizes]
+        if unknown_axes:
+            problems.append(f"sharding_rules: 'batch' maps to unknown mesh axes {unknown_axes}")
+        else:
+            dp = math.prod(sizes[a] for a in batch_axes)
+            if config.batch_size % dp:
+                problems.append(
+                    f"batch_size={config.batch_size} is not divisible by the data-parallel size {dp} "
+                    f"({' x '.join(f'{a}={sizes[a]}' for a in batch_axes)}); use a multiple of {dp}"
+                )
+    for name, target in sharding.rules_dict(config.sharding_rules).items():
+        targets = (target,) if isinstance(target, str) else tuple(target or ())
+        bad = [t for t in targets if t not in sharding.MESH_AXES]
+        if bad:
+            problems.append(f"sharding_rules: {name!r} maps to {bad}, not one of {sharding.MESH_AXES}")
+    if config.batch_size % num_processes:
+        problems.append(f"batch_size={config.batch_size} is not divisible by {num_processes} processes")
+    if config.batch_size < 2:
+        problems.append(f"batch_size={config.batch_size}: contrastive and matching losses need at least 2")
+    for key in ("total_steps", "log_every_steps"):
+        if config[key] <= 0:
+            problems.append(f"{key}={config[key]} must be positive")
+    for key in ("eval_every_steps", "checkpoint_every_steps"):
+        if config[key] < 0:
+            problems.append(f"{key}={config[key]} must be >= 0 (0 turns it off)")
+    opt = config.optimizer
+    if not 0 <= opt.warmup_steps <= config.total_steps:
+        problems.append(f"optimizer.warmup_steps={opt.warmup_steps} must be within [0, total_steps]")
+    if opt.learning_rate <= 0 or not 0 <= opt.min_learning_rate <= opt.learning_rate:
+        problems.append("optimizer: need learning_rate > 0 and 0 <= min_learning_rate <= learning_rate")
+    q, a = config.qformer, config.audio_encoder
+    for prefix, group in (("qformer", q), ("audio_encoder", a)):
+        if group.width % group.heads:
+            problems.append(f"{prefix}.width={group.width} is not divisible by {prefix}.heads={group.heads}")
+    if q.cross_attention_freq < 1 or q.cross_attention_freq > q.layers:
+        problems.append(
+            f"qformer.cross_attention_freq={q.cross_attention_freq} must be in [1, qformer.layers]"
+        )
+    if q.num_queries < 1:
+        problems.append(f"qformer.num_queries={q.num_queries} must be at least 1")
+    if a.num_mel_bins not in (80, 128):
+        problems.append(f"audio_encoder.num_mel_bins={a.num_mel_bins}: Whisper uses 80 or 128")
+    mel_frames = config.data.max_seconds * 100
+    if mel_frames != int(mel_frames) or int(mel_frames) % 2:
+        problems.append(
+            f"data.max_seconds={config.data.max_seconds} must be a multiple of 0.02 s (an even number of "
+            "10 ms mel frames)"
+        )
+    elif int(mel_frames) // 2 > a.max_positions:
+        problems.append(
+            f"data.max_seconds={config.data.max_seconds} gives {int(mel_frames) // 2} encoder frames, more "
+            f"than audio_encoder.max_positions={a.max_positions} (Whisper: 1500 = 30 s)"
+        )
+    if config.data.max_text_length < 3 or config.data.max_text_length > q.max_text_positions:
+        problems.append(
+            f"data.max_text_length={config.data.max_text_length} must be in [3, qformer.max_text_positions]"
+        )
+    if not 0 <= q.dropout < 1:
+        problems.append(f"qformer.dropout={q.dropout} must be in [0, 1)")
+    loss = config.loss
+    if not 0 < loss.temperature_min <= loss.temperature_init <= loss.temperature_max:
+        problems.append("loss: need 0 < temperature_min <= temperature_init <= temperature_max")
+    if problems:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))

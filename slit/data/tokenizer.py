@@ -1,0 +1,94 @@
+"""Text tokenisation for the Q-Former: BERT-style [CLS] text [SEP], padded, plus a [DEC] token.
+
+Two sources: a word-level tokenizer built from a known vocabulary (the built-in synthetic dataset,
+no download needed), or a BERT tokenizer directory (`tokenizer.json` or `vocab.txt`) to which
+[DEC] is added, as BLIP-2 does. Either way the tokenizer is saved into the run's workdir, so
+evaluation and generation use exactly the tokenizer the model was trained with.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import re
+from collections.abc import Sequence
+
+import numpy as np
+import tokenizers
+from tokenizers import models, pre_tokenizers, processors
+
+PAD, DEC, UNK, CLS, SEP, MASK = "[PAD]", "[DEC]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
+TOKENIZER_FILE = "tokenizer.json"
+
+_PUNCTUATION = re.compile(r"[^\w\s']")
+
+
+def normalize_caption(text: str) -> str:
+    """BLIP's caption processing: lowercase, punctuation to spaces, single spaces."""
+    return " ".join(_PUNCTUATION.sub(" ", text.lower()).split())
+
+
+def word_level_tokenizer(vocabulary: Sequence[str]) -> tokenizers.Tokenizer:
+    """A whitespace word-level tokenizer: [PAD]=0, then [DEC], [UNK], [CLS], [SEP], [MASK], then words."""
+    words = sorted(set(vocabulary) - {PAD, DEC, UNK, CLS, SEP, MASK})
+    vocab = {tok: i for i, tok in enumerate([PAD, DEC, UNK, CLS, SEP, MASK, *words])}
+    tok = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+    tok.add_special_tokens([PAD, DEC, UNK, CLS, SEP, MASK])
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{CLS} $A {SEP}", special_tokens=[(CLS, vocab[CLS]), (SEP, vocab[SEP])]
+    )
+    return tok
+
+
+class TextTokenizer:
+    """Encodes captions to fixed-length id arrays for the Q-Former."""
+
+    def __init__(self, tokenizer: tokenizers.Tokenizer):
+        if tokenizer.token_to_id(DEC) is None:
+            tokenizer.add_special_tokens([DEC])
+        for token in (PAD, CLS, SEP):
+            if tokenizer.token_to_id(token) is None:
+                raise ValueError(f"tokenizer has no {token} token; a BERT-style vocabulary is needed")
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
+        self.tokenizer = tokenizer
+        self.pad_id = tokenizer.token_to_id(PAD)
+        self.dec_id = tokenizer.token_to_id(DEC)
+        self.cls_id = tokenizer.token_to_id(CLS)
+        self.sep_id = tokenizer.token_to_id(SEP)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, texts: Sequence[str], max_length: int) -> np.ndarray:
+        """Captions -> int32 (len(texts), max_length): [CLS] words [SEP] [PAD]...; long texts keep [SEP]."""
+        out = np.full((len(texts), max_length), self.pad_id, np.int32)
+        for i, encoding in enumerate(self.tokenizer.encode_batch([normalize_caption(t) for t in texts])):
+            ids = encoding.ids
+            if len(ids) > max_length:
+                ids = ids[: max_length - 1] + [self.sep_id]
+            out[i, : len(ids)] = ids
+        return out
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def save(self, directory: str | pathlib.Path) -> pathlib.Path:
+        path = pathlib.Path(directory) / TOKENIZER_FILE
+        self.tokenizer.save(str(path))
+        return path
+
+    @classmethod
+    def from_directory(cls, directory: str | pathlib.Path) -> TextTokenizer:
+        """Loads `tokenizer.json` (or a BERT `vocab.txt`) from a directory."""
+        directory = pathlib.Path(directory)
+        if (directory / TOKENIZER_FILE).is_file():
+            return cls(tokenizers.Tokenizer.from_file(str(directory / TOKENIZER_FILE)))
+        if (directory / "vocab.txt").is_file():
+            return cls(
+                tokenizers.BertWordPieceTokenizer(str(directory / "vocab.txt"), lowercase=True)._tokenizer
+            )
+        raise FileNotFoundError(
+            f"no {TOKENIZER_FILE} or vocab.txt in {directory}; point to a tokenizer directory"
+        )

@@ -1,0 +1,35 @@
+"""AdamW with linear warmup + cosine decay, global-norm clipping, no decay on biases and norms."""
+
+from __future__ import annotations
+
+import jax
+import ml_collections
+import optax
+
+
+def learning_rate_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+    """Linear warmup from 0 to `learning_rate`, then cosine decay to `min_learning_rate`."""
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=opt.learning_rate,
+        warmup_steps=opt.warmup_steps,
+        decay_steps=max(total_steps, opt.warmup_steps + 1),
+        end_value=opt.min_learning_rate,
+    )
+
+
+def decay_mask(params: dict) -> dict:
+    """True for weights that take weight decay: matrices and tables. Biases, norms, scalars (ndim < 2) don't."""
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def make_optimizer(
+    opt: ml_collections.ConfigDict, total_steps: int
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """The stage optimizer and its schedule, from the config's `optimizer` group."""
+    schedule = learning_rate_schedule(opt, total_steps)
+    tx = optax.chain(
+        optax.clip_by_global_norm(opt.grad_clip_norm),
+        optax.adamw(schedule, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay, mask=decay_mask),
+    )
+    return tx, schedule

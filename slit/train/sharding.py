@@ -1,0 +1,127 @@
+"""The device mesh and the one table that maps logical axis names to mesh axes.
+
+Weights carry logical names (`embed`, `mlp`, `heads`, `vocab`, ...; see `slit/models/layers.py`);
+batches carry `batch`. The config's `sharding_rules` maps each name to a mesh axis (`data`, `fsdp`,
+`tensor`), a tuple of them, or None (replicated). Changing the parallelism is a config change.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+Rules = Mapping[str, str | tuple[str, ...] | None]
+
+
+def resolve_mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
+    """Resolves mesh sizes (one of them may be -1, "the rest") against the device count.
+
+    Raises ValueError naming the sizes when they cannot cover `num_devices` devices.
+    """
+    shape = [int(sizes[a]) for a in MESH_AXES]
+    unknown = [a for a, s in zip(MESH_AXES, shape, strict=True) if s == -1]
+    if len(unknown) > 1:
+        raise ValueError(f"mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, shape, strict=True))}")
+    if any(s == 0 or s < -1 for s in shape):
+        raise ValueError(
+            f"mesh: sizes must be positive or -1, got {dict(zip(MESH_AXES, shape, strict=True))}"
+        )
+    named = dict(zip(MESH_AXES, shape, strict=True))
+    known = math.prod(s for s in shape if s != -1)
+    if unknown:
+        if num_devices % known:
+            raise ValueError(
+                f"mesh: {num_devices} devices cannot be split with {named}; "
+                f"the fixed axes multiply to {known}, which does not divide {num_devices}"
+            )
+        shape[MESH_AXES.index(unknown[0])] = num_devices // known
+    elif known != num_devices:
+        raise ValueError(
+            f"mesh: data*fsdp*tensor = {known} but there are {num_devices} devices; "
+            f"set the sizes so that they multiply to {num_devices} (or use -1 for one axis)"
+        )
+    return tuple(shape)
+
+
+def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Builds a Mesh(data, fsdp, tensor) over `devices` (default: all)."""
+    devices = list(devices if devices is not None else jax.devices())
+    shape = resolve_mesh_shape(sizes, len(devices))
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def rules_dict(rules: Sequence[Sequence[Any]]) -> dict[str, str | tuple[str, ...] | None]:
+    """Turns the config's ((logical, mesh_axes), ...) table into a dict."""
+    return {
+        str(name): (tuple(target) if isinstance(target, list | tuple) else target) for name, target in rules
+    }
+
+
+def _mesh_axis_size(mesh: Mesh, target: str | tuple[str, ...] | None) -> int:
+    if target is None:
+        return 1
+    names = (target,) if isinstance(target, str) else target
+    return math.prod(mesh.shape[n] for n in names)
+
+
+def logical_to_spec(
+    logical_axes: Sequence[str | None], shape: Sequence[int], rules: Rules, mesh: Mesh
+) -> PartitionSpec:
+    """Maps per-dimension logical names to a PartitionSpec.
+
+    A dimension whose size is not divisible by its mesh axes is replicated instead (tiny vocabularies,
+    2-way heads); a mesh axis already used by an earlier dimension is not used twice.
+    """
+    used: set[str] = set()
+    spec = []
+    for name, size in zip(logical_axes, shape, strict=True):
+        target = rules.get(name) if name is not None else None
+        names = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
+        names = tuple(n for n in names if n not in used and mesh.shape[n] > 1)
+        if not names or size % _mesh_axis_size(mesh, names):
+            spec.append(None)
+            continue
+        used.update(names)
+        spec.append(names[0] if len(names) == 1 else names)
+    return PartitionSpec(*spec)
+
+
+def state_shardings(abstract_state: nnx.State, rules: Rules, mesh: Mesh) -> dict:
+    """NamedShardings for every variable of an (abstract) nnx.State, as a pure dict."""
+
+    def sharding_of(variable: nnx.Variable) -> nnx.Variable:
+        axes = variable.get_metadata().get("out_sharding") or (None,) * variable.ndim
+        return variable.replace(NamedSharding(mesh, logical_to_spec(axes, variable.shape, rules, mesh)))
+
+    shardings = jax.tree.map(sharding_of, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return nnx.to_pure_dict(shardings)
+
+
+def batch_sharding(mesh: Mesh, rules: Rules, ndim: int) -> NamedSharding:
+    """Sharding of a (batch, ...) array: the batch axis by the `batch` rule, the rest replicated."""
+    target = rules.get("batch")
+    return NamedSharding(mesh, PartitionSpec(target, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def data_parallel_size(mesh: Mesh, rules: Rules) -> int:
+    """How many ways the batch axis is split."""
+    return _mesh_axis_size(mesh, rules.get("batch"))
+
+
+def host_to_global(array: np.ndarray, sharding: NamedSharding, global_shape: Sequence[int]) -> jax.Array:
+    """Assembles this process's rows of a global batch into one global jax.Array."""
+    if jax.process_count() == 1:
+        return jax.device_put(array, sharding)
+    return jax.make_array_from_process_local_data(sharding, array, tuple(global_shape))

@@ -1,0 +1,56 @@
+"""Shared fixtures: a tiny synthetic dataset and a tiny stage-one config."""
+
+from __future__ import annotations
+
+import pathlib
+
+import ml_collections
+import pytest
+
+from slit import config as config_lib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY_DATA = "slit_synthetic_sounds/tiny"
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The `tiny` synthetic dataset (64/16/16 clips), built once per test session."""
+    from slit.data import synthetic_builder
+
+    data_dir = tmp_path_factory.mktemp("tfds")
+    synthetic_builder.prepare(str(data_dir), "tiny", verbose=False)
+    return str(data_dir)
+
+
+def tiny_overrides(data_dir: str, **extra: object) -> dict[str, object]:
+    """Overrides that shrink configs/stage1_synthetic.py to seconds of CPU time."""
+    overrides: dict[str, object] = {
+        "data.name": TINY_DATA,
+        "data.data_dir": data_dir,
+        "data.max_seconds": 2.0,
+        "batch_size": 8,
+        "total_steps": 4,
+        "log_every_steps": 2,
+        "eval_every_steps": 0,
+        "checkpoint_every_steps": 2,
+        "optimizer.warmup_steps": 1,
+        "audio_encoder.width": 32,
+        "audio_encoder.layers": 1,
+        "audio_encoder.heads": 2,
+        "audio_encoder.mlp_dim": 64,
+        "qformer.num_queries": 4,
+        "qformer.layers": 2,
+        "qformer.width": 32,
+        "qformer.heads": 4,
+        "qformer.mlp_dim": 64,
+        "qformer.embed_dim": 16,
+    }
+    overrides.update(extra)
+    return overrides
+
+
+def tiny_config(data_dir: str, **extra: object) -> ml_collections.ConfigDict:
+    config = config_lib.load_config_file(ROOT / "configs" / "stage1_synthetic.py")
+    config_lib.apply_overrides(config, [(k, str(v)) for k, v in tiny_overrides(data_dir, **extra).items()])
+    return config

@@ -1,0 +1,75 @@
+"""Runs stage-one train steps on 1 device and on an 8-device mesh; prints the largest differences.
+
+Run as a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=8 (tests/test_train_stage1.py).
+Usage: python tests/sharded_step_check.py DATA_DIR DATA FSDP TENSOR
+"""
+
+import json
+import sys
+
+import jax
+import numpy as np
+
+from slit.data import pipeline, sources
+from slit.train import sharding, stage1
+from tests.conftest import tiny_config
+
+
+def run(config, devices, mesh_sizes, tokenizer, batches):
+    mesh = sharding.make_mesh(mesh_sizes, devices)
+    rules = sharding.rules_dict(config.sharding_rules)
+    setup = stage1.build_training(config, tokenizer, mesh, rules)
+    state, losses = setup.state, []
+    key = jax.random.key(config.seed)
+    with jax.set_mesh(mesh):
+        for batch in batches:
+            batch = {k: jax.device_put(batch[k], setup.batch_shardings[k]) for k in stage1.BATCH_KEYS}
+            state, metrics = setup.step_fn(state, setup.parts.frozen, batch, key)
+            losses.append(float(metrics["loss"]))
+    shardings = {
+        "/".join(str(getattr(k, "key", k)) for k in path): str(leaf.sharding.spec)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(state["params"])
+    }
+    return jax.device_get(state["params"]), losses, shardings
+
+
+def main():
+    data_dir, data, fsdp, tensor = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    assert jax.device_count() == 8, jax.device_count()
+    config = tiny_config(data_dir, **{"qformer.width": 64, "qformer.mlp_dim": 128, "audio_encoder.width": 64})
+    tokenizer = stage1.make_tokenizer(config, __import__("pathlib").Path("/nonexistent"))
+    spec = pipeline.AudioSpec(16000, int(config.data.max_seconds * 16000))
+    source = sources.open_split(config.data.name, data_dir, "train")
+    it = iter(
+        pipeline.train_dataset(
+            source,
+            tokenizer,
+            spec,
+            max_text_length=config.data.max_text_length,
+            global_batch_size=config.batch_size,
+            seed=0,
+        )
+    )
+    batches = [next(it) for _ in range(3)]
+    single, single_losses, _ = run(
+        config, jax.devices()[:1], {"data": 1, "fsdp": 1, "tensor": 1}, tokenizer, batches
+    )
+    multi, multi_losses, specs = run(
+        config, jax.devices(), {"data": data, "fsdp": fsdp, "tensor": tensor}, tokenizer, batches
+    )
+    diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), single, multi)
+    print(
+        json.dumps(
+            {
+                "max_param_diff": max(jax.tree.leaves(diffs)),
+                "single_losses": single_losses,
+                "multi_losses": multi_losses,
+                "sharded_params": sum("fsdp" in s or "tensor" in s for s in specs.values()),
+                "num_params": len(specs),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

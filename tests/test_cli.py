@@ -1,0 +1,84 @@
+"""`slit train` end to end on the tiny dataset: metrics, eval report, checkpoints, resume."""
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import ROOT, tiny_overrides
+
+
+def slit_train(workdir, data_dir, **extra):
+    args = [f"--config.{k}={v}" for k, v in tiny_overrides(data_dir, **extra).items()]
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "slit.cli",
+            "train",
+            "--config",
+            str(ROOT / "configs" / "stage1_synthetic.py"),
+            "--workdir",
+            str(workdir),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+
+
+def test_short_run_writes_metrics_eval_report_and_resumes(tmp_path, tiny_data_dir):
+    workdir = tmp_path / "run"
+    result = slit_train(workdir, tiny_data_dir, total_steps=4, eval_every_steps=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    config = json.loads((workdir / "config.json").read_text())
+    assert config["total_steps"] == 4 and config["data"]["name"] == "slit_synthetic_sounds/tiny"
+
+    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [m for m in lines if "loss" in m]
+    assert [m["step"] for m in train_lines] == [2, 4]
+    for m in train_lines:
+        for key in (
+            "loss",
+            "itc_loss",
+            "itm_loss",
+            "itg_loss",
+            "itm_accuracy",
+            "temperature",
+            "grad_norm",
+            "learning_rate",
+            "steps_per_second",
+            "examples_per_second",
+        ):
+            assert key in m, key
+        assert abs(m["loss"] - (m["itc_loss"] + m["itm_loss"] + m["itg_loss"])) < 1e-4
+    assert any("validation/text_to_audio_R@1" in m and m["step"] == 2 for m in lines)
+    assert list((workdir / "tensorboard").iterdir())
+
+    report = json.loads((workdir / "eval" / "retrieval.json").read_text())
+    assert report["num_audio"] == 16 and report["num_text"] == 16 * 5
+    for direction in ("audio_to_text", "text_to_audio"):
+        assert set(report[direction]) == {"R@1", "R@5", "R@10"}
+        assert 0.0 <= report[direction]["R@1"] <= report[direction]["R@5"] <= report[direction]["R@10"] <= 1.0
+    assert "text_to_audio" in result.stdout and "chance" in result.stdout
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
+
+    # The same command again resumes from the last checkpoint and has nothing left to train.
+    again = slit_train(workdir, tiny_data_dir, total_steps=4, eval_every_steps=2)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "Resuming from" in again.stdout and "(step 4)" in again.stdout
+    lines_after = (workdir / "metrics.jsonl").read_text().splitlines()
+    assert len([m for m in map(json.loads, lines_after) if "loss" in m]) == 2
+
+    # Extending the run continues from step 4 with the same data stream.
+    longer = slit_train(workdir, tiny_data_dir, total_steps=6, eval_every_steps=2)
+    assert longer.returncode == 0, longer.stderr[-3000:]
+    steps = [
+        m["step"]
+        for m in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())
+        if "loss" in m
+    ]
+    assert steps == [2, 4, 6]
+    assert "total_steps: 4 -> 6" in longer.stderr
