@@ -87,7 +87,9 @@ def language_modeling_loss(
 
     logits (B, L, V) at position t predict targets[:, t] (callers shift); weights (B, L) in {0, 1}.
     """
-    b, l, v = logits_blv.shape
-    per_token = smoothed_cross_entropy(logits_blv.reshape(b * l, v), targets_bl.reshape(-1), label_smoothing)
+    b, length, v = logits_blv.shape
+    per_token = smoothed_cross_entropy(
+        logits_blv.reshape(b * length, v), targets_bl.reshape(-1), label_smoothing
+    )
     weights = weights_bl.reshape(-1).astype(jnp.float32)
     return (per_token * weights).sum() / jnp.maximum(weights.sum(), 1.0)

@@ -4,7 +4,9 @@ Run as a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=8 (tes
 Usage: python tests/sharded_step_check.py DATA_DIR DATA FSDP TENSOR
 """
 
+import functools
 import json
+import pathlib
 import sys
 
 import jax
@@ -21,7 +23,21 @@ def run(config, devices, mesh_sizes, tokenizer, batches):
     setup = stage1.build_training(config, tokenizer, mesh, rules)
     state, losses = setup.state, []
     key = jax.random.key(config.seed)
+    grads_fn = jax.jit(
+        functools.partial(stage1.loss_and_grads, setup.parts.graphdef, dropout=False),
+        in_shardings=(
+            setup.state_shardings["params"],
+            setup.parts.frozen_shardings,
+            setup.batch_shardings,
+            sharding.replicated(mesh),
+            sharding.replicated(mesh),
+        ),
+        out_shardings=(setup.state_shardings["params"], sharding.replicated(mesh)),
+    )
     with jax.set_mesh(mesh):
+        first = {k: jax.device_put(batches[0][k], setup.batch_shardings[k]) for k in stage1.BATCH_KEYS}
+        grads, _ = grads_fn(state["params"], setup.parts.frozen, first, key, state["step"])
+        grads = jax.device_get(grads)
         for batch in batches:
             batch = {k: jax.device_put(batch[k], setup.batch_shardings[k]) for k in stage1.BATCH_KEYS}
             state, metrics = setup.step_fn(state, setup.parts.frozen, batch, key)
@@ -30,14 +46,14 @@ def run(config, devices, mesh_sizes, tokenizer, batches):
         "/".join(str(getattr(k, "key", k)) for k in path): str(leaf.sharding.spec)
         for path, leaf in jax.tree_util.tree_leaves_with_path(state["params"])
     }
-    return jax.device_get(state["params"]), losses, shardings
+    return jax.device_get(state["params"]), grads, losses, shardings
 
 
 def main():
     data_dir, data, fsdp, tensor = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     assert jax.device_count() == 8, jax.device_count()
     config = tiny_config(data_dir, **{"qformer.width": 64, "qformer.mlp_dim": 128, "audio_encoder.width": 64})
-    tokenizer = stage1.make_tokenizer(config, __import__("pathlib").Path("/nonexistent"))
+    tokenizer = stage1.make_tokenizer(config, pathlib.Path("/nonexistent"))
     spec = pipeline.AudioSpec(16000, int(config.data.max_seconds * 16000))
     source = sources.open_split(config.data.name, data_dir, "train")
     it = iter(
@@ -51,16 +67,19 @@ def main():
         )
     )
     batches = [next(it) for _ in range(3)]
-    single, single_losses, _ = run(
+    single, single_grads, single_losses, _ = run(
         config, jax.devices()[:1], {"data": 1, "fsdp": 1, "tensor": 1}, tokenizer, batches
     )
-    multi, multi_losses, specs = run(
+    multi, multi_grads, multi_losses, specs = run(
         config, jax.devices(), {"data": data, "fsdp": fsdp, "tensor": tensor}, tokenizer, batches
     )
     diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), single, multi)
+    grad_diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), single_grads, multi_grads)
     print(
         json.dumps(
             {
+                "max_grad_diff": max(jax.tree.leaves(grad_diffs)),
+                "max_grad": max(float(np.max(np.abs(g))) for g in jax.tree.leaves(single_grads)),
                 "max_param_diff": max(jax.tree.leaves(diffs)),
                 "single_losses": single_losses,
                 "multi_losses": multi_losses,

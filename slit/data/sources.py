@@ -33,7 +33,7 @@ def open_split(name: str, data_dir: str | None, split: str) -> Sequence[dict[str
         )
     except tfds.core.registered.DatasetNotFoundError:
         raise FileNotFoundError(
-            f"dataset {name!r} is not a known TFDS dataset; build it first (see README: Data) or fix data.name"
+            f"dataset {name!r} is not a known TFDS dataset; build it first (README: Data) or fix data.name"
         ) from None
     except (FileNotFoundError, AssertionError, ValueError) as e:
         where = data_dir or str(pathlib.Path("~/tensorflow_datasets").expanduser())

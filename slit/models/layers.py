@@ -157,11 +157,11 @@ def dot_product_attention(
 
 def split_heads(x_bld: jax.Array, num_heads: int) -> jax.Array:
     """(batch, length, heads * head_dim) -> (batch, length, heads, head_dim)."""
-    b, l, d = x_bld.shape
-    return x_bld.reshape(b, l, num_heads, d // num_heads)
+    b, length, d = x_bld.shape
+    return x_bld.reshape(b, length, num_heads, d // num_heads)
 
 
 def merge_heads(x_blhd: jax.Array) -> jax.Array:
     """(batch, length, heads, head_dim) -> (batch, length, heads * head_dim)."""
-    b, l, h, d = x_blhd.shape
-    return x_blhd.reshape(b, l, h * d)
+    b, length, h, d = x_blhd.shape
+    return x_blhd.reshape(b, length, h * d)

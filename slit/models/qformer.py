@@ -165,7 +165,7 @@ class QFormer(nnx.Module):
 
     def embed(
         self, text_ids_bl: jax.Array | None, with_queries: bool, batch_size: int, rngs: nnx.Rngs | None
-    ):
+    ) -> jax.Array:
         """Embeds [queries; text] -> (batch, num_queries + text_len, width), after LayerNorm + dropout."""
         parts = []
         if with_queries:

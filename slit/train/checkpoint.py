@@ -37,7 +37,7 @@ class Checkpointer:
         )
 
     def save(self, step: int, state: dict, data_iter: grain.DatasetIterator, force: bool = False) -> None:
-        """Saves asynchronously (returns once the arrays are copied off the devices); a step saved already is kept."""
+        """Saves asynchronously (returns once arrays are off the devices); a step saved already is kept."""
         if step in self.manager.all_steps():
             return
         metadata = {"step": int(step), "slit_version": slit.__version__, "config": self.config.to_dict()}

@@ -19,7 +19,7 @@ def learning_rate_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> 
 
 
 def decay_mask(params: dict) -> dict:
-    """True for weights that take weight decay: matrices and tables. Biases, norms, scalars (ndim < 2) don't."""
+    """True for weights that take weight decay (matrices, tables); not biases, norms, scalars (ndim < 2)."""
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 

@@ -126,21 +126,28 @@ def create_model(
     return ModelParts(graphdef, params, frozen, param_sh, frozen_sh)
 
 
+def loss_and_grads(
+    graphdef: Any, params: dict, frozen: dict, batch: dict, key: jax.Array, step: jax.Array, dropout: bool
+) -> tuple[dict, dict]:
+    """Gradients of the stage-one loss w.r.t. the trainable params, and the step's metrics."""
+    dropout_key, negatives_key = jax.random.split(jax.random.fold_in(key, step))
+
+    def loss_fn(params: dict) -> tuple[jax.Array, dict]:
+        model = nnx.merge(graphdef, params, frozen)
+        rngs = nnx.Rngs(dropout=dropout_key) if dropout else None
+        return model(Stage1Batch(**batch), rngs=rngs, negatives_key=negatives_key)
+
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return grads, metrics
+
+
 def make_train_step(
     graphdef: Any, tx: optax.GradientTransformation, schedule: optax.Schedule, dropout: bool
 ) -> Callable[[dict, dict, dict, jax.Array], tuple[dict, dict]]:
     """The pure train step: (state, frozen, batch, key) -> (state, metrics)."""
 
     def train_step(state: dict, frozen: dict, batch: dict, key: jax.Array) -> tuple[dict, dict]:
-        step_key = jax.random.fold_in(key, state["step"])
-        dropout_key, negatives_key = jax.random.split(step_key)
-
-        def loss_fn(params: dict) -> tuple[jax.Array, dict]:
-            model = nnx.merge(graphdef, params, frozen)
-            rngs = nnx.Rngs(dropout=dropout_key) if dropout else None
-            return model(Stage1Batch(**batch), rngs=rngs, negatives_key=negatives_key)
-
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        grads, metrics = loss_and_grads(graphdef, state["params"], frozen, batch, key, state["step"], dropout)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics = dict(metrics, grad_norm=optax.global_norm(grads), learning_rate=schedule(state["step"]))
