@@ -120,4 +120,10 @@ def test_sharded_step_equals_single_device(tiny_data_dir, data, fsdp, tensor):
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["sharded_params"] > report["num_params"] // 3, report  # the mesh really shards weights
     np.testing.assert_allclose(report["multi_losses"], report["single_losses"], rtol=1e-5, atol=1e-5)
-    assert report["max_param_diff"] < 1e-5, report
+    # The step's losses agree within 1e-5 (above); its gradients differ only by fp32 reduction order
+    # across shards (measured ~1e-5 on gradients up to ~0.2) ...
+    assert report["max_grad_diff"] < 5e-5, report
+    assert report["max_grad"] > 1e-3, report  # (and are not trivially zero)
+    # ... and after three AdamW steps (lr 1e-3) the params agree to a small fraction of one update:
+    # Adam divides by sqrt(v), which magnifies rounding noise in near-zero gradients.
+    assert report["max_param_diff"] < 1e-4, report
