@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 $(STAMP): setup.py
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(VENV)/bin/python -m pip install --quiet -e ".[test]"
+	$(VENV)/bin/python -m pip install --quiet -e ".[test,parity]"
 	@rm -f $(VENV)/.installed-* && touch $@
 
 demo: $(STAMP)

@@ -18,11 +18,11 @@ def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.trainer = "stage1"
     c.seed = 0
-    c.total_steps = 1500
-    c.batch_size = 32  # global
+    c.total_steps = 900
+    c.batch_size = 16  # global
     c.log_every_steps = 25
-    c.eval_every_steps = 500
-    c.checkpoint_every_steps = 500
+    c.eval_every_steps = 300
+    c.checkpoint_every_steps = 300
     c.checkpoints_to_keep = 3
 
     c.data = ml_collections.ConfigDict()
@@ -30,7 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.data_dir = ""  # "" = the TFDS default (~/tensorflow_datasets)
     c.data.sample_rate = 16000
     c.data.max_seconds = 10.0  # clips are zero-padded (masked) or cropped to this
-    c.data.max_text_length = 32
+    c.data.max_text_length = 24  # captions have at most 20 words
     c.data.worker_count = 0  # grain worker processes (0: threads in the trainer process)
 
     c.tokenizer = ml_collections.ConfigDict()
@@ -41,8 +41,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.audio_encoder.kind = "whisper"
     c.audio_encoder.num_mel_bins = 80
     c.audio_encoder.width = 64
-    c.audio_encoder.layers = 2
-    c.audio_encoder.heads = 4
+    c.audio_encoder.layers = 1
+    c.audio_encoder.heads = 2
     c.audio_encoder.mlp_dim = 256
     c.audio_encoder.max_positions = 1500
     c.audio_encoder.init_seed = 1234  # the frozen random encoder is a function of this seed
@@ -52,7 +52,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.qformer.layers = 2
     c.qformer.width = 128
     c.qformer.heads = 4
-    c.qformer.mlp_dim = 512
+    c.qformer.mlp_dim = 256
     c.qformer.cross_attention_freq = 2
     c.qformer.embed_dim = 64
     c.qformer.max_text_positions = 64
@@ -67,7 +67,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.learning_rate = 1e-3
     c.optimizer.min_learning_rate = 1e-5
-    c.optimizer.warmup_steps = 100
+    c.optimizer.warmup_steps = 50
     c.optimizer.weight_decay = 0.05
     c.optimizer.b1 = 0.9
     c.optimizer.b2 = 0.98

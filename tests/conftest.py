@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pathlib
+import subprocess
+import sys
 
 import ml_collections
 import pytest
@@ -54,3 +56,28 @@ def tiny_config(data_dir: str, **extra: object) -> ml_collections.ConfigDict:
     config = config_lib.load_config_file(ROOT / "configs" / "stage1_synthetic.py")
     config_lib.apply_overrides(config, [(k, str(v)) for k, v in tiny_overrides(data_dir, **extra).items()])
     return config
+
+
+def train_batches(config: ml_collections.ConfigDict, tokenizer: object, count: int) -> list[dict]:
+    """The first `count` training batches of `config`'s dataset (seed 0)."""
+    from slit.data import pipeline, sources
+
+    spec = pipeline.AudioSpec(config.data.sample_rate, int(config.data.max_seconds * config.data.sample_rate))
+    source = sources.open_split(config.data.name, config.data.data_dir, "train")
+    stream = pipeline.train_dataset(
+        source,
+        tokenizer,
+        spec,
+        max_text_length=config.data.max_text_length,
+        global_batch_size=config.batch_size,
+        seed=0,
+    )
+    it = iter(stream)
+    return [next(it) for _ in range(count)]
+
+
+def run_slit(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Runs the `slit` command line in a subprocess from the repository root."""
+    return subprocess.run(
+        [sys.executable, "-m", "slit.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )

@@ -12,9 +12,8 @@ import sys
 import jax
 import numpy as np
 
-from slit.data import pipeline, sources
 from slit.train import sharding, stage1
-from tests.conftest import tiny_config
+from tests.conftest import tiny_config, train_batches
 
 
 def run(config, devices, mesh_sizes, tokenizer, batches):
@@ -54,19 +53,7 @@ def main():
     assert jax.device_count() == 8, jax.device_count()
     config = tiny_config(data_dir, **{"qformer.width": 64, "qformer.mlp_dim": 128, "audio_encoder.width": 64})
     tokenizer = stage1.make_tokenizer(config, pathlib.Path("/nonexistent"))
-    spec = pipeline.AudioSpec(16000, int(config.data.max_seconds * 16000))
-    source = sources.open_split(config.data.name, data_dir, "train")
-    it = iter(
-        pipeline.train_dataset(
-            source,
-            tokenizer,
-            spec,
-            max_text_length=config.data.max_text_length,
-            global_batch_size=config.batch_size,
-            seed=0,
-        )
-    )
-    batches = [next(it) for _ in range(3)]
+    batches = train_batches(config, tokenizer, 3)
     single, single_grads, single_losses, _ = run(
         config, jax.devices()[:1], {"data": 1, "fsdp": 1, "tensor": 1}, tokenizer, batches
     )

@@ -1,30 +1,14 @@
 """`slit train` end to end on the tiny dataset: metrics, eval report, checkpoints, resume."""
 
 import json
-import subprocess
-import sys
 
-from tests.conftest import ROOT, tiny_overrides
+from tests.conftest import ROOT, run_slit, tiny_overrides
 
 
 def slit_train(workdir, data_dir, **extra):
     args = [f"--config.{k}={v}" for k, v in tiny_overrides(data_dir, **extra).items()]
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "slit.cli",
-            "train",
-            "--config",
-            str(ROOT / "configs" / "stage1_synthetic.py"),
-            "--workdir",
-            str(workdir),
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=ROOT,
+    return run_slit(
+        "train", "--config", str(ROOT / "configs" / "stage1_synthetic.py"), "--workdir", str(workdir), *args
     )
 
 
@@ -64,6 +48,13 @@ def test_short_run_writes_metrics_eval_report_and_resumes(tmp_path, tiny_data_di
         assert 0.0 <= report[direction]["R@1"] <= report[direction]["R@5"] <= report[direction]["R@10"] <= 1.0
     assert "text_to_audio" in result.stdout and "chance" in result.stdout
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
+    # Checkpoints hold the trainable state and never the frozen tower.
+    saved = json.loads((workdir / "checkpoints" / "4" / "state" / "_METADATA").read_text())["tree_metadata"]
+    assert any("'qformer'" in key and "'params'" in key for key in saved)
+    assert any("'opt_state'" in key for key in saved)
+    assert not any("audio_tower" in key for key in saved)
+    meta = json.loads((workdir / "checkpoints" / "4" / "metadata" / "metadata").read_text())
+    assert meta["step"] == 4 and meta["config"]["total_steps"] == 4
 
     # The same command again resumes from the last checkpoint and has nothing left to train.
     again = slit_train(workdir, tiny_data_dir, total_steps=4, eval_every_steps=2)

@@ -2,13 +2,11 @@
 
 import json
 import re
-import subprocess
-import sys
 
 import pytest
 
 from slit import config as config_lib
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_slit
 
 
 def load():
@@ -105,21 +103,13 @@ def test_shipped_config_is_valid_on_one_and_eight_devices():
 
 
 def test_cli_reports_config_errors_without_a_traceback(tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "slit.cli",
-            "train",
-            "--config",
-            str(ROOT / "configs" / "stage1_synthetic.py"),
-            "--workdir",
-            str(tmp_path / "run"),
-            "--config.batch_sizee=4",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    result = run_slit(
+        "train",
+        "--config",
+        str(ROOT / "configs" / "stage1_synthetic.py"),
+        "--workdir",
+        str(tmp_path / "run"),
+        "--config.batch_sizee=4",
     )
     assert result.returncode == 2
     assert re.search(

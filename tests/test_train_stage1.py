@@ -10,10 +10,9 @@ import jax
 import numpy as np
 import pytest
 
-from slit.data import pipeline, sources
 from slit.train import sharding, stage1
 from slit.train.optimizer import decay_mask
-from tests.conftest import ROOT, tiny_config
+from tests.conftest import ROOT, tiny_config, train_batches
 
 
 @pytest.fixture(scope="module")
@@ -23,19 +22,7 @@ def setup_and_batches(tiny_data_dir):
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
     rules = sharding.rules_dict(config.sharding_rules)
     setup = stage1.build_training(config, tokenizer, mesh, rules)
-    spec = pipeline.AudioSpec(16000, int(config.data.max_seconds * 16000))
-    source = sources.open_split(config.data.name, tiny_data_dir, "train")
-    it = iter(
-        pipeline.train_dataset(
-            source,
-            tokenizer,
-            spec,
-            max_text_length=config.data.max_text_length,
-            global_batch_size=config.batch_size,
-            seed=0,
-        )
-    )
-    return config, setup, [next(it) for _ in range(2)]
+    return config, setup, train_batches(config, tokenizer, 2)
 
 
 def test_frozen_weights_unchanged_and_absent_from_optimizer_state(setup_and_batches):

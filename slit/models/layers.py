@@ -136,13 +136,19 @@ class Embed(nnx.Module):
 
 
 def dot_product_attention(
-    q_bqhd: jax.Array, k_bkhd: jax.Array, v_bkhd: jax.Array, mask_bqk: jax.Array | None
+    q_bqhd: jax.Array,
+    k_bkhd: jax.Array,
+    v_bkhd: jax.Array,
+    mask_bqk: jax.Array | None,
+    dropout_rate: float = 0.0,
+    rngs: nnx.Rngs | None = None,
 ) -> jax.Array:
     """Scaled dot-product attention; softmax in float32.
 
     Args:
       q_bqhd: queries (batch, q_len, heads, head_dim); k_bkhd, v_bkhd: (batch, k_len, heads, head_dim).
       mask_bqk: bool (batch, q_len, k_len), True where a query may attend to a key; None for all.
+      dropout_rate, rngs: dropout on the attention probabilities (BERT); off when `rngs` is None.
 
     Returns:
       (batch, q_len, heads, head_dim).
@@ -151,7 +157,7 @@ def dot_product_attention(
     logits = jnp.einsum("bqhd,bkhd->bhqk", q_bqhd, k_bkhd).astype(jnp.float32) * scale
     if mask_bqk is not None:
         logits = jnp.where(mask_bqk[:, None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v_bkhd.dtype)
+    probs = dropout(jax.nn.softmax(logits, axis=-1), dropout_rate, rngs).astype(v_bkhd.dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v_bkhd)
 
 

@@ -80,7 +80,7 @@ class BertAttentionBlock(nnx.Module):
         """
         k, v = self.project_kv(kv) if not isinstance(kv, tuple) else kv
         q = split_heads(self.query(x_bld), self.num_heads)
-        context = merge_heads(dot_product_attention(q, k, v, mask_blk))
+        context = merge_heads(dot_product_attention(q, k, v, mask_blk, self.dropout_rate, rngs))
         return self.norm(x_bld + dropout(self.output(context), self.dropout_rate, rngs))
 
 

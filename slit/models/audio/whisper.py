@@ -23,12 +23,17 @@ from slit.models.layers import (
     dot_product_attention,
     gelu,
     merge_heads,
-    normal,
     split_heads,
     weight,
 )
 
 WHISPER_LAYER_NORM_EPS = 1e-5
+
+# A randomly initialised (not loaded) encoder uses variance-preserving init: with BERT-style
+# normal(0.02) the convolutions shrink the log-mel ~20x and the sinusoidal position embeddings drown
+# the audio (measured: 0.01% of the feature variance depended on the clip). Loaded weights replace it.
+_conv_init = jax.nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2)
+_dense_init = jax.nn.initializers.lecun_normal()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +61,7 @@ class Conv1d(nnx.Module):
 
     def __init__(self, in_ch: int, out_ch: int, kernel_size: int, stride: int, *, rngs: nnx.Rngs):
         self.stride = stride
-        self.kernel = weight(Frozen, normal(), rngs, (kernel_size, in_ch, out_ch), (None, None, "embed"))
+        self.kernel = weight(Frozen, _conv_init, rngs, (kernel_size, in_ch, out_ch), (None, None, "embed"))
         self.bias = weight(Frozen, jax.nn.initializers.zeros, rngs, (out_ch,), ("embed",))
 
     def __call__(self, x_btc: jax.Array) -> jax.Array:
@@ -76,15 +81,16 @@ class WhisperEncoderLayer(nnx.Module):
 
     def __init__(self, c: WhisperEncoderConfig, *, rngs: nnx.Rngs):
         frozen = dict(rngs=rngs, param_type=Frozen)
+        dense = dict(frozen, kernel_init=_dense_init)
         self.num_heads = c.num_heads
         self.attention_norm = LayerNorm(c.width, eps=WHISPER_LAYER_NORM_EPS, **frozen)
-        self.q_proj = Dense(c.width, c.width, axes=("embed", "heads"), **frozen)
-        self.k_proj = Dense(c.width, c.width, axes=("embed", "heads"), use_bias=False, **frozen)
-        self.v_proj = Dense(c.width, c.width, axes=("embed", "heads"), **frozen)
-        self.out_proj = Dense(c.width, c.width, axes=("heads", "embed"), **frozen)
+        self.q_proj = Dense(c.width, c.width, axes=("embed", "heads"), **dense)
+        self.k_proj = Dense(c.width, c.width, axes=("embed", "heads"), use_bias=False, **dense)
+        self.v_proj = Dense(c.width, c.width, axes=("embed", "heads"), **dense)
+        self.out_proj = Dense(c.width, c.width, axes=("heads", "embed"), **dense)
         self.mlp_norm = LayerNorm(c.width, eps=WHISPER_LAYER_NORM_EPS, **frozen)
-        self.fc1 = Dense(c.width, c.mlp_dim, axes=("embed", "mlp"), **frozen)
-        self.fc2 = Dense(c.mlp_dim, c.width, axes=("mlp", "embed"), **frozen)
+        self.fc1 = Dense(c.width, c.mlp_dim, axes=("embed", "mlp"), **dense)
+        self.fc2 = Dense(c.mlp_dim, c.width, axes=("mlp", "embed"), **dense)
 
     def __call__(self, x_btd: jax.Array) -> jax.Array:
         h = self.attention_norm(x_btd)
