@@ -14,9 +14,28 @@ from collections.abc import Sequence
 from slit import config as config_lib
 
 
+def _initialize_distributed() -> None:
+    """Joins a multi-process run when one is configured (env SLIT_COORDINATOR, SLIT_NUM_PROCESSES,
+    SLIT_PROCESS_ID; see launch/local_multiprocess.sh). TPU pods and SLURM are auto-detected by JAX
+    when SLIT_DISTRIBUTED=auto."""
+    import os
+
+    import jax
+
+    if os.environ.get("SLIT_COORDINATOR"):
+        jax.distributed.initialize(
+            coordinator_address=os.environ["SLIT_COORDINATOR"],
+            num_processes=int(os.environ["SLIT_NUM_PROCESSES"]),
+            process_id=int(os.environ["SLIT_PROCESS_ID"]),
+        )
+    elif os.environ.get("SLIT_DISTRIBUTED") == "auto":
+        jax.distributed.initialize()
+
+
 def _train(args: argparse.Namespace, extra: Sequence[str]) -> int:
     import jax
 
+    _initialize_distributed()
     config = config_lib.load_config_file(args.config)
     config_lib.apply_overrides(config, config_lib.parse_override_args(extra))
     if config.trainer != "stage1":

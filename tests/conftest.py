@@ -47,6 +47,7 @@ def tiny_overrides(data_dir: str, **extra: object) -> dict[str, object]:
         "qformer.heads": 4,
         "qformer.mlp_dim": 64,
         "qformer.embed_dim": 16,
+        "qformer.initializer_range": 0.15,
     }
     overrides.update(extra)
     return overrides

@@ -114,3 +114,24 @@ def test_sharded_step_equals_single_device(tiny_data_dir, data, fsdp, tensor):
     # ... and after three AdamW steps (lr 1e-3) the params agree to a small fraction of one update:
     # Adam divides by sqrt(v), which magnifies rounding noise in near-zero gradients.
     assert report["max_param_diff"] < 1e-4, report
+
+
+def test_model_memorises_a_fixed_batch(tiny_data_dir):
+    """Audio must reach the queries: on one repeated batch, contrastive and generation losses collapse.
+
+    Guards against masks or cross-attention that starve the queries of audio (ITC would stay at ln B).
+    """
+    config = tiny_config(tiny_data_dir, **{"total_steps": 120, "optimizer.warmup_steps": 10})
+    tokenizer = stage1.make_tokenizer(config, pathlib.Path("/nonexistent"))
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+    setup = stage1.build_training(config, tokenizer, mesh, sharding.rules_dict(config.sharding_rules))
+    batch = train_batches(config, tokenizer, 1)[0]
+    state, history = setup.state, []
+    for _ in range(config.total_steps):
+        state, metrics = setup.step_fn(state, setup.parts.frozen, batch, jax.random.key(0))
+        history.append({k: float(v) for k, v in metrics.items()})
+    chance_itc = np.log(config.batch_size)
+    assert history[0]["itc_loss"] > 0.9 * chance_itc
+    assert history[-1]["itc_loss"] < 0.4 * chance_itc, history[-1]
+    assert history[-1]["itg_loss"] < 0.5 * history[0]["itg_loss"], history[-1]
+    assert history[-1]["itm_loss"] < history[0]["itm_loss"] - 0.02, history[-1]

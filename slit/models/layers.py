@@ -123,8 +123,9 @@ class Embed(nnx.Module):
         axes: tuple[str | None, str | None],
         rngs: nnx.Rngs,
         param_type: type[nnx.Variable] = nnx.Param,
+        init: Initializer | None = None,
     ):
-        self.embedding = weight(param_type, normal(), rngs, (num_embeddings, features), axes)
+        self.embedding = weight(param_type, init or normal(), rngs, (num_embeddings, features), axes)
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         """(...) int -> (..., features)."""

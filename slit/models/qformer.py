@@ -48,18 +48,32 @@ class QFormerConfig:
     encoder_width: int = 1408
     max_text_positions: int = 512
     dropout_rate: float = 0.1
+    # Std of the normal init of every weight matrix, table and query token (BERT/HF
+    # `initializer_range`). 0.02 suits BERT-base widths; narrow Q-Formers need ~1/sqrt(width), or the
+    # randomly initialised cross-attention passes almost nothing of the audio to the queries.
+    initializer_range: float = 0.02
 
 
 class BertAttentionBlock(nnx.Module):
     """Multi-head attention followed by dense + dropout + residual + LayerNorm (BERT post-LN)."""
 
-    def __init__(self, width: int, kv_width: int, num_heads: int, dropout_rate: float, *, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        width: int,
+        kv_width: int,
+        num_heads: int,
+        dropout_rate: float,
+        init_std: float,
+        *,
+        rngs: nnx.Rngs,
+    ):
         self.num_heads = num_heads
         self.dropout_rate = dropout_rate
-        self.query = Dense(width, width, axes=("embed", "heads"), rngs=rngs)
-        self.key = Dense(kv_width, width, axes=("embed", "heads"), rngs=rngs)
-        self.value = Dense(kv_width, width, axes=("embed", "heads"), rngs=rngs)
-        self.output = Dense(width, width, axes=("heads", "embed"), rngs=rngs)
+        dense = dict(rngs=rngs, kernel_init=normal(init_std))
+        self.query = Dense(width, width, axes=("embed", "heads"), **dense)
+        self.key = Dense(kv_width, width, axes=("embed", "heads"), **dense)
+        self.value = Dense(kv_width, width, axes=("embed", "heads"), **dense)
+        self.output = Dense(width, width, axes=("heads", "embed"), **dense)
         self.norm = LayerNorm(width, eps=BERT_LAYER_NORM_EPS, rngs=rngs)
 
     def project_kv(self, kv_bkd: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -87,10 +101,12 @@ class BertAttentionBlock(nnx.Module):
 class FeedForward(nnx.Module):
     """BERT FFN: dense -> GELU -> dense -> dropout -> residual -> LayerNorm."""
 
-    def __init__(self, width: int, mlp_dim: int, dropout_rate: float, *, rngs: nnx.Rngs):
+    def __init__(self, width: int, mlp_dim: int, dropout_rate: float, init_std: float, *, rngs: nnx.Rngs):
         self.dropout_rate = dropout_rate
-        self.intermediate = Dense(width, mlp_dim, axes=("embed", "mlp"), rngs=rngs)
-        self.output = Dense(mlp_dim, width, axes=("mlp", "embed"), rngs=rngs)
+        self.intermediate = Dense(
+            width, mlp_dim, axes=("embed", "mlp"), rngs=rngs, kernel_init=normal(init_std)
+        )
+        self.output = Dense(mlp_dim, width, axes=("mlp", "embed"), rngs=rngs, kernel_init=normal(init_std))
         self.norm = LayerNorm(width, eps=BERT_LAYER_NORM_EPS, rngs=rngs)
 
     def __call__(self, x: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
@@ -104,14 +120,18 @@ class QFormerLayer(nnx.Module):
 
     def __init__(self, config: QFormerConfig, has_cross_attention: bool, *, rngs: nnx.Rngs):
         c = config
-        self.self_attention = BertAttentionBlock(c.width, c.width, c.num_heads, c.dropout_rate, rngs=rngs)
+        self.self_attention = BertAttentionBlock(
+            c.width, c.width, c.num_heads, c.dropout_rate, c.initializer_range, rngs=rngs
+        )
         self.cross_attention = (
-            BertAttentionBlock(c.width, c.encoder_width, c.num_heads, c.dropout_rate, rngs=rngs)
+            BertAttentionBlock(
+                c.width, c.encoder_width, c.num_heads, c.dropout_rate, c.initializer_range, rngs=rngs
+            )
             if has_cross_attention
             else None
         )
-        self.ffn_query = FeedForward(c.width, c.mlp_dim, c.dropout_rate, rngs=rngs)
-        self.ffn_text = FeedForward(c.width, c.mlp_dim, c.dropout_rate, rngs=rngs)
+        self.ffn_query = FeedForward(c.width, c.mlp_dim, c.dropout_rate, c.initializer_range, rngs=rngs)
+        self.ffn_text = FeedForward(c.width, c.mlp_dim, c.dropout_rate, c.initializer_range, rngs=rngs)
 
     def __call__(
         self,
@@ -152,10 +172,13 @@ class QFormer(nnx.Module):
         c = config
         self.config = c
         self.query_tokens = weight(
-            nnx.Param, normal(0.02), rngs, (c.num_queries, c.width), ("queries", "embed")
+            nnx.Param, normal(c.initializer_range), rngs, (c.num_queries, c.width), ("queries", "embed")
         )
-        self.word_embeddings = Embed(c.vocab_size, c.width, axes=("vocab", "embed"), rngs=rngs)
-        self.position_embeddings = Embed(c.max_text_positions, c.width, axes=(None, "embed"), rngs=rngs)
+        init = normal(c.initializer_range)
+        self.word_embeddings = Embed(c.vocab_size, c.width, axes=("vocab", "embed"), rngs=rngs, init=init)
+        self.position_embeddings = Embed(
+            c.max_text_positions, c.width, axes=(None, "embed"), rngs=rngs, init=init
+        )
         self.embedding_norm = LayerNorm(c.width, eps=BERT_LAYER_NORM_EPS, rngs=rngs)
         # Trainable LayerNorm over the frozen encoder's output (BLIP-2's `ln_vision`).
         self.encoder_norm = LayerNorm(c.encoder_width, eps=1e-5, rngs=rngs)

@@ -17,7 +17,7 @@ from flax import nnx
 from slit import losses
 from slit.models import masks
 from slit.models.audio.whisper import WhisperAudioTower, WhisperEncoderConfig
-from slit.models.layers import Dense, LayerNorm, gelu, weight, zeros
+from slit.models.layers import Dense, LayerNorm, gelu, normal, weight, zeros
 from slit.models.qformer import BERT_LAYER_NORM_EPS, QFormer, QFormerConfig
 
 
@@ -54,8 +54,8 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
 class MaskedLMHead(nnx.Module):
     """BERT's MLM head: dense -> GELU -> LayerNorm -> logits tied to the word embeddings (+ bias)."""
 
-    def __init__(self, width: int, vocab_size: int, *, rngs: nnx.Rngs):
-        self.transform = Dense(width, width, axes=("embed", "embed"), rngs=rngs)
+    def __init__(self, width: int, vocab_size: int, init_std: float, *, rngs: nnx.Rngs):
+        self.transform = Dense(width, width, axes=("embed", "embed"), rngs=rngs, kernel_init=normal(init_std))
         self.norm = LayerNorm(width, eps=BERT_LAYER_NORM_EPS, rngs=rngs)
         self.bias = weight(nnx.Param, zeros, rngs, (vocab_size,), ("vocab",))
 
@@ -74,10 +74,11 @@ class Stage1Model(nnx.Module):
         self.audio_tower = WhisperAudioTower(c.audio, rngs=audio_rngs or rngs)
         self.qformer = QFormer(c.qformer, rngs=rngs)
         width = c.qformer.width
-        self.audio_projection = Dense(width, c.embed_dim, axes=("embed", None), rngs=rngs)
-        self.text_projection = Dense(width, c.embed_dim, axes=("embed", None), rngs=rngs)
-        self.itm_head = Dense(width, 2, axes=("embed", None), rngs=rngs)
-        self.lm_head = MaskedLMHead(width, c.qformer.vocab_size, rngs=rngs)
+        head = dict(axes=("embed", None), rngs=rngs, kernel_init=normal(c.qformer.initializer_range))
+        self.audio_projection = Dense(width, c.embed_dim, **head)
+        self.text_projection = Dense(width, c.embed_dim, **head)
+        self.itm_head = Dense(width, 2, **head)
+        self.lm_head = MaskedLMHead(width, c.qformer.vocab_size, c.qformer.initializer_range, rngs=rngs)
         self.temperature = nnx.Param(jnp.asarray(c.temperature_init, jnp.float32), out_sharding=())
 
     def clamped_temperature(self) -> jax.Array:

@@ -120,6 +120,18 @@ def data_parallel_size(mesh: Mesh, rules: Rules) -> int:
     return _mesh_axis_size(mesh, rules.get("batch"))
 
 
+def replicated_to_global(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A global jax.Array from a numpy array that every process holds in full (e.g. an eval batch)."""
+    if jax.process_count() == 1:
+        return jax.device_put(array, sharding)
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+def fetch_replicated(array: jax.Array) -> np.ndarray:
+    """A fully replicated jax.Array as numpy, on any process."""
+    return np.asarray(array.addressable_shards[0].data)
+
+
 def host_to_global(array: np.ndarray, sharding: NamedSharding, global_shape: Sequence[int]) -> jax.Array:
     """Assembles this process's rows of a global batch into one global jax.Array."""
     if jax.process_count() == 1:

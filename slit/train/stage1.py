@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from slit.data import pipeline, sources
 from slit.data.tokenizer import TextTokenizer, word_level_tokenizer
@@ -78,6 +79,7 @@ def model_config(config: ml_collections.ConfigDict, tokenizer: TextTokenizer) ->
         encoder_width=a.width,
         max_text_positions=q.max_text_positions,
         dropout_rate=q.dropout,
+        initializer_range=q.initializer_range,
     )
     return Stage1Config(
         audio=audio,
@@ -158,9 +160,11 @@ def make_train_step(
 
 def make_embedders(
     graphdef: Any, mesh: jax.sharding.Mesh, rules: dict, parts: ModelParts
-) -> tuple[Callable[..., jax.Array], Callable[..., jax.Array]]:
+) -> tuple[Callable[..., jax.Array], Callable[..., jax.Array], tuple, Any]:
     """Jitted evaluation functions: audio -> (B, Q, E) embeddings and text ids -> (B, E)."""
     rep = sharding.replicated(mesh)
+    audio_shardings = (sharding.batch_sharding(mesh, rules, 2), sharding.batch_sharding(mesh, rules, 1))
+    text_sharding = sharding.batch_sharding(mesh, rules, 2)
 
     def embed_audio(params: dict, frozen: dict, audio: jax.Array, num_samples: jax.Array) -> jax.Array:
         model = nnx.merge(graphdef, params, frozen)
@@ -173,20 +177,15 @@ def make_embedders(
 
     audio_fn = jax.jit(
         embed_audio,
-        in_shardings=(
-            parts.param_shardings,
-            parts.frozen_shardings,
-            sharding.batch_sharding(mesh, rules, 2),
-            sharding.batch_sharding(mesh, rules, 1),
-        ),
+        in_shardings=(parts.param_shardings, parts.frozen_shardings, *audio_shardings),
         out_shardings=rep,
     )
     text_fn = jax.jit(
         embed_text,
-        in_shardings=(parts.param_shardings, parts.frozen_shardings, sharding.batch_sharding(mesh, rules, 2)),
+        in_shardings=(parts.param_shardings, parts.frozen_shardings, text_sharding),
         out_shardings=rep,
     )
-    return audio_fn, text_fn
+    return audio_fn, text_fn, audio_shardings, text_sharding
 
 
 def evaluate_retrieval(
@@ -199,20 +198,23 @@ def evaluate_retrieval(
     frozen: dict,
 ) -> dict:
     """Text-to-audio and audio-to-text recall@1/5/10 on a split, by contrastive similarity."""
-    embed_audio, embed_text = embedders
+    embed_audio, embed_text, audio_shardings, text_sharding = embedders
     source = sources.open_split(config.data.name, config.data.data_dir, split)
     batch_size = config.batch_size
     audio_embeddings = []
     for batch in pipeline.eval_audio_batches(source, spec, batch_size):
-        emb = embed_audio(params, frozen, batch["audio"], batch["num_samples"])
-        audio_embeddings.append(np.asarray(emb)[batch["valid"]])
+        audio = sharding.replicated_to_global(batch["audio"], audio_shardings[0])
+        num_samples = sharding.replicated_to_global(batch["num_samples"], audio_shardings[1])
+        emb = embed_audio(params, frozen, audio, num_samples)
+        audio_embeddings.append(sharding.fetch_replicated(emb)[batch["valid"]])
     audio_emb = np.concatenate(audio_embeddings)
     texts, owners = pipeline.split_captions(source)
     text_embeddings = []
     for start in range(0, len(texts), batch_size):
         chunk = texts[start : start + batch_size]
         ids = tokenizer.encode(chunk + [chunk[-1]] * (batch_size - len(chunk)), config.data.max_text_length)
-        text_embeddings.append(np.asarray(embed_text(params, frozen, ids))[: len(chunk)])
+        emb = embed_text(params, frozen, sharding.replicated_to_global(ids, text_sharding))
+        text_embeddings.append(sharding.fetch_replicated(emb)[: len(chunk)])
     text_emb = np.concatenate(text_embeddings)
     sim = np.einsum("aqe,te->atq", audio_emb, text_emb).max(-1)
     return retrieval.recall_at_k(sim, owners)
@@ -289,6 +291,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     spec = pipeline.AudioSpec(
         config.data.sample_rate, int(round(config.data.max_seconds * config.data.sample_rate))
     )
+    if jax.process_count() > 1:  # one process generates a missing built-in dataset, the others wait
+        if is_main:
+            sources.open_split(config.data.name, config.data.data_dir, "train")
+        multihost_utils.sync_global_devices("slit: dataset ready")
     train_source = sources.open_split(config.data.name, config.data.data_dir, "train")
     train_data = pipeline.train_dataset(
         train_source,

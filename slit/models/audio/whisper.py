@@ -23,17 +23,22 @@ from slit.models.layers import (
     dot_product_attention,
     gelu,
     merge_heads,
+    normal,
     split_heads,
     weight,
 )
 
 WHISPER_LAYER_NORM_EPS = 1e-5
 
-# A randomly initialised (not loaded) encoder uses variance-preserving init: with BERT-style
-# normal(0.02) the convolutions shrink the log-mel ~20x and the sinusoidal position embeddings drown
-# the audio (measured: 0.01% of the feature variance depended on the clip). Loaded weights replace it.
+# A randomly initialised (not loaded) encoder must pass the audio through: convolutions and the
+# input projections of each block preserve variance, and the blocks' output projections start small
+# so that each random layer stays close to the identity. With BERT-style normal(0.02) everywhere, the
+# convolutions shrank the log-mel ~20x, the sinusoidal position embeddings and the (unmasked) padded
+# frames dominated, and only 0.01% of the feature variance depended on the clip. Loaded weights
+# replace all of this.
 _conv_init = jax.nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2)
 _dense_init = jax.nn.initializers.lecun_normal()
+_residual_out_init = normal(0.02)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,15 +87,16 @@ class WhisperEncoderLayer(nnx.Module):
     def __init__(self, c: WhisperEncoderConfig, *, rngs: nnx.Rngs):
         frozen = dict(rngs=rngs, param_type=Frozen)
         dense = dict(frozen, kernel_init=_dense_init)
+        residual_out = dict(frozen, kernel_init=_residual_out_init)
         self.num_heads = c.num_heads
         self.attention_norm = LayerNorm(c.width, eps=WHISPER_LAYER_NORM_EPS, **frozen)
         self.q_proj = Dense(c.width, c.width, axes=("embed", "heads"), **dense)
         self.k_proj = Dense(c.width, c.width, axes=("embed", "heads"), use_bias=False, **dense)
         self.v_proj = Dense(c.width, c.width, axes=("embed", "heads"), **dense)
-        self.out_proj = Dense(c.width, c.width, axes=("heads", "embed"), **dense)
+        self.out_proj = Dense(c.width, c.width, axes=("heads", "embed"), **residual_out)
         self.mlp_norm = LayerNorm(c.width, eps=WHISPER_LAYER_NORM_EPS, **frozen)
         self.fc1 = Dense(c.width, c.mlp_dim, axes=("embed", "mlp"), **dense)
-        self.fc2 = Dense(c.mlp_dim, c.width, axes=("mlp", "embed"), **dense)
+        self.fc2 = Dense(c.mlp_dim, c.width, axes=("mlp", "embed"), **residual_out)
 
     def __call__(self, x_btd: jax.Array) -> jax.Array:
         h = self.attention_norm(x_btd)
