@@ -111,9 +111,10 @@ def test_sharded_step_equals_single_device(tiny_data_dir, data, fsdp, tensor):
     # across shards (measured ~1e-5 on gradients up to ~0.2) ...
     assert report["max_grad_diff"] < 5e-5, report
     assert report["max_grad"] > 1e-3, report  # (and are not trivially zero)
-    # ... and after three AdamW steps (lr 1e-3) the params agree to a small fraction of one update:
-    # Adam divides by sqrt(v), which magnifies rounding noise in near-zero gradients.
-    assert report["max_param_diff"] < 1e-4, report
+    # ... and after the first AdamW step the params agree within 1e-5 wherever the gradient's sign is
+    # unambiguous (|g| > 1e-6): Adam's first update is lr * g / (|g| + eps), so elements whose gradient
+    # is rounding noise around zero move by +-lr in either run. The three step losses above agree too.
+    assert report["max_param_diff"] < 1e-5, report
 
 
 def test_model_memorises_a_fixed_batch(tiny_data_dir):
