@@ -18,10 +18,11 @@ from typing import Any
 
 import ml_collections
 
+from slit.errors import UserError
 from slit.train import sharding
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config that cannot work. The message lists every problem and what to do about it."""
 
 

@@ -1,0 +1,11 @@
+"""One module per `slit` sub-command.
+
+Each module defines `HELP` (one line), `add_arguments(parser)` and `run(args, extra) -> int` (the exit
+code; `extra` holds the `--config.a.b=value` overrides where the command takes them). Modules must
+import cheaply: jax and friends are imported inside `run`, so `slit --help` stays instant.
+"""
+
+# name -> module; the order is the order of `slit --help`.
+COMMANDS: dict[str, str] = {
+    "train": "slit.commands.train",
+}

@@ -1,0 +1,77 @@
+"""`slit train --config FILE --workdir DIR [--config.a.b=value ...]`: trains from a config file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+from collections.abc import Sequence
+
+from slit import config as config_lib
+
+HELP = "train a model from a config file"
+ACCEPTS_CONFIG_OVERRIDES = True  # --config.a.b=value
+TRAINERS = {"stage1": "slit.train.stage1"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="a config file in configs/")
+    parser.add_argument("--workdir", required=True, help="the run's directory; re-running resumes it")
+
+
+def initialize_distributed() -> None:
+    """Joins a multi-process run when one is configured (env SLIT_COORDINATOR, SLIT_NUM_PROCESSES,
+    SLIT_PROCESS_ID; see launch/local_multiprocess.sh). TPU pods and SLURM are auto-detected by JAX
+    when SLIT_DISTRIBUTED=auto."""
+    import jax
+
+    if os.environ.get("SLIT_COORDINATOR"):
+        jax.distributed.initialize(
+            coordinator_address=os.environ["SLIT_COORDINATOR"],
+            num_processes=int(os.environ["SLIT_NUM_PROCESSES"]),
+            process_id=int(os.environ["SLIT_PROCESS_ID"]),
+        )
+    elif os.environ.get("SLIT_DISTRIBUTED") == "auto":
+        jax.distributed.initialize()
+
+
+def run(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    import importlib
+
+    import jax
+
+    initialize_distributed()
+    config = config_lib.load_config_file(args.config)
+    config_lib.apply_overrides(config, config_lib.parse_override_args(extra))
+    if config.trainer not in TRAINERS:
+        raise config_lib.ConfigError(
+            f"trainer={config.trainer!r} is not known; choose one of {', '.join(sorted(TRAINERS))}"
+        )
+    config_lib.validate_stage1(config, jax.device_count(), jax.process_count())
+    workdir = pathlib.Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    resolved = config_lib.to_json(config)
+    previous = workdir / "config.json"
+    if previous.is_file() and json.loads(previous.read_text()) != json.loads(resolved):
+        changed = config_diff(json.loads(previous.read_text()), json.loads(resolved))
+        print(f"note: the config differs from the one in {previous}: {', '.join(changed)}", file=sys.stderr)
+    if jax.process_index() == 0:
+        previous.write_text(resolved + "\n")
+
+    trainer = importlib.import_module(TRAINERS[config.trainer])
+    trainer.train(config, workdir)
+    return 0
+
+
+def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Lists `key: old -> new` for every leaf that differs between two resolved configs."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.extend(config_diff(a, b, f"{prefix}{key}."))
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out

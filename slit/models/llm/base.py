@@ -1,0 +1,118 @@
+"""The interface every frozen LLM offers to stage two, to instruction tuning and to the decoder.
+
+Shapes: B batch, T new positions, S cache slots (the maximum length), D model width, V vocabulary,
+L layers, H_kv key/value heads, D_h head width.
+
+Decoder-only models (Llama family, GPT-2) take embeddings, so that a soft prompt of projected
+Q-Former outputs can go in front of embedded text, and explicit positions, so that left-padded
+prompts in a batch get the right rotary/absolute positions. Encoder-decoder models (T5) add
+`encode` and take the encoder output in `decode`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Protocol
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+
+@struct.dataclass
+class KVCache:
+    """Self-attention keys and values for incremental decoding.
+
+    keys, values: one [B, S, H_kv, D_h] array per layer.
+    valid: bool [B, S]; True for slots that hold a real token (False for padding and unwritten slots).
+    length: int32 scalar; slots [0, length) have been written. The next call writes its T inputs to
+      slots [length, length + T), and each of them attends to the valid slots at or before its own.
+    """
+
+    keys: tuple[jax.Array, ...]
+    values: tuple[jax.Array, ...]
+    valid: jax.Array
+    length: jax.Array
+
+    @classmethod
+    def zeros(
+        cls, num_layers: int, batch_size: int, max_length: int, num_kv_heads: int, head_dim: int, dtype=jnp.float32
+    ) -> KVCache:
+        shape = (batch_size, max_length, num_kv_heads, head_dim)
+        return cls(
+            keys=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
+            values=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
+            valid=jnp.zeros((batch_size, max_length), bool),
+            length=jnp.zeros((), jnp.int32),
+        )
+
+    @property
+    def max_length(self) -> int:
+        return self.valid.shape[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenIds:
+    """The special tokens a model's checkpoint declares (None where it declares none)."""
+
+    bos: int | None
+    eos: tuple[int, ...]  # generation stops at any of these
+    pad: int | None
+    decoder_start: int | None = None  # encoder-decoder models only
+
+
+class DecoderOnlyLM(Protocol):
+    """A frozen decoder-only LLM (Llama family, GPT-2)."""
+
+    vocab_size: int
+    hidden_size: int
+    token_ids: TokenIds
+
+    def embed(self, token_ids: jax.Array) -> jax.Array:
+        """int32 [B, T] -> [B, T, D] (the input embedding table, scaled as the model does)."""
+        ...
+
+    def __call__(
+        self,
+        inputs_embeds: jax.Array,
+        positions: jax.Array,
+        token_mask: jax.Array,
+        cache: KVCache | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """inputs_embeds [B, T, D], positions int32 [B, T], token_mask bool [B, T] (False = padding).
+
+        Returns float32 logits [B, T, V] and the updated cache (None when called without one).
+        Without a cache, attention is causal among the T inputs and ignores padded keys.
+        """
+        ...
+
+    def init_cache(self, batch_size: int, max_length: int, dtype=jnp.float32) -> KVCache: ...
+
+
+class EncoderDecoderLM(Protocol):
+    """A frozen encoder-decoder LLM (T5 / Flan-T5), used as a prefix LM."""
+
+    vocab_size: int
+    hidden_size: int
+    token_ids: TokenIds
+
+    def embed(self, token_ids: jax.Array) -> jax.Array:
+        """int32 [B, T] -> [B, T, D] (the shared input embedding)."""
+        ...
+
+    def encode(self, inputs_embeds: jax.Array, token_mask: jax.Array) -> jax.Array:
+        """inputs_embeds [B, S_enc, D], token_mask bool [B, S_enc] -> encoder output [B, S_enc, D]."""
+        ...
+
+    def decode(
+        self,
+        decoder_token_ids: jax.Array,
+        positions: jax.Array,
+        encoder_out: jax.Array,
+        encoder_mask: jax.Array,
+        cache: KVCache | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """decoder_token_ids int32 [B, T], positions int32 [B, T] -> logits float32 [B, T, V], cache."""
+        ...
+
+    def init_cache(self, batch_size: int, max_length: int, dtype=jnp.float32) -> KVCache: ...
