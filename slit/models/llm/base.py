@@ -17,6 +17,7 @@ from typing import Protocol
 import jax
 import jax.numpy as jnp
 from flax import struct
+from jax.typing import DTypeLike
 
 
 @struct.dataclass
@@ -36,7 +37,13 @@ class KVCache:
 
     @classmethod
     def zeros(
-        cls, num_layers: int, batch_size: int, max_length: int, num_kv_heads: int, head_dim: int, dtype=jnp.float32
+        cls,
+        num_layers: int,
+        batch_size: int,
+        max_length: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: DTypeLike = jnp.float32,
     ) -> KVCache:
         shape = (batch_size, max_length, num_kv_heads, head_dim)
         return cls(
@@ -86,7 +93,7 @@ class DecoderOnlyLM(Protocol):
         """
         ...
 
-    def init_cache(self, batch_size: int, max_length: int, dtype=jnp.float32) -> KVCache: ...
+    def init_cache(self, batch_size: int, max_length: int, dtype: DTypeLike = jnp.float32) -> KVCache: ...
 
 
 class EncoderDecoderLM(Protocol):
@@ -115,4 +122,4 @@ class EncoderDecoderLM(Protocol):
         """decoder_token_ids int32 [B, T], positions int32 [B, T] -> logits float32 [B, T, V], cache."""
         ...
 
-    def init_cache(self, batch_size: int, max_length: int, dtype=jnp.float32) -> KVCache: ...
+    def init_cache(self, batch_size: int, max_length: int, dtype: DTypeLike = jnp.float32) -> KVCache: ...
