@@ -8,4 +8,5 @@ import cheaply: jax and friends are imported inside `run`, so `slit --help` stay
 # name -> module; the order is the order of `slit --help`.
 COMMANDS: dict[str, str] = {
     "train": "slit.commands.train",
+    "bench": "slit.commands.bench",
 }

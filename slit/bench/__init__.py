@@ -1,0 +1,5 @@
+"""Benchmarks behind `slit bench NAME`: each module defines HELP, add_arguments(parser) and
+run(args) -> dict (a JSON-serialisable result). See slit/commands/bench.py."""
+
+# name -> module
+BENCHES: dict[str, str] = {}
