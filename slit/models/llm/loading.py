@@ -9,8 +9,11 @@ Converters (llama.py, gpt2.py, gguf.py, t5.py) follow one pattern:
 
     config, tensors = read_hf_checkpoint(directory)
     source = TensorSource(tensors, origin=str(directory))
-    params = {...: source.take("model.layers.0...."), ...}   # nested pure dict, numpy leaves
-    module = build_frozen(lambda: Model(cfg, rngs=nnx.Rngs(0)), params, source, what="Llama")
+    build = lambda: Model(cfg, rngs=nnx.Rngs(0))
+    for path, struct in expected_shapes(build).items():   # what the module needs
+        value = source.take(hf_name(path), hf_shape(struct.shape), target=".".join(path))
+        ...                                               # -> nested pure dict `params`, numpy leaves
+    module = build_frozen(build, params, what="Llama", origin=..., source=source, names=...)
 
 `build_frozen` compares the params against the shapes the module expects and raises one
 `UserError` that lists every missing, unexpected and mis-shaped tensor (by checkpoint name), then
@@ -22,7 +25,7 @@ from __future__ import annotations
 import json
 import pathlib
 import struct
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -227,27 +230,39 @@ def read_generation_config(directory: str | pathlib.Path) -> dict[str, Any]:
 
 
 class TensorSource:
-    """Hands out a checkpoint's tensors by name, recording which were used and which were missing.
-
-    `names` maps each slit param path to the checkpoint tensor it came from, so errors name both.
-    """
+    """Hands out a checkpoint's tensors by name, recording what was used, missing or mis-shaped."""
 
     def __init__(self, tensors: Mapping[str, Any], origin: str):
         self.tensors = tensors
         self.origin = origin
         self.used: set[str] = set()
-        self.missing: set[str] = set()
+        self.problems: dict[str, str] = {}  # checkpoint name -> what is wrong with it
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
 
-    def take(self, name: str) -> np.ndarray | None:
-        """The tensor `name` as numpy, or None (recorded as missing) when the checkpoint lacks it."""
+    def take(self, name: str, shape: Sequence[int] | None = None, target: str = "") -> np.ndarray | None:
+        """The tensor `name` as numpy; None (and a recorded problem) when absent or not of `shape`.
+
+        `shape` is in the checkpoint's layout; `target` names the slit weight it is for, for messages.
+        """
+        for_target = f" (for slit {target!r})" if target else ""
         if name not in self.tensors:
-            self.missing.add(name)
+            want = f", expected shape {tuple(shape)}" if shape is not None else ""
+            self.problems[name] = f"missing tensor {name!r}{want}{for_target}"
             return None
         self.used.add(name)
-        return np.asarray(self.tensors[name])
+        value = np.asarray(self.tensors[name])
+        if shape is not None and value.shape != tuple(shape):
+            self.problems[name] = (
+                f"tensor {name!r} has shape {value.shape}, expected {tuple(shape)}{for_target}"
+            )
+            return None
+        return value
+
+    def mark_used(self, names: Iterable[str]) -> None:
+        """Counts `names` as used (tensors the model does not need, e.g. cached rotary frequencies)."""
+        self.used.update(names)
 
     def unused(self) -> list[str]:
         return sorted(set(self.tensors) - self.used)
@@ -266,7 +281,7 @@ def check_params(
     what: str,
     origin: str,
     names: Mapping[Path, str] | None = None,
-    missing_tensors: Iterable[str] = (),
+    source_problems: Mapping[str, str] | None = None,
     unused_tensors: Iterable[str] = (),
 ) -> None:
     """Raises one UserError listing every problem of a converted param tree, or returns None.
@@ -277,7 +292,8 @@ def check_params(
       expected: flat {path: anything with `.shape`}, e.g. from `expected_shapes`.
       what, origin: the model name and the file/directory, for the message.
       names: slit path -> checkpoint tensor name, to name tensors as the checkpoint spells them.
-      missing_tensors: checkpoint names the converter looked for and did not find.
+      source_problems: checkpoint name -> problem found while taking it (`TensorSource.problems`);
+        params from those tensors are not reported a second time.
       unused_tensors: checkpoint tensors no slit weight took.
     """
     names = names or {}
@@ -287,11 +303,12 @@ def check_params(
     def label(path: Path) -> str:
         return f"{names[path]!r} (slit {_dotted(path)!r})" if path in names else f"slit {_dotted(path)!r}"
 
-    named = set(names.values())
-    for name in sorted(set(missing_tensors) - named):
-        problems.append(f"missing tensor {name!r}")
+    source_problems = source_problems or {}
+    problems.extend(source_problems[name] for name in sorted(source_problems))
     for path, want in expected.items():
         got = flat.get(path)
+        if got is None and names.get(path) in source_problems:
+            continue
         if got is None:
             problems.append(f"missing tensor {label(path)}, expected shape {tuple(want.shape)}")
         elif tuple(np.shape(got)) != tuple(want.shape):
@@ -337,7 +354,7 @@ def build_frozen(
         what=what,
         origin=origin,
         names=names,
-        missing_tensors=source.missing if source else (),
+        source_problems=source.problems if source else None,
         unused_tensors=source.unused() if (source and strict) else (),
     )
     abstract = nnx.eval_shape(build)
