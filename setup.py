@@ -32,6 +32,7 @@ setup(
         "numpy>=2.0",
         "scipy>=1.13",
         "soundfile>=0.13",
+        "soxr>=0.5",
         "tensorboardX>=2.6",
         "tqdm>=4.66",
     ],

@@ -2,4 +2,6 @@
 run(args) -> dict (a JSON-serialisable result). See slit/commands/bench.py."""
 
 # name -> module
-BENCHES: dict[str, str] = {}
+BENCHES: dict[str, str] = {
+    "data": "slit.bench.data",
+}

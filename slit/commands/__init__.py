@@ -9,4 +9,5 @@ import cheaply: jax and friends are imported inside `run`, so `slit --help` stay
 COMMANDS: dict[str, str] = {
     "train": "slit.commands.train",
     "bench": "slit.commands.bench",
+    "data": "slit.commands.data",
 }
