@@ -10,4 +10,5 @@ COMMANDS: dict[str, str] = {
     "train": "slit.commands.train",
     "bench": "slit.commands.bench",
     "data": "slit.commands.data",
+    "score": "slit.commands.score",
 }
