@@ -1,10 +1,29 @@
-"""Audio-text retrieval: recall@k in both directions, with several captions per clip."""
+"""Audio-text retrieval: R@k and mAP@10 in both directions, with several captions per clip, and BLIP-2's
+re-ranking of the top k candidates by the matching head.
+
+Definitions (ties rank in index order everywhere):
+
+- **R@k**: the fraction of queries with at least one relevant item among the first k. Text to audio: the
+  caption's clip. Audio to text: any of the clip's captions.
+- **mAP@10**: DCASE's definition (language-based audio retrieval, DCASE 2022-2025 task 6b/8): for each
+  query, AP@10 = sum over relevant items ranked p <= 10 of precision@p, divided by min(relevant items, 10);
+  mAP@10 is the mean over queries. With one relevant clip per caption (text to audio, as DCASE scores it)
+  AP@10 is 1/rank when rank <= 10, else 0. Audio to text has one relevant caption per reference caption
+  (Clotho: 5), and the same formula averages the precision at each of them.
+- **Re-ranking** (LAVIS `compute_sim_matrix`, BLIP-2): for each query, the top k candidates by contrastive
+  similarity get score = ITM logit (match class, averaged over queries) + contrastive similarity, and are
+  re-ordered by it; candidates after the first k keep their contrastive order behind them (LAVIS gives them
+  -100, which changes no R@k or mAP@10 for k >= 10).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
+
+# Scores (audio index, text index) pairs: (pairs,) int arrays in, (pairs,) ITM logits out.
+PairScorer = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
 def recall_at_k(sim_at: np.ndarray, text_owner: np.ndarray, ks: Sequence[int] = (1, 5, 10)) -> dict:
@@ -20,25 +39,167 @@ def recall_at_k(sim_at: np.ndarray, text_owner: np.ndarray, ks: Sequence[int] = 
       text counts a hit when any of the clip's captions is in the top k; text to audio when the
       caption's clip is in the top k. Ties rank in index order.
     """
-    num_audio, num_text = sim_at.shape
-    order_a2t = np.argsort(-sim_at, axis=1, kind="stable")
-    rank_of_text = np.empty_like(order_a2t)
-    np.put_along_axis(rank_of_text, order_a2t, np.arange(num_text)[None], axis=1)
-    owns = text_owner[None, :] == np.arange(num_audio)[:, None]
-    best_rank_a2t = np.where(owns, rank_of_text, num_text).min(axis=1)
+    return retrieval_metrics(sim_at, text_owner, ks, map_k=None)
 
-    order_t2a = np.argsort(-sim_at.T, axis=1, kind="stable")
-    rank_t2a = np.argmax(order_t2a == text_owner[:, None], axis=1)
+
+def relevance(text_owner: np.ndarray, num_audio: int) -> np.ndarray:
+    """(num_audio, num_text) booleans: caption t describes clip a."""
+    return np.asarray(text_owner)[None, :] == np.arange(num_audio)[:, None]
+
+
+def ranking_metrics(
+    scores_qc: np.ndarray, relevant_qc: np.ndarray, ks: Sequence[int] = (1, 5, 10), map_k: int | None = 10
+) -> dict:
+    """R@k and mAP@map_k for one direction.
+
+    Args:
+      scores_qc: (queries, candidates) scores, higher ranks first; ties in index order.
+      relevant_qc: (queries, candidates) booleans.
+      ks: recall cut-offs.
+      map_k: the mAP cut-off (None: no mAP).
+
+    Returns:
+      {"R@k": float for k in ks, "mAP@{map_k}": float}.
+    """
+    order = np.argsort(-np.asarray(scores_qc), axis=1, kind="stable")
+    relevant_in_order = np.take_along_axis(np.asarray(relevant_qc, bool), order, axis=1)
+    out = {f"R@{k}": float(np.mean(relevant_in_order[:, :k].any(axis=1))) for k in ks}
+    if map_k is not None:
+        top = relevant_in_order[:, :map_k]
+        hits_so_far = np.cumsum(top, axis=1)
+        precision_at_hits = np.where(top, hits_so_far / np.arange(1, top.shape[1] + 1), 0.0).sum(axis=1)
+        num_relevant = np.minimum(np.asarray(relevant_qc, bool).sum(axis=1), map_k)
+        out[f"mAP@{map_k}"] = float(np.mean(precision_at_hits / np.maximum(num_relevant, 1)))
+    return out
+
+
+def retrieval_metrics(
+    sim_at: np.ndarray,
+    text_owner: np.ndarray,
+    ks: Sequence[int] = (1, 5, 10),
+    map_k: int | None = 10,
+    sim_ta: np.ndarray | None = None,
+) -> dict:
+    """R@k and mAP@10 both ways from one similarity matrix.
+
+    Args:
+      sim_at: (num_audio, num_text) scores used to rank texts for each audio.
+      text_owner: (num_text,) the clip index each caption describes.
+      ks, map_k: cut-offs (map_k None: no mAP).
+      sim_ta: (num_text, num_audio) scores used to rank audio for each text; default sim_at.T (re-ranking
+        gives the two directions different scores).
+
+    Returns:
+      {"audio_to_text": {"R@1", "R@5", "R@10", "mAP@10"}, "text_to_audio": {...}, "num_audio", "num_text"}.
+    """
+    num_audio, num_text = np.shape(sim_at)
+    relevant_at = relevance(text_owner, num_audio)
     return {
-        "audio_to_text": {f"R@{k}": float(np.mean(best_rank_a2t < k)) for k in ks},
-        "text_to_audio": {f"R@{k}": float(np.mean(rank_t2a < k)) for k in ks},
+        "audio_to_text": ranking_metrics(sim_at, relevant_at, ks, map_k),
+        "text_to_audio": ranking_metrics(sim_at.T if sim_ta is None else sim_ta, relevant_at.T, ks, map_k),
         "num_audio": int(num_audio),
         "num_text": int(num_text),
     }
 
 
+def _score_in_batches(
+    score_pairs: PairScorer, audio: np.ndarray, text: np.ndarray, batch_size: int
+) -> np.ndarray:
+    """Calls score_pairs on fixed-size batches (the last one padded by repeating its final pair, so a
+    jitted scorer compiles once); returns (pairs,) float64."""
+    out = np.empty(len(audio))
+    for start in range(0, len(audio), batch_size):
+        a, t = audio[start : start + batch_size], text[start : start + batch_size]
+        pad = batch_size - len(a)
+        if pad:
+            a, t = np.concatenate([a, np.repeat(a[-1:], pad)]), np.concatenate([t, np.repeat(t[-1:], pad)])
+        scores = np.asarray(score_pairs(a, t), dtype=np.float64).reshape(-1)
+        if scores.shape != (batch_size,):
+            raise ValueError(f"score_pairs returned shape {scores.shape} for {batch_size} pairs")
+        out[start : start + batch_size] = scores[: batch_size - pad]
+    return out
+
+
+def _rerank_rows(
+    sim_qc: np.ndarray, extra: Callable[[np.ndarray, np.ndarray], np.ndarray], k: int
+) -> np.ndarray:
+    """Each row's top k by sim re-ordered by sim + extra(query, candidate) (ties keep the contrastive order),
+    followed by the rest in contrastive order. Returns (queries, candidates) scores that encode this order
+    (candidates minus position), for ranking_metrics."""
+    num_queries, num_candidates = sim_qc.shape
+    k = min(k, num_candidates)
+    order = np.argsort(-sim_qc, axis=1, kind="stable")
+    top = order[:, :k]
+    rows = np.repeat(np.arange(num_queries), k)
+    rescored = (sim_qc[rows, top.ravel()] + extra(rows, top.ravel())).reshape(num_queries, k)
+    top = np.take_along_axis(top, np.argsort(-rescored, axis=1, kind="stable"), axis=1)
+    final_order = np.concatenate([top, order[:, k:]], axis=1)
+    ranking = np.empty((num_queries, num_candidates))
+    np.put_along_axis(ranking, final_order, np.arange(num_candidates, 0, -1, dtype=np.float64)[None], axis=1)
+    return ranking
+
+
+def rerank_top_k(
+    sim_at: np.ndarray, score_pairs: PairScorer, k: int = 128, batch_size: int = 256
+) -> tuple[np.ndarray, np.ndarray]:
+    """BLIP-2 re-ranking: the top k of each query by contrastive similarity are re-scored as
+    ITM logit + similarity (both directions, as LAVIS does).
+
+    Args:
+      sim_at: (num_audio, num_text) contrastive similarities (cosine; not divided by the temperature).
+      score_pairs: (audio indices, text indices), each (batch_size,) int64 -> (batch_size,) ITM logits
+        for "match". Called with fixed-size batches (the last padded), so it may be a jitted function.
+      k: candidates re-scored per query (LAVIS k_test: 128 by default).
+      batch_size: pairs per score_pairs call.
+
+    Returns:
+      (scores_at (num_audio, num_text) for audio->text ranking, scores_ta (num_text, num_audio) for
+      text->audio ranking): higher ranks first (they encode the order, not the logits); pass them to
+      retrieval_metrics(scores_at, owner, sim_ta=scores_ta).
+    """
+    sim_at = np.asarray(sim_at, dtype=np.float64)
+    num_audio, num_text = sim_at.shape
+    k_at, k_ta = min(k, num_text), min(k, num_audio)
+    top_at = np.argsort(-sim_at, axis=1, kind="stable")[:, :k_at]
+    top_ta = np.argsort(-sim_at.T, axis=1, kind="stable")[:, :k_ta]
+    # Every pair either direction needs, scored once.
+    pairs = np.concatenate(
+        [
+            np.stack([np.repeat(np.arange(num_audio), k_at), top_at.ravel()], 1),
+            np.stack([top_ta.ravel(), np.repeat(np.arange(num_text), k_ta)], 1),
+        ]
+    )
+    pairs = np.unique(pairs, axis=0)
+    logits = _score_in_batches(score_pairs, pairs[:, 0], pairs[:, 1], batch_size)
+    lookup = dict(zip(map(tuple, pairs.tolist()), logits.tolist(), strict=True))
+
+    def logit_at(audio: np.ndarray, text: np.ndarray) -> np.ndarray:
+        return np.array([lookup[(a, t)] for a, t in zip(audio.tolist(), text.tolist(), strict=True)])
+
+    scores_at = _rerank_rows(sim_at, logit_at, k)
+    scores_ta = _rerank_rows(sim_at.T, lambda text, audio: logit_at(audio, text), k)
+    return scores_at, scores_ta
+
+
+def retrieval_report(
+    sim_at: np.ndarray,
+    text_owner: np.ndarray,
+    score_pairs: PairScorer | None = None,
+    k: int = 128,
+    batch_size: int = 256,
+) -> dict:
+    """Both sets of numbers: {"contrastive": retrieval_metrics, "reranked": retrieval_metrics (when
+    score_pairs is given), "rerank_k": k}."""
+    report = {"contrastive": retrieval_metrics(sim_at, text_owner)}
+    if score_pairs is not None:
+        scores_at, scores_ta = rerank_top_k(sim_at, score_pairs, k, batch_size)
+        report["reranked"] = retrieval_metrics(scores_at, text_owner, sim_ta=scores_ta)
+        report["rerank_k"] = int(k)
+    return report
+
+
 def format_table(report: dict) -> str:
-    """A small text table of a recall report."""
+    """A small text table of a retrieval_metrics / recall_at_k report."""
     ks = list(report["audio_to_text"])
     lines = [f"{'':15}" + "".join(f"{k:>8}" for k in ks)]
     for direction in ("audio_to_text", "text_to_audio"):
