@@ -1,0 +1,594 @@
+"""T5 / Flan-T5 as a frozen encoder-decoder LLM (the `EncoderDecoderLM` of base.py).
+
+Architecture as in Raffel et al. 2020 and HF `T5ForConditionalGeneration`:
+- one shared token embedding for the encoder and the decoder, no embedding scaling;
+- pre-norm residual blocks with T5's RMS LayerNorm (no mean, no bias, statistics in float32);
+- attention without the 1/sqrt(d) scaling (T5 folds it into the initialisation), plus a learned
+  relative position bias: bucketed `key_position - query_position` -> one bias per head, owned by
+  the first layer of each stack and shared by all of its layers; bidirectional buckets in the
+  encoder, causal ones in the decoder; cross-attention has no position bias;
+- feed-forward `relu` (T5 v1.0: wi -> relu -> wo) or gated (T5 v1.1 / Flan-T5 `gated-gelu`:
+  act(wi_0) * wi_1 -> wo, with the tanh GELU);
+- output layer: the shared embedding with the decoder output scaled by d_model**-0.5 (T5 v1.0,
+  tied) or a separate `lm_head` without rescaling (T5 v1.1 / Flan-T5).
+
+Shapes: B batch, S_enc encoder length, T decoder inputs, S cache slots, D d_model, H heads,
+D_h d_kv, F d_ff, V vocabulary.
+
+Every weight is a `Frozen` variable. Weights may be stored in bfloat16 (`param_dtype` in
+`t5_from_hf`); matmuls then run in `dtype` (float32 by default), while the residual stream, the
+norms, the attention logits and softmax, and the output logits stay float32.
+
+Cross-attention keys/values depend only on the encoder output: `cross_attention_cache(encoder_out)`
+computes them once, and `decode` accepts the result in place of `encoder_out`. Given the plain
+encoder output, `decode` recomputes them on every call, which costs 4 * B * S_enc * D * H * D_h
+FLOPs per decoder layer per call (for Flan-T5-XL and S_enc = 64, about 8x the cost of decoding
+one token).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct, traverse_util
+from jax.typing import DTypeLike
+
+from slit.errors import UserError
+from slit.models.layers import Dense, Embed, Frozen, merge_heads, normal, ones, split_heads, weight
+from slit.models.llm.base import KVCache, TokenIds
+
+__all__ = [
+    "CrossAttentionCache",
+    "T5",
+    "T5Config",
+    "relative_position_bucket",
+    "t5_from_hf",
+    "t5_params_from_hf",
+]
+
+# Activation names as transformers' ACT2FN spells them -> functions.
+_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "relu": jax.nn.relu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Config:
+    """Sizes and switches of a T5 checkpoint. Defaults are t5-small (T5 v1.0)."""
+
+    vocab_size: int = 32128
+    d_model: int = 512
+    d_kv: int = 64
+    d_ff: int = 2048
+    num_layers: int = 6
+    num_decoder_layers: int = 6
+    num_heads: int = 8
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    feed_forward_proj: str = "relu"  # "relu" (T5 v1.0) or "gated-gelu" (T5 v1.1, Flan-T5), "gated-silu", ...
+    layer_norm_epsilon: float = 1e-6
+    tie_word_embeddings: bool = True  # output layer = the shared embedding (else a separate lm_head)
+    scale_decoder_outputs: bool = True  # decoder output * d_model**-0.5 before the output layer
+    pad_token_id: int = 0
+    eos_token_ids: tuple[int, ...] = (1,)
+    decoder_start_token_id: int = 0
+
+    @property
+    def is_gated(self) -> bool:
+        return self.feed_forward_proj.split("-")[0] == "gated"
+
+    @property
+    def activation(self) -> str:
+        """The transformers name of the feed-forward activation (`gated-gelu` means the tanh GELU)."""
+        return "gelu_new" if self.feed_forward_proj == "gated-gelu" else self.feed_forward_proj.split("-")[-1]
+
+    @classmethod
+    def from_hf(cls, hf_config: Mapping[str, Any], source: str = "config.json") -> T5Config:
+        """A `T5Config` from a checkpoint's config.json (as a dict); `source` names it in errors.
+
+        Follows transformers 5: the decoder output is rescaled when `scale_decoder_outputs` says so,
+        else when `tie_word_embeddings` is not false (a missing flag means tied, as in t5-small).
+        """
+        known = {f.name for f in dataclasses.fields(cls)}
+        needed = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads")
+        missing = [k for k in needed if k not in hf_config]
+        if missing:
+            raise UserError(f"{source}: missing T5 hyperparameter(s) {missing}; is this a T5 checkpoint?")
+        values = {k: hf_config[k] for k in known & set(hf_config) if hf_config[k] is not None}
+        values.pop("eos_token_ids", None)
+        tied = hf_config.get("tie_word_embeddings", True) is not False
+        values["tie_word_embeddings"] = tied
+        values["scale_decoder_outputs"] = bool(hf_config.get("scale_decoder_outputs", tied))
+        values.setdefault("num_decoder_layers", hf_config["num_layers"])
+        eos = hf_config.get("eos_token_id", 1)
+        values["eos_token_ids"] = tuple(eos) if isinstance(eos, list | tuple) else (eos,)
+        if hf_config.get("decoder_start_token_id") is None:
+            values["decoder_start_token_id"] = values.get("pad_token_id", 0)
+        config = cls(**values)
+        proj = config.feed_forward_proj.split("-")
+        if len(proj) > 2 or (len(proj) == 2 and proj[0] != "gated") or config.activation not in _ACTIVATIONS:
+            raise UserError(
+                f"{source}: feed_forward_proj {config.feed_forward_proj!r} is not supported; "
+                f"expected 'ACT' or 'gated-ACT' with ACT one of {sorted(_ACTIVATIONS)}"
+            )
+        return config
+
+
+@struct.dataclass
+class CrossAttentionCache:
+    """Cross-attention keys and values of every decoder layer, computed once from the encoder output.
+
+    keys, values: one [B, S_enc, H, D_h] array per decoder layer.
+    """
+
+    keys: tuple[jax.Array, ...]
+    values: tuple[jax.Array, ...]
+
+
+def relative_position_bucket(
+    relative_position: jax.Array, *, bidirectional: bool, num_buckets: int, max_distance: int
+) -> jax.Array:
+    """T5's bucket of `key_position - query_position` (int array, any shape) -> int32 in [0, num_buckets).
+
+    Half of the buckets (per direction when bidirectional) hold exact distances, the other half
+    logarithmically wider ranges up to `max_distance`; farther distances share the last bucket. The
+    causal (decoder) form maps every key after the query to bucket 0.
+    """
+    relative_position = jnp.asarray(relative_position, jnp.int32)
+    buckets = jnp.zeros_like(relative_position)
+    if bidirectional:
+        num_buckets //= 2
+        buckets = buckets + (relative_position > 0).astype(jnp.int32) * num_buckets
+        distance = jnp.abs(relative_position)
+    else:
+        distance = -jnp.minimum(relative_position, 0)
+    max_exact = num_buckets // 2
+    log_ratio = jnp.log(jnp.maximum(distance, 1).astype(jnp.float32) / max_exact)
+    scaled = log_ratio / math.log(max_distance / max_exact) * (num_buckets - max_exact)
+    if_large = jnp.minimum(max_exact + scaled.astype(jnp.int32), num_buckets - 1)
+    return buckets + jnp.where(distance < max_exact, distance, if_large)
+
+
+class RMSNorm(nnx.Module):
+    """T5's LayerNorm: x / sqrt(mean(x^2) + eps) * scale, no mean, no bias; statistics in float32."""
+
+    def __init__(self, features: int, *, eps: float, rngs: nnx.Rngs):
+        self.eps = eps
+        self.scale = weight(Frozen, ones, rngs, (features,), ("embed",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """(..., D) -> (..., D) float32."""
+        x32 = x.astype(jnp.float32)
+        variance = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+        return x32 * jax.lax.rsqrt(variance + self.eps) * self.scale[...].astype(jnp.float32)
+
+
+class RelativePositionBias(nnx.Module):
+    """Learned bias per (relative-position bucket, head), [num_buckets, H]."""
+
+    def __init__(self, c: T5Config, *, bidirectional: bool, rngs: nnx.Rngs):
+        self.bidirectional = bidirectional
+        self.num_buckets = c.relative_attention_num_buckets
+        self.max_distance = c.relative_attention_max_distance
+        self.embedding = weight(
+            Frozen,
+            normal(c.d_model**-0.5),
+            rngs,
+            (c.relative_attention_num_buckets, c.num_heads),
+            (None, "heads"),
+        )
+
+    def __call__(self, query_positions: jax.Array, key_positions: jax.Array) -> jax.Array:
+        """query_positions [B|1, Q], key_positions [B|1, K] int -> float32 bias [B|1, H, Q, K]."""
+        relative = key_positions[:, None, :] - query_positions[:, :, None]
+        bucket = relative_position_bucket(
+            relative,
+            bidirectional=self.bidirectional,
+            num_buckets=self.num_buckets,
+            max_distance=self.max_distance,
+        )
+        bias_bqkh = jnp.take(self.embedding[...].astype(jnp.float32), bucket, axis=0)
+        return bias_bqkh.transpose(0, 3, 1, 2)
+
+
+def _attend(
+    q_bqhd: jax.Array, k_bkhd: jax.Array, v_bkhd: jax.Array, bias_bhqk: jax.Array | None, mask_bqk: jax.Array
+) -> jax.Array:
+    """Unscaled attention with an additive bias; logits and softmax in float32 -> [B, Q, H, D_h]."""
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q_bqhd, k_bkhd, preferred_element_type=jnp.float32)
+    if bias_bhqk is not None:
+        logits = logits + bias_bhqk
+    logits = jnp.where(mask_bqk[:, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v_bkhd.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v_bkhd)
+
+
+class T5Attention(nnx.Module):
+    """Projections q, k, v: D -> H * D_h and o: H * D_h -> D, no biases."""
+
+    def __init__(self, c: T5Config, *, rngs: nnx.Rngs):
+        inner = c.num_heads * c.d_kv
+        frozen = dict(rngs=rngs, param_type=Frozen, use_bias=False)
+        self.num_heads = c.num_heads
+        self.q = Dense(
+            c.d_model,
+            inner,
+            axes=("embed", "heads"),
+            kernel_init=normal((c.d_model * c.d_kv) ** -0.5),
+            **frozen,
+        )
+        self.k = Dense(
+            c.d_model, inner, axes=("embed", "heads"), kernel_init=normal(c.d_model**-0.5), **frozen
+        )
+        self.v = Dense(
+            c.d_model, inner, axes=("embed", "heads"), kernel_init=normal(c.d_model**-0.5), **frozen
+        )
+        self.o = Dense(inner, c.d_model, axes=("heads", "embed"), kernel_init=normal(inner**-0.5), **frozen)
+
+    def keys_values(self, x_bsd: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """[B, S, D] -> keys, values [B, S, H, D_h]."""
+        return split_heads(self.k(x_bsd), self.num_heads), split_heads(self.v(x_bsd), self.num_heads)
+
+    def __call__(
+        self,
+        x_bqd: jax.Array,
+        k_bkhd: jax.Array,
+        v_bkhd: jax.Array,
+        bias_bhqk: jax.Array | None,
+        mask_bqk: jax.Array,
+    ) -> jax.Array:
+        """Queries from x [B, Q, D] attend to the given keys/values -> [B, Q, D] (x's dtype)."""
+        q = split_heads(self.q(x_bqd), self.num_heads)
+        out = _attend(q, k_bkhd.astype(x_bqd.dtype), v_bkhd.astype(x_bqd.dtype), bias_bhqk, mask_bqk)
+        return self.o(merge_heads(out))
+
+
+class T5FeedForward(nnx.Module):
+    """wi -> act -> wo (v1.0), or act(wi_0) * wi_1 -> wo (gated, v1.1 / Flan-T5); no biases."""
+
+    def __init__(self, c: T5Config, *, rngs: nnx.Rngs):
+        frozen = dict(rngs=rngs, param_type=Frozen, use_bias=False)
+        in_init = normal(c.d_model**-0.5)
+        self.activation = c.activation
+        if c.is_gated:
+            self.wi_0 = Dense(c.d_model, c.d_ff, axes=("embed", "mlp"), kernel_init=in_init, **frozen)
+            self.wi_1 = Dense(c.d_model, c.d_ff, axes=("embed", "mlp"), kernel_init=in_init, **frozen)
+        else:
+            self.wi = Dense(c.d_model, c.d_ff, axes=("embed", "mlp"), kernel_init=in_init, **frozen)
+        self.wo = Dense(c.d_ff, c.d_model, axes=("mlp", "embed"), kernel_init=normal(c.d_ff**-0.5), **frozen)
+
+    def __call__(self, x_btd: jax.Array) -> jax.Array:
+        """[B, T, D] -> [B, T, D]."""
+        act = _ACTIVATIONS[self.activation]
+        if hasattr(self, "wi_0"):
+            hidden = act(self.wi_0(x_btd)) * self.wi_1(x_btd)
+        else:
+            hidden = act(self.wi(x_btd))
+        return self.wo(hidden)
+
+
+class T5EncoderLayer(nnx.Module):
+    """Pre-norm bidirectional self-attention, then pre-norm feed-forward, each with a residual."""
+
+    def __init__(self, c: T5Config, *, rngs: nnx.Rngs):
+        self.self_attention_norm = RMSNorm(c.d_model, eps=c.layer_norm_epsilon, rngs=rngs)
+        self.self_attention = T5Attention(c, rngs=rngs)
+        self.ffn_norm = RMSNorm(c.d_model, eps=c.layer_norm_epsilon, rngs=rngs)
+        self.ffn = T5FeedForward(c, rngs=rngs)
+
+    def __call__(
+        self, x_bsd: jax.Array, bias_bhss: jax.Array, mask_bss: jax.Array, dtype: DTypeLike
+    ) -> jax.Array:
+        """Residual stream [B, S, D] float32 -> [B, S, D] float32."""
+        h = self.self_attention_norm(x_bsd).astype(dtype)
+        k, v = self.self_attention.keys_values(h)
+        x_bsd = x_bsd + self.self_attention(h, k, v, bias_bhss, mask_bss).astype(jnp.float32)
+        return x_bsd + self.ffn(self.ffn_norm(x_bsd).astype(dtype)).astype(jnp.float32)
+
+
+class T5DecoderLayer(nnx.Module):
+    """Pre-norm causal self-attention, pre-norm cross-attention, pre-norm feed-forward."""
+
+    def __init__(self, c: T5Config, *, rngs: nnx.Rngs):
+        self.self_attention_norm = RMSNorm(c.d_model, eps=c.layer_norm_epsilon, rngs=rngs)
+        self.self_attention = T5Attention(c, rngs=rngs)
+        self.cross_attention_norm = RMSNorm(c.d_model, eps=c.layer_norm_epsilon, rngs=rngs)
+        self.cross_attention = T5Attention(c, rngs=rngs)
+        self.ffn_norm = RMSNorm(c.d_model, eps=c.layer_norm_epsilon, rngs=rngs)
+        self.ffn = T5FeedForward(c, rngs=rngs)
+
+
+class T5(nnx.Module):
+    """T5 / Flan-T5 with frozen weights, implementing `EncoderDecoderLM` (see base.py).
+
+    Build it from a checkpoint with `t5_from_hf`; `T5(config, rngs=...)` gives random weights
+    (T5's initialisation) for tests and shapes.
+    """
+
+    def __init__(self, config: T5Config, *, rngs: nnx.Rngs, dtype: DTypeLike = jnp.float32):
+        c = config
+        self.config = c
+        self.dtype = dtype
+        self.vocab_size = c.vocab_size
+        self.hidden_size = c.d_model
+        self.token_ids = TokenIds(
+            bos=None, eos=c.eos_token_ids, pad=c.pad_token_id, decoder_start=c.decoder_start_token_id
+        )
+        self.shared = Embed(
+            c.vocab_size, c.d_model, axes=("vocab", "embed"), rngs=rngs, param_type=Frozen, init=normal(1.0)
+        )
+        self.encoder_position_bias = RelativePositionBias(c, bidirectional=True, rngs=rngs)
+        self.encoder_layers = nnx.List([T5EncoderLayer(c, rngs=rngs) for _ in range(c.num_layers)])
+        self.encoder_norm = RMSNorm(c.d_model, eps=c.layer_norm_epsilon, rngs=rngs)
+        self.decoder_position_bias = RelativePositionBias(c, bidirectional=False, rngs=rngs)
+        self.decoder_layers = nnx.List([T5DecoderLayer(c, rngs=rngs) for _ in range(c.num_decoder_layers)])
+        self.decoder_norm = RMSNorm(c.d_model, eps=c.layer_norm_epsilon, rngs=rngs)
+        if not c.tie_word_embeddings:
+            self.lm_head = Dense(
+                c.d_model,
+                c.vocab_size,
+                axes=("embed", "vocab"),
+                rngs=rngs,
+                param_type=Frozen,
+                use_bias=False,
+                kernel_init=normal(1.0),
+            )
+
+    # --- EncoderDecoderLM -------------------------------------------------------------------------
+
+    def embed(self, token_ids: jax.Array) -> jax.Array:
+        """int32 [B, T] -> float32 [B, T, D]: rows of the shared embedding (T5 does not scale them)."""
+        return self.shared(token_ids).astype(jnp.float32)
+
+    def encode(self, inputs_embeds: jax.Array, token_mask: jax.Array) -> jax.Array:
+        """inputs_embeds [B, S_enc, D], token_mask bool [B, S_enc] -> float32 encoder output [B, S_enc, D].
+
+        Padded positions are never attended to (their own outputs are computed but meaningless).
+        Relative positions are index differences, so padding may be on either side.
+        """
+        x = inputs_embeds.astype(jnp.float32)
+        positions = jnp.arange(x.shape[1])[None]
+        bias = self.encoder_position_bias(positions, positions)
+        mask = jnp.broadcast_to(token_mask[:, None, :].astype(bool), (x.shape[0], x.shape[1], x.shape[1]))
+        for layer in self.encoder_layers:
+            x = layer(x, bias, mask, self.dtype)
+        return self.encoder_norm(x)
+
+    def cross_attention_cache(self, encoder_out: jax.Array) -> CrossAttentionCache:
+        """Encoder output [B, S_enc, D] -> every decoder layer's cross-attention keys/values, for `decode`."""
+        h = encoder_out.astype(self.dtype)
+        kv = [layer.cross_attention.keys_values(h) for layer in self.decoder_layers]
+        return CrossAttentionCache(keys=tuple(k for k, _ in kv), values=tuple(v for _, v in kv))
+
+    def decode(
+        self,
+        decoder_token_ids: jax.Array,
+        positions: jax.Array,
+        encoder_out: jax.Array | CrossAttentionCache,
+        encoder_mask: jax.Array,
+        cache: KVCache | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """decoder_token_ids int32 [B, T], positions int32 [B, T] -> logits float32 [B, T, V], cache.
+
+        encoder_out: the encoder output [B, S_enc, D], or `cross_attention_cache(encoder_out)` to
+          skip recomputing the cross-attention keys/values on every call.
+        encoder_mask: bool [B, S_enc], False for padded encoder positions.
+        cache: without one, the T inputs attend causally among themselves, with relative positions
+          `positions[key] - positions[query]`. With one, they are written to slots
+          [length, length + T) (the caller keeps length + T <= max_length) and each attends to the
+          valid slots at or before its own; a cached slot s of row b has position
+          s + positions[b, 0] - length (positions advance by one per slot, as when decoding from
+          slot 0). All new slots are valid (T5's decoder inputs are never padded).
+        """
+        b, t = decoder_token_ids.shape
+        x = self.embed(decoder_token_ids)
+        positions = jnp.asarray(positions, jnp.int32)
+        if isinstance(encoder_out, CrossAttentionCache):
+            cross = encoder_out
+        else:
+            cross = self.cross_attention_cache(encoder_out)
+        cross_mask = jnp.broadcast_to(encoder_mask[:, None, :].astype(bool), (b, t, encoder_mask.shape[1]))
+
+        if cache is None:
+            key_positions = positions
+            self_mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
+        else:
+            slots = jnp.arange(cache.max_length)
+            query_slots = cache.length + jnp.arange(t)
+            key_positions = slots[None, :] + (positions[:, :1] - cache.length)
+            new = (slots >= cache.length) & (slots < cache.length + t)
+            valid = cache.valid | new[None, :]
+            self_mask = valid[:, None, :] & (slots[None, None, :] <= query_slots[None, :, None])
+        bias = self.decoder_position_bias(positions, key_positions)
+
+        new_keys, new_values = [], []
+        for i, layer in enumerate(self.decoder_layers):
+            h = layer.self_attention_norm(x).astype(self.dtype)
+            k, v = layer.self_attention.keys_values(h)
+            if cache is not None:
+                k = jax.lax.dynamic_update_slice_in_dim(
+                    cache.keys[i], k.astype(cache.keys[i].dtype), cache.length, 1
+                )
+                v = jax.lax.dynamic_update_slice_in_dim(
+                    cache.values[i], v.astype(cache.values[i].dtype), cache.length, 1
+                )
+                new_keys.append(k)
+                new_values.append(v)
+            x = x + layer.self_attention(h, k, v, bias, self_mask).astype(jnp.float32)
+            h = layer.cross_attention_norm(x).astype(self.dtype)
+            x = x + layer.cross_attention(h, cross.keys[i], cross.values[i], None, cross_mask).astype(
+                jnp.float32
+            )
+            x = x + layer.ffn(layer.ffn_norm(x).astype(self.dtype)).astype(jnp.float32)
+
+        logits = self._logits(self.decoder_norm(x))
+        if cache is None:
+            return logits, None
+        return logits, KVCache(
+            keys=tuple(new_keys), values=tuple(new_values), valid=valid, length=cache.length + t
+        )
+
+    def init_cache(self, batch_size: int, max_length: int, dtype: DTypeLike = jnp.float32) -> KVCache:
+        """An empty self-attention cache: per decoder layer [batch_size, max_length, H, D_h]."""
+        c = self.config
+        return KVCache.zeros(c.num_decoder_layers, batch_size, max_length, c.num_heads, c.d_kv, dtype)
+
+    # --- helpers ------------------------------------------------------------------------------------
+
+    def _logits(self, x_btd: jax.Array) -> jax.Array:
+        """Final decoder states float32 [B, T, D] -> float32 logits [B, T, V]."""
+        if self.config.scale_decoder_outputs:
+            x_btd = x_btd * self.config.d_model**-0.5
+        x = x_btd.astype(self.dtype)
+        if self.config.tie_word_embeddings:
+            table = self.shared.embedding[...].astype(self.dtype)
+            return jnp.einsum("btd,vd->btv", x, table, preferred_element_type=jnp.float32)
+        kernel = self.lm_head.kernel[...].astype(self.dtype)
+        return jnp.einsum("btd,dv->btv", x, kernel, preferred_element_type=jnp.float32)
+
+
+# -------------------------------------------------------------------------------------------------
+# Hugging Face checkpoint -> slit.
+
+# Copies of `shared.weight` that old checkpoints carry, and a tensor HF itself ignores.
+_IGNORED_KEYS = (
+    "encoder.embed_tokens.weight",
+    "decoder.embed_tokens.weight",
+    "decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight",
+)
+
+Params = dict[str, Any]
+
+
+def _hf_names(config: T5Config) -> dict[str, str]:
+    """slit variable path (dotted) -> HF tensor name, for every variable of `T5(config)`."""
+    ffn = ("wi_0", "wi_1", "wo") if config.is_gated else ("wi", "wo")
+    bias = "block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+    names = {
+        "shared.embedding": "shared.weight",
+        "encoder_position_bias.embedding": f"encoder.{bias}",
+        "encoder_norm.scale": "encoder.final_layer_norm.weight",
+        "decoder_position_bias.embedding": f"decoder.{bias}",
+        "decoder_norm.scale": "decoder.final_layer_norm.weight",
+    }
+    if not config.tie_word_embeddings:
+        names["lm_head.kernel"] = "lm_head.weight"
+    stacks = [
+        ("encoder", config.num_layers, ("self_attention", "ffn")),
+        ("decoder", config.num_decoder_layers, ("self_attention", "cross_attention", "ffn")),
+    ]
+    hf_blocks = {
+        "self_attention": "SelfAttention",
+        "cross_attention": "EncDecAttention",
+        "ffn": "DenseReluDense",
+    }
+    for stack, num_layers, blocks in stacks:
+        for i in range(num_layers):
+            for j, block in enumerate(blocks):
+                hf = f"{stack}.block.{i}.layer.{j}."
+                ours = f"{stack}_layers.{i}."
+                names[f"{ours}{block}_norm.scale"] = hf + "layer_norm.weight"
+                for proj in ffn if block == "ffn" else ("q", "k", "v", "o"):
+                    names[f"{ours}{block}.{proj}.kernel"] = f"{hf}{hf_blocks[block]}.{proj}.weight"
+    return names
+
+
+@functools.lru_cache(maxsize=8)
+def _abstract_t5(config: T5Config, dtype: DTypeLike = jnp.float32) -> tuple[nnx.GraphDef, Any]:
+    """(graphdef, pure dict of ShapeDtypeStructs) of `T5(config)`, without allocating weights."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: T5(config, rngs=nnx.Rngs(0), dtype=dtype)))
+    return graphdef, nnx.to_pure_dict(state)
+
+
+def t5_params_from_hf(
+    config: T5Config,
+    tensors: Mapping[str, Any],
+    *,
+    param_dtype: DTypeLike = jnp.float32,
+    source: str = "the checkpoint",
+) -> Params:
+    """slit's pure-dict params of `T5(config)` from HF `T5ForConditionalGeneration` tensors.
+
+    tensors: HF name -> array (anything `np.asarray` takes): `shared.weight` [V, D],
+      `{encoder,decoder}.block.{i}.layer.{j}.{SelfAttention,EncDecAttention}.{q,k,v,o}.weight`
+      [out, in], `...DenseReluDense.{wi | wi_0, wi_1, wo}.weight` [out, in],
+      `...layer_norm.weight` [D], `{encoder,decoder}.final_layer_norm.weight` [D],
+      `{encoder,decoder}.block.0.layer.0.SelfAttention.relative_attention_bias.weight` [buckets, H],
+      and `lm_head.weight` [V, D] when the output layer is not tied.
+    Linear weights are transposed to slit's (in, out) kernels; leaves are numpy in `param_dtype`.
+
+    Raises:
+      UserError: listing every missing tensor, every shape mismatch (with the expected HF shape)
+        and every unexpected tensor, with `source` named.
+    """
+    _, abstract = _abstract_t5(config)
+    shapes = {".".join(map(str, k)): v.shape for k, v in traverse_util.flatten_dict(abstract).items()}
+    names = _hf_names(config)
+    problems: list[str] = []
+    flat: dict[tuple[str | int, ...], np.ndarray] = {}
+    for dotted, hf_name in names.items():
+        shape = tuple(shapes[dotted])
+        path = tuple(int(p) if p.isdigit() else p for p in dotted.split("."))
+        is_linear = dotted.endswith(".kernel")
+        hf_shape = shape[::-1] if is_linear else shape
+        if hf_name not in tensors:
+            problems.append(f"missing tensor {hf_name!r} (expected shape {hf_shape})")
+            continue
+        value = np.asarray(tensors[hf_name])
+        if value.shape != hf_shape:
+            problems.append(f"tensor {hf_name!r} has shape {value.shape}, expected {hf_shape}")
+            continue
+        flat[path] = np.ascontiguousarray(value.T if is_linear else value).astype(param_dtype)
+    used = set(names.values()) | set(_IGNORED_KEYS)
+    if config.tie_word_embeddings:
+        used.add("lm_head.weight")  # a copy of the shared embedding (t5_from_hf checks it is one)
+    unexpected = sorted(k for k in tensors if k not in used)
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected tensor(s): {unexpected}")
+    if problems:
+        raise UserError(
+            f"{source} does not match a T5 with {config.num_layers} encoder / {config.num_decoder_layers} "
+            f"decoder layers, d_model {config.d_model}, feed_forward_proj {config.feed_forward_proj!r}, "
+            f"{'tied' if config.tie_word_embeddings else 'separate'} output layer:\n  "
+            + "\n  ".join(problems)
+            + "\nUse the config.json that came with these weights, or a complete checkpoint."
+        )
+    return traverse_util.unflatten_dict(flat)
+
+
+def t5_from_hf(
+    hf_config: Mapping[str, Any],
+    tensors: Mapping[str, Any],
+    *,
+    param_dtype: DTypeLike = jnp.float32,
+    dtype: DTypeLike = jnp.float32,
+    source: str = "the checkpoint",
+) -> T5:
+    """A frozen `T5` from a HF checkpoint's config.json (dict) and its tensors (HF name -> array).
+
+    The output layer is separate when config.json says `tie_word_embeddings: false` (Flan-T5) or
+    when the checkpoint holds an `lm_head.weight` that differs from `shared.weight` (what
+    transformers 5 writes for an untied model); the decoder output is rescaled as `T5Config.from_hf`
+    says. Weights are stored in `param_dtype` (e.g. jnp.bfloat16); matmuls run in `dtype`.
+    No random initialisation happens: the module is built abstractly and filled.
+    """
+    config = T5Config.from_hf(hf_config, source=f"{source}: config.json")
+    if config.tie_word_embeddings and "lm_head.weight" in tensors and "shared.weight" in tensors:
+        if not np.array_equal(np.asarray(tensors["lm_head.weight"]), np.asarray(tensors["shared.weight"])):
+            config = dataclasses.replace(config, tie_word_embeddings=False)
+    params = t5_params_from_hf(config, tensors, param_dtype=param_dtype, source=source)
+    graphdef, _ = _abstract_t5(config, dtype)
+    state = jax.tree.map(jnp.asarray, params)
+    return nnx.merge(graphdef, state)
