@@ -85,3 +85,164 @@ def test_two_processes_read_disjoint_shards_covering_the_epoch(source, tokenizer
         seen.append({row.tobytes() for b in batches for row in b["audio"]})
     assert not seen[0] & seen[1]
     assert len(seen[0] | seen[1]) == len(source)
+
+
+def test_epochs_are_reshuffled_and_shards_cover_each_epoch_by_id(source, tokenizer):
+    ids = [source[i]["id"] for i in range(len(source))]
+    ds = pipeline.process_shard(source, seed=5, process_index=0, process_count=1)
+    first, second = [ds[i]["id"] for i in range(64)], [ds[i]["id"] for i in range(64, 128)]
+    assert sorted(first) == sorted(second) == sorted(ids) and first != second
+    halves = [pipeline.process_shard(source, 5, p, 2) for p in range(2)]
+    epoch = [{h[i]["id"] for i in range(32)} for h in halves]
+    assert not epoch[0] & epoch[1] and epoch[0] | epoch[1] == set(ids)
+    with pytest.raises(ValueError, match="not divisible"):
+        stream(source, tokenizer, process_count=3, process_index=0, global_batch_size=8)
+
+
+def test_text_is_padded_and_truncated(tokenizer):
+    long_caption = " ".join(["loud"] * 40)
+    clips = [{"audio": np.ones(100, np.int16), "captions": [c]} for c in ("a beep", long_caption)]
+    spec = pipeline.AudioSpec(16000, 200)
+    it = iter(pipeline.train_dataset(clips, tokenizer, spec, max_text_length=10, global_batch_size=2, seed=0))
+    batch = next(it)
+    rows = {int((r != tokenizer.pad_id).sum()): r for r in batch["text_ids"]}
+    short, long = rows[4], rows[10]  # [CLS] a beep [SEP] + 6 [PAD]; [CLS] loud x 8 [SEP]
+    assert (
+        short[0] == tokenizer.cls_id
+        and short[3] == tokenizer.sep_id
+        and (short[4:] == tokenizer.pad_id).all()
+    )
+    assert long[0] == tokenizer.cls_id and long[-1] == tokenizer.sep_id
+    assert tokenizer.decode(long) == " ".join(["loud"] * 8)
+    assert sorted(batch["num_samples"].tolist()) == [100, 100] and not batch["audio"][:, 100:].any()
+
+
+def test_grain_worker_processes_give_the_same_batches(source, tokenizer):
+    threads, workers = iter(stream(source, tokenizer)), iter(stream(source, tokenizer, worker_count=1))
+    for _ in range(3):
+        want, have = next(threads), next(workers)
+        np.testing.assert_array_equal(want["audio"], have["audio"])
+        np.testing.assert_array_equal(want["text_ids"], have["text_ids"])
+
+
+@pytest.mark.slow  # starts worker processes twice (~10-20 s); resume itself is tested above with threads
+def test_grain_worker_iterator_resumes_the_same_sequence(source, tokenizer):
+    threads = iter(stream(source, tokenizer))
+    expected = [next(threads) for _ in range(4)]
+    workers = iter(stream(source, tokenizer, worker_count=1))
+    got = [next(workers) for _ in range(2)]
+    state = workers.get_state()
+    resumed = iter(stream(source, tokenizer, worker_count=1))
+    resumed.set_state(state)
+    got += [next(resumed) for _ in range(2)]
+    for want, have in zip(expected, got, strict=True):
+        np.testing.assert_array_equal(want["audio"], have["audio"])
+        np.testing.assert_array_equal(want["text_ids"], have["text_ids"])
+
+
+def test_eval_windows_cover_every_clip(source):
+    spec = pipeline.AudioSpec(16000, 16000)
+    rows = {}
+    for batch in pipeline.eval_audio_batches(source, spec, batch_size=8, windows=True, hop_samples=12000):
+        for i in np.flatnonzero(batch["valid"]):
+            rows.setdefault(int(batch["index"][i]), []).append(
+                (int(batch["window"][i]), batch["audio"][i][: batch["num_samples"][i]])
+            )
+    assert sorted(rows) == list(range(len(source)))
+    for index, windows in rows.items():
+        audio = source[index]["audio"].astype(np.float32) / 32768.0
+        assert [k for k, _ in windows] == list(range(len(windows)))
+        assert len(windows) == max(1, 1 + int(np.ceil((len(audio) - 16000) / 12000)))
+        for k, piece in windows:
+            np.testing.assert_array_equal(piece, audio[12000 * k : 12000 * k + 16000])
+        assert 12000 * (len(windows) - 1) + len(windows[-1][1]) == len(audio)
+    plain = list(pipeline.eval_audio_batches(source, spec, batch_size=8))
+    assert sum(b["valid"].sum() for b in plain) == len(source)
+
+
+# ---- Multi-task mixtures ---------------------------------------------------------------------------------
+
+WORDS = "describe the sound a dog barks rain falls is it raining yes no which label cat bird".split()
+
+
+def mixture_sources():
+    """Clip k of task t holds audio filled with 1000 * t + k, so every row can be traced back."""
+
+    def clip(t, k, **texts):
+        return {"audio": np.full(400 + k % 50, 1000 * t + k, np.int16), "id": f"{t}-{k}", **texts}
+
+    # Sizes in the hundreds: grain's index shuffle takes milliseconds per index on tiny datasets.
+    captions = [clip(0, k, captions=["a dog barks", "rain falls"][k % 2 :]) for k in range(800)]
+    qa = [clip(1, k, questions=["is it raining", "is it a dog"], answers=["yes", "no"]) for k in range(200)]
+    labels = [clip(2, k, labels=[["cat", "bird", "dog"][k % 3]]) for k in range(200)]
+    return captions, qa, labels
+
+
+TASKS = [
+    pipeline.Task("caption", "caption", ("describe the sound",)),
+    pipeline.Task("qa", "qa", ("{question}",)),
+    pipeline.Task("classify", "classify", ("which label {choices}",), choices=("cat", "bird", "dog")),
+]
+
+
+def mixture(weights, **kw):
+    tok = TextTokenizer(word_level_tokenizer(WORDS))
+    args = dict(max_instruction_length=10, max_target_length=6, global_batch_size=8, seed=1, weights=weights)
+    args.update(kw)
+    return tok, pipeline.mixture_dataset(
+        TASKS, mixture_sources(), tok, pipeline.AudioSpec(16000, 500), **args
+    )
+
+
+def test_mixture_follows_the_weights_and_each_row_matches_its_task():
+    tok, ds = mixture([2.0, 1.0, 1.0])
+    it = iter(ds)
+    sources_ = mixture_sources()
+    counts = np.zeros(3)
+    for _ in range(30):
+        batch = next(it)
+        for row in range(8):
+            task = int(batch["task_id"][row])
+            counts[task] += 1
+            value = int(round(batch["audio"][row, 0] * 32768))
+            assert value // 1000 == task
+            example = sources_[task][value % 1000]
+            assert batch["num_samples"][row] == len(example["audio"])
+            instruction, target = (
+                tok.decode(batch["instruction_ids"][row]),
+                tok.decode(batch["target_ids"][row]),
+            )
+            if task == 0:
+                assert instruction == "describe the sound" and target in example["captions"]
+            elif task == 1:
+                assert target == example["answers"][example["questions"].index(instruction)]
+            else:
+                assert instruction == "which label cat bird dog" and target == example["labels"][0]
+    np.testing.assert_allclose(counts / counts.sum(), [0.5, 0.25, 0.25], atol=0.03)
+
+
+def test_mixture_default_weights_are_sqrt_of_sizes_and_it_resumes():
+    assert pipeline.sqrt_size_weights([100, 25, 0]) == pytest.approx([2 / 3, 1 / 3, 0.0])
+    _, ds = mixture(None)
+    it = iter(ds)
+    task_ids = np.concatenate([next(it)["task_id"] for _ in range(40)])
+    want = np.sqrt([800, 200, 200]) / np.sqrt([800, 200, 200]).sum()
+    np.testing.assert_allclose(np.bincount(task_ids, minlength=3) / len(task_ids), want, atol=0.03)
+    state = it.get_state()
+    expected = [next(it) for _ in range(6)]
+    _, again = mixture(None)
+    resumed = iter(again)
+    resumed.set_state(state)
+    for want_batch in expected:
+        got = next(resumed)
+        for key in want_batch:
+            np.testing.assert_array_equal(got[key], want_batch[key])
+
+
+def test_mixture_shards_are_disjoint_per_process():
+    seen = []
+    for p in range(2):
+        _, ds = mixture([1.0, 1.0, 1.0], process_index=p, process_count=2)
+        it = iter(ds)
+        seen.append({int(round(v * 32768)) for _ in range(6) for v in next(it)["audio"][:, 0]})
+    assert not seen[0] & seen[1]

@@ -109,6 +109,10 @@ def _seconds(value: Any, key: str) -> float | None:  # noqa: ANN401
     return float(value)
 
 
+def _seconds_text(value: float | None) -> str:
+    return "end" if value is None else f"{value:g}"
+
+
 def parse_line(obj: Any, base_dir: pathlib.Path) -> tuple[Record, int]:  # noqa: ANN401
     """One manifest object -> (Record, number of empty texts dropped). Raises FieldError."""
     if not isinstance(obj, dict):
@@ -146,7 +150,9 @@ def parse_line(obj: Any, base_dir: pathlib.Path) -> tuple[Record, int]:  # noqa:
         raise FieldError(f"`end` ({end_s}) must be after `start` ({start_s})")
     clip_id = obj.get("id")
     if clip_id is None:
-        clip_id = audio if start_s is None and end_s is None else f"{audio}@{start_s or 0:g}-{end_s or 'end'}"
+        clip_id = (
+            audio if start_s is None and end_s is None else f"{audio}@{start_s or 0:g}-{_seconds_text(end_s)}"
+        )
     elif isinstance(clip_id, bool) or not isinstance(clip_id, str | int):
         raise FieldError(f"`id` must be a string or an integer, got {json.dumps(clip_id)[:60]}")
     clip_id = str(clip_id)
