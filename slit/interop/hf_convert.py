@@ -150,14 +150,16 @@ class _Collector:
         """The tensor `prefix + name` if present with `shape`; else records an error and returns None."""
         return self.take_key(self.prefix + name, shape, target)
 
-    def take_key(self, key: str, shape: tuple[int, ...], target: str) -> np.ndarray | None:
-        """As `take`, for a full key (which may lie outside the prefix)."""
+    def take_key(self, key: str, shape: tuple[int | None, ...], target: str) -> np.ndarray | None:
+        """As `take`, for a full key (which may lie outside the prefix); None in `shape` matches any size."""
         if key not in self.state_dict:
             self.errors.append(f"missing tensor {key!r} (expected shape {shape}) for slit {target!r}")
             return None
         self.used.add(key)
         value = np.asarray(self.state_dict[key])
-        if value.shape != shape:
+        if len(value.shape) != len(shape) or any(
+            e is not None and e != d for d, e in zip(value.shape, shape, strict=True)
+        ):
             self.errors.append(
                 f"tensor {key!r} has shape {value.shape}, expected shape {shape} (for slit {target!r})"
             )

@@ -33,6 +33,7 @@ __all__ = [
     "LoadedWhisper",
     "load_whisper_encoder",
     "minilm_directory",
+    "module_from_params",
     "package_file",
     "packaged_whisper_files",
     "read_safetensors",
