@@ -35,6 +35,8 @@ setup(
         "soxr>=0.5",
         "tensorboardX>=2.6",
         "tqdm>=4.66",
+        "matplotlib>=3.8",  # eval plots (Agg canvas, no display)
+        "pycocoevalcap>=1.2",  # METEOR 1.5 and the Stanford PTB tokenizer jars; caption-metric reference
     ],
     extras_require={
         "test": ["pytest>=8.0", "pytest-xdist>=3.6", "ruff>=0.8"],

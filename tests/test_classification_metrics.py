@@ -3,9 +3,14 @@
 import numpy as np
 import pytest
 from scipy.special import log_softmax
-from sklearn import metrics as sk
 
 from slit.eval import classification as cls
+
+
+@pytest.fixture
+def sk():
+    """sklearn.metrics: the reference; scikit-learn belongs to the test extra."""
+    return pytest.importorskip("sklearn.metrics")
 
 
 def ap_from_definition(scores, positive):
@@ -22,7 +27,7 @@ def ap_from_definition(scores, positive):
 
 @pytest.mark.parametrize("ties", [False, True])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_average_precision_matches_sklearn_and_definition(ties, seed):
+def test_average_precision_matches_sklearn_and_definition(ties, seed, sk):
     rng = np.random.default_rng(seed)
     positive = rng.random(60) < 0.3
     scores = rng.normal(size=60) + positive
@@ -33,7 +38,7 @@ def test_average_precision_matches_sklearn_and_definition(ties, seed):
     assert ours == pytest.approx(ap_from_definition(scores, positive), abs=1e-12)
 
 
-def test_multilabel_map_skips_and_counts_classes_without_positives():
+def test_multilabel_map_skips_and_counts_classes_without_positives(sk):
     rng = np.random.default_rng(2)
     targets = (rng.random((50, 6)) < 0.25).astype(int)
     targets[:, 4] = 0  # no positive for class 4
@@ -46,7 +51,7 @@ def test_multilabel_map_skips_and_counts_classes_without_positives():
     assert report["per_class_ap"][4] is None
 
 
-def test_accuracy_and_confusion_matrix_match_sklearn():
+def test_accuracy_and_confusion_matrix_match_sklearn(sk):
     rng = np.random.default_rng(3)
     labels = rng.integers(0, 5, 80)
     predicted = np.where(rng.random(80) < 0.6, labels, rng.integers(0, 5, 80))

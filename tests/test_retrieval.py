@@ -7,6 +7,7 @@ from slit.eval.retrieval import (
     format_table,
     ranking_metrics,
     recall_at_k,
+    recall_curve,
     relevance,
     rerank_top_k,
     retrieval_metrics,
@@ -105,7 +106,7 @@ def test_map10_matches_dcase_definition(captions_per_clip, seed):
 
 
 def test_untruncated_map_equals_sklearn_average_precision():
-    from sklearn.metrics import average_precision_score
+    average_precision_score = pytest.importorskip("sklearn.metrics").average_precision_score
 
     sim, owner = random_problem(3, num_audio=9, captions_per_clip=4, signal=1.0)
     relevant = relevance(owner, 9)
@@ -200,3 +201,15 @@ def test_rerank_below_ten_keeps_contrastive_order_after_the_top_k():
         contrastive = list(np.argsort(-sim[:, j], kind="stable"))
         top = sorted(contrastive[:3], key=lambda a: -(itm[a, j] + sim[a, j]))
         assert list(np.argsort(-scores_ta[j], kind="stable")) == top + contrastive[3:]
+
+
+def test_recall_curve_matches_recall_at_k():
+    sim, owner = random_problem(8, num_audio=30, captions_per_clip=3, signal=1.0)
+    relevant = relevance(owner, 30)
+    curve = recall_curve(sim.T, relevant.T, max_k=50)
+    assert len(curve) == 30  # at most the number of candidates
+    expected = ranking_metrics(sim.T, relevant.T, ks=range(1, 31), map_k=None)
+    assert curve == [expected[f"R@{k}"] for k in range(1, 31)]
+    assert curve[-1] == 1.0 and all(a <= b for a, b in zip(curve, curve[1:], strict=False))
+    for k in (1, 5, 10):
+        assert curve[k - 1] == recall_at_k(sim, owner)["text_to_audio"][f"R@{k}"]

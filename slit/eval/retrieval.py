@@ -102,6 +102,16 @@ def retrieval_metrics(
     }
 
 
+def recall_curve(scores_qc: np.ndarray, relevant_qc: np.ndarray, max_k: int = 50) -> list[float]:
+    """R@k for k = 1..min(max_k, candidates): scores_qc, relevant_qc (queries, candidates) as in
+    ranking_metrics. Returns a list, entry k-1 being R@k."""
+    order = np.argsort(-np.asarray(scores_qc), axis=1, kind="stable")
+    relevant_in_order = np.take_along_axis(np.asarray(relevant_qc, bool), order, axis=1)
+    first_hit = np.where(relevant_in_order.any(axis=1), relevant_in_order.argmax(axis=1), np.inf)
+    ks = np.arange(1, min(max_k, relevant_in_order.shape[1]) + 1)
+    return np.mean(first_hit[None, :] < ks[:, None], axis=1).tolist()
+
+
 def _score_in_batches(
     score_pairs: PairScorer, audio: np.ndarray, text: np.ndarray, batch_size: int
 ) -> np.ndarray:
@@ -187,14 +197,26 @@ def retrieval_report(
     score_pairs: PairScorer | None = None,
     k: int = 128,
     batch_size: int = 256,
+    curve_max_k: int = 50,
 ) -> dict:
     """Both sets of numbers: {"contrastive": retrieval_metrics, "reranked": retrieval_metrics (when
-    score_pairs is given), "rerank_k": k}."""
+    score_pairs is given), "rerank_k": k, "curves": {ranking: {direction: [R@1, ..., R@curve_max_k]}}}."""
+    relevant_at = relevance(text_owner, np.shape(sim_at)[0])
     report = {"contrastive": retrieval_metrics(sim_at, text_owner)}
+    report["curves"] = {
+        "contrastive": {
+            "audio_to_text": recall_curve(sim_at, relevant_at, curve_max_k),
+            "text_to_audio": recall_curve(np.transpose(sim_at), relevant_at.T, curve_max_k),
+        }
+    }
     if score_pairs is not None:
         scores_at, scores_ta = rerank_top_k(sim_at, score_pairs, k, batch_size)
         report["reranked"] = retrieval_metrics(scores_at, text_owner, sim_ta=scores_ta)
         report["rerank_k"] = int(k)
+        report["curves"]["reranked"] = {
+            "audio_to_text": recall_curve(scores_at, relevant_at, curve_max_k),
+            "text_to_audio": recall_curve(scores_ta, relevant_at.T, curve_max_k),
+        }
     return report
 
 
