@@ -290,7 +290,7 @@ def attention_masks(
 
 
 def update_cache_layer(
-    cache_keys: jax.Array, cache_values: jax.Array, keys: jax.Array, values: jax.Array, length: jax.Array
+    cache_keys: jax.Array, cache_values: jax.Array, length: jax.Array, keys: jax.Array, values: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
     """Writes keys/values [B, T, K, E] into the cache arrays [B, S, K, E] at slots [length, length + T)."""
     at = (0, length, 0, 0)
