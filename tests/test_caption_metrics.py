@@ -1,7 +1,8 @@
 """Caption metrics against pycocoevalcap's Scorer classes run here on the same inputs, and `slit score`.
 
-The JVM starts three times in this file: pycocoevalcap's PTB tokenizer, slit's PTB tokenizer, and one
-METEOR process shared by the reference and slit (METEOR loads its paraphrase table at start-up: seconds).
+The JVM starts four times in this file: pycocoevalcap's PTB tokenizer, slit's PTB tokenizer twice (about a
+second each), and one METEOR process shared by the reference and slit (METEOR loads its paraphrase table at
+start-up: 10-40 s on a busy 2-core machine).
 """
 
 import json
@@ -162,6 +163,8 @@ def reference():
         "CIDEr-D": Cider().compute_score(gts, res)[0],
     }
     yield {"scores": scores, "meteor": meteor, "tokenized": tokenized, "gts": gts, "res": res}
+    meteor.meteor_p.kill()
+    meteor.meteor_p.wait()
 
 
 @needs_java
@@ -227,15 +230,13 @@ def test_native_bleu_rouge_cider_equal_pycocoevalcap_on_random_token_sequences(s
     assert float(np.mean(captioning.cider_d(hyps, refs))) == pytest.approx(expected_cider, abs=1e-12)
 
 
-def test_without_java_meteor_and_spice_are_unavailable_with_reasons():
-    report = captioning.score_captions(PREDICTIONS, REFERENCES, java="no-such-java-for-slit-tests")
+def test_without_java_meteor_and_spice_are_unavailable_with_reasons(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no java here
+    report = captioning.score_captions(PREDICTIONS, REFERENCES)
     assert report["tokenizer"] == "native-ptb"
     for name in ("METEOR", "SPICE", "SPIDEr"):
         assert report[name] is None, name
-        assert (
-            "no-such-java-for-slit-tests" in report["unavailable"][name]
-            and "PATH" in report["unavailable"][name]
-        )
+        assert "Java (the `java` command) is not on PATH" in report["unavailable"][name]
     tokenized = [captioning.native_ptb_tokenize(PREDICTIONS[k]) for k in PREDICTIONS]
     refs = [[captioning.native_ptb_tokenize(c) for c in REFERENCES[k]] for k in PREDICTIONS]
     assert report["CIDEr-D"] == pytest.approx(
@@ -243,7 +244,7 @@ def test_without_java_meteor_and_spice_are_unavailable_with_reasons():
         abs=1e-12,
     )
     with pytest.raises(captioning.UserError, match="not on PATH"):
-        captioning.ptb_tokenize(["a dog"], "java", java="no-such-java-for-slit-tests")
+        captioning.ptb_tokenize(["a dog"], "java")
 
 
 def test_spice_output_parsing_and_spider(monkeypatch):
@@ -271,6 +272,24 @@ def test_spice_output_parsing_and_spider(monkeypatch):
         (report["per_item"]["CIDEr-D"][first] + 0.1) / 2
     )
     assert "BLEU-1" not in report and "METEOR" not in report
+
+
+def test_a_failing_jvm_costs_only_its_metric(monkeypatch):
+    class DeadMeteor:
+        def compute_score(self, gts, res):
+            raise ValueError("could not convert string to float: b''")  # what a dead METEOR JVM gives
+
+    def spice_out_of_memory(*args):
+        raise RuntimeError("SPICE failed (exit code 1): Could not reserve enough space for object heap")
+
+    monkeypatch.setattr(captioning, "spice_missing_reason", lambda *a: None)
+    monkeypatch.setattr(captioning, "run_spice", spice_out_of_memory)
+    scorer = captioning.CaptionScorer(tokenizer="native", meteor=DeadMeteor())
+    report = scorer.score(PREDICTIONS, REFERENCES)
+    assert report["METEOR"] is None and "METEOR failed" in report["unavailable"]["METEOR"]
+    assert report["SPICE"] is None and "object heap" in report["unavailable"]["SPICE"]
+    assert report["SPIDEr"] is None and "object heap" in report["unavailable"]["SPIDEr"]
+    assert report["CIDEr-D"] > 0 and report["BLEU-4"] > 0
 
 
 # ---------------------------------------------------------------------------------------------- slit score

@@ -57,19 +57,20 @@ def test_retrieval_report_json_markdown_and_recall_curves(tmp_path):
     assert paths["plot"].name == "retrieval-clotho_v2.1-test.png"
 
 
-def test_captioning_report_marks_unavailable_metrics(tmp_path):
+def test_captioning_report_marks_unavailable_metrics(tmp_path, monkeypatch):
     predictions = {"a": "a dog barks", "b": "rain falls on a roof", "c": "birds sing"}
     references = {
         "a": ["a dog is barking", "dogs bark loudly"],
         "b": ["rain falls on a tin roof", "heavy rain on a roof"],
         "c": ["birds are singing", "a bird chirps"],
     }
-    metrics = captioning.score_captions(predictions, references, java="no-such-java-for-slit-tests")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no Java: METEOR and SPICE unavailable
+    metrics = captioning.score_captions(predictions, references)
     paths = reports.write_report(tmp_path, "captioning", "slit_synthetic_sounds", "test", metrics, step=7)
     text = paths["markdown"].read_text()
     assert "| BLEU-1 | BLEU-2 | BLEU-3 | BLEU-4 | METEOR | ROUGE-L | CIDEr-D | SPICE | SPIDEr |" in text
     assert f"| {metrics['BLEU-1']:.4f} |" in text and "| n/a |" in text
-    assert "- METEOR unavailable: Java ('no-such-java-for-slit-tests') is not on PATH" in text
+    assert "- METEOR unavailable: Java (the `java` command) is not on PATH" in text
     document = json.loads(paths["json"].read_text())
     assert document["metrics"]["SPICE"] is None and document["metrics"]["CIDEr-D"] == metrics["CIDEr-D"]
     read_png(paths["plot"])

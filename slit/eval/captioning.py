@@ -47,6 +47,7 @@ ALL_METRICS = ("BLEU", "METEOR", "ROUGE-L", "CIDEr-D", "SPICE", "SPIDEr")
 PTB_PUNCTUATION = frozenset(
     ["''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--", "...", ";"]
 )
+JAVA = "java"
 CORENLP_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
 
 
@@ -153,11 +154,12 @@ def _pycocoevalcap_dir() -> pathlib.Path | None:
     return pathlib.Path(next(iter(spec.submodule_search_locations)))
 
 
-def java_missing_reason(java: str = "java") -> str | None:
-    """Why the Java-based metrics cannot run (None when they can)."""
-    if shutil.which(java) is None:
+def java_missing_reason() -> str | None:
+    """Why the Java-based tools cannot run (None when they can). They run `java` from PATH, as
+    pycocoevalcap's METEOR wrapper does."""
+    if shutil.which(JAVA) is None:
         return (
-            f"Java ({java!r}) is not on PATH; install a Java runtime "
+            "Java (the `java` command) is not on PATH; install a Java runtime "
             "(e.g. apt-get install openjdk-17-jre-headless)"
         )
     if _pycocoevalcap_dir() is None:
@@ -168,16 +170,16 @@ def java_missing_reason(java: str = "java") -> str | None:
 _LINE_BREAKS = str.maketrans({c: " " for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"})
 
 
-def java_ptb_tokenize(captions: Sequence[str], java: str = "java") -> list[str]:
+def java_ptb_tokenize(captions: Sequence[str]) -> list[str]:
     """Stanford PTBTokenizer 3.4.1 (the jar in pycocoevalcap) with coco-caption's options and punctuation
     removal; one JVM for all captions. Line breaks inside a caption become spaces (pycocoevalcap replaces
     only '\\n', so a caption holding '\\r' would misalign its output there)."""
-    reason = java_missing_reason(java)
+    reason = java_missing_reason()
     if reason:
         raise UserError(f"cannot run the Java PTB tokenizer: {reason}")
     jar = _pycocoevalcap_dir() / "tokenizer" / "stanford-corenlp-3.4.1.jar"
     text = "\n".join(c.translate(_LINE_BREAKS) for c in captions)
-    command = [java, "-cp", str(jar), "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines", "-lowerCase"]
+    command = [JAVA, "-cp", str(jar), "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines", "-lowerCase"]
     result = subprocess.run(command, input=text.encode(), capture_output=True, check=False)
     lines = result.stdout.decode().split("\n")
     if result.returncode != 0 or len(lines) < len(captions):
@@ -191,9 +193,7 @@ def java_ptb_tokenize(captions: Sequence[str], java: str = "java") -> list[str]:
     ]
 
 
-def ptb_tokenize(
-    captions: Sequence[str], tokenizer: str = "auto", java: str = "java"
-) -> tuple[list[str], str]:
+def ptb_tokenize(captions: Sequence[str], tokenizer: str = "auto") -> tuple[list[str], str]:
     """Tokenises captions; returns (tokenised captions, the name of the tokenizer that ran).
 
     tokenizer: "java" (Stanford PTBTokenizer, exact coco-caption), "native" (Python), or "auto" (java when
@@ -201,8 +201,8 @@ def ptb_tokenize(
     """
     if tokenizer not in ("auto", "java", "native"):
         raise UserError(f"tokenizer={tokenizer!r} is not known; choose auto, java or native")
-    if tokenizer == "java" or (tokenizer == "auto" and java_missing_reason(java) is None):
-        return java_ptb_tokenize(captions, java), "stanford-ptb-3.4.1"
+    if tokenizer == "java" or (tokenizer == "auto" and java_missing_reason() is None):
+        return java_ptb_tokenize(captions), "stanford-ptb-3.4.1"
     return [native_ptb_tokenize(c) for c in captions], "native-ptb"
 
 
@@ -337,9 +337,9 @@ class MeteorLike(Protocol):
     def compute_score(self, gts: dict, res: dict) -> tuple[float, list]: ...
 
 
-def spice_missing_reason(java: str = "java", corenlp_dir: str | pathlib.Path | None = None) -> str | None:
+def spice_missing_reason(corenlp_dir: str | pathlib.Path | None = None) -> str | None:
     """Why SPICE cannot run (None when it can)."""
-    reason = java_missing_reason(java)
+    reason = java_missing_reason()
     if reason:
         return reason
     lib = pathlib.Path(corenlp_dir) if corenlp_dir else _pycocoevalcap_dir() / "spice" / "lib"
@@ -356,13 +356,12 @@ def spice_missing_reason(java: str = "java", corenlp_dir: str | pathlib.Path | N
 def run_spice(
     hypotheses: Sequence[str],
     references: Sequence[Sequence[str]],
-    java: str = "java",
     corenlp_dir: str | pathlib.Path | None = None,
     max_memory: str = "8G",
 ) -> np.ndarray:
     """SPICE F-scores per item from pycocoevalcap's spice-1.0.jar (tokenised inputs, as coco-caption
     feeds it). Items SPICE cannot score are NaN, as in pycocoevalcap. Returns (items,)."""
-    reason = spice_missing_reason(java, corenlp_dir)
+    reason = spice_missing_reason(corenlp_dir)
     if reason:
         raise UserError(reason)
     spice_dir = _pycocoevalcap_dir() / "spice"
@@ -376,7 +375,7 @@ def run_spice(
     with tempfile.TemporaryDirectory(prefix="slit-spice-") as tmp:
         in_file, out_file = pathlib.Path(tmp) / "in.json", pathlib.Path(tmp) / "out.json"
         in_file.write_text(json.dumps(items))
-        command = [java, f"-Xmx{max_memory}", "-cp", ":".join(classpath), "edu.anu.spice.SpiceScorer"]
+        command = [JAVA, f"-Xmx{max_memory}", "-cp", ":".join(classpath), "edu.anu.spice.SpiceScorer"]
         command += [str(in_file), "-out", str(out_file), "-subset", "-silent"]
         result = subprocess.run(command, capture_output=True, cwd=spice_dir, check=False)
         if result.returncode != 0 or not out_file.is_file():
@@ -470,12 +469,11 @@ class CaptionScorer:
         self,
         metrics: Iterable[str] = ALL_METRICS,
         tokenizer: str = "auto",
-        java: str = "java",
         corenlp_dir: str | pathlib.Path | None = None,
         meteor: MeteorLike | None = None,
     ) -> None:
         self.metrics = _normalise_metrics(metrics)
-        self.tokenizer, self.java, self.corenlp_dir = tokenizer, java, corenlp_dir
+        self.tokenizer, self.corenlp_dir = tokenizer, corenlp_dir
         self._meteor, self._owns_meteor = meteor, meteor is None
 
     def _meteor_scorer(self) -> MeteorLike:
@@ -504,7 +502,7 @@ class CaptionScorer:
         check_captions(predictions, references)
         ids = list(predictions)
         flat = [predictions[i] for i in ids] + [c for i in ids for c in references[i]]
-        tokenised, tokenizer_name = ptb_tokenize(flat, self.tokenizer, self.java)
+        tokenised, tokenizer_name = ptb_tokenize(flat, self.tokenizer)
         hyps, cursor, refs = tokenised[: len(ids)], len(ids), []
         for i in ids:
             refs.append(tokenised[cursor : cursor + len(references[i])])
@@ -517,13 +515,16 @@ class CaptionScorer:
             for k, value in enumerate(bleu(hyps, refs), start=1):
                 out[f"BLEU-{k}"] = value
         if "METEOR" in self.metrics:
-            reason = java_missing_reason(self.java) if self._meteor is None else None
-            if reason:
-                out["METEOR"], unavailable["METEOR"] = None, reason
-            else:
+            reason = java_missing_reason() if self._meteor is None else None
+            if not reason:
                 gts = {i: refs[n] for n, i in enumerate(ids)}
                 res = {i: [hyps[n]] for n, i in enumerate(ids)}
-                out["METEOR"] = self._meteor_score(gts, res)
+                try:
+                    out["METEOR"] = self._meteor_score(gts, res)
+                except RuntimeError as e:  # a failed JVM costs this metric, not the whole eval
+                    reason = str(e)
+            if reason:
+                out["METEOR"], unavailable["METEOR"] = None, reason
         if "ROUGE-L" in self.metrics:
             out["ROUGE-L"] = float(np.mean(rouge_l(hyps, refs)))
         cider = None
@@ -533,8 +534,12 @@ class CaptionScorer:
                 out["CIDEr-D"] = float(np.mean(cider))
                 per_item["CIDEr-D"] = dict(zip(ids, cider.tolist(), strict=True))
         if "SPICE" in self.metrics or "SPIDEr" in self.metrics:
-            reason = spice_missing_reason(self.java, self.corenlp_dir)
-            spice = None if reason else run_spice(hyps, refs, self.java, self.corenlp_dir)
+            reason, spice = spice_missing_reason(self.corenlp_dir), None
+            if not reason:
+                try:
+                    spice = run_spice(hyps, refs, self.corenlp_dir)
+                except RuntimeError as e:  # e.g. the JVM could not get its 8 GB heap
+                    reason = str(e)
             if "SPICE" in self.metrics:
                 out["SPICE"] = None if spice is None else float(np.mean(spice))
                 if spice is None:
