@@ -19,10 +19,10 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from flax import nnx  # noqa: E402
-from safetensors.numpy import load_file  # noqa: E402
 
 from slit.errors import UserError  # noqa: E402
 from slit.models.layers import Frozen  # noqa: E402
+from slit.models.llm import loading  # noqa: E402
 from slit.models.llm import t5 as slit_t5  # noqa: E402
 from slit.models.llm.base import KVCache  # noqa: E402
 
@@ -79,16 +79,6 @@ def _write_checkpoint(directory: pathlib.Path, variant: str) -> None:
     assert (directory / "model.safetensors.index.json").exists() == sharded
 
 
-def _read_checkpoint(directory: pathlib.Path) -> tuple[dict, dict[str, np.ndarray]]:
-    config = json.loads((directory / "config.json").read_text())
-    index = directory / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else []
-    tensors: dict[str, np.ndarray] = {}
-    for name in files or ["model.safetensors"]:
-        tensors.update(load_file(directory / name))
-    return config, tensors
-
-
 def _hf_model(directory: pathlib.Path) -> "transformers.T5ForConditionalGeneration":
     hf_class = transformers.T5ForConditionalGeneration
     return hf_class.from_pretrained(directory, attn_implementation="eager").eval()
@@ -103,9 +93,9 @@ def checkpoints(tmp_path_factory):
         if variant not in built:
             directory = tmp_path_factory.mktemp(variant)
             _write_checkpoint(directory, variant)
-            config, tensors = _read_checkpoint(directory)
+            _, tensors = loading.read_hf_checkpoint(directory)
             assert ("lm_head.weight" in tensors) == (variant == "flan_t5")
-            model = slit_t5.t5_from_hf(config, tensors, source=str(directory))
+            model = slit_t5.t5_from_hf(directory)
             built[variant] = variant, directory, _hf_model(directory), model
         return built[variant]
 
@@ -330,7 +320,7 @@ def test_original_config_files(pair, tmp_path):
     hf = _hf_model(directory)
     assert hf.config.scale_decoder_outputs == (variant == "t5_v1_0")
 
-    model = slit_t5.t5_from_hf(*_read_checkpoint(directory))
+    model = slit_t5.t5_from_hf(directory)
     assert model.config.scale_decoder_outputs == (variant == "t5_v1_0")
     hf_inputs, embeds, mask = _inputs(model, "tokens")
     dec = _decoder_inputs()
@@ -342,8 +332,7 @@ def test_bf16_weights(flan):
     """Frozen weights kept in bfloat16 compute what transformers computes in float32 with the same
     bf16-rounded weights; with bf16 matmuls too, logits stay close."""
     variant, directory, _, _ = flan
-    config, tensors = _read_checkpoint(directory)
-    model = slit_t5.t5_from_hf(config, tensors, param_dtype=jnp.bfloat16)
+    model = slit_t5.t5_from_hf(directory, param_dtype=jnp.bfloat16)
     assert {v.dtype for v in jax.tree.leaves(nnx.state(model, Frozen))} == {jnp.dtype(jnp.bfloat16)}
 
     rounded = _hf_model(directory)
@@ -359,7 +348,7 @@ def test_bf16_weights(flan):
     print(f"{variant} bf16 weights, f32 compute vs transformers with the rounded weights: {err:.2e}")
     assert err < ATOL
 
-    bf16 = slit_t5.t5_from_hf(config, tensors, param_dtype=jnp.bfloat16, dtype=jnp.bfloat16)
+    bf16 = slit_t5.t5_from_hf(directory, param_dtype=jnp.bfloat16, dtype=jnp.bfloat16)
     _, logits16 = _forward(bf16, embeds, enc_mask, dec_ids)
     assert logits16.dtype == jnp.float32
     rel = _max_diff(logits16, expected) / np.abs(expected).max()
@@ -395,31 +384,35 @@ def test_gradient_wrt_encoder_inputs_matches_torch(flan):
 
 def test_bad_checkpoints_are_named(pair):
     variant, directory, _, _ = pair
-    config, tensors = _read_checkpoint(directory)
+    hf_config, tensors = loading.read_hf_checkpoint(directory)
+    config = slit_t5.t5_config_from_hf(hf_config)
+
+    def load(tensors, config=config):
+        return slit_t5.t5_from_tensors(tensors, config, "ckpt-dir")
 
     missing = "decoder.block.2.layer.1.EncDecAttention.v.weight"
-    with pytest.raises(UserError, match=rf"missing tensor '{missing}' \(expected shape \(32, 32\)\)") as info:
-        slit_t5.t5_from_hf(config, {k: v for k, v in tensors.items() if k != missing}, source="ckpt-dir")
+    with pytest.raises(UserError, match=rf"missing tensor '{missing}', expected shape \(32, 32\)") as info:
+        load({k: v for k, v in tensors.items() if k != missing})
     assert "ckpt-dir" in str(info.value)
 
     ffn = "encoder.block.1.layer.1.DenseReluDense." + ("wi_1" if variant == "flan_t5" else "wi") + ".weight"
-    wrong = dict(tensors, **{ffn: tensors[ffn][:40]})
     with pytest.raises(UserError, match=rf"'{ffn}' has shape \(40, 32\), expected \(48, 32\)"):
-        slit_t5.t5_from_hf(config, wrong)
+        load(dict(tensors, **{ffn: tensors[ffn][:40]}))
 
-    extra = dict(tensors, **{"encoder.block.5.layer.0.SelfAttention.q.weight": tensors["shared.weight"]})
-    with pytest.raises(UserError, match=r"1 unexpected tensor.*'encoder\.block\.5\.layer\.0\.Self"):
-        slit_t5.t5_from_hf(config, extra)
+    extra = "encoder.block.5.layer.0.SelfAttention.q.weight"
+    with pytest.raises(UserError, match=rf"1 unused checkpoint tensor.*'{extra}'"):
+        load(dict(tensors, **{extra: tensors["shared.weight"]}))
 
-    # Fewer layers in config.json than in the weights: every leftover tensor is listed.
-    with pytest.raises(UserError, match=r"unexpected tensor.*decoder\.block\.2\."):
-        slit_t5.t5_from_hf(dict(config, num_decoder_layers=2), tensors)
+    # Fewer decoder layers in config.json than in the weights: the leftover tensors are listed.
+    with pytest.raises(UserError, match=r"unused checkpoint tensor.*'decoder\.block\.2\.layer\.0\.Self"):
+        load(tensors, slit_t5.t5_config_from_hf(dict(hf_config, num_decoder_layers=2)))
 
-    if variant == "flan_t5":
-        untied = dict(config, tie_word_embeddings=False)
-        no_head = {k: v for k, v in tensors.items() if k != "lm_head.weight"}
-        with pytest.raises(UserError, match=r"missing tensor 'lm_head\.weight' \(expected shape \(96, 32"):
-            slit_t5.t5_from_hf(untied, no_head)
+    if variant == "flan_t5":  # Flan-T5's config.json says untied: its lm_head must be there
+        untied = slit_t5.t5_config_from_hf(dict(hf_config, tie_word_embeddings=False))
+        with pytest.raises(UserError, match=r"missing tensor 'lm_head\.weight', expected shape \(96, 32\)"):
+            load({k: v for k, v in tensors.items() if k != "lm_head.weight"}, untied)
 
     with pytest.raises(UserError, match=r"feed_forward_proj 'gated-gelu-x'"):
-        slit_t5.t5_from_hf(dict(config, feed_forward_proj="gated-gelu-x"), tensors)
+        slit_t5.t5_config_from_hf(dict(hf_config, feed_forward_proj="gated-gelu-x"))
+    with pytest.raises(UserError, match=r"config.json lacks 'd_kv'"):
+        slit_t5.t5_config_from_hf({k: v for k, v in hf_config.items() if k != "d_kv"})

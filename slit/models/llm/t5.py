@@ -15,22 +15,23 @@ Architecture as in Raffel et al. 2020 and HF `T5ForConditionalGeneration`:
 Shapes: B batch, S_enc encoder length, T decoder inputs, S cache slots, D d_model, H heads,
 D_h d_kv, F d_ff, V vocabulary.
 
-Every weight is a `Frozen` variable. Weights may be stored in bfloat16 (`param_dtype` in
-`t5_from_hf`); matmuls then run in `dtype` (float32 by default), while the residual stream, the
-norms, the attention logits and softmax, and the output logits stay float32.
+Every weight is a `Frozen` variable. Load a checkpoint directory with `t5_from_hf`. Weights may be
+stored in bfloat16 (`param_dtype`); matmuls take their inputs in `dtype` (float32 by default),
+while the residual stream, the norms, the attention logits and softmax, and the output logits
+stay float32.
 
 Cross-attention keys/values depend only on the encoder output: `cross_attention_cache(encoder_out)`
 computes them once, and `decode` accepts the result in place of `encoder_out`. Given the plain
 encoder output, `decode` recomputes them on every call, which costs 4 * B * S_enc * D * H * D_h
-FLOPs per decoder layer per call (for Flan-T5-XL and S_enc = 64, about 8x the cost of decoding
-one token).
+FLOPs per decoder layer per call (for Flan-T5-XL and S_enc = 64, about 9x what the layer spends
+on decoding one token).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
+import pathlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -42,6 +43,7 @@ from jax.typing import DTypeLike
 
 from slit.errors import UserError
 from slit.models.layers import Dense, Embed, Frozen, merge_heads, normal, ones, split_heads, weight
+from slit.models.llm import loading
 from slit.models.llm.base import KVCache, TokenIds
 
 __all__ = [
@@ -49,8 +51,9 @@ __all__ = [
     "T5",
     "T5Config",
     "relative_position_bucket",
+    "t5_config_from_hf",
     "t5_from_hf",
-    "t5_params_from_hf",
+    "t5_from_tensors",
 ]
 
 # Activation names as transformers' ACT2FN spells them -> functions.
@@ -66,7 +69,7 @@ _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 
 @dataclasses.dataclass(frozen=True)
 class T5Config:
-    """Sizes and switches of a T5 checkpoint. Defaults are t5-small (T5 v1.0)."""
+    """Sizes and switches of a T5 checkpoint (see `t5_config_from_hf`). Defaults are t5-small (T5 v1.0)."""
 
     vocab_size: int = 32128
     d_model: int = 512
@@ -81,9 +84,15 @@ class T5Config:
     layer_norm_epsilon: float = 1e-6
     tie_word_embeddings: bool = True  # output layer = the shared embedding (else a separate lm_head)
     scale_decoder_outputs: bool = True  # decoder output * d_model**-0.5 before the output layer
-    pad_token_id: int = 0
-    eos_token_ids: tuple[int, ...] = (1,)
-    decoder_start_token_id: int = 0
+    token_ids: TokenIds = TokenIds(bos=None, eos=(1,), pad=0, decoder_start=0)
+
+    def __post_init__(self):
+        proj = self.feed_forward_proj.split("-")
+        if len(proj) > 2 or (len(proj) == 2 and proj[0] != "gated") or self.activation not in _ACTIVATIONS:
+            raise UserError(
+                f"config.json: feed_forward_proj {self.feed_forward_proj!r} is not supported; "
+                f"expected 'ACT' or 'gated-ACT' with ACT one of {sorted(_ACTIVATIONS)}"
+            )
 
     @property
     def is_gated(self) -> bool:
@@ -94,36 +103,45 @@ class T5Config:
         """The transformers name of the feed-forward activation (`gated-gelu` means the tanh GELU)."""
         return "gelu_new" if self.feed_forward_proj == "gated-gelu" else self.feed_forward_proj.split("-")[-1]
 
-    @classmethod
-    def from_hf(cls, hf_config: Mapping[str, Any], source: str = "config.json") -> T5Config:
-        """A `T5Config` from a checkpoint's config.json (as a dict); `source` names it in errors.
 
-        Follows transformers 5: the decoder output is rescaled when `scale_decoder_outputs` says so,
-        else when `tie_word_embeddings` is not false (a missing flag means tied, as in t5-small).
-        """
-        known = {f.name for f in dataclasses.fields(cls)}
-        needed = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads")
-        missing = [k for k in needed if k not in hf_config]
-        if missing:
-            raise UserError(f"{source}: missing T5 hyperparameter(s) {missing}; is this a T5 checkpoint?")
-        values = {k: hf_config[k] for k in known & set(hf_config) if hf_config[k] is not None}
-        values.pop("eos_token_ids", None)
-        tied = hf_config.get("tie_word_embeddings", True) is not False
-        values["tie_word_embeddings"] = tied
-        values["scale_decoder_outputs"] = bool(hf_config.get("scale_decoder_outputs", tied))
-        values.setdefault("num_decoder_layers", hf_config["num_layers"])
-        eos = hf_config.get("eos_token_id", 1)
-        values["eos_token_ids"] = tuple(eos) if isinstance(eos, list | tuple) else (eos,)
-        if hf_config.get("decoder_start_token_id") is None:
-            values["decoder_start_token_id"] = values.get("pad_token_id", 0)
-        config = cls(**values)
-        proj = config.feed_forward_proj.split("-")
-        if len(proj) > 2 or (len(proj) == 2 and proj[0] != "gated") or config.activation not in _ACTIVATIONS:
-            raise UserError(
-                f"{source}: feed_forward_proj {config.feed_forward_proj!r} is not supported; "
-                f"expected 'ACT' or 'gated-ACT' with ACT one of {sorted(_ACTIVATIONS)}"
-            )
-        return config
+def t5_config_from_hf(hf: Mapping[str, Any], generation_config: Mapping[str, Any] | None = None) -> T5Config:
+    """`T5Config` from a T5 / Flan-T5 config.json dict (and generation_config.json, whose ids win).
+
+    Follows transformers 5: the decoder output is rescaled when `scale_decoder_outputs` says so,
+    else when `tie_word_embeddings` is not false (no flag means tied, as in t5-small's config).
+    T5 has no BOS; the decoder starts with `decoder_start_token_id` (the pad id when absent).
+
+    Raises UserError for a missing hyperparameter or an unsupported `feed_forward_proj`.
+    """
+    generation_config = generation_config or {}
+    try:
+        tied = hf.get("tie_word_embeddings", True) is not False
+        token_ids = loading.token_ids_from_config(hf, generation_config)
+        pad = 0 if token_ids.pad is None else token_ids.pad
+        start = generation_config.get("decoder_start_token_id", hf.get("decoder_start_token_id"))
+        return T5Config(
+            vocab_size=int(hf["vocab_size"]),
+            d_model=int(hf["d_model"]),
+            d_kv=int(hf["d_kv"]),
+            d_ff=int(hf["d_ff"]),
+            num_layers=int(hf["num_layers"]),
+            num_decoder_layers=int(hf.get("num_decoder_layers") or hf["num_layers"]),
+            num_heads=int(hf["num_heads"]),
+            relative_attention_num_buckets=int(hf.get("relative_attention_num_buckets", 32)),
+            relative_attention_max_distance=int(hf.get("relative_attention_max_distance", 128)),
+            feed_forward_proj=str(hf.get("feed_forward_proj", "relu")),
+            layer_norm_epsilon=float(hf.get("layer_norm_epsilon", 1e-6)),
+            tie_word_embeddings=tied,
+            scale_decoder_outputs=bool(hf.get("scale_decoder_outputs", tied)),
+            token_ids=TokenIds(
+                bos=None,
+                eos=token_ids.eos or (1,),
+                pad=pad,
+                decoder_start=pad if start is None else int(start),
+            ),
+        )
+    except KeyError as e:
+        raise UserError(f"config.json lacks {e.args[0]!r}, which a T5 config must have") from None
 
 
 @struct.dataclass
@@ -323,9 +341,7 @@ class T5(nnx.Module):
         self.dtype = dtype
         self.vocab_size = c.vocab_size
         self.hidden_size = c.d_model
-        self.token_ids = TokenIds(
-            bos=None, eos=c.eos_token_ids, pad=c.pad_token_id, decoder_start=c.decoder_start_token_id
-        )
+        self.token_ids = c.token_ids
         self.shared = Embed(
             c.vocab_size, c.d_model, axes=("vocab", "embed"), rngs=rngs, param_type=Frozen, init=normal(1.0)
         )
@@ -462,133 +478,104 @@ class T5(nnx.Module):
 # -------------------------------------------------------------------------------------------------
 # Hugging Face checkpoint -> slit.
 
-# Copies of `shared.weight` that old checkpoints carry, and a tensor HF itself ignores.
-_IGNORED_KEYS = (
+# Copies of `shared.weight` that old checkpoints carry, and a tensor transformers itself ignores.
+_IGNORED_TENSORS = (
     "encoder.embed_tokens.weight",
     "decoder.embed_tokens.weight",
     "decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight",
 )
+_HF_BLOCKS = {
+    "self_attention": "SelfAttention",
+    "cross_attention": "EncDecAttention",
+    "ffn": "DenseReluDense",
+}
 
-Params = dict[str, Any]
 
-
-def _hf_names(config: T5Config) -> dict[str, str]:
-    """slit variable path (dotted) -> HF tensor name, for every variable of `T5(config)`."""
-    ffn = ("wi_0", "wi_1", "wo") if config.is_gated else ("wi", "wo")
-    bias = "block.0.layer.0.SelfAttention.relative_attention_bias.weight"
-    names = {
-        "shared.embedding": "shared.weight",
-        "encoder_position_bias.embedding": f"encoder.{bias}",
-        "encoder_norm.scale": "encoder.final_layer_norm.weight",
-        "decoder_position_bias.embedding": f"decoder.{bias}",
-        "decoder_norm.scale": "decoder.final_layer_norm.weight",
+def _hf_name(path: tuple[str | int, ...]) -> str:
+    """slit variable path -> HF tensor name, e.g. ("decoder_layers", 1, "cross_attention", "q", "kernel")
+    -> "decoder.block.1.layer.1.EncDecAttention.q.weight"."""
+    top = {
+        ("shared", "embedding"): "shared.weight",
+        ("lm_head", "kernel"): "lm_head.weight",
+        ("encoder_norm", "scale"): "encoder.final_layer_norm.weight",
+        ("decoder_norm", "scale"): "decoder.final_layer_norm.weight",
     }
-    if not config.tie_word_embeddings:
-        names["lm_head.kernel"] = "lm_head.weight"
-    stacks = [
-        ("encoder", config.num_layers, ("self_attention", "ffn")),
-        ("decoder", config.num_decoder_layers, ("self_attention", "cross_attention", "ffn")),
-    ]
-    hf_blocks = {
-        "self_attention": "SelfAttention",
-        "cross_attention": "EncDecAttention",
-        "ffn": "DenseReluDense",
-    }
-    for stack, num_layers, blocks in stacks:
-        for i in range(num_layers):
-            for j, block in enumerate(blocks):
-                hf = f"{stack}.block.{i}.layer.{j}."
-                ours = f"{stack}_layers.{i}."
-                names[f"{ours}{block}_norm.scale"] = hf + "layer_norm.weight"
-                for proj in ffn if block == "ffn" else ("q", "k", "v", "o"):
-                    names[f"{ours}{block}.{proj}.kernel"] = f"{hf}{hf_blocks[block]}.{proj}.weight"
-    return names
+    if path in top:
+        return top[path]
+    stack = str(path[0]).split("_")[0]  # "encoder" or "decoder"
+    if path[1:] == ("embedding",):  # {encoder,decoder}_position_bias: owned by the first block
+        return f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+    _, index, module, *rest = path
+    blocks = ["self_attention", "ffn"] if stack == "encoder" else ["self_attention", "cross_attention", "ffn"]
+    block = module.removesuffix("_norm")
+    prefix = f"{stack}.block.{index}.layer.{blocks.index(block)}."
+    if module.endswith("_norm"):
+        return prefix + "layer_norm.weight"
+    return prefix + f"{_HF_BLOCKS[block]}.{rest[0]}.weight"
 
 
-@functools.lru_cache(maxsize=8)
-def _abstract_t5(config: T5Config, dtype: DTypeLike = jnp.float32) -> tuple[nnx.GraphDef, Any]:
-    """(graphdef, pure dict of ShapeDtypeStructs) of `T5(config)`, without allocating weights."""
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: T5(config, rngs=nnx.Rngs(0), dtype=dtype)))
-    return graphdef, nnx.to_pure_dict(state)
-
-
-def t5_params_from_hf(
+def t5_from_tensors(
+    tensors: Mapping[str, np.ndarray],
     config: T5Config,
-    tensors: Mapping[str, Any],
+    origin: str = "the checkpoint",
     *,
+    strict: bool = True,
+    dtype: DTypeLike = jnp.float32,
     param_dtype: DTypeLike = jnp.float32,
-    source: str = "the checkpoint",
-) -> Params:
-    """slit's pure-dict params of `T5(config)` from HF `T5ForConditionalGeneration` tensors.
+) -> T5:
+    """A frozen `T5` built from HF `T5ForConditionalGeneration` tensors.
 
-    tensors: HF name -> array (anything `np.asarray` takes): `shared.weight` [V, D],
-      `{encoder,decoder}.block.{i}.layer.{j}.{SelfAttention,EncDecAttention}.{q,k,v,o}.weight`
-      [out, in], `...DenseReluDense.{wi | wi_0, wi_1, wo}.weight` [out, in],
-      `...layer_norm.weight` [D], `{encoder,decoder}.final_layer_norm.weight` [D],
-      `{encoder,decoder}.block.0.layer.0.SelfAttention.relative_attention_bias.weight` [buckets, H],
-      and `lm_head.weight` [V, D] when the output layer is not tied.
-    Linear weights are transposed to slit's (in, out) kernels; leaves are numpy in `param_dtype`.
+    tensors: `shared.weight` [V, D]; `{encoder,decoder}.block.{i}.layer.{j}.{SelfAttention,
+      EncDecAttention}.{q,k,v,o}.weight` [out, in]; `...DenseReluDense.{wi | wi_0, wi_1, wo}.weight`
+      [out, in]; `...layer_norm.weight` [D]; `{encoder,decoder}.final_layer_norm.weight` [D];
+      `{encoder,decoder}.block.0.layer.0.SelfAttention.relative_attention_bias.weight` [buckets, H];
+      `lm_head.weight` [V, D] for a separate output layer. Linear weights are transposed to slit's
+      (in, out) kernels. Copies of the shared embedding (`*.embed_tokens.weight`) are ignored.
+
+    As transformers 5 does, an `lm_head.weight` that differs from `shared.weight` is used as a
+    separate output layer even when `config` says tied (transformers 5 writes untied models so);
+    the decoder-output rescale stays as `config` says. Weights are stored in `param_dtype` (e.g.
+    jnp.bfloat16); matmuls take their inputs in `dtype`.
 
     Raises:
-      UserError: listing every missing tensor, every shape mismatch (with the expected HF shape)
-        and every unexpected tensor, with `source` named.
+      UserError: listing every missing and mis-shaped tensor and (when `strict`) every unused one.
     """
-    _, abstract = _abstract_t5(config)
-    shapes = {".".join(map(str, k)): v.shape for k, v in traverse_util.flatten_dict(abstract).items()}
-    names = _hf_names(config)
-    problems: list[str] = []
-    flat: dict[tuple[str | int, ...], np.ndarray] = {}
-    for dotted, hf_name in names.items():
-        shape = tuple(shapes[dotted])
-        path = tuple(int(p) if p.isdigit() else p for p in dotted.split("."))
-        is_linear = dotted.endswith(".kernel")
-        hf_shape = shape[::-1] if is_linear else shape
-        if hf_name not in tensors:
-            problems.append(f"missing tensor {hf_name!r} (expected shape {hf_shape})")
-            continue
-        value = np.asarray(tensors[hf_name])
-        if value.shape != hf_shape:
-            problems.append(f"tensor {hf_name!r} has shape {value.shape}, expected {hf_shape}")
-            continue
-        flat[path] = np.ascontiguousarray(value.T if is_linear else value).astype(param_dtype)
-    used = set(names.values()) | set(_IGNORED_KEYS)
-    if config.tie_word_embeddings:
-        used.add("lm_head.weight")  # a copy of the shared embedding (t5_from_hf checks it is one)
-    unexpected = sorted(k for k in tensors if k not in used)
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected tensor(s): {unexpected}")
-    if problems:
-        raise UserError(
-            f"{source} does not match a T5 with {config.num_layers} encoder / {config.num_decoder_layers} "
-            f"decoder layers, d_model {config.d_model}, feed_forward_proj {config.feed_forward_proj!r}, "
-            f"{'tied' if config.tie_word_embeddings else 'separate'} output layer:\n  "
-            + "\n  ".join(problems)
-            + "\nUse the config.json that came with these weights, or a complete checkpoint."
-        )
-    return traverse_util.unflatten_dict(flat)
-
-
-def t5_from_hf(
-    hf_config: Mapping[str, Any],
-    tensors: Mapping[str, Any],
-    *,
-    param_dtype: DTypeLike = jnp.float32,
-    dtype: DTypeLike = jnp.float32,
-    source: str = "the checkpoint",
-) -> T5:
-    """A frozen `T5` from a HF checkpoint's config.json (dict) and its tensors (HF name -> array).
-
-    The output layer is separate when config.json says `tie_word_embeddings: false` (Flan-T5) or
-    when the checkpoint holds an `lm_head.weight` that differs from `shared.weight` (what
-    transformers 5 writes for an untied model); the decoder output is rescaled as `T5Config.from_hf`
-    says. Weights are stored in `param_dtype` (e.g. jnp.bfloat16); matmuls run in `dtype`.
-    No random initialisation happens: the module is built abstractly and filled.
-    """
-    config = T5Config.from_hf(hf_config, source=f"{source}: config.json")
     if config.tie_word_embeddings and "lm_head.weight" in tensors and "shared.weight" in tensors:
         if not np.array_equal(np.asarray(tensors["lm_head.weight"]), np.asarray(tensors["shared.weight"])):
             config = dataclasses.replace(config, tie_word_embeddings=False)
-    params = t5_params_from_hf(config, tensors, param_dtype=param_dtype, source=source)
-    graphdef, _ = _abstract_t5(config, dtype)
-    state = jax.tree.map(jnp.asarray, params)
-    return nnx.merge(graphdef, state)
+    source = loading.TensorSource(tensors, origin)
+    ignored = _IGNORED_TENSORS + (("lm_head.weight",) if config.tie_word_embeddings else ())
+    source.mark_used(name for name in tensors if name in ignored)
+
+    def build() -> T5:
+        return T5(config, rngs=nnx.Rngs(0), dtype=dtype)
+
+    params: dict[tuple[str | int, ...], Any] = {}
+    names = {}
+    for path, struct_ in loading.expected_shapes(build).items():
+        name = names[path] = _hf_name(path)
+        is_kernel = path[-1] == "kernel"  # nn.Linear stores (out, in)
+        hf_shape = tuple(reversed(struct_.shape)) if is_kernel else struct_.shape
+        value = source.take(name, hf_shape, ".".join(map(str, path)))
+        params[path] = value.T if (value is not None and is_kernel) else value
+    nested = traverse_util.unflatten_dict({p: v for p, v in params.items() if v is not None})
+    what = (
+        f"T5 ({config.num_layers} encoder / {config.num_decoder_layers} decoder layers, "
+        f"feed_forward_proj {config.feed_forward_proj!r}, "
+        f"{'tied' if config.tie_word_embeddings else 'separate'} output layer)"
+    )
+    return loading.build_frozen(
+        build, nested, what=what, origin=origin, source=source, names=names, dtype=param_dtype, strict=strict
+    )
+
+
+def t5_from_hf(
+    directory: str | pathlib.Path, *, dtype: DTypeLike = jnp.float32, param_dtype: DTypeLike = jnp.float32
+) -> T5:
+    """The frozen T5 / Flan-T5 of a HF checkpoint directory (config.json + safetensors, sharded or not).
+
+    `param_dtype=jnp.bfloat16` keeps the frozen weights in bf16; `dtype` is the matmul input dtype.
+    """
+    hf_config, tensors = loading.read_hf_checkpoint(directory)
+    config = t5_config_from_hf(hf_config, loading.read_generation_config(directory))
+    return t5_from_tensors(tensors, config, str(directory), dtype=dtype, param_dtype=param_dtype)
