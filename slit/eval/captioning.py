@@ -346,7 +346,7 @@ def spice_missing_reason(corenlp_dir: str | pathlib.Path | None = None) -> str |
     missing = [name for name in CORENLP_JARS if not (lib / name).is_file()]
     if missing:
         return (
-            f"SPICE needs the Stanford CoreNLP 3.6.0 jars, and {', '.join(missing)} is not in {lib}: copy "
+            f"SPICE needs the Stanford CoreNLP 3.6.0 jars; missing from {lib}: {', '.join(missing)}. Copy "
             f"{' and '.join(CORENLP_JARS)} there (from stanford-corenlp-full-2015-12-09.zip) or point "
             "corenlp_dir / --corenlp-dir at the folder that holds them"
         )
