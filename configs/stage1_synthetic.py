@@ -24,7 +24,15 @@ def get_config() -> ml_collections.ConfigDict:
     c.log_every_steps = 25
     c.eval_every_steps = 300
     c.checkpoint_every_steps = 300
-    c.checkpoints_to_keep = 3
+    c.checkpoints_to_keep = 3  # the newest N ...
+    c.checkpoint_keep_period = 0  # ... plus every K-th step (0: none)
+    # Where a run starts, first match wins: this workdir's newest checkpoint; resume_from (another
+    # run's workdir or checkpoint: state and data position); init_from (trainable weights that match
+    # by name and shape); fresh.
+    c.resume_from = ""
+    c.init_from = ""
+    c.allow_frozen_mismatch = False  # resume even if a frozen model differs from the checkpoint's
+    c.max_consecutive_nonfinite = 10  # steps with NaN/Inf gradients are skipped; abort after this many
 
     c.data = ml_collections.ConfigDict()
     c.data.name = "slit_synthetic_sounds"  # TFDS name, optionally with /config

@@ -29,6 +29,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Bad input the user can fix: the message names the file, key or value. No traceback.
         print(f"slit {args.command}: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        # A run that stopped on purpose after saving (preemption: 75; non-finite abort: 3).
+        if hasattr(e, "exit_code"):
+            print(f"slit {args.command}: {e}", file=sys.stderr)
+            return e.exit_code
+        raise
 
 
 if __name__ == "__main__":

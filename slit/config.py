@@ -154,7 +154,11 @@ def validate_stage1(config: ml_collections.ConfigDict, num_devices: int, num_pro
     for key in ("total_steps", "log_every_steps"):
         if config[key] <= 0:
             problems.append(f"{key}={config[key]} must be positive")
-    for key in ("eval_every_steps", "checkpoint_every_steps"):
+    if config.resume_from and config.init_from:
+        problems.append("resume_from and init_from are both set; a run starts from one of them")
+    if config.max_consecutive_nonfinite < 1:
+        problems.append(f"max_consecutive_nonfinite={config.max_consecutive_nonfinite} must be at least 1")
+    for key in ("eval_every_steps", "checkpoint_every_steps", "checkpoint_keep_period"):
         if config[key] < 0:
             problems.append(f"{key}={config[key]} must be >= 0 (0 turns it off)")
     opt = config.optimizer

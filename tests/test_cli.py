@@ -55,11 +55,13 @@ def test_short_run_writes_metrics_eval_report_and_resumes(tmp_path, tiny_data_di
     assert not any("audio_tower" in key for key in saved)
     meta = json.loads((workdir / "checkpoints" / "4" / "metadata" / "metadata").read_text())
     assert meta["step"] == 4 and meta["config"]["total_steps"] == 4
+    assert meta["slit_version"] and set(meta["frozen_models"]) == {"audio_tower"}
+    assert len(meta["frozen_models"]["audio_tower"]["fingerprint"]) == 16
 
     # The same command again resumes from the last checkpoint and has nothing left to train.
     again = slit_train(workdir, tiny_data_dir, total_steps=4, eval_every_steps=2)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "Resuming from" in again.stdout and "(step 4)" in again.stdout
+    assert "Resuming from" in again.stderr and "(step 4; this workdir)" in again.stderr
     lines_after = (workdir / "metrics.jsonl").read_text().splitlines()
     assert len([m for m in map(json.loads, lines_after) if "loss" in m]) == 2
 

@@ -1,21 +1,121 @@
 """Orbax checkpoints in `<workdir>/checkpoints`: trainable state, data-iterator state and metadata.
 
-Frozen weights are never written; the metadata records the config and the slit version. Saving is
-asynchronous; restore always goes into abstract arrays that carry the target shardings, so a
-checkpoint restores onto whatever mesh the resumed run has.
+Each checkpoint holds three items:
+- `state`: {step, params, opt_state}; frozen weights are never written;
+- `data`: the grain iterator state, so a resumed run sees exactly the batches it would have seen;
+- `metadata`: the resolved config, the slit version, and each frozen model's source and content
+  fingerprint (a resumed run refuses frozen weights that differ from the ones it was trained against).
+
+Saving is asynchronous (the step loop goes on once the arrays are off the devices) and atomic: orbax
+writes into a temporary directory and renames it when complete, so an interrupted save never looks
+like a checkpoint. The manager keeps the newest `checkpoints_to_keep` plus every
+`checkpoint_keep_period`-th step.
+
+Where a run starts from (`resolve_start`), first match wins:
+1. the workdir's newest readable checkpoint (a damaged one is moved aside, with a message);
+2. `config.resume_from`: another run's workdir or checkpoint (state and data position);
+3. `config.init_from`: trainable weights only, matched by name (e.g. a stage-one Q-Former);
+4. a fresh start.
+Restore always goes into abstract arrays that carry the target shardings, so a checkpoint restores
+onto whatever mesh the resumed run has.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
+import hashlib
 import pathlib
+import shutil
+import sys
+import time
 from typing import Any
 
 import grain
 import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 import slit
+from slit.errors import UserError
+
+CHECKPOINTS = "checkpoints"
+DAMAGED = "checkpoints_damaged"
+
+
+# --------------------------------------------------------------------------------------------------
+# Frozen-model identity
+# --------------------------------------------------------------------------------------------------
+
+
+@jax.jit
+def _leaf_sums(x: jax.Array) -> jax.Array:
+    """Two position-dependent uint32 sums of an array's bits: (2,) uint32. Order-independent to
+    compute (integer sums wrap exactly), so any sharding gives the same answer."""
+    if x.dtype.itemsize == 4:
+        bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    elif x.dtype.itemsize == 2:
+        bits = jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
+    elif x.dtype.itemsize == 1:
+        bits = jax.lax.bitcast_convert_type(x, jnp.uint8).astype(jnp.uint32)
+    else:  # 8-byte types: fold both halves
+        pair = jax.lax.bitcast_convert_type(x, jnp.uint32)
+        bits = pair[..., 0] ^ (pair[..., 1] * jnp.uint32(0x9E3779B1))
+    index = jnp.arange(bits.size, dtype=jnp.uint32).reshape(bits.shape)
+    a = jnp.sum(bits * (2 * index + 1), dtype=jnp.uint32)
+    b = jnp.sum((bits ^ (index * jnp.uint32(0x85EBCA6B))) * jnp.uint32(0xC2B2AE35), dtype=jnp.uint32)
+    return jnp.stack([a, b])
+
+
+def fingerprint(tree: Any) -> str:
+    """A content fingerprint of a pytree of arrays (names, shapes, dtypes and every bit of the
+    values), computed on device without gathering the arrays: 16 hex digits."""
+    digest = hashlib.sha256()
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    sums = [_leaf_sums(x) for _, x in leaves]
+    for (path, x), s in zip(leaves, jax.device_get(sums), strict=True):
+        digest.update(f"{jax.tree_util.keystr(path)}|{x.shape}|{x.dtype}|{s[0]}|{s[1]};".encode())
+    return digest.hexdigest()[:16]
+
+
+def frozen_identity(frozen: dict, sources: dict[str, str]) -> dict[str, dict[str, str]]:
+    """{model name: {"source": where it came from, "fingerprint": its content}} for each frozen model."""
+    return {
+        name: {"source": sources.get(name, "unknown"), "fingerprint": fingerprint(tree)}
+        for name, tree in frozen.items()
+    }
+
+
+def check_frozen_identity(saved: dict, current: dict, where: str, allow_mismatch: bool) -> None:
+    """Refuses to resume with frozen models that differ from the ones the checkpoint was trained with."""
+    problems = []
+    for name in sorted(set(saved) | set(current)):
+        old, new = saved.get(name), current.get(name)
+        if old is None or new is None:
+            problems.append(f"{name}: {'not in the checkpoint' if old is None else 'not in this run'}")
+        elif old["fingerprint"] != new["fingerprint"]:
+            problems.append(
+                f"{name}: trained against {old['source']} (fingerprint {old['fingerprint']}), "
+                f"now {new['source']} (fingerprint {new['fingerprint']})"
+            )
+    if not problems:
+        return
+    message = f"the frozen models differ from those that {where} was trained against:\n  - " + "\n  - ".join(
+        problems
+    )
+    if allow_mismatch:
+        print(f"warning: {message}\n  (continuing: allow_frozen_mismatch=true)", file=sys.stderr)
+        return
+    raise UserError(
+        message + "\nUse the same frozen models, or pass --config.allow_frozen_mismatch=true to go on anyway."
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Locating checkpoints
+# --------------------------------------------------------------------------------------------------
 
 
 def abstract_like(state: Any, shardings: Any) -> Any:
@@ -23,24 +123,76 @@ def abstract_like(state: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
 
 
-class Checkpointer:
-    """Saves and restores one run's checkpoints."""
+def locate(path: str | pathlib.Path) -> tuple[pathlib.Path, int | None]:
+    """Resolves a workdir, its checkpoints directory, or one step's directory to
+    (checkpoints directory, step or None for the newest)."""
+    path = pathlib.Path(path).absolute()
+    if not path.exists():
+        raise UserError(f"checkpoint path {path} does not exist")
+    if (path / CHECKPOINTS).is_dir():
+        return path / CHECKPOINTS, None
+    if path.name.isdigit() and (path / "state").exists():
+        return path.parent, int(path.name)
+    if any(p.name.isdigit() for p in path.iterdir()):
+        return path, None
+    raise UserError(
+        f"{path} holds no slit checkpoint: give a workdir, its {CHECKPOINTS}/ directory, or one step's "
+        f"directory ({CHECKPOINTS}/<step>)"
+    )
 
-    def __init__(self, workdir: str | pathlib.Path, config: ml_collections.ConfigDict):
+
+def _manager(directory: pathlib.Path, config: ml_collections.ConfigDict, read_only: bool = False):
+    return ocp.CheckpointManager(
+        directory,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=config.checkpoints_to_keep,
+            keep_period=config.checkpoint_keep_period or None,
+            create=not read_only,
+            read_only=read_only,
+            cleanup_tmp_directories=not read_only,
+            enable_async_checkpointing=True,
+        ),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Saving and restoring
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Start:
+    """Where a run starts: its state, the step, and a sentence saying where it came from."""
+
+    state: dict
+    step: int
+    origin: str
+
+
+class Checkpointer:
+    """Saves one run's checkpoints and decides where the run starts."""
+
+    def __init__(self, workdir: str | pathlib.Path, config: ml_collections.ConfigDict, frozen: dict):
+        """`frozen` is `frozen_identity(...)` of this run's frozen models."""
         self.config = config
-        self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
-        self.manager = ocp.CheckpointManager(
-            self.directory,
-            options=ocp.CheckpointManagerOptions(
-                max_to_keep=config.checkpoints_to_keep, create=True, enable_async_checkpointing=True
-            ),
-        )
+        self.workdir = pathlib.Path(workdir).absolute()
+        self.directory = self.workdir / CHECKPOINTS
+        self.frozen = frozen
+        self.manager = _manager(self.directory, config)
+        self.save_seconds: list[float] = []  # time the step loop waited for each save
 
     def save(self, step: int, state: dict, data_iter: grain.DatasetIterator, force: bool = False) -> None:
         """Saves asynchronously (returns once arrays are off the devices); a step saved already is kept."""
         if step in self.manager.all_steps():
             return
-        metadata = {"step": int(step), "slit_version": slit.__version__, "config": self.config.to_dict()}
+        start = time.perf_counter()
+        metadata = {
+            "step": int(step),
+            "slit_version": slit.__version__,
+            "saved_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "frozen_models": self.frozen,
+            "config": self.config.to_dict(),
+        }
         self.manager.save(
             step,
             args=ocp.args.Composite(
@@ -50,25 +202,166 @@ class Checkpointer:
             ),
             force=force,
         )
+        self.save_seconds.append(time.perf_counter() - start)
 
-    def restore_latest(
-        self, state: dict, shardings: dict, data_iter: grain.DatasetIterator
-    ) -> tuple[dict, int]:
-        """Restores the newest checkpoint into `state`'s shapes and `shardings`; returns (state, step)."""
-        step = self.manager.latest_step()
-        if step is None:
-            return state, 0
-        restored = self.manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_like(state, shardings)),
-                data=grain.checkpoint.CheckpointRestore(data_iter),
-            ),
-        )
-        if jax.process_index() == 0:
-            print(f"Resuming from {self.directory / str(step)} (step {step}).")
-        return restored["state"], int(step)
+    def wait(self) -> float:
+        """Blocks until pending saves are on disk; returns the seconds waited."""
+        start = time.perf_counter()
+        self.manager.wait_until_finished()
+        return time.perf_counter() - start
 
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+    def resolve_start(self, state: dict, shardings: dict, data_iter: grain.DatasetIterator) -> Start:
+        """The run's starting point, by the precedence in the module docstring."""
+        own = self._restore_newest_readable(self.manager, state, shardings, data_iter, "this workdir")
+        if own is not None:
+            return own
+        if self.config.resume_from:
+            directory, step = locate(self.config.resume_from)
+            manager = _manager(directory, self.config, read_only=True)
+            try:
+                if step is not None and step not in manager.all_steps():
+                    raise UserError(f"resume_from: {directory} has no step {step}")
+                found = self._restore_newest_readable(
+                    manager, state, shardings, data_iter, f"resume_from={self.config.resume_from}", only=step
+                )
+            finally:
+                manager.close()
+            if found is None:
+                raise UserError(f"resume_from: no readable checkpoint in {directory}")
+            return found
+        if self.config.init_from:
+            return self._init_from(self.config.init_from, state, shardings)
+        return Start(state, 0, "fresh start")
+
+    # ----------------------------------------------------------------------------------------------
+
+    def _restore_newest_readable(
+        self,
+        manager: ocp.CheckpointManager,
+        state: dict,
+        shardings: dict,
+        data_iter: grain.DatasetIterator,
+        where: str,
+        only: int | None = None,
+    ) -> Start | None:
+        """Restores the newest checkpoint that reads back whole; moves damaged ones of this workdir aside."""
+        steps = [only] if only is not None else sorted(manager.all_steps(), reverse=True)
+        for step in steps:
+            step_dir = manager.directory / str(step)
+            try:
+                metadata = manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
+                metadata = metadata["metadata"]
+            except Exception as e:  # noqa: BLE001 (any failure to read means damage)
+                self._damaged(manager, step_dir, e)
+                continue
+            check_frozen_identity(
+                metadata.get("frozen_models", {}),
+                self.frozen,
+                f"{step_dir}",
+                self.config.allow_frozen_mismatch,
+            )
+            try:
+                restored = manager.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract_like(state, shardings)),
+                        data=grain.checkpoint.CheckpointRestore(data_iter),
+                    ),
+                )
+            except Exception as e:  # noqa: BLE001
+                self._damaged(manager, step_dir, e)
+                continue
+            if jax.process_index() == 0:
+                print(f"Resuming from {step_dir} (step {step}; {where}).", file=sys.stderr)
+            return Start(restored["state"], int(step), f"resumed from {step_dir}")
+        return None
+
+    def _damaged(self, manager: ocp.CheckpointManager, step_dir: pathlib.Path, error: Exception) -> None:
+        reason = f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
+        if manager is not self.manager:
+            print(f"warning: checkpoint {step_dir} cannot be read ({reason}); trying older", file=sys.stderr)
+            return
+        target = self.workdir / DAMAGED / f"{step_dir.name}-{int(time.time())}"
+        if jax.process_index() == 0:
+            target.parent.mkdir(exist_ok=True)
+            shutil.move(str(step_dir), target)
+        print(
+            f"warning: checkpoint {step_dir} cannot be read ({reason}); moved it to {target} and falling "
+            "back to the previous one",
+            file=sys.stderr,
+        )
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"slit: moved damaged {step_dir.name}")
+        manager.reload()
+
+    def _init_from(self, path: str, state: dict, shardings: dict) -> Start:
+        """Copies trainable weights that exist in both (same name and shape) from another checkpoint."""
+        directory, step = locate(path)
+        manager = _manager(directory, self.config, read_only=True)
+        try:
+            step = manager.latest_step() if step is None else step
+            if step is None:
+                raise UserError(f"init_from={path}: {directory} holds no checkpoint")
+            meta = manager.item_metadata(step)["state"]
+            host = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
+            source = manager.restore(
+                step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(restore_args=host))
+            )["state"]["params"]
+        finally:
+            manager.close()
+        params, copied, fresh, mismatched = merge_matching(state["params"], source)
+        if mismatched:
+            raise UserError(
+                f"init_from={path}: these weights exist in both but differ in shape (checkpoint vs this "
+                "run):\n  - " + "\n  - ".join(mismatched) + "\nChange the config to match, or start fresh."
+            )
+        if not copied:
+            raise UserError(f"init_from={path}: no weight of the checkpoint matches this model by name")
+        params = jax.device_put(params, shardings["params"])
+        print(
+            f"Initialised {len(copied)} weights from {directory / str(step)}; {len(fresh)} stay freshly "
+            f"initialised{': ' + ', '.join(_prefixes(fresh)) if fresh else ''}.",
+            file=sys.stderr,
+        )
+        return Start(dict(state, params=params), 0, f"init_from {directory / str(step)}")
+
+
+def merge_matching(target: dict, source: dict) -> tuple[dict, list[str], list[str], list[str]]:
+    """Takes `source`'s arrays where the same path exists in `target` with the same shape.
+
+    Returns (merged params, copied paths, paths left as in target, paths whose shapes differ).
+    """
+    source_flat = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(source)[0]}
+    copied, fresh, mismatched = [], [], []
+
+    def pick(path: tuple, value: Any) -> Any:
+        name = jax.tree_util.keystr(path)
+        if name not in source_flat:
+            fresh.append(name)
+            return value
+        other = source_flat[name]
+        if tuple(other.shape) != tuple(value.shape):
+            mismatched.append(f"{name}: {tuple(other.shape)} vs {tuple(value.shape)}")
+            return value
+        copied.append(name)
+        return np.asarray(other, dtype=value.dtype)
+
+    merged = jax.tree_util.tree_map_with_path(pick, target)
+    return merged, copied, fresh, mismatched
+
+
+def _prefixes(paths: list[str], depth: int = 2) -> list[str]:
+    """Short group names for a list of tree paths like "['qformer']['layers'][0]..."."""
+    out = []
+    for p in paths:
+        parts = p.replace("]", "").split("[")[1 : depth + 1]
+        name = "/".join(s.strip("'") for s in parts)
+        if name not in out:
+            out.append(name)
+    return out

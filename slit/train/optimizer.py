@@ -1,4 +1,10 @@
-"""AdamW with linear warmup + cosine decay, global-norm clipping, no decay on biases and norms."""
+"""AdamW with linear warmup + cosine decay, global-norm clipping, no decay on biases and norms.
+
+The whole chain sits inside `optax.apply_if_finite`: a step whose gradients hold a NaN or Inf changes
+neither the parameters nor the optimizer moments, and is counted (see `nonfinite_counts`). The
+trainer aborts after `max_consecutive_nonfinite` such steps in a row (slit/train/loop.py), so optax's
+own "apply anyway after N errors" never triggers.
+"""
 
 from __future__ import annotations
 
@@ -32,4 +38,15 @@ def make_optimizer(
         optax.clip_by_global_norm(opt.grad_clip_norm),
         optax.adamw(schedule, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay, mask=decay_mask),
     )
-    return tx, schedule
+    return optax.apply_if_finite(tx, max_consecutive_errors=_NEVER), schedule
+
+
+_NEVER = 2**31 - 1  # optax would apply non-finite updates after this many; the trainer aborts long before
+
+
+def nonfinite_counts(opt_state: optax.ApplyIfFiniteState) -> dict:
+    """Skipped steps so far: {"nonfinite_consecutive": int32, "nonfinite_total": int32} (jax scalars)."""
+    return {
+        "nonfinite_consecutive": opt_state.notfinite_count,
+        "nonfinite_total": opt_state.total_notfinite,
+    }

@@ -10,9 +10,9 @@ retrieval evaluation on the test split.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import pathlib
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +23,7 @@ import numpy as np
 import optax
 from flax import nnx
 from jax.experimental import multihost_utils
+from tqdm import tqdm
 
 from slit.data import pipeline, sources
 from slit.data.tokenizer import TextTokenizer, word_level_tokenizer
@@ -31,10 +32,10 @@ from slit.models.audio.whisper import WhisperEncoderConfig
 from slit.models.layers import Frozen
 from slit.models.qformer import QFormerConfig
 from slit.models.stage1 import Stage1Batch, Stage1Config, Stage1Model
-from slit.train import checkpoint, sharding
+from slit.train import checkpoint, loop, sharding
 from slit.train.metrics import MetricWriter
-from slit.train.optimizer import make_optimizer
-from slit.train.progress import Progress
+from slit.train.optimizer import make_optimizer, nonfinite_counts
+from slit.train.preemption import Preempted, PreemptionWatcher
 
 BATCH_KEYS = ("audio", "num_samples", "text_ids")
 
@@ -152,7 +153,12 @@ def make_train_step(
         grads, metrics = loss_and_grads(graphdef, state["params"], frozen, batch, key, state["step"], dropout)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        metrics = dict(metrics, grad_norm=optax.global_norm(grads), learning_rate=schedule(state["step"]))
+        metrics = dict(
+            metrics,
+            grad_norm=optax.global_norm(grads),
+            learning_rate=schedule(state["step"]),
+            **nonfinite_counts(opt_state),
+        )
         return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
     return train_step
@@ -196,13 +202,19 @@ def evaluate_retrieval(
     embedders: tuple,
     params: dict,
     frozen: dict,
-) -> dict:
-    """Text-to-audio and audio-to-text recall@1/5/10 on a split, by contrastive similarity."""
+    should_stop: Callable[[], bool] = lambda: False,
+) -> dict | None:
+    """Text-to-audio and audio-to-text recall@1/5/10 on a split, by contrastive similarity.
+
+    Returns None if `should_stop()` turned true between batches (preemption).
+    """
     embed_audio, embed_text, audio_shardings, text_sharding = embedders
     source = sources.open_split(config.data.name, config.data.data_dir, split)
     batch_size = config.batch_size
     audio_embeddings = []
     for batch in pipeline.eval_audio_batches(source, spec, batch_size):
+        if should_stop():
+            return None
         audio = sharding.replicated_to_global(batch["audio"], audio_shardings[0])
         num_samples = sharding.replicated_to_global(batch["num_samples"], audio_shardings[1])
         emb = embed_audio(params, frozen, audio, num_samples)
@@ -275,6 +287,15 @@ def build_training(
 # --------------------------------------------------------------------------------------------------
 
 
+def frozen_sources(config: ml_collections.ConfigDict) -> dict[str, str]:
+    """Where each frozen model comes from, in words (recorded in every checkpoint)."""
+    a = config.audio_encoder
+    return {
+        "audio_tower": f"randomly initialised Whisper encoder (width {a.width}, {a.layers} layers, "
+        f"{a.heads} heads, {a.num_mel_bins} mel bins), init_seed {a.init_seed}"
+    }
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
     """Trains stage one in `workdir` (resuming from its checkpoint); returns the test retrieval report."""
     workdir = pathlib.Path(workdir)
@@ -309,14 +330,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     )
     train_iter = iter(train_data)
 
-    # Model, optimizer, state, and the jitted step.
+    # Model, optimizer, state (fresh, or resumed by the checkpoint precedence), and the jitted step.
     setup = build_training(config, tokenizer, mesh, rules)
-    parts, state = setup.parts, setup.state
-    ckpt = checkpoint.Checkpointer(workdir, config)
-    state, start_step = ckpt.restore_latest(state, setup.state_shardings, train_iter)
-    step_fn, batch_shardings = setup.step_fn, setup.batch_shardings
+    parts = setup.parts
+    ckpt = checkpoint.Checkpointer(
+        workdir, config, checkpoint.frozen_identity(parts.frozen, frozen_sources(config))
+    )
+    start = ckpt.resolve_start(setup.state, setup.state_shardings, train_iter)
     embedders = make_embedders(parts.graphdef, mesh, rules, parts)
-    key = jax.random.key(config.seed)
     writer = MetricWriter(workdir)
     global_shapes = {
         "audio": (config.batch_size, spec.max_samples),
@@ -324,54 +345,45 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
         "text_ids": (config.batch_size, config.data.max_text_length),
     }
 
-    def global_batch(local: dict) -> dict:
-        return {
-            k: sharding.host_to_global(local[k], batch_shardings[k], global_shapes[k]) for k in BATCH_KEYS
-        }
+    def next_batch() -> dict:
+        local = next(train_iter)
+        shardings = setup.batch_shardings
+        return {k: sharding.host_to_global(local[k], shardings[k], global_shapes[k]) for k in BATCH_KEYS}
 
-    progress = Progress(config.total_steps, start_step, enabled=is_main)
-    window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
-    metrics = None
-    with jax.set_mesh(mesh):
-        for step in range(start_step, config.total_steps):
-            t0 = time.perf_counter()
-            batch = global_batch(next(train_iter))
-            data_wait += time.perf_counter() - t0
-            previous_metrics = metrics
-            state, metrics = step_fn(state, parts.frozen, batch, key)
-            # Keep at most one step in flight, so the progress bar and timings tell the truth.
-            jax.block_until_ready(previous_metrics)
-            window_steps += 1
-            done = step + 1
-            progress.update(done)
+    def evaluate(step: int, state: dict, should_stop: Callable[[], bool]) -> dict | None:
+        report = evaluate_retrieval(
+            "validation", config, tokenizer, spec, embedders, state["params"], parts.frozen, should_stop
+        )
+        if report is None:
+            return None
+        progress_line = f"step {step}: validation text->audio R@1 {100 * report['text_to_audio']['R@1']:.1f}%"
+        if is_main:
+            tqdm.write(progress_line)
+        return _flatten_report("validation", report)
 
-            if done % config.log_every_steps == 0 or done == config.total_steps:
-                scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                elapsed = time.perf_counter() - window_start
-                scalars["steps_per_second"] = window_steps / elapsed
-                scalars["examples_per_second"] = window_steps * config.batch_size / elapsed
-                scalars["data_wait_fraction"] = data_wait / elapsed
-                writer.write(done, scalars)
-                progress.set_postfix(loss=scalars["loss"], itm_acc=scalars["itm_accuracy"])
-                window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
-
-            if config.eval_every_steps and done % config.eval_every_steps == 0 and done < config.total_steps:
-                report = evaluate_retrieval(
-                    "validation", config, tokenizer, spec, embedders, state["params"], parts.frozen
-                )
-                writer.write(done, _flatten_report("validation", report))
-                progress.write(
-                    f"step {done}: validation text->audio R@1 {100 * report['text_to_audio']['R@1']:.1f}%"
-                )
-                window_start = time.perf_counter()
-
-            if config.checkpoint_every_steps and done % config.checkpoint_every_steps == 0:
-                ckpt.save(done, state, train_iter)
-
-        progress.close()
-        ckpt.save(config.total_steps, state, train_iter, force=True)
+    fns = loop.StepFunctions(
+        step=setup.step_fn,
+        frozen=parts.frozen,
+        next_batch=next_batch,
+        key=jax.random.key(config.seed),
+        evaluate=evaluate,
+        postfix=("loss", "itm_accuracy"),
+    )
+    with jax.set_mesh(mesh), PreemptionWatcher() as watcher:
+        state = loop.run(config, workdir, start.state, start.step, fns, ckpt, writer, train_iter, watcher)
         ckpt.close()
-        report = evaluate_retrieval("test", config, tokenizer, spec, embedders, state["params"], parts.frozen)
+        report = evaluate_retrieval(
+            "test",
+            config,
+            tokenizer,
+            spec,
+            embedders,
+            state["params"],
+            parts.frozen,
+            functools.partial(watcher.should_stop, config.total_steps),
+        )
+    if report is None:
+        raise Preempted(config.total_steps, str(ckpt.directory / str(config.total_steps)))
     report["step"] = int(config.total_steps)
     writer.write(config.total_steps, _flatten_report("test", report))
     writer.close()

@@ -1,0 +1,70 @@
+"""Preemption: stop at the next step boundary, save, and exit with a code that says "re-run me".
+
+A single process watches SIGTERM and SIGINT itself. In a multi-process run, every process must stop
+at the same step, so the decision comes from JAX's preemption sync point (the coordination service
+notices SIGTERM on any host and all hosts agree on the step), plus a local signal that is shared
+with an all-gather at the next check.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import types
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+# EX_TEMPFAIL from sysexits.h: "try again later". The run saved; re-running the same command resumes.
+PREEMPTED_EXIT_CODE = 75
+
+
+class Preempted(Exception):  # noqa: N818 (it is a signal to stop, not an error)
+    """Raised after the preemption checkpoint is written; the CLI exits with PREEMPTED_EXIT_CODE."""
+
+    exit_code = PREEMPTED_EXIT_CODE
+
+    def __init__(self, step: int, checkpoint: str):
+        super().__init__(f"preempted: saved step {step} to {checkpoint}; re-run the same command to resume")
+        self.step = step
+
+
+class PreemptionWatcher:
+    """Records SIGTERM/SIGINT and answers "stop now?" at step boundaries (the same answer on every host).
+
+    Use as a context manager: the previous signal handlers come back on exit. A second SIGINT while
+    a save is pending falls through to the default handler, so Ctrl-C twice still kills the run.
+    """
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> PreemptionWatcher:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: types.FrameType | None) -> None:
+        if self.signal_name is not None and signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+        print(
+            f"\nslit: {self.signal_name} received; saving at the end of this step, then exiting.",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def should_stop(self, step: int) -> bool:
+        """True when this run must save and exit now; agreed by all processes."""
+        local = self.signal_name is not None
+        if jax.process_count() == 1:
+            return local
+        anyone = bool(np.any(multihost_utils.process_allgather(np.array(local))))
+        return anyone or multihost_utils.reached_preemption_sync_point(step)
