@@ -1,0 +1,26 @@
+"""`slit export --workdir DIR --format {safetensors,bundle,hf-blip2} --out OUT [--step N]`."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+HELP = "write a run's trained weights for others: safetensors + model card, a bundle, or HF BLIP-2"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workdir", required=True, help="the run's directory (its checkpoints/)")
+    parser.add_argument("--format", required=True, choices=("safetensors", "bundle", "hf-blip2"))
+    parser.add_argument("--out", required=True, help="a new (or empty) directory to write")
+    parser.add_argument("--step", type=int, default=None, help="which checkpoint (default: the newest)")
+
+
+def run(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from slit import export
+
+    out = export.export(args.workdir, args.format, args.out, args.step)
+    print(f"wrote {args.format} export of {args.workdir} to {out}:")
+    for path in sorted(out.rglob("*")):
+        if path.is_file():
+            print(f"  {path.relative_to(out)}  ({path.stat().st_size / 1e6:.2f} MB)")
+    return 0

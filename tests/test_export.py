@@ -1,0 +1,117 @@
+"""`slit export`: safetensors + model card, bundles that rebuild the model, and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from slit import export
+from slit.data import pipeline, sources
+from slit.errors import UserError
+from slit.train import checkpoint, sharding, stage1
+from tests.conftest import run_slit, tiny_config
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_data_dir):
+    """A 2-step tiny stage-one run with its test evaluation report."""
+    workdir = tmp_path_factory.mktemp("run")
+    config = tiny_config(tiny_data_dir, total_steps=2)
+    stage1.train(config, workdir)
+    return workdir, config
+
+
+def test_safetensors_export_has_the_weights_config_tokenizer_and_a_model_card(trained, tmp_path):
+    workdir, config = trained
+    result = run_slit(
+        "export", "--workdir", str(workdir), "--format", "safetensors", "--out", str(tmp_path / "out")
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "model.safetensors" in result.stdout and "README.md" in result.stdout
+    out = tmp_path / "out"
+
+    weights = load_file(str(out / "model.safetensors"))
+    saved = export.flatten(export.read_run(workdir).params)
+    assert sorted(weights) == sorted(saved) and any(k.startswith("qformer.") for k in weights)
+    assert not any("audio_tower" in k for k in weights)  # frozen weights are not the export's
+    for name in saved:
+        np.testing.assert_array_equal(weights[name], saved[name], err_msg=name)
+
+    info = json.loads((out / "config.json").read_text())
+    assert info["step"] == 2 and info["model"]["qformer"]["width"] == config.qformer.width
+    assert set(info["frozen_models"]) == {"audio_tower"}
+    assert (out / "tokenizer.json").is_file()
+    card = (out / "README.md").read_text()
+    report = json.loads((workdir / "eval" / "retrieval.json").read_text())
+    assert f"{100 * report['text_to_audio']['R@1']:.1f}%" in card
+    assert config.data.name in card and "fingerprint" in card
+
+
+def test_bundle_rebuilds_a_model_with_the_trained_outputs(trained, tmp_path):
+    workdir, config = trained
+    export.export(workdir, "bundle", tmp_path / "bundle")
+    model, tokenizer, info = export.load_bundle(tmp_path / "bundle")
+
+    # The training code's embeddings, from the workdir's checkpoint restored onto a mesh.
+    mesh = sharding.make_mesh(config.mesh)
+    rules = sharding.rules_dict(config.sharding_rules)
+    setup = stage1.build_training(config, stage1.make_tokenizer(config, workdir), mesh, rules)
+    identity = checkpoint.frozen_identity(setup.parts.frozen, stage1.frozen_sources(config))
+    ckpt = checkpoint.Checkpointer(workdir, config, identity)
+    spec = pipeline.AudioSpec(config.data.sample_rate, int(config.data.max_seconds * config.data.sample_rate))
+    source = sources.open_split(config.data.name, config.data.data_dir, "test")
+    batch = next(pipeline.eval_audio_batches(source, spec, config.batch_size))
+    texts = pipeline.split_captions(source)[0][: config.batch_size]
+    ids = tokenizer.encode(texts, config.data.max_text_length)
+    state = ckpt.manager.restore(
+        2,
+        args=checkpoint.ocp.args.Composite(
+            state=checkpoint.ocp.args.StandardRestore(
+                checkpoint.abstract_like(setup.state, setup.state_shardings)
+            )
+        ),
+    )["state"]
+    ckpt.close()
+    embed_audio, embed_text, _, _ = stage1.make_embedders(setup.parts.graphdef, mesh, rules, setup.parts)
+    with jax.set_mesh(mesh):
+        want_audio = np.asarray(
+            embed_audio(state["params"], setup.parts.frozen, batch["audio"], batch["num_samples"])
+        )
+        want_text = np.asarray(embed_text(state["params"], setup.parts.frozen, ids))
+
+    features, mask = model.encode_audio(batch["audio"], batch["num_samples"])
+    got_audio = np.asarray(model.audio_embeddings(model.query_outputs(features, mask, None)))
+    got_text = np.asarray(model.text_embeddings(ids, None))
+    np.testing.assert_allclose(got_audio, want_audio, atol=1e-5)
+    np.testing.assert_allclose(got_text, want_text, atol=1e-5)
+    assert info["format"] == "bundle" and info["step"] == 2
+
+
+def test_bundle_refuses_a_frozen_model_that_changed(trained, tmp_path):
+    workdir, _ = trained
+    bundle = export.export(workdir, "bundle", tmp_path / "bundle")
+    info = json.loads((bundle / "config.json").read_text())
+    info["model"]["audio_encoder"]["init_seed"] += (
+        1  # the recorded source no longer rebuilds the same encoder
+    )
+    (bundle / "config.json").write_text(json.dumps(info))
+    with pytest.raises(UserError, match="audio_tower"):
+        export.load_bundle(bundle)
+
+
+def test_export_refuses_bad_requests_with_clear_messages(trained, tmp_path):
+    workdir, _ = trained
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    with pytest.raises(UserError, match="not empty"):
+        export.export(workdir, "bundle", tmp_path / "full")
+    with pytest.raises(UserError, match="no checkpoints/ directory"):
+        export.export(tmp_path, "bundle", tmp_path / "new")
+    with pytest.raises(UserError, match="has no step 7"):
+        export.export(workdir, "bundle", tmp_path / "new", step=7)
+    with pytest.raises(UserError, match="not a slit bundle: config.json is missing"):
+        export.load_bundle(tmp_path / "full")
