@@ -13,6 +13,7 @@ from slit import config as config_lib
 
 HELP = "train a model from a config file"
 ACCEPTS_CONFIG_OVERRIDES = True  # --config.a.b=value
+# config.trainer -> the module with validate(config, num_devices, num_processes) and train(config, workdir)
 TRAINERS = {"stage1": "slit.train.stage1"}
 
 
@@ -49,7 +50,8 @@ def run(args: argparse.Namespace, extra: Sequence[str]) -> int:
         raise config_lib.ConfigError(
             f"trainer={config.trainer!r} is not known; choose one of {', '.join(sorted(TRAINERS))}"
         )
-    config_lib.validate_stage1(config, jax.device_count(), jax.process_count())
+    trainer = importlib.import_module(TRAINERS[config.trainer])
+    trainer.validate(config, jax.device_count(), jax.process_count())
     workdir = pathlib.Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     resolved = config_lib.to_json(config)
@@ -60,7 +62,6 @@ def run(args: argparse.Namespace, extra: Sequence[str]) -> int:
     if jax.process_index() == 0:
         previous.write_text(resolved + "\n")
 
-    trainer = importlib.import_module(TRAINERS[config.trainer])
     trainer.train(config, workdir)
     return 0
 

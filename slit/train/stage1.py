@@ -25,6 +25,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
+from slit import config as config_lib
 from slit.data import pipeline, sources
 from slit.data.tokenizer import TextTokenizer, word_level_tokenizer
 from slit.eval import retrieval
@@ -38,6 +39,8 @@ from slit.train.optimizer import make_optimizer, nonfinite_counts
 from slit.train.preemption import Preempted, PreemptionWatcher
 
 BATCH_KEYS = ("audio", "num_samples", "text_ids")
+
+validate = config_lib.validate_stage1  # called by `slit train` before anything compiles
 
 
 # --------------------------------------------------------------------------------------------------
