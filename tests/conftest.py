@@ -25,6 +25,17 @@ def tiny_data_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(data_dir)
 
 
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory, tiny_data_dir: str) -> tuple:
+    """(workdir, config) of a 2-step tiny stage-one run, with its checkpoint and test evaluation report."""
+    from slit.train import stage1
+
+    workdir = tmp_path_factory.mktemp("trained_run")
+    config = tiny_config(tiny_data_dir, total_steps=2)
+    stage1.train(config, workdir)
+    return workdir, config
+
+
 def tiny_overrides(data_dir: str, **extra: object) -> dict[str, object]:
     """Overrides that shrink configs/stage1_synthetic.py to seconds of CPU time."""
     overrides: dict[str, object] = {

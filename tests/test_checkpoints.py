@@ -284,3 +284,60 @@ def test_loop_saves_and_raises_on_sigterm_at_the_next_step_boundary(tmp_path, ti
     saved = read_checkpoint_on_host(tmp_path / "checkpoints", 6)
     assert int(saved["step"]) == 6 and np.array_equal(saved["params"]["w"], np.full(3, 6.0))
     assert signal.getsignal(signal.SIGTERM) is handler_before  # the handler was put back
+
+
+# --------------------------------------------------------------------------------------------------
+# resume_from and init_from
+# --------------------------------------------------------------------------------------------------
+
+
+def start_of(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> tuple[checkpoint.Start, dict]:
+    """Where a run in `workdir` with `config` would start, and its freshly initialised state."""
+    from slit.data import pipeline, sources
+    from slit.train import sharding
+
+    tokenizer = stage1.make_tokenizer(config, workdir)
+    mesh = sharding.make_mesh(config.mesh)
+    setup = stage1.build_training(config, tokenizer, mesh, sharding.rules_dict(config.sharding_rules))
+    fresh = jax.device_get(setup.state)
+    identity = checkpoint.frozen_identity(setup.parts.frozen, stage1.frozen_sources(config))
+    ckpt = checkpoint.Checkpointer(workdir, config, identity)
+    spec = pipeline.AudioSpec(16000, int(config.data.max_seconds * 16000))
+    source = sources.open_split(config.data.name, config.data.data_dir, "train")
+    stream = pipeline.train_dataset(source, tokenizer, spec, max_text_length=24, global_batch_size=8, seed=0)
+    try:
+        return ckpt.resolve_start(setup.state, setup.state_shardings, iter(stream)), fresh
+    finally:
+        ckpt.close()
+
+
+def test_resume_from_another_run_takes_its_state_and_step(tmp_path, trained_run, capfd):
+    source_dir, config = trained_run
+    config = tiny_config(config.data.data_dir, total_steps=4, resume_from=str(source_dir))
+    start, _ = start_of(tmp_path / "new", config)
+    assert start.step == 2 and "checkpoints/2" in start.origin
+    saved = final_params(source_dir, 2)
+    got = by_name(jax.device_get(start.state))
+    assert sorted(got) == sorted(saved)
+    for name in saved:
+        np.testing.assert_array_equal(got[name], saved[name], err_msg=name)
+    assert "resume_from=" in capfd.readouterr().err
+
+
+def test_init_from_copies_matching_weights_only(tmp_path, trained_run, capfd):
+    source_dir, config = trained_run
+    same = tiny_config(config.data.data_dir, total_steps=4, init_from=str(source_dir))
+    start, fresh = start_of(tmp_path / "same", same)
+    assert start.step == 0 and start.origin.startswith("init_from")
+    saved = final_params(source_dir, 2)
+    got = by_name(jax.device_get(start.state))
+    for name, value in got.items():
+        if name.startswith("params/"):
+            np.testing.assert_array_equal(value, saved[name], err_msg=name)
+    # Fresh optimizer state: Adam moments are zero, nothing is counted yet.
+    assert all(not np.any(v) for k, v in got.items() if k.startswith("opt_state/") and "/mu/" in k)
+    assert "Initialised" in capfd.readouterr().err
+
+    wider = tiny_config(config.data.data_dir, init_from=str(source_dir), **{"qformer.embed_dim": 8})
+    with pytest.raises(UserError, match=r"(?s)differ in shape.*audio_projection.*\(32, 16\) vs \(32, 8\)"):
+        start_of(tmp_path / "wider", wider)

@@ -13,16 +13,12 @@ from slit import export
 from slit.data import pipeline, sources
 from slit.errors import UserError
 from slit.train import checkpoint, sharding, stage1
-from tests.conftest import run_slit, tiny_config
+from tests.conftest import run_slit
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_data_dir):
-    """A 2-step tiny stage-one run with its test evaluation report."""
-    workdir = tmp_path_factory.mktemp("run")
-    config = tiny_config(tiny_data_dir, total_steps=2)
-    stage1.train(config, workdir)
-    return workdir, config
+@pytest.fixture
+def trained(trained_run):
+    return trained_run
 
 
 def test_safetensors_export_has_the_weights_config_tokenizer_and_a_model_card(trained, tmp_path):
