@@ -7,10 +7,10 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from flax import nnx  # noqa: E402
+from flax import nnx, traverse_util  # noqa: E402
 from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings  # noqa: E402
 
-from slit.interop import hf_convert  # noqa: E402
+from slit.interop import hf_convert, pretrained  # noqa: E402
 from slit.models.masks import bidirectional_mask  # noqa: E402
 from slit.models.qformer import QFormer  # noqa: E402
 
@@ -204,3 +204,273 @@ def test_missing_and_misshapen_tensors_are_named():
 
     with pytest.raises(ValueError, match="eps"):
         hf_convert.blip2_qformer_config(dict(hf.config.to_dict(), layer_norm_eps=1e-6), num_queries=Q)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# InstructBLIP import, export to transformers, BLIP-2 retrieval heads.
+
+
+def _qformer_kwargs(**extra) -> dict:
+    return dict(
+        vocab_size=100,
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=128,
+        cross_attention_frequency=2,
+        encoder_hidden_size=ENC_WIDTH,
+        max_position_embeddings=32,
+        layer_norm_eps=1e-12,
+        **extra,
+    )
+
+
+def _randomise_1d(model: torch.nn.Module) -> None:
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.add_(0.1 * torch.randn_like(p))
+
+
+def _text_inputs() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(1)
+    text_ids = rng.integers(1, 100, (B, TEXT_LEN))
+    text_valid = np.ones((B, TEXT_LEN), bool)
+    text_valid[0, 4:] = False
+    text_ids[~text_valid] = 0
+    return text_ids, text_valid
+
+
+def _slit_bidirectional(qformer: QFormer, text_ids, text_valid, encoder, encoder_mask) -> np.ndarray:
+    return np.asarray(
+        qformer(
+            text_ids_bl=jnp.asarray(text_ids),
+            attention_mask_bll=bidirectional_mask(qformer.config.num_queries, jnp.asarray(text_valid)),
+            encoder_bfd=jnp.asarray(encoder),
+            encoder_mask_bf=None if encoder_mask is None else jnp.asarray(encoder_mask),
+        )
+    )
+
+
+def _instructblip_reference(hf, query_tokens, text_ids, text_valid, encoder, encoder_mask) -> np.ndarray:
+    attention_mask = np.concatenate([np.ones((B, Q), np.int64), text_valid.astype(np.int64)], axis=1)
+    with torch.no_grad():
+        return hf(
+            input_ids=torch.from_numpy(text_ids),
+            attention_mask=torch.from_numpy(attention_mask),
+            query_embeds=torch.from_numpy(query_tokens).expand(B, -1, -1),
+            encoder_hidden_states=_hf_encoder_states(encoder),
+            encoder_attention_mask=torch.from_numpy(encoder_mask.astype(np.int64)),  # 2-D works here
+        ).last_hidden_state.numpy()
+
+
+def test_instructblip_qformer_import_matches():
+    """An InstructBlipForConditionalGeneration-style state dict: `qformer.` (embeddings inside), queries."""
+    torch.manual_seed(0)
+    hf = transformers.InstructBlipQFormerModel(
+        transformers.InstructBlipQFormerConfig(**_qformer_kwargs())
+    ).eval()
+    _randomise_1d(hf)
+    query_tokens, encoder, encoder_mask = _inputs()
+    text_ids, text_valid = _text_inputs()
+    expected = _instructblip_reference(hf, query_tokens, text_ids, text_valid, encoder, encoder_mask)
+
+    sd = {f"qformer.{k}": v for k, v in _numpy(hf).items()}
+    sd["query_tokens"] = query_tokens
+    sd["language_projection.weight"] = np.zeros((8, 64), np.float32)  # outside the Q-Former: ignored
+    config = hf_convert.blip2_qformer_config(hf.config, num_queries=Q)
+    params = hf_convert.blip2_qformer_params(sd, config)
+    np.testing.assert_array_equal(
+        params["embedding_norm"]["scale"], sd["qformer.embeddings.layernorm.weight"]
+    )
+    params["encoder_norm"] = dict(zip(("scale", "bias"), _ln_vision(), strict=True))
+    qformer = pretrained.module_from_params(lambda: QFormer(config, rngs=nnx.Rngs(0)), params)
+    got = _slit_bidirectional(qformer, text_ids, text_valid, encoder, encoder_mask)
+    err = np.abs(got - expected).max()
+    print(f"InstructBLIP Q-Former import: max abs diff {err:.2e}")
+    assert err < ATOL
+
+
+def _random_slit_qformer() -> tuple[QFormer, dict]:
+    """A slit Q-Former with every parameter random (biases and LayerNorms too), as training leaves it."""
+    config = hf_convert.blip2_qformer_config(
+        transformers.Blip2QFormerConfig(**_qformer_kwargs()).to_dict(), num_queries=Q
+    )
+    targets = traverse_util.flatten_dict(
+        nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: QFormer(config, rngs=nnx.Rngs(0)))))
+    )
+    rng = np.random.default_rng(4)
+    flat = {}
+    for path, struct in targets.items():
+        base = 1.0 if path[-1] == "scale" else 0.0
+        std = 0.1 if path[-1] in ("scale", "bias") else 0.05
+        flat[path] = (base + std * rng.standard_normal(struct.shape)).astype(np.float32)
+    params = traverse_util.unflatten_dict(flat)
+    return pretrained.module_from_params(lambda: QFormer(config, rngs=nnx.Rngs(0)), params), params
+
+
+def _assert_clean_load(info: dict) -> None:
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+
+
+@pytest.mark.parametrize("layout", ["blip2-qformer", "instructblip-qformer"])
+def test_exported_qformer_loads_in_transformers_and_matches(layout, tmp_path):
+    qformer, params = _random_slit_qformer()
+    directory = hf_convert.export_qformer(tmp_path / layout, params, qformer.config, layout=layout)
+    cls = (
+        transformers.Blip2QFormerModel if layout == "blip2-qformer" else transformers.InstructBlipQFormerModel
+    )
+    hf, info = cls.from_pretrained(str(directory), output_loading_info=True)
+    _assert_clean_load(info)
+    hf.eval()
+    _, encoder, encoder_mask = _inputs()
+    query_tokens = params["query_tokens"][None]
+    text_ids, text_valid = _text_inputs()
+    # BLIP-2's encoder LayerNorm (ln_vision) is outside both HF modules: applied to the HF input here.
+    ln_vision = (params["encoder_norm"]["scale"], params["encoder_norm"]["bias"])
+    with torch.no_grad():
+        hf_encoder = torch.nn.functional.layer_norm(
+            torch.from_numpy(encoder), (ENC_WIDTH,), *(torch.from_numpy(a) for a in ln_vision), eps=1e-5
+        )
+    if layout == "instructblip-qformer":
+        attention_mask = np.concatenate([np.ones((B, Q), np.int64), text_valid.astype(np.int64)], axis=1)
+        with torch.no_grad():
+            expected = hf(
+                input_ids=torch.from_numpy(text_ids),
+                attention_mask=torch.from_numpy(attention_mask),
+                query_embeds=torch.from_numpy(query_tokens).expand(B, -1, -1),
+                encoder_hidden_states=hf_encoder,
+                encoder_attention_mask=torch.from_numpy(encoder_mask.astype(np.int64)),
+            ).last_hidden_state.numpy()
+        mask = encoder_mask
+    else:
+        # Blip2QFormerModel takes embeddings: [query tokens; word + position embeddings of the text].
+        text = (
+            params["word_embeddings"]["embedding"][text_ids]
+            + params["position_embeddings"]["embedding"][:TEXT_LEN]
+        )
+        embeds = np.concatenate([np.broadcast_to(query_tokens, (B, Q, 64)), text], axis=1).astype(np.float32)
+        attention_mask = np.concatenate([np.ones((B, Q), np.int64), text_valid.astype(np.int64)], axis=1)
+        with torch.no_grad():
+            # transformers 5.23 turns a 2-D encoder_attention_mask into (B, 1, Q + T, F) rows when text is
+            # present, which breaks the query rows' cross-attention: no encoder mask on this side.
+            expected = hf(
+                query_embeds=torch.from_numpy(embeds),
+                query_length=Q,
+                attention_mask=torch.from_numpy(attention_mask),
+                encoder_hidden_states=hf_encoder,
+            ).last_hidden_state.numpy()
+        mask = None
+    got = _slit_bidirectional(qformer, text_ids, text_valid, encoder, mask)
+    err = np.abs(got - expected).max()
+    print(f"slit -> {layout}: max abs diff {err:.2e}")
+    assert err < ATOL
+
+
+def _hf_retrieval() -> "transformers.Blip2ForImageTextRetrieval":
+    torch.manual_seed(0)
+    config = transformers.Blip2Config(
+        vision_config=dict(
+            hidden_size=ENC_WIDTH,
+            num_hidden_layers=1,
+            intermediate_size=64,
+            num_attention_heads=4,
+            image_size=28,
+            patch_size=14,
+            layer_norm_eps=1e-5,
+        ),
+        qformer_config=_qformer_kwargs(use_qformer_text_input=True),
+        num_query_tokens=Q,
+        image_text_hidden_size=16,
+    )
+    model = transformers.Blip2ForImageTextRetrieval(config).eval()
+    _randomise_1d(model)
+    with torch.no_grad():
+        model.query_tokens.normal_()
+    return model
+
+
+def _hf_retrieval_outputs(model, encoder, text_ids, text_valid) -> dict[str, np.ndarray]:
+    """ITC audio / text embeddings and ITM logits, as Blip2ForImageTextRetrieval.forward computes them,
+    from encoder features in place of the image tower's output (before its post_layernorm = ln_vision)."""
+    with torch.no_grad():
+        image = model.vision_model.post_layernorm(torch.from_numpy(encoder))
+        queries = model.query_tokens.expand(B, -1, -1)
+        query_out = model.qformer(query_embeds=queries, encoder_hidden_states=image).last_hidden_state
+        audio_emb = torch.nn.functional.normalize(model.vision_projection(query_out), dim=-1)
+        mask = torch.from_numpy(text_valid.astype(np.int64))
+        text_out = model.qformer(
+            query_embeds=model.embeddings(input_ids=torch.from_numpy(text_ids)),
+            query_length=0,
+            attention_mask=mask,
+        ).last_hidden_state
+        text_emb = torch.nn.functional.normalize(model.text_projection(text_out[:, 0]), dim=-1)
+        both = model.embeddings(input_ids=torch.from_numpy(text_ids), query_embeds=queries)
+        both_mask = torch.cat([torch.ones(B, Q, dtype=torch.int64), mask], dim=1)
+        itm_out = model.qformer(
+            query_embeds=both, query_length=Q, attention_mask=both_mask, encoder_hidden_states=image
+        ).last_hidden_state
+        itm = model.itm_head(itm_out[:, :Q]).mean(dim=1)
+    return {"audio": audio_emb.numpy(), "text": text_emb.numpy(), "itm": itm.numpy()}
+
+
+def _slit_retrieval_outputs(params, config, encoder, text_ids, text_valid) -> dict[str, np.ndarray]:
+    from slit.models import masks
+    from slit.models.layers import Dense
+    from slit.models.stage1 import l2_normalize
+
+    qformer = pretrained.module_from_params(lambda: QFormer(config, rngs=nnx.Rngs(0)), params["qformer"])
+    heads = {
+        name: pretrained.module_from_params(
+            lambda n=name: Dense(64, 2 if n == "itm_head" else 16, axes=("embed", None), rngs=nnx.Rngs(0)),
+            params[name],
+        )
+        for name in ("audio_projection", "text_projection", "itm_head")
+    }
+    encoder, valid = jnp.asarray(encoder), jnp.asarray(text_valid)
+    query_out = qformer(with_queries=True, encoder_bfd=encoder)
+    text_out = qformer(
+        text_ids_bl=jnp.asarray(text_ids), with_queries=False, attention_mask_bll=masks.text_only_mask(valid)
+    )
+    itm_out = _slit_bidirectional(qformer, text_ids, text_valid, np.asarray(encoder), None)
+    return {
+        "audio": np.asarray(l2_normalize(heads["audio_projection"](query_out))),
+        "text": np.asarray(l2_normalize(heads["text_projection"](text_out[:, 0]))),
+        "itm": np.asarray(heads["itm_head"](jnp.asarray(itm_out[:, :Q])).mean(axis=1)),
+    }
+
+
+def test_blip2_retrieval_heads_import_and_export(tmp_path):
+    """Blip2ForImageTextRetrieval -> slit (outputs match) -> export -> transformers (tensors identical)."""
+    model = _hf_retrieval()
+    sd = _numpy(model)
+    config = hf_convert.blip2_qformer_config(model.config)
+    params = hf_convert.blip2_retrieval_params(sd, config)
+
+    _, encoder, _ = _inputs()
+    text_ids, text_valid = _text_inputs()
+    expected = _hf_retrieval_outputs(model, encoder, text_ids, text_valid)
+    got = _slit_retrieval_outputs(params, config, encoder, text_ids, text_valid)
+    for name in expected:
+        err = np.abs(got[name] - expected[name]).max()
+        print(f"BLIP-2 retrieval {name}: max abs diff {err:.2e}")
+        assert got[name].shape == expected[name].shape
+        assert err < ATOL
+
+    directory = hf_convert.export_qformer(tmp_path / "retrieval", params, config, layout="blip2-retrieval")
+    reloaded, info = transformers.Blip2ForImageTextRetrieval.from_pretrained(
+        str(directory), output_loading_info=True
+    )
+    # The only keys an audio model cannot supply: the image tower's patch and position embeddings.
+    assert info["missing_keys"] and all(
+        k.startswith("vision_model.embeddings.") for k in info["missing_keys"]
+    )
+    assert not info["unexpected_keys"] and not info["mismatched_keys"]
+    reloaded_sd = _numpy(reloaded)
+    compared = [
+        k for k in sd if not k.startswith("vision_model.") or k.startswith("vision_model.post_layernorm")
+    ]
+    assert len(compared) > 50
+    for key in compared:
+        np.testing.assert_array_equal(reloaded_sd[key], sd[key], err_msg=key)

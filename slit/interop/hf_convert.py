@@ -19,6 +19,7 @@ Hugging Face name and the expected (Hugging Face layout) shape, and the unused k
 
 from __future__ import annotations
 
+import pathlib
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -32,6 +33,9 @@ from slit.models.qformer import BERT_LAYER_NORM_EPS, QFormer, QFormerConfig
 __all__ = [
     "blip2_qformer_config",
     "blip2_qformer_params",
+    "blip2_retrieval_params",
+    "export_qformer",
+    "qformer_hf_state_dict",
     "load_params",
     "whisper_encoder_config",
     "whisper_encoder_params",
@@ -95,8 +99,11 @@ def _whisper_module_table(num_layers: int) -> dict[str, str]:
     return table
 
 
-def _qformer_module_table(config: QFormerConfig, with_text_ffn: bool) -> dict[str, str]:
-    table = {"embedding_norm": "layernorm"}
+def _qformer_module_table(
+    config: QFormerConfig, with_text_ffn: bool, instructblip: bool = False
+) -> dict[str, str]:
+    # BLIP-2 keeps the embedding LayerNorm at the top of the Q-Former, InstructBLIP inside its embeddings.
+    table = {"embedding_norm": "embeddings.layernorm" if instructblip else "layernorm"}
     for i in range(config.num_layers):
         blocks = {"self_attention": ("attention", _QFORMER_ATTENTION), "ffn_query": ("", _QFORMER_FFN_QUERY)}
         if i % config.cross_attention_freq == 0:
@@ -375,7 +382,13 @@ def blip2_qformer_params(
         word_embeddings (vocab_size, W)             -> word_embeddings.embedding
         position_embeddings (max_text_positions, W) -> position_embeddings.embedding
 
-    `encoder_norm` (BLIP-2's `ln_vision`, outside the Q-Former) is always left out.
+    `encoder_norm` (BLIP-2's `ln_vision`, outside the Q-Former) is always left out (see
+    `blip2_retrieval_params` for a full `Blip2ForImageTextRetrieval` state dict).
+
+    InstructBLIP: a `InstructBlipQFormerModel` state dict (prefix found the same way; `qformer.` inside
+    `InstructBlipForConditionalGeneration`) is recognised by `embeddings.layernorm.*`, which becomes
+    `embedding_norm`; its word / position embeddings are inside the prefix (`embeddings.*`), its query
+    tokens next to it (`query_tokens`).
 
     Returns:
       A pure dict of `QFormer(config)`'s `nnx.Param`s, float32 numpy leaves; partial where noted above, so
@@ -389,12 +402,19 @@ def blip2_qformer_params(
         state_dict, "encoder.layer.0.attention.attention.query.weight", "Q-Former", prefix
     )
     with_text_ffn = f"{prefix}encoder.layer.0.intermediate.dense.weight" in state_dict
+    instructblip = f"{prefix}embeddings.layernorm.weight" in state_dict
     targets = _target_shapes(lambda: QFormer(config, rngs=nnx.Rngs(0)))
     collector = _Collector(state_dict, prefix)
-    params = _convert(collector, targets, _qformer_module_table(config, with_text_ffn), {})
+    params = _convert(collector, targets, _qformer_module_table(config, with_text_ffn, instructblip), {})
 
-    # Embeddings outside Blip2QFormerModel: from the arguments, else next to the `qformer.` prefix.
-    root = prefix[: -len("qformer.")] if prefix.endswith("qformer.") else prefix
+    # Embeddings: inside InstructBLIP's Q-Former; outside BLIP-2's, next to the `qformer.` prefix.
+    root = prefix[: -len("qformer.")] if prefix.endswith("qformer.") and not instructblip else prefix
+    if instructblip and prefix.endswith("qformer."):
+        query_tokens_key = prefix[: -len("qformer.")] + "query_tokens"
+        if query_tokens is None and query_tokens_key in state_dict:
+            query_tokens = collector.take_key(
+                query_tokens_key, (1, config.num_queries, config.width), "query_tokens"
+            )
     q, w = config.num_queries, config.width
     extras = {
         ("query_tokens",): (query_tokens, "query_tokens", (1, q, w)),
@@ -426,3 +446,183 @@ def blip2_qformer_params(
         flat[path] = np.ascontiguousarray(value.reshape(struct.shape)).astype(struct.dtype)
     collector.finish("BLIP-2 Q-Former", strict)
     return traverse_util.unflatten_dict(flat)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# BLIP-2 retrieval heads, and export (slit -> Hugging Face).
+
+# slit Stage1Model head -> Blip2ForImageTextRetrieval module (nn.Linear, weight (out, in)).
+_RETRIEVAL_HEADS = {
+    "audio_projection": "vision_projection",
+    "text_projection": "text_projection",
+    "itm_head": "itm_head",
+}
+# BLIP-2's `ln_vision` (slit's `encoder_norm`) is HF's `vision_model.post_layernorm`.
+_ENCODER_NORM = "vision_model.post_layernorm"
+QFORMER_LAYOUTS = ("blip2-qformer", "instructblip-qformer", "blip2-retrieval")
+
+
+def blip2_retrieval_params(state_dict: StateDict, config: QFormerConfig, *, strict: bool = True) -> Params:
+    """Stage-one params (`Stage1Model` pure-dict subset) from a `Blip2ForImageTextRetrieval` state dict.
+
+    Returns `{"qformer": ..., "audio_projection": ..., "text_projection": ..., "itm_head": ...}`: the
+    Q-Former with query tokens, text embeddings and (from `vision_model.post_layernorm`, BLIP-2's
+    `ln_vision`) `encoder_norm`, and the heads (`vision_projection` -> `audio_projection`). Keys of the
+    image tower (`vision_model.*` except `post_layernorm`) are ignored: slit's audio encoder replaces it.
+    HF has no temperature and no generation head; they stay as initialised.
+    """
+    qformer = blip2_qformer_params(state_dict, config, prefix="qformer.", strict=strict)
+    w = config.width
+    collector = _Collector(state_dict, "")
+    params: Params = {"qformer": qformer}
+    for ours, theirs in _RETRIEVAL_HEADS.items():
+        weight = collector.take_key(f"{theirs}.weight", (None, w), ours)
+        bias = collector.take_key(f"{theirs}.bias", (None,), ours)
+        if weight is not None and bias is not None:
+            params[ours] = {
+                "kernel": np.ascontiguousarray(weight.T, np.float32),
+                "bias": bias.astype(np.float32),
+            }
+    if f"{_ENCODER_NORM}.weight" in state_dict:
+        scale = collector.take_key(f"{_ENCODER_NORM}.weight", (config.encoder_width,), "qformer.encoder_norm")
+        bias = collector.take_key(f"{_ENCODER_NORM}.bias", (config.encoder_width,), "qformer.encoder_norm")
+        if scale is not None and bias is not None:
+            qformer["encoder_norm"] = {"scale": scale.astype(np.float32), "bias": bias.astype(np.float32)}
+    if collector.errors:
+        raise ValueError("cannot convert BLIP-2 retrieval heads:\n  " + "\n  ".join(collector.errors))
+    return params
+
+
+def qformer_hf_state_dict(
+    params: Params, config: QFormerConfig, *, instructblip: bool = False, with_text_ffn: bool = True
+) -> dict[str, np.ndarray]:
+    """HF `Blip2QFormerModel` (or, with `instructblip`, `InstructBlipQFormerModel`) tensors from slit's
+    Q-Former params: the inverse of `blip2_qformer_params`, float32, PyTorch layouts, no prefix.
+
+    InstructBLIP's also holds `embeddings.{word,position}_embeddings.weight`. `query_tokens` and
+    `encoder_norm` live outside both HF modules and are not included. Raises ValueError naming what
+    `params` lacks.
+    """
+    instructblip_text = instructblip or with_text_ffn
+    table = _qformer_module_table(config, instructblip_text, instructblip)
+    flat = traverse_util.flatten_dict(params)
+    out: dict[str, np.ndarray] = {}
+    missing = []
+    for slit_module, hf_module in table.items():
+        path = tuple(int(p) if p.isdigit() else p for p in slit_module.split("."))
+        for leaf, hf_leaf in (("kernel", "weight"), ("scale", "weight"), ("bias", "bias")):
+            if path + (leaf,) not in flat:
+                continue
+            value = np.asarray(flat[path + (leaf,)], np.float32)
+            _, perm = _hf_layout(leaf, value.shape)
+            out[f"{hf_module}.{hf_leaf}"] = np.ascontiguousarray(value.transpose(perm) if perm else value)
+        if not any(k.startswith(hf_module + ".") for k in out):
+            missing.append(slit_module)
+    if instructblip:
+        for name in ("word_embeddings", "position_embeddings"):
+            if (name, "embedding") in flat:
+                out[f"embeddings.{name}.weight"] = np.asarray(flat[(name, "embedding")], np.float32)
+            else:
+                missing.append(f"{name}.embedding")
+    if missing:
+        raise ValueError(f"slit Q-Former params lack {missing}")
+    return out
+
+
+def _qformer_hf_config_kwargs(config: QFormerConfig) -> dict[str, Any]:
+    return dict(
+        vocab_size=config.vocab_size,
+        hidden_size=config.width,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        intermediate_size=config.mlp_dim,
+        hidden_act="gelu",
+        hidden_dropout_prob=config.dropout_rate,
+        attention_probs_dropout_prob=config.dropout_rate,
+        max_position_embeddings=config.max_text_positions,
+        initializer_range=config.initializer_range,
+        layer_norm_eps=BERT_LAYER_NORM_EPS,
+        cross_attention_frequency=config.cross_attention_freq,
+        encoder_hidden_size=config.encoder_width,
+    )
+
+
+def export_qformer(
+    directory: str | pathlib.Path,
+    params: Params,
+    config: QFormerConfig,
+    *,
+    layout: str = "blip2-retrieval",
+    embed_dim: int | None = None,
+) -> pathlib.Path:
+    """Writes slit's Q-Former as a Hugging Face checkpoint: `model.safetensors` + `config.json`.
+
+    Args:
+      directory: created if needed.
+      params: for `blip2-qformer` / `instructblip-qformer`, the Q-Former's pure dict (or a stage-one
+        dict holding it under `"qformer"`); for `blip2-retrieval`, a stage-one dict with `"qformer"`,
+        `"audio_projection"`, `"text_projection"`, `"itm_head"`.
+      layout: which transformers class loads the directory:
+        - `blip2-qformer`: `Blip2QFormerModel` (with the text FFN, `use_qformer_text_input=True`); loads with
+          no missing or unexpected keys. Query tokens and text embeddings are not part of that class.
+        - `instructblip-qformer`: `InstructBlipQFormerModel` (embeddings inside); no missing or unexpected
+          keys. Query tokens are not part of that class.
+        - `blip2-retrieval`: `Blip2ForImageTextRetrieval`: query tokens, text embeddings, Q-Former, the
+          projections and the ITM head, and `encoder_norm` as `vision_model.post_layernorm` (BLIP-2's
+          `ln_vision`). The config declares a 0-layer image tower of the audio encoder's width; its patch /
+          position embeddings are the only keys transformers reports missing: an audio model has no image
+          tower. The temperature and generation head are not part of HF's BLIP-2 and are not written.
+      embed_dim: the projections' width (`blip2-retrieval`); read from the params when None.
+
+    Returns:
+      The directory.
+    """
+    import transformers
+    from safetensors.numpy import save_file
+
+    if layout not in QFORMER_LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; one of {QFORMER_LAYOUTS}")
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    qformer = params.get("qformer", params)
+    kwargs = _qformer_hf_config_kwargs(config)
+    if layout == "blip2-qformer":
+        tensors = qformer_hf_state_dict(qformer, config)
+        hf_config = transformers.Blip2QFormerConfig(**kwargs, use_qformer_text_input=True)
+        hf_config.architectures = ["Blip2QFormerModel"]
+    elif layout == "instructblip-qformer":
+        tensors = qformer_hf_state_dict(qformer, config, instructblip=True)
+        hf_config = transformers.InstructBlipQFormerConfig(**kwargs)
+        hf_config.architectures = ["InstructBlipQFormerModel"]
+    else:
+        missing = [k for k in (*_RETRIEVAL_HEADS, "qformer") if k not in params]
+        if missing:
+            raise ValueError(f"layout 'blip2-retrieval' needs stage-one params with {missing}")
+        tensors = {f"qformer.{k}": v for k, v in qformer_hf_state_dict(qformer, config).items()}
+        tensors["query_tokens"] = np.asarray(qformer["query_tokens"], np.float32)[None]
+        for name in ("word_embeddings", "position_embeddings"):
+            tensors[f"embeddings.{name}.weight"] = np.asarray(qformer[name]["embedding"], np.float32)
+        for ours, theirs in _RETRIEVAL_HEADS.items():
+            tensors[f"{theirs}.weight"] = np.ascontiguousarray(
+                np.asarray(params[ours]["kernel"], np.float32).T
+            )
+            tensors[f"{theirs}.bias"] = np.asarray(params[ours]["bias"], np.float32)
+        tensors[f"{_ENCODER_NORM}.weight"] = np.asarray(qformer["encoder_norm"]["scale"], np.float32)
+        tensors[f"{_ENCODER_NORM}.bias"] = np.asarray(qformer["encoder_norm"]["bias"], np.float32)
+        embed_dim = embed_dim or tensors["vision_projection.weight"].shape[0]
+        hf_config = transformers.Blip2Config(
+            vision_config=dict(
+                hidden_size=config.encoder_width, num_hidden_layers=0, layer_norm_eps=1e-5
+            ),  # slit's encoder_norm eps
+            qformer_config=dict(kwargs, use_qformer_text_input=True),
+            num_query_tokens=config.num_queries,
+            image_text_hidden_size=embed_dim,
+        )
+        hf_config.architectures = ["Blip2ForImageTextRetrieval"]
+    save_file(
+        {k: np.ascontiguousarray(v) for k, v in tensors.items()},
+        str(directory / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
+    hf_config.to_json_file(str(directory / "config.json"))
+    return directory
