@@ -262,5 +262,5 @@ def test_hf_directory_problems_are_named(hf_whisper, tmp_path):
     pickles.mkdir()
     (pickles / "config.json").write_text(config)
     (pickles / "pytorch_model.bin").write_bytes(b"not read")
-    with pytest.raises(FileNotFoundError, match=r"pytorch_model\.bin.*never reads"):
+    with pytest.raises(UserError, match=r"pytorch_model\.bin.*never reads"):
         pretrained.whisper_encoder_params(pickles)

@@ -30,7 +30,6 @@ Ignored: `pooler.*`, `embeddings.position_ids`, `cls.seq_relationship.*` (next-s
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 from collections.abc import Mapping
 from typing import Any
@@ -314,7 +313,8 @@ def init_qformer_from_bert(
       UserError: a BERT this Q-Former cannot take (named field or tensor).
     """
     from slit.data.tokenizer import TextTokenizer
-    from slit.interop.pretrained import module_from_params, read_safetensors
+    from slit.interop.pretrained import module_from_params
+    from slit.models.llm.loading import read_hf_checkpoint
 
     directory = pathlib.Path(directory)
     config_file = directory / "config.json"
@@ -322,7 +322,7 @@ def init_qformer_from_bert(
         raise FileNotFoundError(
             f"no config.json in {str(directory)!r}; point to a HF BERT checkpoint directory"
         )
-    bert_config = json.loads(config_file.read_text())
+    bert_config, state_dict = read_hf_checkpoint(directory)
     if bert_config.get("model_type") not in ("bert", None):
         raise UserError(f"{config_file} describes a {bert_config['model_type']!r} model, not 'bert'")
     tokenizer = TextTokenizer.from_directory(directory)
@@ -339,7 +339,6 @@ def init_qformer_from_bert(
         vocab_size=tokenizer.vocab_size,
         initializer_range=initializer_range,
     )
-    state_dict = read_safetensors(directory)
     rng = np.random.default_rng(seed)
     extra_rows = config.vocab_size - bert_config["vocab_size"]
     new_rows = rng.normal(0.0, config.initializer_range, (extra_rows, config.width)).astype(np.float32)

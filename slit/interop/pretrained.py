@@ -9,8 +9,9 @@ Sources of a Whisper encoder (`whisper_encoder_params`, `load_whisper_encoder`):
 - a Hugging Face `WhisperModel` / `WhisperForConditionalGeneration` directory (`config.json` + safetensors,
   single file or sharded with `model.safetensors.index.json`).
 
-Weights are read only from safetensors and CTranslate2 files; a directory that holds only PyTorch pickles
-(`pytorch_model.bin`) is refused. The installed packages are found with `importlib`, never by path.
+Weights are read only from safetensors (through `slit.models.llm.loading`'s reader) and CTranslate2
+files; a directory that holds only PyTorch pickles (`pytorch_model.bin`) is refused. The installed
+packages are found with `importlib`, never by path.
 """
 
 from __future__ import annotations
@@ -125,30 +126,21 @@ def _safetensors_files(directory: pathlib.Path) -> list[pathlib.Path]:
 def read_safetensors(
     directory: str | pathlib.Path, keep: Callable[[str], bool] = lambda name: True
 ) -> dict[str, np.ndarray]:
-    """Tensors of every safetensors file in `directory` whose name passes `keep`, as numpy arrays.
+    """Tensors of every safetensors file in `directory` (or its sharded index) whose name passes `keep`.
 
-    bfloat16 tensors are widened to float32. Only the kept tensors are read.
+    Read with `slit.models.llm.loading.read_safetensors_file`; bfloat16 tensors are widened to float32.
+    For a checkpoint directory with config.json, `slit.models.llm.loading.read_hf_checkpoint` does both.
     """
-    from safetensors import safe_open
+    import ml_dtypes
+
+    from slit.models.llm.loading import read_safetensors_file
 
     tensors: dict[str, np.ndarray] = {}
     for path in _safetensors_files(pathlib.Path(directory)):
-        with safe_open(str(path), framework="np") as f:
-            for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                if not keep(name):
-                    continue
-                try:
-                    tensors[name] = f.get_tensor(name)
-                except TypeError:  # bfloat16: numpy has no such dtype
-                    tensors[name] = _read_bfloat16(path, name)
+        for name, value in read_safetensors_file(path).items():
+            if keep(name):
+                tensors[name] = value.astype(np.float32) if value.dtype == ml_dtypes.bfloat16 else value
     return tensors
-
-
-def _read_bfloat16(path: pathlib.Path, name: str) -> np.ndarray:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="flax") as f:
-        return np.asarray(f.get_tensor(name), dtype=np.float32)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -167,9 +159,10 @@ class LoadedWhisper:
 
 def _hf_whisper(directory: pathlib.Path) -> LoadedWhisper:
     from slit.interop import hf_convert
+    from slit.models.llm.loading import read_hf_checkpoint
 
     config_file = directory / "config.json"
-    hf_config = json.loads(config_file.read_text())
+    hf_config, tensors = read_hf_checkpoint(directory)
     if hf_config.get("model_type") != "whisper":
         raise UserError(
             f"{config_file} describes a {hf_config.get('model_type')!r} model, not 'whisper'; "
@@ -179,7 +172,7 @@ def _hf_whisper(directory: pathlib.Path) -> LoadedWhisper:
         config = hf_convert.whisper_encoder_config(hf_config)
     except (KeyError, ValueError) as e:
         raise UserError(f"{config_file}: {e}") from None
-    tensors = read_safetensors(directory, keep=lambda name: "decoder" not in name and "proj_out" not in name)
+    tensors = {k: v for k, v in tensors.items() if "decoder." not in k and "proj_out" not in k}
     try:
         params = hf_convert.whisper_encoder_params(tensors, config)
     except ValueError as e:
