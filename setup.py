@@ -39,7 +39,7 @@ setup(
         "pycocoevalcap>=1.2",  # METEOR 1.5 and the Stanford PTB tokenizer jars; caption-metric reference
     ],
     extras_require={
-        "test": ["pytest>=8.0", "pytest-xdist>=3.6", "ruff>=0.8"],
+        "test": ["pytest>=8.0", "pytest-xdist>=3.6", "ruff>=0.8", "scikit-learn>=1.4"],  # sklearn: AP reference
         # Reference implementations for parity tests. torch is pinned exactly: an unpinned torch
         # pulls a multi-GB CUDA build.
         "parity": [
