@@ -10,7 +10,7 @@ transformers = pytest.importorskip("transformers")
 from flax import nnx, traverse_util  # noqa: E402
 from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings  # noqa: E402
 
-from slit.interop import hf_convert, pretrained  # noqa: E402
+from slit.interop import bert_init, hf_convert, pretrained  # noqa: E402
 from slit.models.masks import bidirectional_mask  # noqa: E402
 from slit.models.qformer import QFormer  # noqa: E402
 
@@ -48,12 +48,13 @@ def _numpy(module: torch.nn.Module) -> dict[str, np.ndarray]:
 
 def _slit_qformer(hf: transformers.Blip2QFormerModel, query_tokens: np.ndarray, **embeddings) -> QFormer:
     config = hf_convert.blip2_qformer_config(hf.config, num_queries=Q)
-    module = QFormer(config, rngs=nnx.Rngs(0))
     params = hf_convert.blip2_qformer_params(_numpy(hf), config, query_tokens=query_tokens, **embeddings)
     assert "encoder_norm" not in params  # BLIP-2's ln_vision is not part of Blip2QFormerModel
     params["encoder_norm"] = dict(zip(("scale", "bias"), _ln_vision(), strict=True))
-    hf_convert.load_params(module, params)
-    return module
+    # Parts HF's module lacks (text FFN / embeddings of a queries-only Q-Former) drawn fresh; built without
+    # eager random initialisation, which costs tens of seconds on a loaded 2-core machine.
+    params = bert_init.complete_with_fresh_weights(params, config, np.random.default_rng(0))
+    return pretrained.module_from_params(lambda: QFormer(config, rngs=nnx.Rngs(0)), params)
 
 
 def _ln_vision() -> tuple[np.ndarray, np.ndarray]:

@@ -43,6 +43,7 @@ from slit.models.qformer import BERT_LAYER_NORM_EPS, QFormer, QFormerConfig
 
 __all__ = [
     "BertQFormer",
+    "complete_with_fresh_weights",
     "init_qformer_from_bert",
     "lm_head_params_from_bert",
     "qformer_config_from_bert",
@@ -257,7 +258,7 @@ def lm_head_params_from_bert(state_dict: Mapping[str, Any], config: QFormerConfi
     }
 
 
-def _with_fresh_weights(params: Params, config: QFormerConfig, rng: np.random.Generator) -> Params:
+def complete_with_fresh_weights(params: Params, config: QFormerConfig, rng: np.random.Generator) -> Params:
     """`params` completed with freshly drawn values for every variable of `QFormer(config)` it lacks.
 
     Drawn as `QFormer` initialises them (slit/models/qformer.py): weight matrices, tables and query tokens
@@ -346,7 +347,7 @@ def init_qformer_from_bert(
         params = qformer_params_from_bert(state_dict, config, new_rows=new_rows)
     except UserError as e:
         raise UserError(f"BERT checkpoint {str(directory)!r}: {e}") from None
-    params = _with_fresh_weights(params, config, rng)
+    params = complete_with_fresh_weights(params, config, rng)
     qformer = module_from_params(lambda: QFormer(config, rngs=nnx.Rngs(0)), params)
     lm_head = lm_head_params_from_bert(state_dict, config)
     return BertQFormer(qformer, tokenizer, config, lm_head, str(directory))
