@@ -296,6 +296,71 @@ def test_loud_is_clearly_louder_than_quiet(clips):
     assert min(levels["loud"]) > max(levels["quiet"]) + 10, (min(levels["loud"]), max(levels["quiet"]))
 
 
+# ---- Questions, answers and labels -----------------------------------------------------------------------
+
+
+def test_answers_follow_from_the_events(clips):
+    """Every answer is recomputed here from the events (written out independently of the generator)."""
+    number = {1: "one", 2: "two", 3: "three", 4: "four"}
+    nouns = {"beep": "beep", "chord": "chord", "chirp": "chirp", "noise": "noise burst"}
+    nouns["clicks"] = "click train"
+    seen_types = set()
+    for clip in clips:
+        events = clip.attributes["events"]
+        kinds = [e["kind"] for e in events]
+        assert clip.labels == list(dict.fromkeys(kinds))
+        assert len(clip.questions) == len(clip.answers) == len(clip.question_types)
+        assert len(set(clip.question_types)) == len(clip.question_types)  # one question per type
+        for qtype, question, answer in zip(clip.question_types, clip.questions, clip.answers, strict=True):
+            seen_types.add(qtype)
+            assert question.endswith("?") and len(answer.split()) == 1
+            if qtype == "count_events":
+                assert answer == number[len(events)]
+            elif qtype in ("repeat_count", "loudness"):
+                # The question names its event by kind (when unique) or by position.
+                spaced = question.replace("?", " ?").replace(",", " ,") + " "
+                named = [k for k, e in enumerate(events) if f"the {nouns[e['kind']]} " in spaced]
+                if "first sound" in question:
+                    named = [0]
+                elif "second sound" in question:
+                    named = [1]
+                assert len(named) == 1, question
+                event = events[named[0]]
+                assert answer == (number[event["count"]] if qtype == "repeat_count" else event["loudness"])
+            elif qtype == "pitch_direction":
+                (chirp,) = [e for e in events if e["kind"] == "chirp"]
+                assert answer == {"up": "rising", "down": "falling"}[chirp["direction"]]
+            elif qtype == "first_kind":
+                assert answer == kinds[0]
+            elif qtype == "presence":
+                (kind,) = [k for k, n in nouns.items() if f" {n} " in question.replace("?", " ")]
+                assert answer == ("yes" if kind in kinds else "no")
+            elif qtype == "beep_pitch":
+                (beep,) = [e for e in events if e["kind"] == "beep"]
+                assert answer == beep["pitch"]
+            else:
+                raise AssertionError(f"unknown question type {qtype}")
+        if kinds.count("chirp") == 1:
+            assert "pitch_direction" in clip.question_types
+    assert seen_types == set(syn.QUESTION_TEMPLATES)
+
+
+def test_questions_vary_in_phrasing_and_answers_in_value(clips):
+    by_type: dict[str, tuple[set, set]] = {}
+    for clip in clips:
+        for qtype, question, answer in zip(clip.question_types, clip.questions, clip.answers, strict=True):
+            phrasings, answers = by_type.setdefault(qtype, (set(), set()))
+            phrasings.add(re.sub(r"the (\w+ )?(\w+) (repeat|played|loud|quiet|in|\?)", "X", question))
+            answers.add(answer)
+    for qtype, (phrasings, answers) in by_type.items():
+        assert len(phrasings) >= 3, (qtype, phrasings)
+        assert answers == set(syn.ANSWER_WORDS[qtype]), qtype
+    words = set(syn.TOKENIZER_VOCABULARY)
+    for clip in clips[:50]:
+        for text in [*clip.questions, *clip.answers]:
+            assert set(re.sub(r"[,?]", " ", text).split()) <= words, text
+
+
 def test_pcm16_round_trip():
     x = np.array([-1.0, -0.5, 0.0, 0.25, 1.0], np.float32)
     pcm = syn.to_pcm16(x)
@@ -314,7 +379,7 @@ def test_tfds_build_and_read_back(tmp_path, capsys):
     assert "generated" in capsys.readouterr().out
     assert builder.info.metadata["sample_rate"] == SR
     assert not (tmp_path / "downloads").exists() or not any((tmp_path / "downloads").rglob("*.*"))
-    data_path = tmp_path / "slit_synthetic_sounds" / "tiny" / "1.0.0"
+    data_path = tmp_path / "slit_synthetic_sounds" / "tiny" / "1.1.0"
     for split in sb.SPLITS:
         assert list(data_path.glob(f"slit_synthetic_sounds-{split}.array_record-*")), split
     assert not list(data_path.glob("*.tfrecord*"))
@@ -338,6 +403,8 @@ def test_tfds_build_and_read_back(tmp_path, capsys):
             np.testing.assert_array_equal(ex["audio"], syn.to_pcm16(clip.audio))
             assert [c.decode() for c in ex["captions"]] == clip.captions
             assert json.loads(ex["attributes"]) == clip.attributes
+            for key in ("questions", "answers", "question_types", "labels"):
+                assert [t.decode() for t in ex[key]] == getattr(clip, key), key
         first_audio[split] = src[0]["audio"]
     assert not np.array_equal(first_audio["train"][:8000], first_audio["validation"][:8000])
     assert not np.array_equal(first_audio["validation"][:8000], first_audio["test"][:8000])

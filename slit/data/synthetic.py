@@ -20,7 +20,14 @@ leading and trailing silence.
 Captions describe only what is audible and unambiguous (kind, pitch / register / direction / colour / click
 speed, count, spacing, loudness, order), never exact frequencies or times. They are lowercase words with
 optional commas, at most ``MAX_CAPTION_WORDS`` words, drawn from ``CAPTION_VOCABULARY``. The structured
-description is in ``SyntheticClip.attributes`` (JSON-serialisable) for question answering and classification.
+description is in ``SyntheticClip.attributes`` (JSON-serialisable).
+
+Questions and answers (``SyntheticClip.questions`` / ``answers`` / ``question_types``) are derived from the
+same generating parameters, one question per applicable type, each in one of several phrasings
+(``QUESTION_TEMPLATES``): how many sounds there are, how many times a sound repeats, whether the pitch is
+rising or falling (clips with one chirp), whether a sound is loud or quiet, what kind of sound comes first,
+whether a given kind of sound is present, and a beep's pitch. Answers are single words. Class labels
+(``SyntheticClip.labels``) are the kinds of sound present, in order of appearance.
 
 Pure NumPy; no TensorFlow Datasets import (see ``slit.data.synthetic_builder`` for the TFDS builder).
 """
@@ -97,6 +104,9 @@ class SyntheticClip:
       audio: float32 mono waveform, shape ``(num_samples,)``, values in [-1, 1], at ``SAMPLE_RATE`` Hz
         (or the ``sample_rate`` it was generated at), 0.5 s to 10 s long.
       captions: ``NUM_CAPTIONS`` distinct lowercase captions, each fully determined by the audio.
+      questions, answers, question_types: parallel lists, one question per applicable type (see
+        ``QUESTION_TEMPLATES``); answers are single lowercase words.
+      labels: the kinds of sound present (``KINDS`` values), in order of appearance, without repeats.
       attributes: JSON-serialisable structured description: ``sample_rate``, ``duration_s``,
         ``num_samples``, ``background_rms_dbfs`` and ``events``, a list (in time order) of dicts with
         ``kind``, ``quality`` and the kind's own quality key (``pitch`` / ``register`` / ``direction`` /
@@ -110,6 +120,10 @@ class SyntheticClip:
     audio: np.ndarray
     captions: list[str]
     attributes: dict[str, Any]
+    questions: list[str] = dataclasses.field(default_factory=list)
+    answers: list[str] = dataclasses.field(default_factory=list)
+    question_types: list[str] = dataclasses.field(default_factory=list)
+    labels: list[str] = dataclasses.field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -442,6 +456,138 @@ def caption_words(caption: str) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Questions, answers and labels.
+
+# Names of each kind in questions ("the {noun}").
+_KIND_NOUN = {
+    "beep": "beep",
+    "chord": "chord",
+    "chirp": "chirp",
+    "noise": "noise burst",
+    "clicks": "click train",
+}
+_ORDINAL = ("first", "second")
+QUESTION_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "count_events": (
+        "how many sounds are there?",
+        "how many different sounds does the clip contain?",
+        "how many events can you hear?",
+    ),
+    "repeat_count": (
+        "how many times does the {subject} repeat?",
+        "how many times is the {subject} played?",
+        "how often do you hear the {subject}?",
+    ),
+    "pitch_direction": (
+        "is the pitch rising or falling?",
+        "does the chirp go up or down in pitch, rising or falling?",
+        "is the sweep rising or falling?",
+    ),
+    "loudness": (
+        "is the {subject} loud or quiet?",
+        "how loud is the {subject}, loud or quiet?",
+        "is the {subject} quiet or loud?",
+    ),
+    "first_kind": (
+        "what kind of sound is heard first?",
+        "what is the first sound?",
+        "which sound comes first?",
+    ),
+    "presence": (
+        "is there a {noun} in the clip?",
+        "does the clip contain a {noun}?",
+        "can you hear a {noun}?",
+    ),
+    "beep_pitch": (
+        "is the beep low, medium or high?",
+        "what is the pitch of the beep, low, medium or high?",
+        "how high is the beep, low, medium or high?",
+    ),
+}
+"""Phrasings of each question type; ``{subject}`` names an event ("beep", "second sound"), ``{noun}``
+a kind."""
+ANSWER_WORDS: dict[str, tuple[str, ...]] = {
+    "count_events": ("one", "two"),
+    "repeat_count": ("one", "two", "three", "four"),
+    "pitch_direction": ("rising", "falling"),
+    "loudness": LOUDNESS_LEVELS,
+    "first_kind": KINDS,
+    "presence": ("yes", "no"),
+    "beep_pitch": QUALITIES["beep"],
+}
+"""Every answer each question type can have."""
+
+
+def _subject(events: list[dict[str, Any]], k: int) -> str:
+    """How a question names event ``k``: by its kind when that is unambiguous, else by its position."""
+    kinds = [ev["kind"] for ev in events]
+    if kinds.count(kinds[k]) == 1:
+        return _KIND_NOUN[kinds[k]]
+    return f"{_ORDINAL[k]} sound"
+
+
+def make_questions(events: list[dict[str, Any]], rng: np.random.Generator) -> list[tuple[str, str, str]]:
+    """(question type, question, answer) for every question type that applies to the clip's events."""
+    out: list[tuple[str, str, str]] = []
+
+    def ask(kind: str, answer: str, **fill: str) -> None:
+        out.append((kind, _pick(rng, QUESTION_TEMPLATES[kind]).format(**fill), answer))
+
+    ask("count_events", _NUMBER[len(events)])
+    k = int(rng.integers(len(events)))
+    ask("repeat_count", _NUMBER[events[k]["count"]], subject=_subject(events, k))
+    chirps = [ev for ev in events if ev["kind"] == "chirp"]
+    if len(chirps) == 1:
+        ask("pitch_direction", "rising" if chirps[0]["quality"] == "up" else "falling")
+    k = int(rng.integers(len(events)))
+    ask("loudness", events[k]["loudness"], subject=_subject(events, k))
+    ask("first_kind", events[0]["kind"])
+    kind = KINDS[rng.integers(len(KINDS))]
+    ask("presence", "yes" if any(ev["kind"] == kind for ev in events) else "no", noun=_KIND_NOUN[kind])
+    beeps = [ev for ev in events if ev["kind"] == "beep"]
+    if len(beeps) == 1:
+        ask("beep_pitch", beeps[0]["quality"])
+    return out
+
+
+def class_labels(events: list[dict[str, Any]]) -> list[str]:
+    """The kinds of sound present, in order of appearance, without repeats."""
+    return list(dict.fromkeys(ev["kind"] for ev in events))
+
+
+TASK_INSTRUCTIONS: dict[str, tuple[str, ...]] = {
+    "caption": (
+        "describe the sound.",
+        "what do you hear? describe it in a sentence.",
+        "write a short caption for the clip.",
+        "summarize the audio in one sentence.",
+    ),
+    "qa": ("{question}", "question: {question} answer in one word.", "listen and answer: {question}"),
+    "classify": (
+        "which kinds of sound does the clip contain? choose from {choices}.",
+        "classify the sounds in the clip: {choices}.",
+        "name the kinds of sound you hear, from {choices}.",
+    ),
+}
+"""Instruction templates per task (the format of ``slit.data.pipeline.Task``): ``{question}`` is one of the
+clip's questions, ``{choices}`` the class names (``KINDS``) joined with ", "."""
+
+
+def _build_instruction_vocabulary() -> list[str]:
+    templates = (*QUESTION_TEMPLATES.values(), *TASK_INSTRUCTIONS.values())
+    texts = [t for group in templates for t in group]
+    texts += [*_KIND_NOUN.values(), *_ORDINAL, "sound", *(w for ws in ANSWER_WORDS.values() for w in ws)]
+    words = {w for text in texts for w in re.sub(r"\{\w+\}|[,?.:]", " ", text).split()}
+    return sorted(words)
+
+
+INSTRUCTION_VOCABULARY: list[str] = _build_instruction_vocabulary()
+"""Every word a question, an answer or a task instruction can contain (sorted)."""
+TOKENIZER_VOCABULARY: list[str] = sorted(set(CAPTION_VOCABULARY) | set(INSTRUCTION_VOCABULARY))
+"""Caption and question words together: a word-level Q-Former tokenizer over it reads both."""
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Public API.
 
 
@@ -495,7 +641,17 @@ def generate_clip(rng: np.random.Generator, sample_rate: int = SAMPLE_RATE) -> S
             "events": events,
         }
     )
-    return SyntheticClip(audio=audio, captions=_make_captions(events, rng), attributes=attributes)
+    captions = _make_captions(events, rng)
+    qa = make_questions(events, rng)  # drawn after the captions: audio and captions do not depend on it
+    return SyntheticClip(
+        audio=audio,
+        captions=captions,
+        attributes=attributes,
+        questions=[q for _, q, _ in qa],
+        answers=[a for _, _, a in qa],
+        question_types=[t for t, _, _ in qa],
+        labels=class_labels(events),
+    )
 
 
 def generate_split(seed: int, num_clips: int, prefix: str = "clip") -> Iterator[tuple[str, SyntheticClip]]:

@@ -12,6 +12,12 @@ Each example:
 - ``id``: e.g. ``"train-000042"``; example ``i`` of a split has id ``f"{split}-{i:06d}"`` (kept in order).
 - ``attributes``: JSON of ``SyntheticClip.attributes`` (events with kind, quality, count, loudness, ...).
 - ``num_samples``: int32, the audio length.
+- ``questions``, ``answers``, ``question_types``: parallel lists of question / one-word answer / type
+  (e.g. ``repeat_count``), derived from the clip's generating parameters (version 1.1.0 and up).
+- ``labels``: the kinds of sound present, in order of appearance (version 1.1.0 and up).
+
+Version 1.1.0 added the questions and labels: TFDS keeps each version in its own directory, so a dataset
+built by an older slit is regenerated rather than read without them.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ Each 0.5-10 s mono {SAMPLE_RATE} Hz clip holds one or two events, one after the 
 high pitch), three-tone chords (low or high register), chirps sweeping up or down, bursts of white, pink or
 brown noise, or slow or fast click trains; each repeated one to four times, fast or slow, quiet or loud.
 Every clip has {NUM_CAPTIONS} captions that describe only what is audible (for audio-text retrieval) and a
-JSON description of its events (for question answering and classification).
+JSON description of its events, questions with one-word answers derived from it, and class labels.
 """
 
 
@@ -60,8 +66,11 @@ class SlitSyntheticSoundsConfig(tfds.core.BuilderConfig):
 class SlitSyntheticSounds(tfds.core.GeneratorBasedBuilder):
     """Procedurally generated sound clips with captions and structured attributes."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.0.0": "Initial release.",
+        "1.1.0": "Questions, answers, question types and class labels per clip.",
+    }
     BUILDER_CONFIGS = [
         SlitSyntheticSoundsConfig(
             name="default",
@@ -104,6 +113,10 @@ class SlitSyntheticSounds(tfds.core.GeneratorBasedBuilder):
                     "id": tfds.features.Text(),
                     "attributes": tfds.features.Text(),
                     "num_samples": tfds.features.Scalar(dtype=np.int32),
+                    "questions": tfds.features.Sequence(tfds.features.Text()),
+                    "answers": tfds.features.Sequence(tfds.features.Text()),
+                    "question_types": tfds.features.Sequence(tfds.features.Text()),
+                    "labels": tfds.features.Sequence(tfds.features.Text()),
                 }
             ),
             supervised_keys=None,
@@ -126,6 +139,10 @@ class SlitSyntheticSounds(tfds.core.GeneratorBasedBuilder):
                     "id": clip_id,
                     "attributes": json.dumps(clip.attributes, sort_keys=True),
                     "num_samples": len(clip.audio),
+                    "questions": clip.questions,
+                    "answers": clip.answers,
+                    "question_types": clip.question_types,
+                    "labels": clip.labels,
                 },
             )
 
