@@ -1,0 +1,266 @@
+"""Stage two of SLIT/BLIP-2: Q-Former query outputs as a soft prompt for a frozen LLM.
+
+frozen audio tower -> Q-Former (queries, optionally with the instruction: InstructBLIP) -> one linear
+projection to the LLM width -> soft prompt in front of the frozen LLM (REFERENCE §2):
+- decoder-only LLMs see [soft prompt; instruction; answer] and the loss is on the answer tokens only
+  (soft prompt, instruction and padding are masked);
+- encoder-decoder LLMs (T5) are a prefix LM: the encoder reads [soft prompt; instruction] and the
+  decoder predicts the answer.
+With `instruction_in_qformer`, the instruction's Q-Former tokens join the queries in the Q-Former's
+self-attention (full two-way visibility) and only the query outputs are projected.
+
+Token-id conventions of a `Stage2Batch`: Q-Former instruction ids are padded with the Q-Former's pad id
+(left-truncated by the data side); LLM instruction ids are *left*-padded and answer ids *right*-padded
+with -1, so that padding never depends on the LLM's own pad/EOS ids (often the same id).
+
+Gradients reach the projection and the Q-Former through the frozen LLM's activations; the LLM's and
+the audio tower's weights are `Frozen`, so they get neither gradients nor optimizer state. The LLM
+layers can be rematerialised in the loss (`remat_policy`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from slit.models import masks
+from slit.models.audio.whisper import WhisperAudioTower, WhisperEncoderConfig
+from slit.models.layers import Dense, normal
+from slit.models.qformer import QFormer, QFormerConfig
+
+REMAT_POLICIES = ("none", "dots_saveable", "everything")
+"""none: keep every activation (no rematerialisation); dots_saveable: keep matmul outputs, recompute
+the rest in the backward pass; everything: keep only each layer's inputs, recompute the whole layer."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage2Config:
+    """Everything that shapes a stage-two model besides the LLM itself."""
+
+    audio: WhisperEncoderConfig
+    qformer: QFormerConfig
+    instruction_in_qformer: bool = True
+    qformer_pad_id: int = 0
+    remat_policy: str = "none"
+
+    def __post_init__(self):
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy={self.remat_policy!r}; choose one of {REMAT_POLICIES}")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Stage2Batch:
+    """One global batch.
+
+    audio (B, S) float32 zero-padded; num_samples (B,) int32;
+    qformer_ids (B, Lq) int32: the instruction in Q-Former tokens, padded with the Q-Former pad id;
+    instruction_ids (B, Li) int32: the instruction in LLM tokens, left-padded with -1;
+    answer_ids (B, La) int32: the answer in LLM tokens (EOS last), right-padded with -1.
+    """
+
+    audio: jax.Array
+    num_samples: jax.Array
+    qformer_ids: jax.Array
+    instruction_ids: jax.Array
+    answer_ids: jax.Array
+
+
+def is_encoder_decoder(llm: nnx.Module) -> bool:
+    """True for encoder-decoder LLMs (T5), which have `encode`."""
+    return hasattr(llm, "encode")
+
+
+def remat_policy(name: str) -> Any:  # noqa: ANN401 (a jax.checkpoint policy)
+    """The jax.checkpoint policy named in the config (see REMAT_POLICIES)."""
+    return {
+        "dots_saveable": jax.checkpoint_policies.dots_saveable,
+        "everything": jax.checkpoint_policies.nothing_saveable,
+    }[name]
+
+
+class RematLayer(nnx.Module):
+    """Wraps one frozen LLM layer so that its activations are rematerialised in the backward pass.
+
+    Array (and None) arguments pass through jax.checkpoint; anything else (a dtype) is static.
+    The wrapped layer keeps its weights under `layer`.
+    """
+
+    def __init__(self, layer: nnx.Module, policy: str):
+        self.layer = layer
+        self.policy = policy
+
+    def __call__(self, *args: Any) -> Any:  # noqa: ANN401
+        dynamic = [i for i, a in enumerate(args) if _is_array_tree(a)]
+        graphdef, state = nnx.split(self.layer)
+
+        def run(state: Any, values: list) -> Any:  # noqa: ANN401
+            full = list(args)
+            for i, v in zip(dynamic, values, strict=True):
+                full[i] = v
+            return nnx.merge(graphdef, state)(*full)
+
+        return jax.checkpoint(run, policy=remat_policy(self.policy))(state, [args[i] for i in dynamic])
+
+
+def _is_array_tree(value: Any) -> bool:  # noqa: ANN401
+    leaves = jax.tree.leaves(value)
+    return all(isinstance(x, jax.Array | jax.core.Tracer) for x in leaves)
+
+
+@contextlib.contextmanager
+def rematerialised_layers(llm: nnx.Module, policy: str) -> Iterator[None]:
+    """Within the block, every layer the LLM calls as a whole (decoder-only layers; T5's encoder layers)
+    is rematerialised with `policy`. The layers are swapped back afterwards, so the weights' paths (and
+    the frozen-model fingerprints) do not depend on the policy. T5's decoder layers are not wrapped: its
+    decoder calls their parts one by one (and answers are short).
+    """
+    swapped = {}
+    if policy != "none":
+        for name in ("layers", "encoder_layers"):
+            layers = getattr(llm, name, None)
+            if layers is not None:
+                swapped[name] = layers
+                setattr(llm, name, nnx.List([RematLayer(layer, policy) for layer in layers]))
+    try:
+        yield
+    finally:
+        for name, layers in swapped.items():
+            setattr(llm, name, layers)
+
+
+def masked_cross_entropy(logits_btv: jax.Array, labels_bt: jax.Array, weights_bt: jax.Array) -> jax.Array:
+    """Mean token cross-entropy over positions with weight 1: sum(w * ce) / max(sum(w), 1)."""
+    log_probs = jax.nn.log_softmax(logits_btv.astype(jnp.float32), axis=-1)
+    picked = jnp.take_along_axis(log_probs, labels_bt[..., None], axis=-1)[..., 0]
+    weights = weights_bt.astype(jnp.float32)
+    return -(picked * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+
+
+class Stage2Model(nnx.Module):
+    """Frozen audio tower + trainable Q-Former + trainable projection + frozen LLM."""
+
+    def __init__(
+        self,
+        config: Stage2Config,
+        llm: nnx.Module,
+        *,
+        rngs: nnx.Rngs,
+        audio_rngs: nnx.Rngs | None = None,
+    ):
+        """`llm`: a frozen DecoderOnlyLM or EncoderDecoderLM (slit/models/llm/base.py), weights loaded."""
+        c = config
+        self.config = c
+        self.audio_tower = WhisperAudioTower(c.audio, rngs=audio_rngs or rngs)
+        self.qformer = QFormer(c.qformer, rngs=rngs)
+        self.llm_projection = Dense(
+            c.qformer.width,
+            llm.hidden_size,
+            axes=("embed", "embed"),
+            rngs=rngs,
+            kernel_init=normal(c.qformer.initializer_range),
+        )
+        self.llm = llm
+
+    # --- the soft prompt ----------------------------------------------------------------------------
+
+    def encode_audio(self, audio_bs: jax.Array, num_samples_b: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Frozen encoder features (B, frames, enc_width) and their mask; no gradient flows back."""
+        features, mask = self.audio_tower(audio_bs, num_samples_b)
+        return jax.lax.stop_gradient(features), mask
+
+    def query_outputs(
+        self,
+        features_bfd: jax.Array,
+        frame_mask_bf: jax.Array,
+        qformer_ids_bl: jax.Array | None,
+        rngs: nnx.Rngs | None,
+    ) -> jax.Array:
+        """Q-Former query outputs (B, num_queries, width).
+
+        With `instruction_in_qformer`, the instruction tokens (B, Lq) sit after the queries and every
+        position sees every non-padding position (queries <-> instruction both ways); otherwise the
+        queries run alone and the instruction is ignored.
+        """
+        q = self.config.qformer.num_queries
+        if not self.config.instruction_in_qformer or qformer_ids_bl is None:
+            return self.qformer(
+                with_queries=True, encoder_bfd=features_bfd, encoder_mask_bf=frame_mask_bf, rngs=rngs
+            )
+        valid = qformer_ids_bl != self.config.qformer_pad_id
+        hidden = self.qformer(
+            text_ids_bl=qformer_ids_bl,
+            with_queries=True,
+            attention_mask_bll=masks.bidirectional_mask(q, valid),
+            encoder_bfd=features_bfd,
+            encoder_mask_bf=frame_mask_bf,
+            rngs=rngs,
+        )
+        return hidden[:, :q]
+
+    def soft_prompt(
+        self,
+        audio_bs: jax.Array,
+        num_samples_b: jax.Array,
+        qformer_ids_bl: jax.Array | None,
+        rngs: nnx.Rngs | None,
+    ) -> jax.Array:
+        """Projected query outputs (B, num_queries, llm_width), in the LLM's input space."""
+        features, frame_mask = self.encode_audio(audio_bs, num_samples_b)
+        return self.llm_projection(self.query_outputs(features, frame_mask, qformer_ids_bl, rngs))
+
+    def prompt(
+        self, soft_bqd: jax.Array, instruction_ids_bl: jax.Array
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """[soft prompt; instruction] as LLM input: embeddings (B, Q + Li, D), mask (B, Q + Li) and the
+        token ids for repetition penalties (-1 on soft-prompt and padding slots)."""
+        b, q, _ = soft_bqd.shape
+        valid = instruction_ids_bl >= 0
+        embeds = self.llm.embed(jnp.maximum(instruction_ids_bl, 0)).astype(jnp.float32)
+        embeds = jnp.concatenate([soft_bqd.astype(jnp.float32), embeds], axis=1)
+        mask = jnp.concatenate([jnp.ones((b, q), bool), valid], axis=1)
+        ids = jnp.concatenate([jnp.full((b, q), -1, jnp.int32), jnp.where(valid, instruction_ids_bl, -1)], 1)
+        return embeds, mask, ids
+
+    # --- the loss -------------------------------------------------------------------------------------
+
+    def answer_logits(self, batch: Stage2Batch, rngs: nnx.Rngs | None) -> jax.Array:
+        """Logits (B, La, V) that predict each answer token (position j predicts answer_ids[:, j])."""
+        soft = self.soft_prompt(batch.audio, batch.num_samples, batch.qformer_ids, rngs)
+        prompt_embeds, prompt_mask, _ = self.prompt(soft, batch.instruction_ids)
+        answer_valid = batch.answer_ids >= 0
+        answer_ids = jnp.maximum(batch.answer_ids, 0)
+        if is_encoder_decoder(self.llm):
+            encoder_out = self.llm.encode(prompt_embeds, prompt_mask)
+            start = self.llm.token_ids.decoder_start
+            decoder_ids = jnp.concatenate(
+                [jnp.full((answer_ids.shape[0], 1), start, jnp.int32), answer_ids[:, :-1]], axis=1
+            )
+            positions = jnp.broadcast_to(jnp.arange(decoder_ids.shape[1]), decoder_ids.shape)
+            logits, _ = self.llm.decode(decoder_ids, positions, encoder_out, prompt_mask)
+            return logits
+        embeds = jnp.concatenate([prompt_embeds, self.llm.embed(answer_ids).astype(jnp.float32)], axis=1)
+        mask = jnp.concatenate([prompt_mask, answer_valid], axis=1)
+        positions = jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
+        logits, _ = self.llm(embeds, positions, mask)
+        p, a = prompt_mask.shape[1], answer_ids.shape[1]
+        return logits[:, p - 1 : p + a - 1]
+
+    def __call__(
+        self, batch: Stage2Batch, *, rngs: nnx.Rngs | None
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """The answer-only language-modelling loss on one global batch. Returns (loss, metrics)."""
+        with rematerialised_layers(self.llm, self.config.remat_policy):
+            logits = self.answer_logits(batch, rngs)
+        valid = batch.answer_ids >= 0
+        labels = jnp.maximum(batch.answer_ids, 0)
+        loss = masked_cross_entropy(logits, labels, valid)
+        hits = (logits.argmax(-1) == labels) & valid
+        accuracy = hits.sum() / jnp.maximum(valid.sum(), 1)
+        return loss, {"loss": loss, "token_accuracy": accuracy, "answer_tokens": valid.sum()}
