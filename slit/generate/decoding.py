@@ -5,8 +5,8 @@
 `generate_seq2seq` decodes from an encoder-decoder LM (EncoderDecoderLM) given the encoder's input
 embeddings, starting from the model's decoder-start token.
 
-The prompt is run once (prefill) into a cache of P + N slots (N = max_new_tokens); then each step
-feeds one token per row. Shapes are static, so one compilation serves every call with the same
+The prompt is run once (prefill) into a cache of P + N - 1 slots (N = max_new_tokens); then each
+step feeds one slot per row. Shapes are static, so one compilation serves every call with the same
 shapes and config; the loop stops as soon as every row has finished.
 
 Strategies follow transformers' `generate` so that tokens match it:
@@ -240,10 +240,17 @@ def generate_seq2seq(
 
 # ---------------------------------------------------------------------------------------------------------
 # The jitted programs: prefill, then the search loop.
+#
+# The loop body feeds one input per row, then chooses the next token from the resulting scores, so
+# that token choice is compiled once and nothing is computed that is not used: the prefill covers
+# the prompt but its last slot (whose output-layer scores XLA then never computes), and the first
+# iteration feeds the last prompt slot.
 
-# forward(tokens int32 [B], step, cache) -> (logits float32 [B, V], cache): feeds each row the token
-# it generated at `step` and returns the scores for step + 1.
+# forward(inputs [B, ...], step, cache) -> (scores float32 [B, V], cache): feeds each row one slot
+# (for step 0 the last prompt slot, then the token chosen at step - 1) and returns the next-token
+# scores. feed(tokens int32 [B]) -> the inputs that feed those tokens.
 Forward = Callable[[jax.Array, jax.Array, KVCache], tuple[jax.Array, KVCache]]
+Feed = Callable[[jax.Array], jax.Array]
 
 
 def _repeat_rows(tree: Any, times: int) -> Any:
@@ -267,28 +274,33 @@ def _generate_decoder_only(
     prompt_mask = prompt_mask.astype(bool)
     positions = positions_from_mask(prompt_mask) if positions is None else positions.astype(jnp.int32)
     batch, prompt_len, _ = prompt_embeds.shape
-    cache = model.init_cache(batch, prompt_len + config.max_new_tokens, prompt_embeds.dtype)
-    logits, cache = model(prompt_embeds, positions, prompt_mask, cache)
-    first_logits = logits[:, -1]
+    # Slots: the prompt, then every chosen token but the last.
+    cache = model.init_cache(batch, prompt_len + config.max_new_tokens - 1, prompt_embeds.dtype)
+    if prompt_len > 1:
+        _, cache = model(prompt_embeds[:, :-1], positions[:, :-1], prompt_mask[:, :-1], cache)
     seen = None
     if config.repetition_penalty != 1.0:
         if prompt_token_ids is None:
             seen = jnp.zeros((batch, model.vocab_size), bool)
         else:
             seen = processors.seen_tokens(prompt_token_ids, model.vocab_size, prompt_mask)
-    next_position = positions[:, -1] + 1  # [B]; prompts are left-padded
-    k = config.num_beams
-    if k > 1:
-        first_logits, cache, seen, next_position = _repeat_rows((first_logits, cache, seen, next_position), k)
+    first_inputs, last_position = prompt_embeds[:, -1], positions[:, -1]  # left-padded: real slots
+    if config.num_beams > 1:
+        first_inputs, cache, seen, last_position = _repeat_rows(
+            (first_inputs, cache, seen, last_position), config.num_beams
+        )
 
-    def forward(tokens_b: jax.Array, step: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
-        embeds = model.embed(tokens_b[:, None])
-        step_positions = (next_position + step)[:, None]
-        logits, cache = model(embeds, step_positions, jnp.ones_like(tokens_b, bool)[:, None], cache)
+    def forward(inputs_bd: jax.Array, step: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        rows = inputs_bd.shape[0]
+        step_positions = (last_position + step)[:, None]
+        logits, cache = model(inputs_bd[:, None], step_positions, jnp.ones((rows, 1), bool), cache)
         return logits[:, -1], cache
 
-    search = _sample_search if k == 1 else _beam_search
-    return search(forward, first_logits, cache, seen, config, rng)
+    def feed(tokens_b: jax.Array) -> jax.Array:
+        return model.embed(tokens_b[:, None])[:, 0].astype(prompt_embeds.dtype)
+
+    search = _sample_search if config.num_beams == 1 else _beam_search
+    return search(forward, feed, first_inputs, cache, seen, config, rng)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "config"))
@@ -307,26 +319,23 @@ def _generate_encoder_decoder(
     encoded = model.encode(encoder_embeds, encoder_mask)
     if hasattr(model, "cross_attention_cache"):  # computed once instead of at every step
         encoded = model.cross_attention_cache(encoded)
-    start = jnp.full((batch, 1), model.token_ids.decoder_start, jnp.int32)
+    start = jnp.full((batch,), model.token_ids.decoder_start, jnp.int32)
     cache = model.init_cache(batch, config.max_new_tokens, encoder_embeds.dtype)
-    logits, cache = model.decode(start, jnp.zeros((batch, 1), jnp.int32), encoded, encoder_mask, cache)
-    first_logits = logits[:, -1]
     seen = None
     if config.repetition_penalty != 1.0:
-        seen = processors.seen_tokens(start, model.vocab_size)
-    k = config.num_beams
-    if k > 1:
-        first_logits, cache, seen, encoded, encoder_mask = _repeat_rows(
-            (first_logits, cache, seen, encoded, encoder_mask), k
+        seen = processors.seen_tokens(start[:, None], model.vocab_size)
+    if config.num_beams > 1:
+        start, cache, seen, encoded, encoder_mask = _repeat_rows(
+            (start, cache, seen, encoded, encoder_mask), config.num_beams
         )
 
     def forward(tokens_b: jax.Array, step: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
-        step_positions = jnp.full((tokens_b.shape[0], 1), step + 1, jnp.int32)
+        step_positions = jnp.full((tokens_b.shape[0], 1), step, jnp.int32)  # the start token: 0
         logits, cache = model.decode(tokens_b[:, None], step_positions, encoded, encoder_mask, cache)
         return logits[:, -1], cache
 
-    search = _sample_search if k == 1 else _beam_search
-    return search(forward, first_logits, cache, seen, config, rng)
+    search = _sample_search if config.num_beams == 1 else _beam_search
+    return search(forward, lambda tokens_b: tokens_b, start, cache, seen, config, rng)
 
 
 def _process(
@@ -357,52 +366,48 @@ def _is_eos(tokens: jax.Array, eos: tuple[int, ...]) -> jax.Array:
 
 def _sample_search(
     forward: Forward,
-    first_logits_bv: jax.Array,
+    feed: Feed,
+    first_inputs: jax.Array,
     cache: KVCache,
     seen_bv: jax.Array | None,
     config: GenerationConfig,
     rng: jax.Array,
 ) -> tuple[jax.Array, jax.Array]:
-    batch = first_logits_bv.shape[0]
+    batch = first_inputs.shape[0]
     n = config.max_new_tokens
     key = _rbg_key(rng)
 
-    def choose(carry: dict, logits_bv: jax.Array, step: jax.Array) -> dict:
-        scores = _process(logits_bv, carry["seen"], config, min_tokens_to_keep=1)
+    def keep_going(carry: dict) -> jax.Array:
+        return (carry["step"] < n) & ~jnp.all(carry["finished"])
+
+    def body(carry: dict) -> dict:
+        step, finished = carry["step"], carry["finished"]
+        logits, cache = forward(carry["inputs"], step, carry["cache"])
+        scores = _process(logits, carry["seen"], config, min_tokens_to_keep=1)
         if config.do_sample:
             token = jax.random.categorical(jax.random.fold_in(key, step), scores, axis=-1)
         else:
             token = jnp.argmax(scores, axis=-1)
-        finished = carry["finished"]
         token = jnp.where(finished, config.pad, token).astype(jnp.int32)
         return dict(
-            carry,
-            step=step,
-            token=token,
+            step=step + 1,
+            inputs=feed(token),
             tokens=carry["tokens"].at[:, step].set(token),
             lengths=carry["lengths"] + (~finished).astype(jnp.int32),
             finished=finished | _is_eos(token, config.eos),
             seen=None if carry["seen"] is None else processors.mark_seen(carry["seen"], token),
+            cache=cache,
         )
 
     carry = dict(
         step=jnp.zeros((), jnp.int32),
-        token=jnp.zeros((batch,), jnp.int32),
+        inputs=first_inputs,
         tokens=jnp.full((batch, n), config.pad, jnp.int32),
         lengths=jnp.zeros((batch,), jnp.int32),
         finished=jnp.zeros((batch,), bool),
         seen=seen_bv,
         cache=cache,
     )
-    carry = choose(carry, first_logits_bv, carry["step"])
-
-    def keep_going(carry: dict) -> jax.Array:
-        return (carry["step"] + 1 < n) & ~jnp.all(carry["finished"])
-
-    def body(carry: dict) -> dict:
-        logits_bv, cache = forward(carry["token"], carry["step"], carry["cache"])
-        return choose(dict(carry, cache=cache), logits_bv, carry["step"] + 1)
-
     carry = jax.lax.while_loop(keep_going, body, carry)
     return carry["tokens"], carry["lengths"]
 
@@ -413,17 +418,17 @@ def _sample_search(
 
 def _beam_search(
     forward: Forward,
-    first_logits: jax.Array,
+    feed: Feed,
+    first_inputs: jax.Array,
     cache: KVCache,
     seen: jax.Array | None,
     config: GenerationConfig,
     rng: jax.Array,
 ) -> tuple[jax.Array, jax.Array]:
-    """first_logits [B * K, V] (rows of one batch item adjacent); cache and seen with B * K rows."""
+    """first_inputs, cache and seen with B * K rows (the K rows of a batch item adjacent)."""
     k, n = config.num_beams, config.max_new_tokens
     key = _rbg_key(rng)
-    batch = first_logits.shape[0] // k
-    vocab = first_logits.shape[-1]
+    batch = first_inputs.shape[0] // k
     num_candidates = max(2, 1 + len(config.eos)) * k
     min_tokens_to_keep = len(config.eos) + 1  # transformers keeps a non-EOS continuation when sampling
     lp = config.length_penalty
@@ -438,6 +443,7 @@ def _beam_search(
         return jnp.take_along_axis(x, index, axis=1)
 
     def select(carry: dict, logits: jax.Array, step: jax.Array) -> dict:
+        vocab = logits.shape[-1]
         log_probs = jax.nn.log_softmax(logits, axis=-1)
         log_probs = _process(log_probs, carry["seen"], config, min_tokens_to_keep)
         totals = (log_probs.reshape(batch, k, vocab) + carry["running_scores"][:, :, None]).reshape(batch, -1)
@@ -489,7 +495,6 @@ def _beam_search(
             seen = processors.mark_seen(seen[origin_rows], running_tokens[:, :, step].reshape(-1))
         return dict(
             carry,
-            step=step,
             running_tokens=running_tokens,
             running_scores=running_scores,
             origin_rows=origin_rows,
@@ -502,8 +507,24 @@ def _beam_search(
             seen=seen,
         )
 
+    def keep_going(carry: dict) -> jax.Array:
+        return carry["go_on"] & (carry["step"] < n)
+
+    def body(carry: dict) -> dict:
+        step = carry["step"]
+        logits, cache = forward(carry["inputs"], step, carry["cache"])
+        carry = select(carry, logits, step)
+        rows = carry["origin_rows"]  # each running beam continues the cache row it came from
+        return dict(
+            carry,
+            step=step + 1,
+            inputs=feed(carry["running_tokens"][:, :, step].reshape(-1)),
+            cache=jax.tree.map(lambda x: x[rows] if x.ndim else x, cache),
+        )
+
     carry = dict(
         step=jnp.zeros((), jnp.int32),
+        inputs=first_inputs,
         running_tokens=jnp.full((batch, k, n), config.pad, jnp.int32),
         running_scores=jnp.zeros((batch, k)).at[:, 1:].set(_NEG),
         origin_rows=jnp.arange(batch * k),
@@ -516,17 +537,5 @@ def _beam_search(
         seen=seen,
         cache=cache,
     )
-    carry = select(carry, first_logits, carry["step"])
-
-    def keep_going(carry: dict) -> jax.Array:
-        return carry["go_on"] & (carry["step"] + 1 < n)
-
-    def body(carry: dict) -> dict:
-        rows = carry["origin_rows"]
-        cache = jax.tree.map(lambda x: x[rows] if x.ndim else x, carry["cache"])
-        tokens = carry["running_tokens"][:, :, carry["step"]].reshape(-1)
-        logits, cache = forward(tokens, carry["step"], cache)
-        return select(dict(carry, cache=cache), logits, carry["step"] + 1)
-
     carry = jax.lax.while_loop(keep_going, body, carry)
     return carry["sequences"][:, 0], carry["lengths"][:, 0]
