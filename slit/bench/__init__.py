@@ -4,4 +4,5 @@ run(args) -> dict (a JSON-serialisable result). See slit/commands/bench.py."""
 # name -> module
 BENCHES: dict[str, str] = {
     "data": "slit.bench.data",
+    "generate": "slit.bench.generate",
 }
