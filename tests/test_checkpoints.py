@@ -140,13 +140,16 @@ def test_restore_across_topologies_fsdp8_then_2x4_then_one_device(tmp_path, tiny
     assert third["devices"] == 1 and third["restored_step"] == 2 and third["same_names"]
     assert third["bitwise_equal"] and third["shardings_match"]
 
-    # Three steps over three meshes equal three steps on one device, up to reduction order.
+    # Three steps over three meshes equal three steps on one device, up to reduction order. Attention
+    # key biases are left out: softmax is invariant to them, so their true gradient is exactly zero and
+    # what Adam makes of the rounding noise in it differs with the reduction order.
     config = tiny_config(tiny_data_dir, total_steps=3, checkpoint_every_steps=0)
     stage1.train(config, tmp_path / "one_device")
     hopped, single = final_params(workdir, 3), final_params(tmp_path / "one_device", 3)
-    for name in single:
-        if name.startswith("params/"):
-            np.testing.assert_allclose(hopped[name], single[name], rtol=1e-4, atol=1e-5, err_msg=name)
+    compared = [n for n in single if n.startswith("params/") and not n.endswith("key/bias")]
+    assert len(compared) > 50
+    for name in compared:
+        np.testing.assert_allclose(hopped[name], single[name], rtol=1e-4, atol=1e-5, err_msg=name)
 
 
 def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, tiny_data_dir, capfd):

@@ -22,11 +22,7 @@ def read_checkpoint_on_host(directory: pathlib.Path, step: int) -> dict:
     import orbax.checkpoint as ocp
 
     with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
-        meta = manager.item_metadata(step)["state"]
-        args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
-        return manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(restore_args=args))
-        )["state"]
+        return checkpoint.read_on_host(manager, step)["state"]
 
 
 def by_name(tree: dict) -> dict:

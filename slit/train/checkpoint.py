@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import hashlib
+import json
 import pathlib
 import shutil
 import sys
@@ -123,6 +124,62 @@ def abstract_like(state: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
 
 
+def host_restore_args(item_metadata: Any) -> Any:
+    """Restore arguments that read every array of a checkpoint item onto this process's first device,
+    whatever mesh it was saved from (8 devices or 1), for reading on the host with `jax.device_get`.
+
+    `RestoreArgs(restore_type=np.ndarray)` is not enough: orbax then takes the saved shardings, which
+    name devices that may not exist here.
+    """
+    single = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def arg(leaf: Any) -> Any:
+        if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
+            return ocp.ArrayRestoreArgs(sharding=single, global_shape=tuple(leaf.shape), dtype=leaf.dtype)
+        return ocp.RestoreArgs()
+
+    return jax.tree.map(arg, item_metadata)
+
+
+def read_on_host(manager: ocp.CheckpointManager, step: int, *, metadata: bool = False) -> dict:
+    """The "state" item of a step as NumPy arrays (and, with `metadata`, the "metadata" JSON too),
+    whatever mesh the step was saved from."""
+    # The array metadata (shapes, dtypes) straight from the item's directory: a manager that was not
+    # told the item's handler reports none.
+    tree = (
+        ocp.PyTreeCheckpointer().metadata(pathlib.Path(manager.directory) / str(step) / "state").item_metadata
+    )
+    tree = getattr(tree, "tree", tree)
+    args = {"state": ocp.args.PyTreeRestore(restore_args=host_restore_args(tree))}
+    if metadata:
+        args["metadata"] = ocp.args.JsonRestore()
+    restored = manager.restore(step, args=ocp.args.Composite(**args))
+    out = {"state": jax.device_get(restored["state"])}
+    if metadata:
+        out["metadata"] = restored["metadata"]
+    return out
+
+
+def run_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
+    """The resolved config of a run: `<workdir>/config.json` (written by `slit train`), else the one
+    recorded in the newest checkpoint's metadata."""
+    workdir = pathlib.Path(workdir)
+    if (workdir / "config.json").is_file():
+        return ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+    steps = (
+        sorted((int(p.name) for p in (workdir / CHECKPOINTS).glob("*") if p.name.isdigit()), reverse=True)
+        if (workdir / CHECKPOINTS).is_dir()
+        else []
+    )
+    for step in steps:
+        path = workdir / CHECKPOINTS / str(step) / "metadata" / "metadata"
+        if path.is_file():
+            return ml_collections.ConfigDict(json.loads(path.read_text())["config"])
+    raise UserError(
+        f"{workdir} has neither config.json nor a checkpoint; give the workdir of a `slit train` run"
+    )
+
+
 def locate(path: str | pathlib.Path) -> tuple[pathlib.Path, int | None]:
     """Resolves a workdir, its checkpoints directory, or one step's directory to
     (checkpoints directory, step or None for the newest)."""
@@ -181,10 +238,13 @@ class Checkpointer:
         self.manager = _manager(self.directory, config)
         self.save_seconds: list[float] = []  # time the step loop waited for each save
 
-    def save(self, step: int, state: dict, data_iter: grain.DatasetIterator, force: bool = False) -> None:
-        """Saves asynchronously (returns once arrays are off the devices); a step saved already is kept."""
+    def save(
+        self, step: int, state: dict, data_iter: grain.DatasetIterator, force: bool = False
+    ) -> float | None:
+        """Saves asynchronously (returns once arrays are off the devices) and returns the seconds that
+        took; a step saved already is kept (returns None)."""
         if step in self.manager.all_steps():
-            return
+            return None
         start = time.perf_counter()
         metadata = {
             "step": int(step),
@@ -203,6 +263,7 @@ class Checkpointer:
             force=force,
         )
         self.save_seconds.append(time.perf_counter() - start)
+        return self.save_seconds[-1]
 
     def wait(self) -> float:
         """Blocks until pending saves are on disk; returns the seconds waited."""
@@ -236,6 +297,25 @@ class Checkpointer:
         if self.config.init_from:
             return self._init_from(self.config.init_from, state, shardings)
         return Start(state, 0, "fresh start")
+
+    def restore_for_eval(self, state: dict, shardings: dict, step: int | None = None) -> tuple[dict, int]:
+        """The trainable state of a step (default: the newest) for evaluation; no data state, no moving
+        of damaged checkpoints. Checks the frozen models like a resume does."""
+        step = self.manager.latest_step() if step is None else step
+        if step is None or step not in self.manager.all_steps():
+            raise UserError(f"{self.directory} has no checkpoint {'yet' if step is None else step}")
+        metadata = self.manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
+        check_frozen_identity(
+            metadata["metadata"].get("frozen_models", {}),
+            self.frozen,
+            str(self.directory / str(step)),
+            self.config.allow_frozen_mismatch,
+        )
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_like(state, shardings))),
+        )
+        return restored["state"], int(step)
 
     # ----------------------------------------------------------------------------------------------
 
@@ -308,11 +388,7 @@ class Checkpointer:
             step = manager.latest_step() if step is None else step
             if step is None:
                 raise UserError(f"init_from={path}: {directory} holds no checkpoint")
-            meta = manager.item_metadata(step)["state"]
-            host = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
-            source = manager.restore(
-                step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(restore_args=host))
-            )["state"]["params"]
+            source = read_on_host(manager, step)["state"]["params"]
         finally:
             manager.close()
         params, copied, fresh, mismatched = merge_matching(state["params"], source)
@@ -332,16 +408,32 @@ class Checkpointer:
         return Start(dict(state, params=params), 0, f"init_from {directory / str(step)}")
 
 
+def path_name(path: tuple) -> str:
+    """A tree path as "a/b/0/c", the same whether a level is a dict with string keys (as orbax reads
+    checkpoints back), a list, a namedtuple or an nnx.State with integer keys."""
+    parts = []
+    for key in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+        else:
+            parts.append(str(key))
+    return "/".join(parts)
+
+
 def merge_matching(target: dict, source: dict) -> tuple[dict, list[str], list[str], list[str]]:
     """Takes `source`'s arrays where the same path exists in `target` with the same shape.
 
+    Paths compare by `path_name`, so a checkpoint read back as nested string-keyed dicts matches
+    the model's own state (whose layer lists have integer keys).
     Returns (merged params, copied paths, paths left as in target, paths whose shapes differ).
     """
-    source_flat = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(source)[0]}
+    source_flat = {path_name(p): v for p, v in jax.tree_util.tree_flatten_with_path(source)[0]}
     copied, fresh, mismatched = [], [], []
 
     def pick(path: tuple, value: Any) -> Any:
-        name = jax.tree_util.keystr(path)
+        name = path_name(path)
         if name not in source_flat:
             fresh.append(name)
             return value
@@ -357,11 +449,10 @@ def merge_matching(target: dict, source: dict) -> tuple[dict, list[str], list[st
 
 
 def _prefixes(paths: list[str], depth: int = 2) -> list[str]:
-    """Short group names for a list of tree paths like "['qformer']['layers'][0]..."."""
+    """Short group names (the first `depth` levels) for a list of `path_name`s."""
     out = []
     for p in paths:
-        parts = p.replace("]", "").split("[")[1 : depth + 1]
-        name = "/".join(s.strip("'") for s in parts)
+        name = "/".join(p.split("/")[:depth])
         if name not in out:
             out.append(name)
     return out

@@ -125,7 +125,9 @@ def run(
                 raise Preempted(done, str(ckpt.directory / str(done)))
 
             if config.checkpoint_every_steps and done % config.checkpoint_every_steps == 0:
-                ckpt.save(done, state, data_iter)
+                waited = ckpt.save(done, state, data_iter)  # the copy off the devices; writing goes on
+                if waited is not None:
+                    writer.write(done, {"checkpoint_blocking_seconds": waited})
 
         if metrics is not None:
             _check_finite(jax.device_get(metrics), done, first_bad_step, config, recent)
