@@ -24,6 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.log_every_steps = 25
     c.eval_every_steps = 300
     c.checkpoint_every_steps = 300
+    c.retrieval_rerank_k = 16  # final test: re-rank each query's top k by the matching head (0: off)
     c.checkpoints_to_keep = 3  # the newest N ...
     c.checkpoint_keep_period = 0  # ... plus every K-th step (0: none)
     # Where a run starts, first match wins: this workdir's newest checkpoint; resume_from (another

@@ -27,6 +27,7 @@ from flax import nnx
 
 import slit
 from slit.errors import UserError
+from slit.train import checkpoint
 
 FORMATS = ("safetensors", "bundle", "hf-blip2")
 MODEL_GROUPS = ("audio_encoder", "qformer", "loss", "tokenizer")  # what rebuilding the model needs
@@ -58,14 +59,7 @@ def read_run(workdir: str | pathlib.Path, step: int | None = None) -> TrainedRun
         step = max(steps) if step is None else step
         if step not in steps:
             raise UserError(f"{directory} has no step {step}; it has {sorted(steps)}")
-        meta = manager.item_metadata(step)["state"]
-        on_host = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
-        restored = manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.PyTreeRestore(restore_args=on_host), metadata=ocp.args.JsonRestore()
-            ),
-        )
+        restored = checkpoint.read_on_host(manager, step, metadata=True)
     metadata = restored["metadata"]
     config = ml_collections.ConfigDict(metadata["config"])
     return TrainedRun(workdir, int(step), config, restored["state"]["params"], metadata)
@@ -130,9 +124,7 @@ def export(
     run = read_run(workdir, step)
     out.mkdir(parents=True, exist_ok=True)
     if fmt == "hf-blip2":
-        from slit.interop import hf_convert
-
-        hf_convert.export_blip2_retrieval(run.params, model_config_dict(run.config), out)
+        export_hf_blip2(run, out)
         return out
     from safetensors.numpy import save_file
 
@@ -158,6 +150,28 @@ def export(
     return out
 
 
+def typed_params(run: TrainedRun) -> tuple[dict, Any]:
+    """The run's params with the model's own key types (list indices as ints), and its Stage1Config."""
+    from slit.data.tokenizer import TextTokenizer
+    from slit.models.stage1 import Stage1Model
+    from slit.train import stage1
+
+    cfg = stage1.model_config(run.config, TextTokenizer.from_directory(run.workdir))
+    abstract = nnx.eval_shape(lambda: Stage1Model(cfg, rngs=nnx.Rngs(0)))
+    like = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
+    return unflatten(flatten(run.params), like), cfg
+
+
+def export_hf_blip2(run: TrainedRun, out: pathlib.Path) -> None:
+    """`Blip2ForImageTextRetrieval` layout: query tokens, text embeddings, Q-Former, projections, ITM head
+    (slit.interop.hf_convert.export_qformer), plus the tokenizer."""
+    from slit.interop import hf_convert
+
+    params, cfg = typed_params(run)
+    hf_convert.export_qformer(out, params, cfg.qformer, layout="blip2-retrieval", embed_dim=cfg.embed_dim)
+    shutil.copy(run.workdir / "tokenizer.json", out / "tokenizer.json")
+
+
 def model_card(run: TrainedRun, info: dict) -> str:
     """A README.md for an exported model: what it is, its data, its numbers, how to load it."""
     q, a = run.config.qformer, run.config.audio_encoder
@@ -175,20 +189,12 @@ def model_card(run: TrainedRun, info: dict) -> str:
     for name, frozen in info["frozen_models"].items():
         lines.append(f"- Frozen `{name}`: {frozen['source']} (fingerprint `{frozen['fingerprint']}`).")
     lines += ["", "## Results", ""]
-    reports = sorted((run.workdir / "eval").glob("*.json")) if (run.workdir / "eval").is_dir() else []
-    if not reports:
+    tables = sorted((run.workdir / "eval").glob("*.md")) if (run.workdir / "eval").is_dir() else []
+    if not tables:
         lines.append("No evaluation report in the workdir.")
-    for path in reports:
-        report = json.loads(path.read_text())
-        lines.append(f"`{path.name}`:")
-        lines.append("")
-        lines.append("| direction | " + " | ".join(k for k in report.get("text_to_audio", {})) + " |")
-        lines.append("|---|" + "---|" * len(report.get("text_to_audio", {})))
-        for direction in ("audio_to_text", "text_to_audio"):
-            if direction in report:
-                cells = " | ".join(f"{100 * v:.1f}%" for v in report[direction].values())
-                lines.append(f"| {direction} | {cells} |")
-        lines.append("")
+    for path in tables:  # written next to each eval/<task>-<data>-<split>.json by slit.eval.reports
+        text = path.read_text().strip()
+        lines += ["### " + text.removeprefix("# ") if text.startswith("# ") else text, ""]
     lines += [
         "## Loading",
         "",
@@ -214,7 +220,7 @@ def load_bundle(directory: str | pathlib.Path, check_frozen: bool = True) -> tup
     from safetensors.numpy import load_file
 
     from slit.data.tokenizer import TextTokenizer
-    from slit.train import checkpoint, sharding, stage1
+    from slit.train import sharding, stage1
 
     directory = pathlib.Path(directory)
     for name in ("config.json", "model.safetensors", "tokenizer.json"):

@@ -59,6 +59,7 @@ def tiny_overrides(data_dir: str, **extra: object) -> dict[str, object]:
         "qformer.mlp_dim": 64,
         "qformer.embed_dim": 16,
         "qformer.initializer_range": 0.15,
+        "retrieval_rerank_k": 4,
     }
     overrides.update(extra)
     return overrides

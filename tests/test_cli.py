@@ -41,12 +41,25 @@ def test_short_run_writes_metrics_eval_report_and_resumes(tmp_path, tiny_data_di
     assert any("validation/text_to_audio_R@1" in m and m["step"] == 2 for m in lines)
     assert list((workdir / "tensorboard").iterdir())
 
-    report = json.loads((workdir / "eval" / "retrieval.json").read_text())
-    assert report["num_audio"] == 16 and report["num_text"] == 16 * 5
+    stem = workdir / "eval" / "retrieval-slit_synthetic_sounds_tiny-test"
+    document = json.loads(stem.with_suffix(".json").read_text())
+    assert document["checkpoint_step"] == 4 and document["config"]["retrieval_rerank_k"] == 4
+    assert stem.with_suffix(".md").is_file() and stem.with_suffix(".png").is_file()
+    for ranking in ("contrastive", "reranked"):
+        report = document["metrics"][ranking]
+        assert report["num_audio"] == 16 and report["num_text"] == 16 * 5
+        for direction in ("audio_to_text", "text_to_audio"):
+            r = report[direction]
+            assert set(r) == {"R@1", "R@5", "R@10", "mAP@10"}
+            assert 0.0 <= r["R@1"] <= r["R@5"] <= r["R@10"] <= 1.0 and 0.0 <= r["mAP@10"] <= 1.0
+    assert any("test_reranked/text_to_audio_R@1" in m for m in lines)
+    # The stable summary scripts read: the contrastive numbers at the top level.
+    summary = json.loads((workdir / "eval" / "retrieval.json").read_text())
+    assert summary["num_audio"] == 16 and summary["num_text"] == 80 and summary["step"] == 4
     for direction in ("audio_to_text", "text_to_audio"):
-        assert set(report[direction]) == {"R@1", "R@5", "R@10"}
-        assert 0.0 <= report[direction]["R@1"] <= report[direction]["R@5"] <= report[direction]["R@10"] <= 1.0
-    assert "text_to_audio" in result.stdout and "chance" in result.stdout
+        assert summary[direction] == document["metrics"]["contrastive"][direction]
+        assert summary["reranked"][direction] == document["metrics"]["reranked"][direction]
+    assert "text_to_audio" in result.stdout and "chance" in result.stdout and "top 4" in result.stdout
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
     # Checkpoints hold the trainable state and never the frozen tower.
     saved = json.loads((workdir / "checkpoints" / "4" / "state" / "_METADATA").read_text())["tree_metadata"]

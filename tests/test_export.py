@@ -42,8 +42,9 @@ def test_safetensors_export_has_the_weights_config_tokenizer_and_a_model_card(tr
     assert set(info["frozen_models"]) == {"audio_tower"}
     assert (out / "tokenizer.json").is_file()
     card = (out / "README.md").read_text()
-    report = json.loads((workdir / "eval" / "retrieval.json").read_text())
-    assert f"{100 * report['text_to_audio']['R@1']:.1f}%" in card
+    report = json.loads(next((workdir / "eval").glob("retrieval-*-test.json")).read_text())
+    assert f"{100 * report['metrics']['contrastive']['text_to_audio']['R@1']:.1f}" in card
+    assert "reranked (top" in card
     assert config.data.name in card and "fingerprint" in card
 
 
@@ -58,7 +59,7 @@ def test_bundle_rebuilds_a_model_with_the_trained_outputs(trained, tmp_path):
     setup = stage1.build_training(config, stage1.make_tokenizer(config, workdir), mesh, rules)
     identity = checkpoint.frozen_identity(setup.parts.frozen, stage1.frozen_sources(config))
     ckpt = checkpoint.Checkpointer(workdir, config, identity)
-    spec = pipeline.AudioSpec(config.data.sample_rate, int(config.data.max_seconds * config.data.sample_rate))
+    spec = stage1.audio_spec(config)
     source = sources.open_split(config.data.name, config.data.data_dir, "test")
     batch = next(pipeline.eval_audio_batches(source, spec, config.batch_size))
     texts = pipeline.split_captions(source)[0][: config.batch_size]
@@ -72,12 +73,11 @@ def test_bundle_rebuilds_a_model_with_the_trained_outputs(trained, tmp_path):
         ),
     )["state"]
     ckpt.close()
-    embed_audio, embed_text, _, _ = stage1.make_embedders(setup.parts.graphdef, mesh, rules, setup.parts)
+    fns = stage1.make_embedders(setup.parts.graphdef, mesh, rules, setup.parts)
     with jax.set_mesh(mesh):
-        want_audio = np.asarray(
-            embed_audio(state["params"], setup.parts.frozen, batch["audio"], batch["num_samples"])
-        )
-        want_text = np.asarray(embed_text(state["params"], setup.parts.frozen, ids))
+        emb, _, _ = fns.embed_audio(state["params"], setup.parts.frozen, batch["audio"], batch["num_samples"])
+        want_audio = np.asarray(emb)
+        want_text = np.asarray(fns.embed_text(state["params"], setup.parts.frozen, ids))
 
     features, mask = model.encode_audio(batch["audio"], batch["num_samples"])
     got_audio = np.asarray(model.audio_embeddings(model.query_outputs(features, mask, None)))
@@ -111,3 +111,31 @@ def test_export_refuses_bad_requests_with_clear_messages(trained, tmp_path):
         export.export(workdir, "bundle", tmp_path / "new", step=7)
     with pytest.raises(UserError, match="not a slit bundle: config.json is missing"):
         export.load_bundle(tmp_path / "full")
+
+
+def test_hf_blip2_export_loads_in_transformers_and_round_trips(trained, tmp_path):
+    torch = pytest.importorskip("torch")
+    import transformers
+
+    from slit.interop import hf_convert
+
+    workdir, _ = trained
+    result = run_slit(
+        "export", "--workdir", str(workdir), "--format", "hf-blip2", "--out", str(tmp_path / "hf")
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    model, info = transformers.Blip2ForImageTextRetrieval.from_pretrained(
+        str(tmp_path / "hf"), output_loading_info=True
+    )
+    # An audio model has no image tower: its patch/position embeddings are the only keys missing.
+    assert all(k.startswith("vision_model.embeddings.") for k in info["missing_keys"])
+    assert not info["unexpected_keys"] and not info["mismatched_keys"]
+
+    # transformers' weights, imported back into slit, are the run's trainable weights.
+    state_dict = {k: v.detach().to(torch.float32).numpy() for k, v in model.state_dict().items()}
+    config = hf_convert.blip2_qformer_config(model.config)
+    back = export.flatten(hf_convert.blip2_retrieval_params(state_dict, config))
+    saved = export.flatten(export.read_run(workdir).params)
+    assert {k.split(".")[0] for k in back} >= {"qformer", "audio_projection", "text_projection", "itm_head"}
+    for name, value in back.items():
+        np.testing.assert_array_equal(value, saved[name], err_msg=name)

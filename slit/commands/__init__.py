@@ -8,6 +8,7 @@ import cheaply: jax and friends are imported inside `run`, so `slit --help` stay
 # name -> module; the order is the order of `slit --help`.
 COMMANDS: dict[str, str] = {
     "train": "slit.commands.train",
+    "eval": "slit.commands.eval",
     "generate": "slit.commands.generate",
     "export": "slit.commands.export",
     "bench": "slit.commands.bench",

@@ -14,7 +14,7 @@ from slit import config as config_lib
 HELP = "train a model from a config file"
 ACCEPTS_CONFIG_OVERRIDES = True  # --config.a.b=value
 # config.trainer -> the module with validate(config, num_devices, num_processes) and train(config, workdir)
-TRAINERS = {"stage1": "slit.train.stage1"}
+TRAINERS = {"stage1": "slit.train.stage1", "stage2": "slit.train.stage2"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

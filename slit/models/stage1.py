@@ -115,6 +115,23 @@ class Stage1Model(nnx.Module):
         )
         return l2_normalize(self.text_projection(hidden[:, 0]))
 
+    def match_logits(self, encoder_kv: list, frame_mask_bf: jax.Array, text_ids_bl: jax.Array) -> jax.Array:
+        """The matching head's "match" logit for (clip, text) pairs, averaged over queries: (batch,).
+
+        encoder_kv: `qformer.encoder_kv(features)` of each pair's clip; queries and text see each other.
+        This is BLIP-2's re-ranking score (added to the contrastive similarity).
+        """
+        hidden = self.qformer(
+            text_ids_bl=text_ids_bl,
+            attention_mask_bll=masks.bidirectional_mask(
+                self.config.qformer.num_queries, text_ids_bl != self.config.pad_token_id
+            ),
+            encoder_kv=encoder_kv,
+            encoder_mask_bf=frame_mask_bf,
+            rngs=None,
+        )
+        return self.itm_head(hidden[:, : self.config.qformer.num_queries])[..., 1].mean(axis=1)
+
     def __call__(
         self, batch: Stage1Batch, *, rngs: nnx.Rngs | None, negatives_key: jax.Array
     ) -> tuple[jax.Array, dict[str, jax.Array]]:

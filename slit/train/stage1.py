@@ -13,7 +13,7 @@ import dataclasses
 import functools
 import json
 import pathlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -28,7 +28,8 @@ from tqdm import tqdm
 from slit import config as config_lib
 from slit.data import pipeline, sources
 from slit.data.tokenizer import TextTokenizer, word_level_tokenizer
-from slit.eval import retrieval
+from slit.errors import UserError
+from slit.eval import classification, reports, retrieval
 from slit.models.audio.whisper import WhisperEncoderConfig
 from slit.models.layers import Frozen
 from slit.models.qformer import QFormerConfig
@@ -46,6 +47,13 @@ validate = config_lib.validate_stage1  # called by `slit train` before anything 
 # --------------------------------------------------------------------------------------------------
 # Building blocks
 # --------------------------------------------------------------------------------------------------
+
+
+def audio_spec(config: ml_collections.ConfigDict) -> pipeline.AudioSpec:
+    """Clips are cropped or zero-padded (and masked) to data.max_seconds at data.sample_rate."""
+    return pipeline.AudioSpec(
+        config.data.sample_rate, int(round(config.data.max_seconds * config.data.sample_rate))
+    )
 
 
 def make_tokenizer(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> TextTokenizer:
@@ -167,34 +175,59 @@ def make_train_step(
     return train_step
 
 
+@dataclasses.dataclass
+class RetrievalFunctions:
+    """Jitted evaluation functions over sharded batches; outputs come back replicated.
+
+    embed_audio: (params, frozen, audio, num_samples) -> (embeddings (B, Q, E), frozen encoder
+        features (B, F, D), frame mask (B, F))
+    embed_text: (params, frozen, text_ids) -> embeddings (B, E)
+    match: (params, frozen, features, frame mask, text_ids) -> matching-head logits (B,)
+    """
+
+    embed_audio: Callable[..., Any]
+    embed_text: Callable[..., Any]
+    match: Callable[..., Any]
+    audio_shardings: tuple
+    text_sharding: Any
+    mesh: jax.sharding.Mesh
+    rules: dict
+
+
 def make_embedders(
     graphdef: Any, mesh: jax.sharding.Mesh, rules: dict, parts: ModelParts
-) -> tuple[Callable[..., jax.Array], Callable[..., jax.Array], tuple, Any]:
-    """Jitted evaluation functions: audio -> (B, Q, E) embeddings and text ids -> (B, E)."""
+) -> RetrievalFunctions:
+    """Jits the evaluation functions with explicit shardings (batch-sharded in, replicated out)."""
     rep = sharding.replicated(mesh)
     audio_shardings = (sharding.batch_sharding(mesh, rules, 2), sharding.batch_sharding(mesh, rules, 1))
     text_sharding = sharding.batch_sharding(mesh, rules, 2)
+    weights = (parts.param_shardings, parts.frozen_shardings)
 
-    def embed_audio(params: dict, frozen: dict, audio: jax.Array, num_samples: jax.Array) -> jax.Array:
+    def embed_audio(params: dict, frozen: dict, audio: jax.Array, num_samples: jax.Array) -> tuple:
         model = nnx.merge(graphdef, params, frozen)
         features, mask = model.encode_audio(audio, num_samples)
-        return model.audio_embeddings(model.query_outputs(features, mask, None))
+        embeddings = model.audio_embeddings(model.query_outputs(features, mask, None))
+        return embeddings, features, mask
 
     def embed_text(params: dict, frozen: dict, text_ids: jax.Array) -> jax.Array:
         model = nnx.merge(graphdef, params, frozen)
         return model.text_embeddings(text_ids, None)
 
-    audio_fn = jax.jit(
-        embed_audio,
-        in_shardings=(parts.param_shardings, parts.frozen_shardings, *audio_shardings),
-        out_shardings=rep,
+    def match(
+        params: dict, frozen: dict, features: jax.Array, mask: jax.Array, text_ids: jax.Array
+    ) -> jax.Array:
+        model = nnx.merge(graphdef, params, frozen)
+        return model.match_logits(model.qformer.encoder_kv(features), mask, text_ids)
+
+    return RetrievalFunctions(
+        embed_audio=jax.jit(embed_audio, in_shardings=(*weights, *audio_shardings), out_shardings=rep),
+        embed_text=jax.jit(embed_text, in_shardings=(*weights, text_sharding), out_shardings=rep),
+        match=jax.jit(match, out_shardings=rep),
+        audio_shardings=audio_shardings,
+        text_sharding=text_sharding,
+        mesh=mesh,
+        rules=rules,
     )
-    text_fn = jax.jit(
-        embed_text,
-        in_shardings=(parts.param_shardings, parts.frozen_shardings, text_sharding),
-        out_shardings=rep,
-    )
-    return audio_fn, text_fn, audio_shardings, text_sharding
 
 
 def evaluate_retrieval(
@@ -202,37 +235,55 @@ def evaluate_retrieval(
     config: ml_collections.ConfigDict,
     tokenizer: TextTokenizer,
     spec: pipeline.AudioSpec,
-    embedders: tuple,
+    fns: RetrievalFunctions,
     params: dict,
     frozen: dict,
     should_stop: Callable[[], bool] = lambda: False,
+    rerank_k: int = 0,
 ) -> dict | None:
-    """Text-to-audio and audio-to-text recall@1/5/10 on a split, by contrastive similarity.
+    """Audio-text retrieval on a split: R@1/5/10 and mAP@10 both ways by contrastive similarity and,
+    with rerank_k > 0, after BLIP-2's re-ranking of each query's top k by the matching head.
 
-    Returns None if `should_stop()` turned true between batches (preemption).
+    Returns slit.eval.retrieval.retrieval_report's dict ({"contrastive", "reranked", "curves"}), or None
+    if `should_stop()` turned true between batches (preemption).
     """
-    embed_audio, embed_text, audio_shardings, text_sharding = embedders
     source = sources.open_split(config.data.name, config.data.data_dir, split)
     batch_size = config.batch_size
-    audio_embeddings = []
+    # For re-ranking, the frozen encoder's features of every clip stay on the host (a clip's
+    # cross-attention keys/values are recomputed from them for each pair scored).
+    audio_embeddings, clip_features, clip_masks = [], [], []
     for batch in pipeline.eval_audio_batches(source, spec, batch_size):
         if should_stop():
             return None
-        audio = sharding.replicated_to_global(batch["audio"], audio_shardings[0])
-        num_samples = sharding.replicated_to_global(batch["num_samples"], audio_shardings[1])
-        emb = embed_audio(params, frozen, audio, num_samples)
-        audio_embeddings.append(sharding.fetch_replicated(emb)[batch["valid"]])
+        audio = sharding.replicated_to_global(batch["audio"], fns.audio_shardings[0])
+        num_samples = sharding.replicated_to_global(batch["num_samples"], fns.audio_shardings[1])
+        emb, features, mask = fns.embed_audio(params, frozen, audio, num_samples)
+        valid = batch["valid"]
+        audio_embeddings.append(sharding.fetch_replicated(emb)[valid])
+        if rerank_k:
+            clip_features.append(sharding.fetch_replicated(features)[valid])
+            clip_masks.append(sharding.fetch_replicated(mask)[valid])
     audio_emb = np.concatenate(audio_embeddings)
     texts, owners = pipeline.split_captions(source)
-    text_embeddings = []
-    for start in range(0, len(texts), batch_size):
-        chunk = texts[start : start + batch_size]
-        ids = tokenizer.encode(chunk + [chunk[-1]] * (batch_size - len(chunk)), config.data.max_text_length)
-        emb = embed_text(params, frozen, sharding.replicated_to_global(ids, text_sharding))
-        text_embeddings.append(sharding.fetch_replicated(emb)[: len(chunk)])
-    text_emb = np.concatenate(text_embeddings)
+    all_ids = tokenizer.encode(texts, config.data.max_text_length)
+    if should_stop():
+        return None
+    text_emb = embed_text_ids(fns, params, frozen, all_ids, batch_size)
     sim = np.einsum("aqe,te->atq", audio_emb, text_emb).max(-1)
-    return retrieval.recall_at_k(sim, owners)
+    if not rerank_k:
+        return retrieval.retrieval_report(sim, owners)
+
+    features_host, masks_host = np.concatenate(clip_features), np.concatenate(clip_masks)
+
+    def score_pairs(audio_idx: np.ndarray, text_idx: np.ndarray) -> np.ndarray:
+        def put(x: np.ndarray) -> jax.Array:
+            return sharding.replicated_to_global(x, sharding.batch_sharding(fns.mesh, fns.rules, x.ndim))
+
+        features, mask = put(features_host[audio_idx]), put(masks_host[audio_idx])
+        logits = fns.match(params, frozen, features, mask, put(all_ids[text_idx]))
+        return sharding.fetch_replicated(logits)
+
+    return retrieval.retrieval_report(sim, owners, score_pairs, k=rerank_k, batch_size=batch_size)
 
 
 @dataclasses.dataclass
@@ -312,9 +363,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
         tokenizer.save(workdir)
 
     # Data.
-    spec = pipeline.AudioSpec(
-        config.data.sample_rate, int(round(config.data.max_seconds * config.data.sample_rate))
-    )
+    spec = audio_spec(config)
     if jax.process_count() > 1:  # one process generates a missing built-in dataset, the others wait
         if is_main:
             sources.open_split(config.data.name, config.data.data_dir, "train")
@@ -359,10 +408,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
         )
         if report is None:
             return None
-        progress_line = f"step {step}: validation text->audio R@1 {100 * report['text_to_audio']['R@1']:.1f}%"
+        r1 = report["contrastive"]["text_to_audio"]["R@1"]
         if is_main:
-            tqdm.write(progress_line)
-        return _flatten_report("validation", report)
+            tqdm.write(f"step {step}: validation text->audio R@1 {100 * r1:.1f}%")
+        return _flatten_report("validation", report["contrastive"])
 
     fns = loop.StepFunctions(
         step=setup.step_fn,
@@ -384,18 +433,192 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
             state["params"],
             parts.frozen,
             functools.partial(watcher.should_stop, config.total_steps),
+            rerank_k=config.retrieval_rerank_k,
         )
     if report is None:
         raise Preempted(config.total_steps, str(ckpt.directory / str(config.total_steps)))
-    report["step"] = int(config.total_steps)
-    writer.write(config.total_steps, _flatten_report("test", report))
+    scalars = _flatten_report("test", report["contrastive"])
+    if "reranked" in report:
+        scalars.update(_flatten_report("test_reranked", report["reranked"]))
+    writer.write(config.total_steps, scalars)
     writer.close()
     if is_main:
-        (workdir / "eval").mkdir(exist_ok=True)
-        (workdir / "eval" / "retrieval.json").write_text(json.dumps(report, indent=2) + "\n")
-        print(f"\nTest-split retrieval ({workdir / 'eval' / 'retrieval.json'}):")
-        print(retrieval.format_table(report))
+        paths = reports.write_report(
+            workdir, "retrieval", config.data.name, "test", report, config, step=int(config.total_steps)
+        )
+        # The stable summary that scripts read: contrastive numbers at the top level (audio_to_text /
+        # text_to_audio R@1/5/10 and mAP@10, num_audio, num_text), the re-ranked ones under "reranked".
+        summary = dict(report["contrastive"], step=int(config.total_steps))
+        if "reranked" in report:
+            summary.update(reranked=report["reranked"], rerank_k=report["rerank_k"])
+        (workdir / "eval" / "retrieval.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print(f"\nTest-split retrieval ({paths['json']}), by contrastive similarity:")
+        print(retrieval.format_table(report["contrastive"]))
+        if "reranked" in report:
+            print(f"after re-ranking each query's top {report['rerank_k']} by the matching head:")
+            print(retrieval.format_table(report["reranked"]))
     return report
+
+
+@dataclasses.dataclass
+class LoadedRun:
+    """A stage-one run's checkpoint restored for evaluation on this process's mesh."""
+
+    config: ml_collections.ConfigDict
+    tokenizer: TextTokenizer
+    params: dict
+    frozen: dict
+    fns: RetrievalFunctions
+    spec: pipeline.AudioSpec
+    mesh: jax.sharding.Mesh
+    step: int
+
+
+def load_run(
+    workdir: str | pathlib.Path, data_name: str, data_dir: str | None = None, step: int | None = None
+) -> LoadedRun:
+    """Restores a stage-one workdir's checkpoint (newest unless `step`) for evaluation on `data_name`,
+    checking the frozen encoder against the one it was trained with."""
+    workdir = pathlib.Path(workdir)
+    config = checkpoint.run_config(workdir)
+    config.data.name = data_name
+    if data_dir is not None:
+        config.data.data_dir = data_dir
+    mesh = sharding.make_mesh(config.mesh)
+    rules = sharding.rules_dict(config.sharding_rules)
+    tokenizer = make_tokenizer(config, workdir)
+    setup = build_training(config, tokenizer, mesh, rules)
+    identity = checkpoint.frozen_identity(setup.parts.frozen, frozen_sources(config))
+    ckpt = checkpoint.Checkpointer(workdir, config, identity)
+    try:
+        state, step = ckpt.restore_for_eval(setup.state, setup.state_shardings, step)
+    finally:
+        ckpt.close()
+    fns = make_embedders(setup.parts.graphdef, mesh, rules, setup.parts)
+    return LoadedRun(
+        config, tokenizer, state["params"], setup.parts.frozen, fns, audio_spec(config), mesh, step
+    )
+
+
+def evaluate_run(
+    workdir: str | pathlib.Path,
+    data_name: str,
+    split: str = "test",
+    data_dir: str | None = None,
+    rerank_k: int | None = None,
+    step: int | None = None,
+) -> tuple[dict, dict]:
+    """`slit eval --task retrieval`: a stage-one workdir's checkpoint on any split of any dataset with
+    captions. Returns (report, paths of the written files)."""
+    run = load_run(workdir, data_name, data_dir, step)
+    rerank_k = run.config.retrieval_rerank_k if rerank_k is None else rerank_k
+    with jax.set_mesh(run.mesh), PreemptionWatcher() as watcher:
+        report = evaluate_retrieval(
+            split,
+            run.config,
+            run.tokenizer,
+            run.spec,
+            run.fns,
+            run.params,
+            run.frozen,
+            functools.partial(watcher.should_stop, run.step),
+            rerank_k=rerank_k,
+        )
+    if report is None:
+        raise Preempted(run.step, "(evaluation only: nothing to save; re-run the command)")
+    paths = {}
+    if jax.process_index() == 0:
+        paths = reports.write_report(
+            workdir, "retrieval", data_name, split, report, run.config, step=run.step
+        )
+    return report, paths
+
+
+def embed_clips(run: LoadedRun, source: Sequence[dict], should_stop: Callable[[], bool]) -> np.ndarray | None:
+    """Every clip's normalised query embeddings, (N, Q, E), in the split's order; None if stopped."""
+    out = []
+    for batch in pipeline.eval_audio_batches(source, run.spec, run.config.batch_size):
+        if should_stop():
+            return None
+        audio = sharding.replicated_to_global(batch["audio"], run.fns.audio_shardings[0])
+        num_samples = sharding.replicated_to_global(batch["num_samples"], run.fns.audio_shardings[1])
+        emb, _, _ = run.fns.embed_audio(run.params, run.frozen, audio, num_samples)
+        out.append(sharding.fetch_replicated(emb)[batch["valid"]])
+    return np.concatenate(out)
+
+
+def embed_text_ids(
+    fns: RetrievalFunctions, params: dict, frozen: dict, ids_tl: np.ndarray, batch_size: int
+) -> np.ndarray:
+    """Normalised text embeddings of token ids (T, L) -> (T, E), in fixed-size batches (the last one
+    padded by repetition, so that one compilation serves all)."""
+    out = []
+    for start in range(0, len(ids_tl), batch_size):
+        chunk = ids_tl[start : start + batch_size]
+        ids = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - len(chunk), axis=0)])
+        emb = fns.embed_text(params, frozen, sharding.replicated_to_global(ids, fns.text_sharding))
+        out.append(sharding.fetch_replicated(emb)[: len(chunk)])
+    return np.concatenate(out)
+
+
+def _labels_of(example: dict) -> list[str]:
+    values = example.get("labels", example.get("label", []))
+    values = [values] if isinstance(values, str | bytes) else list(np.asarray(values).reshape(-1))
+    return [v.decode() if isinstance(v, bytes) else str(v) for v in values]
+
+
+def evaluate_classification_run(
+    workdir: str | pathlib.Path,
+    data_name: str,
+    split: str = "test",
+    data_dir: str | None = None,
+    prompt: str = classification.DEFAULT_PROMPT,
+    step: int | None = None,
+) -> tuple[dict, dict]:
+    """`slit eval --task classification`: zero-shot by contrastive similarity between each clip and
+    one prompt per label ("this is a sound of {label}"), the max over queries as BLIP-2's ITC.
+
+    Classes are the labels found in the split, sorted. Single-label data: accuracy, per-class accuracy
+    and the confusion matrix. Multi-label data: mAP over classes and top-1 accuracy (the best-scoring
+    class is one of the clip's labels). Returns (metrics, paths of the written files)."""
+    run = load_run(workdir, data_name, data_dir, step)
+    source = sources.open_split(run.config.data.name, run.config.data.data_dir, split)
+    labels = [_labels_of(source[i]) for i in range(len(source))]
+    if not all(labels):
+        missing = sum(not x for x in labels)
+        raise UserError(f"{data_name} ({split}): {missing} of {len(labels)} examples have no label")
+    classes = sorted({name for clip in labels for name in clip})
+    with jax.set_mesh(run.mesh), PreemptionWatcher() as watcher:
+        clips = embed_clips(run, source, functools.partial(watcher.should_stop, run.step))
+        if clips is None:
+            raise Preempted(run.step, "(evaluation only: nothing to save; re-run the command)")
+        prompt_ids = run.tokenizer.encode(
+            classification.label_prompts(classes, prompt), run.config.data.max_text_length
+        )
+        prompts = embed_text_ids(run.fns, run.params, run.frozen, prompt_ids, run.config.batch_size)
+    scores = classification.similarity_scores(clips, prompts)  # (N, C)
+    index = {name: c for c, name in enumerate(classes)}
+    predicted = scores.argmax(axis=1)
+    if all(len(clip) == 1 for clip in labels):
+        metrics = classification.classification_report(
+            predicted, np.array([index[x[0]] for x in labels]), classes
+        )
+    else:
+        targets = np.zeros(scores.shape, np.int32)
+        for n, clip in enumerate(labels):
+            targets[n, [index[x] for x in clip]] = 1
+        metrics = classification.mean_average_precision(scores, targets)
+        metrics["per_class_ap"] = dict(zip(classes, metrics["per_class_ap"], strict=True))
+        metrics["accuracy"] = float(targets[np.arange(len(labels)), predicted].mean())
+        metrics["num_items"] = len(labels)
+        metrics["multi_label"] = True
+    metrics.update(method="zero-shot contrastive", prompt=prompt, classes=classes)
+    paths = {}
+    if jax.process_index() == 0:
+        paths = reports.write_report(
+            workdir, "classification", data_name, split, metrics, run.config, step=run.step
+        )
+    return metrics, paths
 
 
 def _flatten_report(prefix: str, report: dict) -> dict:

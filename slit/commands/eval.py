@@ -1,0 +1,70 @@
+"""`slit eval --workdir DIR --task T --data NAME [--split test]`: evaluates a run's checkpoint.
+
+Stage-one runs: `retrieval` (R@1/5/10 and mAP@10 both ways, by contrastive similarity and after BLIP-2's
+re-ranking of the top k by the matching head) and `classification` (zero-shot by contrastive similarity
+against one prompt per label). Each writes <workdir>/eval/<task>-<data>-<split>.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+HELP = "evaluate a run's checkpoint on a dataset split; writes <workdir>/eval/<task>-<data>-<split>.*"
+STAGE1_TASKS = ("retrieval", "classification")
+TASKS = STAGE1_TASKS
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workdir", required=True, help="the run's directory")
+    parser.add_argument("--task", required=True, choices=TASKS)
+    parser.add_argument("--data", required=True, help="a built TFDS dataset name, e.g. slit_synthetic_sounds")
+    parser.add_argument("--data-dir", default=None, help="TFDS data directory (default: the run's)")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--step", type=int, default=None, help="which checkpoint (default: the newest)")
+    parser.add_argument(
+        "--rerank-k",
+        type=int,
+        default=None,
+        help="retrieval: re-rank each query's top k by the matching head (0: off)",
+    )
+    parser.add_argument(
+        "--prompt",
+        default=None,
+        help='classification: the prompt template (default "this is a sound of {label}")',
+    )
+
+
+def _trainer(workdir: str) -> str:
+    from slit.train import checkpoint
+
+    return checkpoint.run_config(workdir).get("trainer", "stage1")
+
+
+def run(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from slit.errors import UserError
+
+    trainer = _trainer(args.workdir)
+    if trainer != "stage1":
+        raise UserError(f"--task {args.task} evaluates stage-one runs; {args.workdir} is a {trainer} run")
+    from slit.eval import classification, reports, retrieval
+    from slit.train import stage1
+
+    if args.task == "retrieval":
+        report, paths = stage1.evaluate_run(
+            args.workdir, args.data, args.split, args.data_dir, args.rerank_k, args.step
+        )
+        print("by contrastive similarity:")
+        print(retrieval.format_table(report["contrastive"]))
+        if "reranked" in report:
+            print(f"after re-ranking each query's top {report['rerank_k']} by the matching head:")
+            print(retrieval.format_table(report["reranked"]))
+    else:
+        prompt = args.prompt or classification.DEFAULT_PROMPT
+        report, paths = stage1.evaluate_classification_run(
+            args.workdir, args.data, args.split, args.data_dir, prompt, args.step
+        )
+        print(reports.markdown("classification", args.data, args.split, report))
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
+    return 0
