@@ -25,8 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--rerank-k",
         type=int,
-        default=None,
-        help="retrieval: re-rank each query's top k by the matching head (0: off)",
+        default=128,
+        help="retrieval: re-rank each query's top k by the matching head (default 128 as BLIP-2; 0: off)",
     )
     parser.add_argument(
         "--prompt",
