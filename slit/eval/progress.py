@@ -1,0 +1,95 @@
+"""Resumable evaluation: per-batch results kept on disk, so that an evaluation stopped by preemption
+picks up where it stopped when the same command runs again.
+
+An evaluation walks a fixed sequence of batches (the split in order, a fixed batch size). After each
+batch it hands its host results (NumPy arrays, or JSON-able values such as generated captions) to
+`BatchProgress.save(i, ...)`; before computing batch i it asks `BatchProgress.load(i)`. The results
+live in `<workdir>/eval/partial/<key>/batch-<i>.npz`, written atomically (temporary name, then rename),
+with the key naming the task, data, split, checkpoint step and whatever else changes the results
+(e.g. the decoding settings). `clear()` removes them once the report is written.
+
+Multi-process runs: outputs are replicated, so only process 0 writes; every process reads the same
+files (a shared file system, as for checkpoints).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+PARTIAL_DIR = "partial"
+
+
+def progress_key(**fields: Any) -> str:  # noqa: ANN401
+    """A directory name for an evaluation: readable fields plus a short hash of all of them."""
+    text = json.dumps(fields, sort_keys=True, default=str)
+    readable = "-".join(str(fields[k]) for k in ("task", "data", "split", "step") if k in fields)
+    readable = "".join(c if c.isalnum() or c in "._-" else "_" for c in readable)
+    return f"{readable}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+
+
+class BatchProgress:
+    """Per-batch results of one evaluation, kept until `clear()`.
+
+    Args:
+      workdir: the run's directory.
+      key: from `progress_key(...)`; a different key never reuses these results.
+      write: whether this process writes (process 0 of a multi-process run).
+    """
+
+    def __init__(self, workdir: str | pathlib.Path, key: str, write: bool = True):
+        self.directory = pathlib.Path(workdir) / "eval" / PARTIAL_DIR / key
+        self.write = write
+        self.resumed = 0  # batches loaded instead of computed
+
+    def _path(self, index: int) -> pathlib.Path:
+        return self.directory / f"batch-{index:06d}.npz"
+
+    def load(self, index: int) -> dict[str, Any] | None:
+        """Batch `index`'s saved results ({name: array or JSON value}); None if not saved or unreadable."""
+        path = self._path(index)
+        if not path.is_file():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                out: dict[str, Any] = {}
+                for name in data.files:
+                    if name.startswith("json:"):
+                        out[name[5:]] = json.loads(str(data[name]))
+                    else:
+                        out[name] = np.array(data[name])
+        except (OSError, ValueError) as e:  # a torn or foreign file: compute the batch again
+            print(f"warning: ignoring unreadable partial result {path} ({e})")
+            return None
+        self.resumed += 1
+        return out
+
+    def save(self, index: int, results: Mapping[str, Any]) -> None:
+        """Saves batch `index`'s results: arrays as they are, anything else as JSON."""
+        if not self.write:
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        arrays = {}
+        for name, value in results.items():
+            if isinstance(value, np.ndarray):
+                arrays[name] = value
+            else:
+                arrays[f"json:{name}"] = np.array(json.dumps(value))
+        tmp = self._path(index).with_suffix(".tmp.npz")
+        np.savez(tmp, **arrays)
+        os.replace(tmp, self._path(index))
+
+    def clear(self) -> None:
+        """Removes the saved results (call once the report is written)."""
+        if self.write and self.directory.is_dir():
+            shutil.rmtree(self.directory, ignore_errors=True)
+            parent = self.directory.parent
+            if parent.is_dir() and not any(parent.iterdir()):
+                parent.rmdir()

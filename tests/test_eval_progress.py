@@ -1,0 +1,39 @@
+"""Resumable evaluation state: per-batch results saved, reloaded, keyed and cleared."""
+
+import numpy as np
+
+from slit.eval.progress import BatchProgress, progress_key
+
+
+def test_saved_batches_come_back_equal_and_others_are_missing(tmp_path):
+    progress = BatchProgress(tmp_path, progress_key(task="retrieval", data="d", split="test", step=4))
+    emb = np.random.default_rng(0).normal(size=(8, 4, 16)).astype(np.float32)
+    progress.save(0, {"emb": emb, "captions": ["a dog barks", "ünïcödé"], "valid": np.ones(8, bool)})
+    again = BatchProgress(tmp_path, progress.directory.name)
+    got = again.load(0)
+    np.testing.assert_array_equal(got["emb"], emb)
+    assert got["emb"].dtype == np.float32 and got["valid"].dtype == bool
+    assert got["captions"] == ["a dog barks", "ünïcödé"]
+    assert again.load(1) is None and again.resumed == 1
+
+
+def test_keys_differ_when_anything_that_changes_results_differs():
+    base = dict(task="captioning", data="clotho/v2.1", split="test", step=100, num_beams=1)
+    assert progress_key(**base) == progress_key(**dict(base))
+    assert progress_key(**base) != progress_key(**dict(base, step=200))
+    assert progress_key(**base) != progress_key(**dict(base, num_beams=3))
+    assert "/" not in progress_key(**base) and progress_key(**base).startswith(
+        "captioning-clotho_v2.1-test-100"
+    )
+
+
+def test_torn_file_is_recomputed_and_clear_removes_everything(tmp_path, capsys):
+    progress = BatchProgress(tmp_path, "k")
+    progress.save(0, {"x": np.arange(3)})
+    (progress.directory / "batch-000001.npz").write_bytes(b"not an npz")
+    assert progress.load(1) is None and "ignoring unreadable" in capsys.readouterr().out
+    reader = BatchProgress(tmp_path, "k", write=False)
+    reader.save(2, {"x": np.arange(3)})  # a non-writing process writes nothing
+    assert reader.load(2) is None
+    progress.clear()
+    assert not (tmp_path / "eval" / "partial").exists()
