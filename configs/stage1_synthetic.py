@@ -34,6 +34,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.init_from = ""
     c.allow_frozen_mismatch = False  # resume even if a frozen model differs from the checkpoint's
     c.max_consecutive_nonfinite = 10  # steps with NaN/Inf gradients are skipped; abort after this many
+    # "compute": run the frozen encoder every step; "cached": read its outputs, written once by
+    # `slit cache-features --config ...` into features_dir ("": ~/slit_cache/features).
+    c.features = "compute"
+    c.features_dir = ""
 
     c.data = ml_collections.ConfigDict()
     c.data.name = "slit_synthetic_sounds"  # TFDS name, optionally with /config
@@ -47,8 +51,14 @@ def get_config() -> ml_collections.ConfigDict:
     c.tokenizer.kind = "synthetic_words"  # or "directory" (a BERT tokenizer directory in tokenizer.path)
     c.tokenizer.path = ""
 
+    # The frozen encoder (slit/train/pretrained.py): "random" (a tiny random Whisper of the sizes below),
+    # "whisper" (path: "tiny.en", "base", or a CTranslate2 / HF Whisper directory) or "wav2vec2" (path: a
+    # HF wav2vec2 / HuBERT / data2vec-audio directory); pretrained encoders bring their own sizes.
     c.audio_encoder = ml_collections.ConfigDict()
-    c.audio_encoder.kind = "whisper"
+    c.audio_encoder.kind = "random"
+    c.audio_encoder.path = ""
+    c.audio_encoder.hidden_layer = -1  # hidden state for the Q-Former: -1 the output, -2 BLIP-2's choice
+    c.audio_encoder.window_seconds = 0.0  # > 0: encode longer audio in windows of this length (0: off)
     c.audio_encoder.num_mel_bins = 80
     c.audio_encoder.width = 64
     c.audio_encoder.layers = 1
@@ -58,6 +68,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.audio_encoder.init_seed = 1234  # the frozen random encoder is a function of this seed
 
     c.qformer = ml_collections.ConfigDict()
+    # "" (random), "minilm" (packaged MiniLM-L6) or a HF BERT directory: BERT's sizes, text weights and
+    # tokenizer (+ [DEC]); layers/width/heads/mlp_dim/max_text_positions below are then not used.
+    c.qformer.init = ""
     c.qformer.num_queries = 16
     c.qformer.layers = 2
     c.qformer.width = 128

@@ -166,32 +166,18 @@ def validate_stage1(config: ml_collections.ConfigDict, num_devices: int, num_pro
         problems.append(f"optimizer.warmup_steps={opt.warmup_steps} must be within [0, total_steps]")
     if opt.learning_rate <= 0 or not 0 <= opt.min_learning_rate <= opt.learning_rate:
         problems.append("optimizer: need learning_rate > 0 and 0 <= min_learning_rate <= learning_rate")
-    q, a = config.qformer, config.audio_encoder
-    for prefix, group in (("qformer", q), ("audio_encoder", a)):
-        if group.width % group.heads:
-            problems.append(f"{prefix}.width={group.width} is not divisible by {prefix}.heads={group.heads}")
-    if q.cross_attention_freq < 1 or q.cross_attention_freq > q.layers:
-        problems.append(
-            f"qformer.cross_attention_freq={q.cross_attention_freq} must be in [1, qformer.layers]"
-        )
+    q = config.qformer
+    from slit.train import pretrained  # the frozen encoder's and the Q-Former's sources and sizes
+
+    problems.extend(pretrained.audio_problems(config))
+    problems.extend(pretrained.qformer_problems(config))
     if q.num_queries < 1:
         problems.append(f"qformer.num_queries={q.num_queries} must be at least 1")
-    if a.num_mel_bins not in (80, 128):
-        problems.append(f"audio_encoder.num_mel_bins={a.num_mel_bins}: Whisper uses 80 or 128")
-    mel_frames = config.data.max_seconds * 100
-    if mel_frames != int(mel_frames) or int(mel_frames) % 2:
+    features = config.get("features", "compute")
+    if features not in ("compute", "cached"):
         problems.append(
-            f"data.max_seconds={config.data.max_seconds} must be a multiple of 0.02 s (an even number of "
-            "10 ms mel frames)"
-        )
-    elif int(mel_frames) // 2 > a.max_positions:
-        problems.append(
-            f"data.max_seconds={config.data.max_seconds} gives {int(mel_frames) // 2} encoder frames, more "
-            f"than audio_encoder.max_positions={a.max_positions} (Whisper: 1500 = 30 s)"
-        )
-    if config.data.max_text_length < 3 or config.data.max_text_length > q.max_text_positions:
-        problems.append(
-            f"data.max_text_length={config.data.max_text_length} must be in [3, qformer.max_text_positions]"
+            f"features={features!r}: use 'compute' (run the frozen encoder every step) or 'cached' "
+            "(read `slit cache-features` output)"
         )
     if not 0 <= q.dropout < 1:
         problems.append(f"qformer.dropout={q.dropout} must be in [0, 1)")

@@ -4,6 +4,9 @@ Three objectives with equal weights (REFERENCE §2), each under its own attentio
 - contrastive (ITC): queries-only and text-only passes, max over queries, learnable temperature;
 - matching (ITM): [queries; text] with full visibility, hard negatives from the global batch;
 - grounded generation (ITG): text after [DEC] generated from the queries under a causal text mask.
+
+The frozen audio tower is a Whisper or a wav2vec2-family encoder (by the type of `Stage1Config.audio`),
+feeding the Q-Former from the hidden state `audio_hidden_layer`.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from flax import nnx
 
 from slit import losses
 from slit.models import masks
+from slit.models.audio.wav2vec2 import Wav2Vec2AudioTower, Wav2Vec2Config
 from slit.models.audio.whisper import WhisperAudioTower, WhisperEncoderConfig
 from slit.models.layers import Dense, LayerNorm, gelu, normal, weight, zeros
 from slit.models.qformer import BERT_LAYER_NORM_EPS, QFormer, QFormerConfig
@@ -23,9 +27,18 @@ from slit.models.qformer import BERT_LAYER_NORM_EPS, QFormer, QFormerConfig
 
 @dataclasses.dataclass(frozen=True)
 class Stage1Config:
-    """Everything that shapes a stage-one model."""
+    """Everything that shapes a stage-one model.
 
-    audio: WhisperEncoderConfig
+    audio: the frozen encoder's architecture (Whisper or wav2vec2-family).
+    audio_hidden_layer: its hidden state that feeds the Q-Former (transformers' numbering; None: the
+      encoder's output).
+    audio_normalize, audio_mask_padding: wav2vec2-family options (see `Wav2Vec2AudioTower`).
+    audio_weights, qformer_init: where pretrained weights come from (`slit.train.pretrained`'s
+      `kind:path` and `qformer.init`; "" = random), read by `slit.train.stage1.create_model`; the model
+      itself never reads files.
+    """
+
+    audio: WhisperEncoderConfig | Wav2Vec2Config
     qformer: QFormerConfig
     embed_dim: int = 256
     temperature_init: float = 0.07
@@ -34,6 +47,11 @@ class Stage1Config:
     label_smoothing: float = 0.1
     pad_token_id: int = 0
     dec_token_id: int = 1
+    audio_hidden_layer: int | None = None
+    audio_normalize: bool = True
+    audio_mask_padding: bool = True
+    audio_weights: str = ""
+    qformer_init: str = ""
 
 
 @jax.tree_util.register_dataclass
@@ -65,13 +83,26 @@ class MaskedLMHead(nnx.Module):
         return word_embeddings.attend(h) + self.bias[...]
 
 
+def make_audio_tower(config: Stage1Config, rngs: nnx.Rngs) -> WhisperAudioTower | Wav2Vec2AudioTower:
+    """The frozen tower `config.audio` describes: waveform (B, S) -> features (B, F, D), mask (B, F)."""
+    if isinstance(config.audio, Wav2Vec2Config):
+        return Wav2Vec2AudioTower(
+            config.audio,
+            rngs=rngs,
+            hidden_layer=config.audio_hidden_layer,
+            normalize=config.audio_normalize,
+            mask_padding=config.audio_mask_padding,
+        )
+    return WhisperAudioTower(config.audio, rngs=rngs, hidden_layer=config.audio_hidden_layer)
+
+
 class Stage1Model(nnx.Module):
-    """Frozen Whisper tower + trainable Q-Former with contrastive, matching and generation heads."""
+    """Frozen audio tower + trainable Q-Former with contrastive, matching and generation heads."""
 
     def __init__(self, config: Stage1Config, *, rngs: nnx.Rngs, audio_rngs: nnx.Rngs | None = None):
         c = config
         self.config = c
-        self.audio_tower = WhisperAudioTower(c.audio, rngs=audio_rngs or rngs)
+        self.audio_tower = make_audio_tower(c, audio_rngs or rngs)
         self.qformer = QFormer(c.qformer, rngs=rngs)
         width = c.qformer.width
         head = dict(axes=("embed", None), rngs=rngs, kernel_init=normal(c.qformer.initializer_range))

@@ -30,11 +30,10 @@ from slit.data import pipeline, sources
 from slit.data.tokenizer import TextTokenizer, word_level_tokenizer
 from slit.errors import UserError
 from slit.eval import classification, reports, retrieval
-from slit.models.audio.whisper import WhisperEncoderConfig
 from slit.models.layers import Frozen
 from slit.models.qformer import QFormerConfig
 from slit.models.stage1 import Stage1Batch, Stage1Config, Stage1Model
-from slit.train import checkpoint, loop, sharding
+from slit.train import checkpoint, loop, pretrained, sharding
 from slit.train.metrics import MetricWriter
 from slit.train.optimizer import make_optimizer, nonfinite_counts
 from slit.train.preemption import Preempted, PreemptionWatcher
@@ -57,9 +56,12 @@ def audio_spec(config: ml_collections.ConfigDict) -> pipeline.AudioSpec:
 
 
 def make_tokenizer(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> TextTokenizer:
-    """The run's tokenizer: the one saved in the workdir if resuming, else from the config."""
+    """The run's tokenizer: the one saved in the workdir if resuming, else from the config (the BERT
+    directory's, plus [DEC], when the Q-Former is initialised from BERT)."""
     if (workdir / "tokenizer.json").is_file():
         return TextTokenizer.from_directory(workdir)
+    if config.qformer.get("init", ""):
+        return TextTokenizer.from_directory(pretrained.bert_directory(config.qformer.init))
     if config.tokenizer.kind == "synthetic_words":
         from slit.data.synthetic import CAPTION_VOCABULARY
 
@@ -70,29 +72,28 @@ def make_tokenizer(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> 
 
 
 def model_config(config: ml_collections.ConfigDict, tokenizer: TextTokenizer) -> Stage1Config:
-    """Translates the config file's groups into the model's dataclasses."""
-    a, q, loss = config.audio_encoder, config.qformer, config.loss
-    audio = WhisperEncoderConfig(
-        num_mel_bins=a.num_mel_bins,
-        width=a.width,
-        num_layers=a.layers,
-        num_heads=a.heads,
-        mlp_dim=a.mlp_dim,
-        max_positions=a.max_positions,
-    )
-    qformer = QFormerConfig(
-        vocab_size=tokenizer.vocab_size,
-        num_queries=q.num_queries,
-        num_layers=q.layers,
-        width=q.width,
-        num_heads=q.heads,
-        mlp_dim=q.mlp_dim,
-        cross_attention_freq=q.cross_attention_freq,
-        encoder_width=a.width,
-        max_text_positions=q.max_text_positions,
-        dropout_rate=q.dropout,
-        initializer_range=q.initializer_range,
-    )
+    """Translates the config file's groups into the model's dataclasses (a pretrained encoder's or BERT's
+    sizes are read from its checkpoint: slit.train.pretrained)."""
+    q, loss = config.qformer, config.loss
+    settings = pretrained.audio_settings(config)
+    audio = pretrained.encoder_config(config)
+    loaded = pretrained.load_tower(settings.weights_key) if settings.weights_key else None
+    if q.get("init", ""):
+        qformer = pretrained.bert_qformer_config(config, tokenizer.vocab_size, audio.width)
+    else:
+        qformer = QFormerConfig(
+            vocab_size=tokenizer.vocab_size,
+            num_queries=q.num_queries,
+            num_layers=q.layers,
+            width=q.width,
+            num_heads=q.heads,
+            mlp_dim=q.mlp_dim,
+            cross_attention_freq=q.cross_attention_freq,
+            encoder_width=audio.width,
+            max_text_positions=q.max_text_positions,
+            dropout_rate=q.dropout,
+            initializer_range=q.initializer_range,
+        )
     return Stage1Config(
         audio=audio,
         qformer=qformer,
@@ -103,6 +104,11 @@ def model_config(config: ml_collections.ConfigDict, tokenizer: TextTokenizer) ->
         label_smoothing=loss.label_smoothing,
         pad_token_id=tokenizer.pad_id,
         dec_token_id=tokenizer.dec_id,
+        audio_hidden_layer=settings.hidden_layer,
+        audio_normalize=loaded.normalize if loaded else True,
+        audio_mask_padding=loaded.mask_padding if loaded else True,
+        audio_weights=settings.weights_key,
+        qformer_init=q.get("init", ""),
     )
 
 
@@ -120,7 +126,12 @@ class ModelParts:
 def create_model(
     cfg: Stage1Config, seed: int, audio_seed: int, mesh: jax.sharding.Mesh, rules: dict
 ) -> ModelParts:
-    """Initialises the model directly into its shardings (no unsharded copy on one device)."""
+    """Initialises the model directly into its shardings (no unsharded copy on one device).
+
+    A pretrained audio encoder (`cfg.audio_weights`) is read on the host and placed into the frozen
+    shardings (its random initialisation is never computed); with `cfg.qformer_init`, the Q-Former's
+    text weights are BERT's (slit.train.pretrained.bert_params).
+    """
 
     def build() -> Stage1Model:
         return Stage1Model(cfg, rngs=nnx.Rngs(params=seed), audio_rngs=nnx.Rngs(params=audio_seed))
@@ -129,15 +140,53 @@ def create_model(
     graphdef, abs_params, abs_frozen = nnx.split(abstract, nnx.Param, Frozen)
     param_sh = sharding.state_shardings(abs_params, rules, mesh)
     frozen_sh = sharding.state_shardings(abs_frozen, rules, mesh)
+    random_frozen = not cfg.audio_weights
 
     @jax.jit
-    def init() -> tuple[dict, dict]:
+    def init() -> tuple[dict, dict | None]:
         _, params, frozen = nnx.split(build(), nnx.Param, Frozen)
-        return nnx.to_pure_dict(params), nnx.to_pure_dict(frozen)
+        return nnx.to_pure_dict(params), (nnx.to_pure_dict(frozen) if random_frozen else None)
 
     with jax.set_mesh(mesh):
-        params, frozen = jax.jit(init, out_shardings=(param_sh, frozen_sh))()
+        params, frozen = jax.jit(init, out_shardings=(param_sh, frozen_sh if random_frozen else None))()
+    if not random_frozen:
+        frozen = _put_like(
+            abs_frozen, {"audio_tower": pretrained.load_tower(cfg.audio_weights).params}, frozen_sh
+        )
+    if cfg.qformer_init:
+        host = pretrained.bert_params(cfg.qformer_init, cfg.qformer, jax.device_get(params))
+        params = _put_like(abs_params, host, param_sh)
     return ModelParts(graphdef, params, frozen, param_sh, frozen_sh)
+
+
+def _put_like(abstract: nnx.State, values: dict, shardings: dict) -> dict:
+    """Host arrays `values` (a pure dict with the variables of `abstract`) as global arrays with
+    `shardings`, in the abstract state's dtypes. Raises ValueError naming any variable that is missing,
+    unexpected or misshapen."""
+    from flax import traverse_util
+
+    want = traverse_util.flatten_dict(nnx.to_pure_dict(abstract))
+    given = {tuple(map(str, k)): v for k, v in traverse_util.flatten_dict(values).items()}
+    out, problems = {}, []
+    for path, struct in want.items():
+        name = tuple(map(str, path))
+        value = given.pop(name, None)
+        if value is None:
+            problems.append(f"missing {'.'.join(name)}")
+        elif tuple(np.shape(value)) != tuple(struct.shape):
+            problems.append(f"{'.'.join(name)}: {np.shape(value)}, expected {tuple(struct.shape)}")
+        else:
+            out[path] = np.asarray(value, struct.dtype)
+    problems += [f"unexpected {'.'.join(name)}" for name in sorted(given)]
+    if problems:
+        raise ValueError("pretrained weights do not fit the model: " + "; ".join(problems))
+    flat_shardings = traverse_util.flatten_dict(shardings)
+    return traverse_util.unflatten_dict(
+        {
+            path: jax.make_array_from_callback(x.shape, flat_shardings[path], lambda index, x=x: x[index])
+            for path, x in out.items()
+        }
+    )
 
 
 def loss_and_grads(
@@ -343,11 +392,7 @@ def build_training(
 
 def frozen_sources(config: ml_collections.ConfigDict) -> dict[str, str]:
     """Where each frozen model comes from, in words (recorded in every checkpoint)."""
-    a = config.audio_encoder
-    return {
-        "audio_tower": f"randomly initialised Whisper encoder (width {a.width}, {a.layers} layers, "
-        f"{a.heads} heads, {a.num_mel_bins} mel bins), init_seed {a.init_seed}"
-    }
+    return {"audio_tower": pretrained.audio_source(config)}
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:

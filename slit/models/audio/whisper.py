@@ -5,6 +5,10 @@ Architecture as in OpenAI Whisper / HF `WhisperEncoder`: two 1-D convolutions ov
 position embeddings, pre-LayerNorm transformer layers (the key projection has no bias), and a final
 LayerNorm. Inputs shorter than 30 s use the first `frames` position embeddings; which frames hold
 real audio is returned as a mask, for the Q-Former's cross-attention.
+
+Hidden states are numbered as transformers' `output_hidden_states` numbers them: 0 is the input of the
+first layer, i (1..num_layers - 1) the output of layer i - 1, and num_layers (= -1) the last hidden
+state, after the final LayerNorm. `hidden_layer=-2` (BLIP-2's second-to-last) stops one layer early.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from slit.models.audio import frontend
+from slit.models.audio.wav2vec2 import resolve_hidden_layer
 from slit.models.layers import (
     Dense,
     Frozen,
@@ -117,8 +122,15 @@ class WhisperEncoder(nnx.Module):
         self.layers = nnx.List([WhisperEncoderLayer(c, rngs=rngs) for _ in range(c.num_layers)])
         self.final_norm = LayerNorm(c.width, eps=WHISPER_LAYER_NORM_EPS, rngs=rngs, param_type=Frozen)
 
-    def __call__(self, mel_btm: jax.Array) -> jax.Array:
-        """mel (batch, mel_frames, num_mel_bins) -> (batch, ceil(mel_frames / 2), width)."""
+    def __call__(self, mel_btm: jax.Array, hidden_layer: int | None = None) -> jax.Array:
+        """mel (batch, mel_frames, num_mel_bins) -> (batch, ceil(mel_frames / 2), width).
+
+        `hidden_layer`: which hidden state to return (transformers' numbering, negative from the end;
+        layers after it are not run); None: the last one, after the final LayerNorm.
+        """
+        stop = resolve_hidden_layer(hidden_layer, self.config.num_layers)
+        if stop is None:
+            stop = self.config.num_layers
         x = gelu(self.conv1(mel_btm))
         x = gelu(self.conv2(x))
         frames = x.shape[1]
@@ -128,19 +140,22 @@ class WhisperEncoder(nnx.Module):
                 "use shorter audio or windowed encoding"
             )
         x = x + self.position_embeddings[...][:frames].astype(x.dtype)
-        for layer in self.layers:
+        for layer in list(self.layers)[:stop]:
             x = layer(x)
-        return self.final_norm(x)
+        return self.final_norm(x) if stop == self.config.num_layers else x
 
 
 class WhisperAudioTower(nnx.Module):
     """Waveform -> Whisper log-mel -> frozen Whisper encoder, with a mask of real-audio frames.
 
-    The log-mel is computed on device, inside the jitted step.
+    The log-mel is computed on device, inside the jitted step. `hidden_layer` picks the hidden state
+    that feeds the Q-Former (see `WhisperEncoder`; None: the encoder's output).
     """
 
-    def __init__(self, config: WhisperEncoderConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: WhisperEncoderConfig, *, rngs: nnx.Rngs, hidden_layer: int | None = None):
+        resolve_hidden_layer(hidden_layer, config.num_layers)  # fail early on a bad index
         self.encoder = WhisperEncoder(config, rngs=rngs)
+        self.hidden_layer = hidden_layer
 
     @property
     def width(self) -> int:
@@ -157,6 +172,6 @@ class WhisperAudioTower(nnx.Module):
           features (batch, frames, width) and a bool mask (batch, frames) of frames with real audio.
         """
         mel = frontend.log_mel_spectrogram(waveform_bs, num_mel_bins=self.encoder.config.num_mel_bins)
-        features = self.encoder(mel)
+        features = self.encoder(mel, self.hidden_layer)
         mask = frontend.frame_mask(num_samples_b, mel.shape[1], downsample=2)
         return features, mask[:, : features.shape[1]]
