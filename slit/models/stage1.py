@@ -6,7 +6,9 @@ Three objectives with equal weights (REFERENCE §2), each under its own attentio
 - grounded generation (ITG): text after [DEC] generated from the queries under a causal text mask.
 
 The frozen audio tower is a Whisper or a wav2vec2-family encoder (by the type of `Stage1Config.audio`),
-feeding the Q-Former from the hidden state `audio_hidden_layer`.
+feeding the Q-Former from the hidden state `audio_hidden_layer`. Audio longer than
+`audio_window_samples` (when set) is encoded window by window, SALMONN-style, and the windows' frames
+concatenated along time.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class Stage1Config:
     audio: the frozen encoder's architecture (Whisper or wav2vec2-family).
     audio_hidden_layer: its hidden state that feeds the Q-Former (transformers' numbering; None: the
       encoder's output).
+    audio_window_samples: > 0: encode audio in windows of this many samples (0: the whole clip at once).
     audio_normalize, audio_mask_padding: wav2vec2-family options (see `Wav2Vec2AudioTower`).
     audio_weights, qformer_init: where pretrained weights come from (`slit.train.pretrained`'s
       `kind:path` and `qformer.init`; "" = random), read by `slit.train.stage1.create_model`; the model
@@ -48,6 +51,7 @@ class Stage1Config:
     pad_token_id: int = 0
     dec_token_id: int = 1
     audio_hidden_layer: int | None = None
+    audio_window_samples: int = 0
     audio_normalize: bool = True
     audio_mask_padding: bool = True
     audio_weights: str = ""
@@ -96,6 +100,12 @@ def make_audio_tower(config: Stage1Config, rngs: nnx.Rngs) -> WhisperAudioTower 
     return WhisperAudioTower(config.audio, rngs=rngs, hidden_layer=config.audio_hidden_layer)
 
 
+def window_lengths(num_samples_b: jax.Array, num_windows: int, window: int) -> jax.Array:
+    """(B,) clip lengths -> (B, num_windows) samples of each clip in each window of `window` samples."""
+    starts = jnp.arange(num_windows) * window
+    return jnp.clip(num_samples_b[:, None] - starts[None, :], 0, window)
+
+
 class Stage1Model(nnx.Module):
     """Frozen audio tower + trainable Q-Former with contrastive, matching and generation heads."""
 
@@ -119,9 +129,23 @@ class Stage1Model(nnx.Module):
         return t + jax.lax.stop_gradient(clamped - t)
 
     def encode_audio(self, audio_bs: jax.Array, num_samples_b: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Frozen encoder features (batch, frames, enc_width) and their mask; no gradient flows back."""
-        features, mask = self.audio_tower(audio_bs, num_samples_b)
-        return jax.lax.stop_gradient(features), mask
+        """Frozen encoder features (batch, frames, enc_width) and their mask; no gradient flows back.
+
+        With `audio_window_samples` = W and S > W samples, the audio is zero-padded to K = ceil(S / W)
+        windows; each window is encoded as a clip of its own (its length: the clip's samples inside it,
+        possibly 0), and the K windows' frames and masks are concatenated along time: (batch, K * F_W, D).
+        """
+        window = self.config.audio_window_samples
+        batch, samples = audio_bs.shape
+        if not window or samples <= window:
+            features, mask = self.audio_tower(audio_bs, num_samples_b)
+            return jax.lax.stop_gradient(features), mask
+        count = -(-samples // window)
+        padded = jnp.pad(audio_bs, ((0, 0), (0, count * window - samples)))
+        lengths = window_lengths(num_samples_b, count, window)
+        features, mask = self.audio_tower(padded.reshape(batch * count, window), lengths.reshape(-1))
+        features = features.reshape(batch, count * features.shape[1], features.shape[2])
+        return jax.lax.stop_gradient(features), mask.reshape(batch, -1)
 
     def query_outputs(
         self, features: jax.Array, mask: jax.Array, rngs: nnx.Rngs | None, encoder_kv: list | None = None

@@ -105,6 +105,7 @@ def model_config(config: ml_collections.ConfigDict, tokenizer: TextTokenizer) ->
         pad_token_id=tokenizer.pad_id,
         dec_token_id=tokenizer.dec_id,
         audio_hidden_layer=settings.hidden_layer,
+        audio_window_samples=int(round(settings.window_seconds * config.data.sample_rate)),
         audio_normalize=loaded.normalize if loaded else True,
         audio_mask_padding=loaded.mask_padding if loaded else True,
         audio_weights=settings.weights_key,
