@@ -2,7 +2,8 @@
 
 Stage-one runs: `retrieval` (R@1/5/10 and mAP@10 both ways, by contrastive similarity and after BLIP-2's
 re-ranking of the top k by the matching head) and `classification` (zero-shot by contrastive similarity
-against one prompt per label). Each writes <workdir>/eval/<task>-<data>-<split>.{json,md,png}.
+against one prompt per label). Stage-two runs: `captioning` and `aqa`, by generation, resumable after
+preemption. Each writes <workdir>/eval/<task>-<data>-<split>.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from collections.abc import Sequence
 
 HELP = "evaluate a run's checkpoint on a dataset split; writes <workdir>/eval/<task>-<data>-<split>.*"
 STAGE1_TASKS = ("retrieval", "classification")
-TASKS = STAGE1_TASKS
+STAGE2_TASKS = ("captioning", "aqa")
+TASKS = STAGE1_TASKS + STAGE2_TASKS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,6 +29,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=128,
         help="retrieval: re-rank each query's top k by the matching head (default 128 as BLIP-2; 0: off)",
+    )
+    parser.add_argument(
+        "--instruction",
+        default=None,
+        help="captioning/aqa: the instruction (aqa: with {question}); default: the run's first",
+    )
+    parser.add_argument(
+        "--max-clips", type=int, default=0, help="captioning/aqa: only the first N clips (0: all)"
     )
     parser.add_argument(
         "--prompt",
@@ -45,6 +55,25 @@ def run(args: argparse.Namespace, extra: Sequence[str]) -> int:
     from slit.errors import UserError
 
     trainer = _trainer(args.workdir)
+    if args.task in STAGE2_TASKS:
+        if trainer != "stage2":
+            raise UserError(f"--task {args.task} evaluates stage-two runs; {args.workdir} is a {trainer} run")
+        from slit.eval import generative, reports
+
+        metrics, paths = generative.evaluate_stage2_run(
+            args.workdir,
+            args.task,
+            args.data,
+            args.split,
+            args.data_dir,
+            args.step,
+            args.instruction,
+            args.max_clips,
+        )
+        print(reports.markdown(args.task, args.data, args.split, metrics))
+        for kind, path in paths.items():
+            print(f"{kind}: {path}")
+        return 0
     if trainer != "stage1":
         raise UserError(f"--task {args.task} evaluates stage-one runs; {args.workdir} is a {trainer} run")
     from slit.eval import classification, reports, retrieval

@@ -1,0 +1,192 @@
+"""`slit eval` for stage-two runs: captioning and audio question answering by generation, on any
+built dataset and split, resumable after preemption.
+
+Batches are the split's clips in order (`pipeline.eval_audio_batches`, the run's `eval.batch_size`);
+each batch's generations are saved (slit.eval.progress) as soon as they exist, so that a re-run after
+preemption generates only what is missing. The instruction is the first of the task's templates the
+run was trained with (slit.data.synthetic.TASK_INSTRUCTIONS) unless one is given.
+
+- captioning: one caption per clip, scored against the clip's captions with the run's
+  `eval.caption_metrics` (pycocoevalcap-equal; see slit.eval.captioning).
+- aqa: every question of every clip (question k of the clips that have one, batch by batch), accuracy
+  with answer normalisation, by question type when the data has types, else yes/no and open.
+"""
+
+from __future__ import annotations
+
+import functools
+import pathlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from slit.data import pipeline, sources
+from slit.errors import UserError
+from slit.eval.progress import BatchProgress, progress_key
+
+GENERATIVE_TASKS = ("captioning", "aqa")
+
+
+def _text(value: Any) -> str:  # noqa: ANN401
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _texts(example: dict, key: str) -> list[str]:
+    value = example.get(key)
+    if value is None:
+        return []
+    if isinstance(value, str | bytes):
+        return [_text(value)]
+    return [_text(v) for v in np.asarray(value).reshape(-1)]
+
+
+def generate_over_split(
+    source: Sequence[dict],
+    spec: pipeline.AudioSpec,
+    batch_size: int,
+    instructions_for: Callable[[list[dict]], list[list[str]]],
+    answer: Callable[[np.ndarray, np.ndarray, list[str]], list[str]],
+    progress: BatchProgress,
+    should_stop: Callable[[], bool],
+) -> list[list[str]] | None:
+    """Generations for every clip: `instructions_for(examples)` gives, per round, one instruction per
+    row of the batch ("" for a row with nothing to ask in that round); returns, per clip, its answers
+    in round order (rounds with "" skipped). None if `should_stop()` turned true (results so far stay
+    saved in `progress`)."""
+    out: list[list[str]] = []
+    for number, batch in enumerate(pipeline.eval_audio_batches(source, spec, batch_size)):
+        examples = [source[int(i)] for i in batch["index"]]
+        saved = progress.load(number)
+        if saved is None:
+            if should_stop():
+                return None
+            rounds = instructions_for(examples)
+            answers: list[list[str]] = [[] for _ in examples]
+            for instructions in rounds:
+                if not any(instructions):
+                    continue
+                generated = answer(batch["audio"], batch["num_samples"], [x or "." for x in instructions])
+                for row, (asked, text) in enumerate(zip(instructions, generated, strict=True)):
+                    if asked:
+                        answers[row].append(text)
+            saved = {"answers": answers}
+            progress.save(number, saved)
+        out += [a for a, valid in zip(saved["answers"], batch["valid"], strict=True) if valid]
+    return out
+
+
+def evaluate_stage2_run(
+    workdir: str | pathlib.Path,
+    task: str,
+    data_name: str,
+    split: str = "test",
+    data_dir: str | None = None,
+    step: int | None = None,
+    instruction: str | None = None,
+    max_clips: int = 0,
+) -> tuple[dict, dict]:
+    """Evaluates a stage-two run's checkpoint on a split by generation; writes the report.
+
+    Returns (metrics, paths of the written files). Raises Preempted (exit 75) when stopped; the same
+    command then resumes."""
+    from slit.data.synthetic import TASK_INSTRUCTIONS
+    from slit.eval import aqa, captioning, reports
+    from slit.train import stage2
+    from slit.train.preemption import Preempted, PreemptionWatcher
+
+    if task not in GENERATIVE_TASKS:
+        raise UserError(f"--task {task}: stage-two runs are evaluated on {', '.join(GENERATIVE_TASKS)}")
+    run = stage2.load_trained(workdir, step)
+    config = run.config
+    data_dir = config.data.data_dir if data_dir is None else data_dir
+    source = sources.open_split(data_name, data_dir, split)
+    if max_clips:
+        source = [source[i] for i in range(min(max_clips, len(source)))]
+    gen = stage2.generation_config(config)
+    template = instruction or TASK_INSTRUCTIONS["caption" if task == "captioning" else "qa"][0]
+    if task == "aqa" and "{question}" not in template:
+        raise UserError(f"--instruction {template!r}: a question-answering instruction needs {{question}}")
+    key = progress_key(
+        task=task,
+        data=data_name,
+        split=split,
+        step=run.step,
+        template=template,
+        clips=len(source),
+        gen=repr(gen),
+    )
+    progress = BatchProgress(workdir, key, write=jax.process_index() == 0)
+
+    if task == "captioning":
+        missing = [
+            _text(source[i].get("id", i)) for i in range(len(source)) if not _texts(source[i], "captions")
+        ]
+        if missing:
+            raise UserError(
+                f"{data_name} ({split}): {len(missing)} clips have no caption, e.g. {missing[:3]}"
+            )
+
+        def instructions_for(examples: list[dict]) -> list[list[str]]:
+            return [[template] * len(examples)]
+    else:
+        if not any(_texts(source[i], "questions") for i in range(len(source))):
+            raise UserError(f"{data_name} ({split}) has no questions to answer")
+
+        def instructions_for(examples: list[dict]) -> list[list[str]]:
+            per_clip = [_texts(ex, "questions") for ex in examples]
+            rounds = max(len(q) for q in per_clip)
+            return [
+                [template.format(question=q[k]) if k < len(q) else "" for q in per_clip]
+                for k in range(rounds)
+            ]
+
+    answer = functools.partial(run.answer, gen=gen)
+    with PreemptionWatcher() as watcher:
+        generated = generate_over_split(
+            source,
+            run.spec,
+            config.eval.batch_size,
+            instructions_for,
+            lambda audio, n, instructions: answer(audio, n, instructions),
+            progress,
+            functools.partial(watcher.should_stop, run.step),
+        )
+    if generated is None:
+        raise Preempted(
+            run.step, f"(evaluation: {progress.resumed} batches were already saved; re-run to resume)"
+        )
+
+    ids = [_text(source[i].get("id", i)) for i in range(len(source))]
+    if task == "captioning":
+        predictions = {k: g[0] for k, g in zip(ids, generated, strict=True)}
+        references = {k: _texts(source[i], "captions") for i, k in enumerate(ids)}
+        with captioning.CaptionScorer(metrics=tuple(config.eval.caption_metrics), tokenizer="auto") as scorer:
+            metrics = scorer.score(predictions, references)
+        metrics["examples"] = {
+            k: {"predicted": predictions[k], "references": references[k]} for k in ids[:10]
+        }
+    else:
+        predictions, references, types, questions = {}, {}, {}, {}
+        for i, (k, answers) in enumerate(zip(ids, generated, strict=True)):
+            example = source[i]
+            qtypes = _texts(example, "question_types")
+            for n, (question, reference) in enumerate(
+                zip(_texts(example, "questions"), _texts(example, "answers"), strict=True)
+            ):
+                item = f"{k}#{n}"
+                predictions[item], references[item], questions[item] = answers[n], reference, question
+                if qtypes:
+                    types[item] = qtypes[n]
+        metrics = aqa.aqa_accuracy(predictions, references, types or None)
+        metrics["examples"] = {
+            k: {"question": questions[k], "answer": references[k], "predicted": predictions[k]}
+            for k in list(predictions)[:10]
+        }
+    metrics.update(instruction=template, resumed_batches=progress.resumed)
+    paths = {}
+    if jax.process_index() == 0:
+        paths = reports.write_report(workdir, task, data_name, split, metrics, config, step=run.step)
+        progress.clear()
+    return metrics, paths
