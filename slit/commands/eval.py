@@ -2,8 +2,9 @@
 
 Stage-one runs: `retrieval` (R@1/5/10 and mAP@10 both ways, by contrastive similarity and after BLIP-2's
 re-ranking of the top k by the matching head) and `classification` (zero-shot by contrastive similarity
-against one prompt per label). Stage-two runs: `captioning` and `aqa`, by generation, resumable after
-preemption. Each writes <workdir>/eval/<task>-<data>-<split>.{json,md,png}.
+against one prompt per label). Stage-two runs: `captioning` and `aqa` by generation (resumable after
+preemption), and `classification` zero-shot by the LLM's summed token loss of each class name.
+Each writes <workdir>/eval/<task>-<data>-<split>.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from collections.abc import Sequence
 
 HELP = "evaluate a run's checkpoint on a dataset split; writes <workdir>/eval/<task>-<data>-<split>.*"
 STAGE1_TASKS = ("retrieval", "classification")
-STAGE2_TASKS = ("captioning", "aqa")
-TASKS = STAGE1_TASKS + STAGE2_TASKS
+STAGE2_TASKS = ("captioning", "aqa", "classification")  # classification: by the LLM's token loss
+TASKS = ("retrieval", "captioning", "classification", "aqa")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,9 +56,9 @@ def run(args: argparse.Namespace, extra: Sequence[str]) -> int:
     from slit.errors import UserError
 
     trainer = _trainer(args.workdir)
-    if args.task in STAGE2_TASKS:
-        if trainer != "stage2":
-            raise UserError(f"--task {args.task} evaluates stage-two runs; {args.workdir} is a {trainer} run")
+    if trainer == "stage2":
+        if args.task not in STAGE2_TASKS:
+            raise UserError(f"--task {args.task} evaluates stage-one runs; {args.workdir} is a stage-two run")
         from slit.eval import generative, reports
 
         metrics, paths = generative.evaluate_stage2_run(
@@ -74,8 +75,8 @@ def run(args: argparse.Namespace, extra: Sequence[str]) -> int:
         for kind, path in paths.items():
             print(f"{kind}: {path}")
         return 0
-    if trainer != "stage1":
-        raise UserError(f"--task {args.task} evaluates stage-one runs; {args.workdir} is a {trainer} run")
+    if args.task not in STAGE1_TASKS:
+        raise UserError(f"--task {args.task} evaluates stage-two runs; {args.workdir} is a {trainer} run")
     from slit.eval import classification, reports, retrieval
     from slit.train import stage1
 

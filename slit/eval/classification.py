@@ -142,3 +142,26 @@ def classification_report(predicted: np.ndarray, labels: np.ndarray, class_names
         },
         "confusion_matrix": matrix.tolist(),
     }
+
+
+def zero_shot_report(scores_nc: np.ndarray, labels: Sequence[Sequence[str]], classes: Sequence[str]) -> dict:
+    """Metrics of zero-shot class scores (N, C) (higher = more likely) for items with label lists.
+
+    Every item with exactly one label: `classification_report` of the argmax (accuracy, per-class
+    accuracy, confusion matrix). Otherwise (multi-label): `mean_average_precision` with per-class AP by
+    name, and "accuracy" = the share of items whose best-scoring class is one of their labels.
+    """
+    scores_nc = np.asarray(scores_nc)
+    index = {name: c for c, name in enumerate(classes)}
+    predicted = scores_nc.argmax(axis=1)
+    if all(len(item) == 1 for item in labels):
+        return classification_report(predicted, np.array([index[item[0]] for item in labels]), classes)
+    targets = np.zeros(scores_nc.shape, np.int32)
+    for n, item in enumerate(labels):
+        targets[n, [index[x] for x in item]] = 1
+    metrics = mean_average_precision(scores_nc, targets)
+    metrics["per_class_ap"] = dict(zip(classes, metrics["per_class_ap"], strict=True))
+    metrics["accuracy"] = float(targets[np.arange(len(labels)), predicted].mean())
+    metrics["num_items"] = len(labels)
+    metrics["multi_label"] = True
+    return metrics

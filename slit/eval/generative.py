@@ -10,6 +10,10 @@ run was trained with (slit.data.synthetic.TASK_INSTRUCTIONS) unless one is given
   `eval.caption_metrics` (pycocoevalcap-equal; see slit.eval.captioning).
 - aqa: every question of every clip (question k of the clips that have one, batch by batch), accuracy
   with answer normalisation, by question type when the data has types, else yes/no and open.
+- classification: zero-shot by the LLM (InstructBLIP / Pengi closed-set ranking): given the audio and
+  the classification instruction, each class name is scored by the LLM's summed token loss of that
+  name as the answer (its tokens and EOS); the lowest loss wins. Classes are the split's labels, sorted.
+  Accuracy (and per-class accuracy, a confusion matrix) for single-label data, mAP for multi-label.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from slit.data import pipeline, sources
 from slit.errors import UserError
 from slit.eval.progress import BatchProgress, progress_key
 
-GENERATIVE_TASKS = ("captioning", "aqa")
+GENERATIVE_TASKS = ("captioning", "aqa", "classification")
 
 
 def _text(value: Any) -> str:  # noqa: ANN401
@@ -104,6 +108,12 @@ def evaluate_stage2_run(
     source = sources.open_split(data_name, data_dir, split)
     if max_clips:
         source = [source[i] for i in range(min(max_clips, len(source)))]
+    if task == "classification":
+        metrics = _classify_by_llm_loss(run, source, instruction or TASK_INSTRUCTIONS["classify"][0])
+        paths = {}
+        if jax.process_index() == 0:
+            paths = reports.write_report(workdir, task, data_name, split, metrics, config, step=run.step)
+        return metrics, paths
     gen = stage2.generation_config(config)
     template = instruction or TASK_INSTRUCTIONS["caption" if task == "captioning" else "qa"][0]
     if task == "aqa" and "{question}" not in template:
@@ -167,6 +177,7 @@ def evaluate_stage2_run(
         metrics["examples"] = {
             k: {"predicted": predictions[k], "references": references[k]} for k in ids[:10]
         }
+        metrics["predictions"] = predictions
     else:
         predictions, references, types, questions = {}, {}, {}, {}
         for i, (k, answers) in enumerate(zip(ids, generated, strict=True)):
@@ -184,9 +195,65 @@ def evaluate_stage2_run(
             k: {"question": questions[k], "answer": references[k], "predicted": predictions[k]}
             for k in list(predictions)[:10]
         }
+        metrics["predictions"] = predictions
     metrics.update(instruction=template, resumed_batches=progress.resumed)
     paths = {}
     if jax.process_index() == 0:
         paths = reports.write_report(workdir, task, data_name, split, metrics, config, step=run.step)
         progress.clear()
     return metrics, paths
+
+
+def class_names_and_labels(source: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
+    """(the split's labels sorted, each clip's labels); UserError if a clip has none."""
+    labels = [_texts(source[i], "labels") or _texts(source[i], "label") for i in range(len(source))]
+    if not all(labels):
+        raise UserError(f"{sum(not x for x in labels)} of {len(labels)} clips have no label")
+    return sorted({name for item in labels for name in item}), labels
+
+
+def llm_class_losses(
+    run: Any, source: Sequence[dict], instruction: str, classes: Sequence[str]
+) -> np.ndarray:  # noqa: ANN401
+    """(N, C) summed answer-token losses (-log p of the class name's tokens and EOS) of each class name
+    as the answer to `instruction` about each clip, in jitted batches of the run's eval.batch_size."""
+    from flax import nnx
+
+    from slit.eval import classification
+    from slit.models.stage2 import Stage2Batch
+
+    answerer, d = run.answerer, run.config.data
+    graphdef, frozen = answerer.graphdef, answerer.frozen
+
+    @jax.jit
+    def answer_logits(params: dict, batch: Stage2Batch) -> jax.Array:
+        return nnx.merge(graphdef, params, frozen).answer_logits(batch, None)
+
+    out = []
+    for batch in pipeline.eval_audio_batches(source, run.spec, run.config.eval.batch_size):
+        rows = len(batch["index"])
+        qformer_ids = answerer.encoders.qformer.encode([instruction] * rows)
+        instruction_ids = answerer.encoders.instruction.encode([instruction] * rows, d.max_instruction_length)
+        losses = np.zeros((rows, len(classes)))
+        for c, name in enumerate(classes):
+            answer_ids = answerer.encoders.answer.encode([name.replace("_", " ")] * rows, d.max_answer_length)
+            inputs = Stage2Batch(
+                batch["audio"], batch["num_samples"], qformer_ids, instruction_ids, answer_ids
+            )
+            logits = np.asarray(answer_logits(run.params, inputs))
+            nll = classification.token_losses(logits, np.maximum(answer_ids, 0))
+            losses[:, c] = (nll * (answer_ids >= 0)).sum(axis=1)
+        out.append(losses[batch["valid"]])
+    return np.concatenate(out)
+
+
+def _classify_by_llm_loss(run: Any, source: Sequence[dict], template: str) -> dict:  # noqa: ANN401
+    """Zero-shot classification by the LLM's loss; see the module docstring."""
+    from slit.eval import classification
+
+    classes, labels = class_names_and_labels(source)
+    instruction = template.format(choices=", ".join(c.replace("_", " ") for c in classes))
+    losses = llm_class_losses(run, source, instruction, classes)
+    metrics = classification.zero_shot_report(-losses, labels, classes)
+    metrics.update(method="zero-shot by LLM summed token loss", instruction=instruction, classes=classes)
+    return metrics
