@@ -342,6 +342,35 @@ def test_task_mixture_follows_the_configured_weights(tiny_data_dir, llm_dir, bui
                 assert len(words) == 1, words
 
 
+def test_a_task_with_weight_zero_is_left_out(tiny_data_dir, llm_dir, built):
+    from slit.data import sources
+
+    config = stage2_config(tiny_data_dir, llm_dir, **{"tasks.weights": (0.0, 1.0, 0.0)})
+    source = sources.open_split(config.data.name, config.data.data_dir, "train")
+    batch = next(iter(stage2.train_dataset(config, built.encoders, source)))
+    answers = [built.llm_tok.decode(t[t >= 0], skip_special_tokens=True).split() for t in batch["target_ids"]]
+    assert all(len(a) == 1 for a in answers), answers  # question answering only
+
+
+def test_validate_names_every_bad_value(tiny_data_dir, llm_dir, tmp_path):
+    config = stage2_config(
+        tiny_data_dir,
+        llm_dir,
+        **{
+            "llm.path": str(tmp_path / "no_llm"),
+            "tasks.weights": (1.0, 0.0),
+            "llm.remat_policy": "sometimes",
+            "init_from": str(tmp_path / "no_run"),
+            "eval.caption_metrics": ("CIDEr",),
+        },
+    )
+    with pytest.raises(config_lib.ConfigError) as error:
+        stage2.validate(config, num_devices=1)
+    message = str(error.value)
+    for needle in ("no_llm", "tasks.weights=(1.0, 0.0)", "remat_policy='sometimes'", "no_run", "CIDEr"):
+        assert needle in message, (needle, message)
+
+
 # --------------------------------------------------------------------------------------------------
 # init_from a stage-one run
 # --------------------------------------------------------------------------------------------------
@@ -561,3 +590,84 @@ def test_generate_errors_name_the_missing_thing(tmp_path, cli_run):
     (empty / "config.json").write_text(json.dumps({"trainer": "stage2"}))
     result = run_slit("generate", "--workdir", str(empty), "--audio", str(wav))
     assert result.returncode == 2 and "no checkpoint" in result.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# slit eval on the stage-two run
+# --------------------------------------------------------------------------------------------------
+
+
+def test_eval_captioning_and_aqa_repeat_what_the_trainer_generated(cli_run, tiny_data_dir):
+    """`slit eval` on the same checkpoint gives the captions the end-of-training evaluation gave, and
+    for each clip's question that the trainer asked, the same answer; every question is asked."""
+    from slit.data import sources
+
+    workdir = cli_run["workdir"]
+    stem = TINY_DATA.replace("/", "_")
+    trained = {
+        task: json.loads((workdir / "eval" / f"{task}-{stem}-test.json").read_text())["metrics"]
+        for task in ("captioning", "aqa")
+    }
+    for task in ("captioning", "aqa"):
+        result = run_slit("eval", "--workdir", str(workdir), "--task", task, "--data", TINY_DATA)
+        assert result.returncode == 0, result.stderr[-3000:]
+    ours = {
+        task: json.loads((workdir / "eval" / f"{task}-{stem}-test.json").read_text())["metrics"]
+        for task in ("captioning", "aqa")
+    }
+    for key, example in trained["captioning"]["examples"].items():
+        assert ours["captioning"]["predictions"][key] == example["predicted"], key
+    assert ours["captioning"]["CIDEr-D"] == pytest.approx(trained["captioning"]["CIDEr-D"])
+    test = sources.open_split(TINY_DATA, tiny_data_dir, "test")
+    ids = [test[i]["id"].decode() for i in range(len(test))]
+    assert ours["aqa"]["num_items"] == sum(len(test[i]["questions"]) for i in range(len(test)))
+    for key, example in trained["aqa"]["examples"].items():
+        i = ids.index(key)
+        assert ours["aqa"]["predictions"][f"{key}#{i % len(test[i]['questions'])}"] == example["predicted"]
+    assert not (workdir / "eval" / "partial").exists()  # resumable state is removed once reported
+
+
+def test_eval_classification_ranks_labels_by_the_training_loss(cli_run, tiny_data_dir):
+    """Zero-shot classification by the LLM: each (clip, class) loss equals the trainer's own loss
+    function (mean answer-token cross-entropy) times the answer's token count, one pair at a time; the
+    report's accuracy follows from those losses."""
+    from slit.data import sources
+    from slit.data.synthetic import TASK_INSTRUCTIONS
+    from slit.eval import classification, generative
+    from slit.models.stage2 import Stage2Batch
+
+    workdir = cli_run["workdir"]
+    result = run_slit("eval", "--workdir", str(workdir), "--task", "classification", "--data", TINY_DATA)
+    assert result.returncode == 0, result.stderr[-3000:]
+    stem = TINY_DATA.replace("/", "_")
+    metrics = json.loads((workdir / "eval" / f"classification-{stem}-test.json").read_text())["metrics"]
+
+    run = stage2.load_trained(workdir)
+    test = sources.open_split(TINY_DATA, tiny_data_dir, "test")
+    classes, labels = generative.class_names_and_labels(test)
+    assert metrics["classes"] == classes and metrics["num_items"] == len(test)
+    instruction = TASK_INSTRUCTIONS["classify"][0].format(
+        choices=", ".join(c.replace("_", " ") for c in classes)
+    )
+    losses = generative.llm_class_losses(run, test, instruction, classes)
+    want = classification.zero_shot_report(-losses, labels, classes)
+    assert metrics["accuracy"] == pytest.approx(want["accuracy"])
+
+    enc, d = run.answerer.encoders, run.config.data
+    graphdef, frozen = run.answerer.graphdef, run.answerer.frozen
+    loss_fn = jax.jit(lambda p, b: nnx.merge(graphdef, p, frozen)(b, rngs=None)[1])
+    spec = run.spec
+    from slit.data import pipeline
+
+    batch = next(pipeline.eval_audio_batches(test, spec, 1))
+    for c, name in enumerate(classes):
+        answer = enc.answer.encode([name.replace("_", " ")], d.max_answer_length)
+        inputs = Stage2Batch(
+            batch["audio"],
+            batch["num_samples"],
+            enc.qformer.encode([instruction]),
+            enc.instruction.encode([instruction], d.max_instruction_length),
+            answer,
+        )
+        out = loss_fn(run.params, inputs)
+        assert float(out["loss"]) * int(out["answer_tokens"]) == pytest.approx(losses[0, c], rel=1e-4)
