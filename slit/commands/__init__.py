@@ -14,4 +14,5 @@ COMMANDS: dict[str, str] = {
     "bench": "slit.commands.bench",
     "data": "slit.commands.data",
     "score": "slit.commands.score",
+    "cache-features": "slit.commands.cache_features",
 }

@@ -8,7 +8,8 @@ Three objectives with equal weights (REFERENCE §2), each under its own attentio
 The frozen audio tower is a Whisper or a wav2vec2-family encoder (by the type of `Stage1Config.audio`),
 feeding the Q-Former from the hidden state `audio_hidden_layer`. Audio longer than
 `audio_window_samples` (when set) is encoded window by window, SALMONN-style, and the windows' frames
-concatenated along time.
+concatenated along time. A batch may also bring the frozen features themselves (a feature cache), and
+then the tower is not run.
 """
 
 from __future__ import annotations
@@ -61,11 +62,14 @@ class Stage1Config:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class Stage1Batch:
-    """One global batch. audio (B, S) float32 zero-padded; num_samples (B,); text_ids (B, T) int32."""
+    """One global batch: text_ids (B, T) int32, and either the audio (audio (B, S) float32 zero-padded,
+    num_samples (B,)) or the frozen encoder's outputs (features (B, F, D), frame_mask (B, F) bool)."""
 
-    audio: jax.Array
-    num_samples: jax.Array
     text_ids: jax.Array
+    audio: jax.Array | None = None
+    num_samples: jax.Array | None = None
+    features: jax.Array | None = None
+    frame_mask: jax.Array | None = None
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
@@ -147,6 +151,12 @@ class Stage1Model(nnx.Module):
         features = features.reshape(batch, count * features.shape[1], features.shape[2])
         return jax.lax.stop_gradient(features), mask.reshape(batch, -1)
 
+    def batch_features(self, batch: Stage1Batch) -> tuple[jax.Array, jax.Array]:
+        """The batch's frozen features and frame mask: given (a feature cache), or encoded from its audio."""
+        if batch.features is not None:
+            return jax.lax.stop_gradient(batch.features), batch.frame_mask
+        return self.encode_audio(batch.audio, batch.num_samples)
+
     def query_outputs(
         self, features: jax.Array, mask: jax.Array, rngs: nnx.Rngs | None, encoder_kv: list | None = None
     ) -> jax.Array:
@@ -195,7 +205,7 @@ class Stage1Model(nnx.Module):
         num_queries = c.qformer.num_queries
         text_ids = batch.text_ids
         text_valid = text_ids != c.pad_token_id
-        features, frame_mask = self.encode_audio(batch.audio, batch.num_samples)
+        features, frame_mask = self.batch_features(batch)
         # Cross-attention keys/values, computed once per clip and shared by the three objectives.
         encoder_kv = self.qformer.encoder_kv(features)
 

@@ -26,7 +26,8 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from slit import config as config_lib
-from slit.data import pipeline, sources
+from slit.data import feature_cache, pipeline, sources
+from slit.data.feature_cache import CachedFeatures
 from slit.data.tokenizer import TextTokenizer, word_level_tokenizer
 from slit.errors import UserError
 from slit.eval import classification, reports, retrieval
@@ -39,6 +40,7 @@ from slit.train.optimizer import make_optimizer, nonfinite_counts
 from slit.train.preemption import Preempted, PreemptionWatcher
 
 BATCH_KEYS = ("audio", "num_samples", "text_ids")
+CACHED_BATCH_KEYS = ("features", "frame_mask", "text_ids")  # features=cached: the frozen encoder's outputs
 
 validate = config_lib.validate_stage1  # called by `slit train` before anything compiles
 
@@ -231,11 +233,13 @@ class RetrievalFunctions:
 
     embed_audio: (params, frozen, audio, num_samples) -> (embeddings (B, Q, E), frozen encoder
         features (B, F, D), frame mask (B, F))
+    embed_features: (params, frozen, features (B, F, D), frame mask (B, F)) -> embeddings (B, Q, E)
     embed_text: (params, frozen, text_ids) -> embeddings (B, E)
     match: (params, frozen, features, frame mask, text_ids) -> matching-head logits (B,)
     """
 
     embed_audio: Callable[..., Any]
+    embed_features: Callable[..., Any]
     embed_text: Callable[..., Any]
     match: Callable[..., Any]
     audio_shardings: tuple
@@ -259,6 +263,10 @@ def make_embedders(
         embeddings = model.audio_embeddings(model.query_outputs(features, mask, None))
         return embeddings, features, mask
 
+    def embed_features(params: dict, frozen: dict, features: jax.Array, mask: jax.Array) -> jax.Array:
+        model = nnx.merge(graphdef, params, frozen)
+        return model.audio_embeddings(model.query_outputs(features, mask, None))
+
     def embed_text(params: dict, frozen: dict, text_ids: jax.Array) -> jax.Array:
         model = nnx.merge(graphdef, params, frozen)
         return model.text_embeddings(text_ids, None)
@@ -271,6 +279,7 @@ def make_embedders(
 
     return RetrievalFunctions(
         embed_audio=jax.jit(embed_audio, in_shardings=(*weights, *audio_shardings), out_shardings=rep),
+        embed_features=jax.jit(embed_features, out_shardings=rep),
         embed_text=jax.jit(embed_text, in_shardings=(*weights, text_sharding), out_shardings=rep),
         match=jax.jit(match, out_shardings=rep),
         audio_shardings=audio_shardings,
@@ -290,9 +299,12 @@ def evaluate_retrieval(
     frozen: dict,
     should_stop: Callable[[], bool] = lambda: False,
     rerank_k: int = 0,
+    cached: CachedFeatures | None = None,
 ) -> dict | None:
     """Audio-text retrieval on a split: R@1/5/10 and mAP@10 both ways by contrastive similarity and,
     with rerank_k > 0, after BLIP-2's re-ranking of each query's top k by the matching head.
+
+    With `cached` (the split's frozen features from the feature cache), the encoder is not run.
 
     Returns slit.eval.retrieval.retrieval_report's dict ({"contrastive", "reranked", "curves"}), or None
     if `should_stop()` turned true between batches (preemption).
@@ -302,17 +314,37 @@ def evaluate_retrieval(
     # For re-ranking, the frozen encoder's features of every clip stay on the host (a clip's
     # cross-attention keys/values are recomputed from them for each pair scored).
     audio_embeddings, clip_features, clip_masks = [], [], []
-    for batch in pipeline.eval_audio_batches(source, spec, batch_size):
+    if cached is not None and len(cached) != len(source):
+        raise UserError(
+            f"the feature cache {cached.directory} has {len(cached)} clips, {split} {len(source)}"
+        )
+    batches = (
+        pipeline.eval_audio_batches(source, spec, batch_size)
+        if cached is None
+        else feature_cache.eval_feature_batches(cached, batch_size)
+    )
+    for batch in batches:
         if should_stop():
             return None
-        audio = sharding.replicated_to_global(batch["audio"], fns.audio_shardings[0])
-        num_samples = sharding.replicated_to_global(batch["num_samples"], fns.audio_shardings[1])
-        emb, features, mask = fns.embed_audio(params, frozen, audio, num_samples)
+        if cached is None:
+            audio = sharding.replicated_to_global(batch["audio"], fns.audio_shardings[0])
+            num_samples = sharding.replicated_to_global(batch["num_samples"], fns.audio_shardings[1])
+            emb, features, mask = fns.embed_audio(params, frozen, audio, num_samples)
+        else:
+            features, mask = batch["features"], batch["frame_mask"]
+            emb = fns.embed_features(
+                params,
+                frozen,
+                sharding.replicated_to_global(features, sharding.batch_sharding(fns.mesh, fns.rules, 3)),
+                sharding.replicated_to_global(mask, sharding.batch_sharding(fns.mesh, fns.rules, 2)),
+            )
         valid = batch["valid"]
         audio_embeddings.append(sharding.fetch_replicated(emb)[valid])
         if rerank_k:
-            clip_features.append(sharding.fetch_replicated(features)[valid])
-            clip_masks.append(sharding.fetch_replicated(mask)[valid])
+            clip_features.append(
+                np.asarray(sharding.fetch_replicated(features) if cached is None else features)[valid]
+            )
+            clip_masks.append(np.asarray(sharding.fetch_replicated(mask) if cached is None else mask)[valid])
     audio_emb = np.concatenate(audio_embeddings)
     texts, owners = pipeline.split_captions(source)
     all_ids = tokenizer.encode(texts, config.data.max_text_length)
@@ -345,6 +377,7 @@ class TrainingSetup:
     state_shardings: dict
     batch_shardings: dict
     step_fn: Any
+    model_config: Stage1Config
 
 
 def build_training(
@@ -353,7 +386,8 @@ def build_training(
     """Initialises the sharded train state and jits the train step with explicit shardings.
 
     The state ({step, params, opt_state}) is donated to every step; frozen weights are a separate,
-    never-donated argument with no optimizer state.
+    never-donated argument with no optimizer state. With features=cached the step takes batches of
+    frozen features (CACHED_BATCH_KEYS) instead of audio (BATCH_KEYS).
     """
     cfg = model_config(config, tokenizer)
     parts = create_model(cfg, config.seed, config.audio_encoder.init_seed, mesh, rules)
@@ -373,17 +407,19 @@ def build_training(
             out_shardings=state_shardings,
         )(parts.params)
     parts.params = None  # the state owns them now (and donates them every step)
-    batch_shardings = {
-        k: sharding.batch_sharding(mesh, rules, n)
-        for k, n in (("audio", 2), ("num_samples", 1), ("text_ids", 2))
-    }
+    ranks = (
+        (("features", 3), ("frame_mask", 2), ("text_ids", 2))
+        if config.get("features", "compute") == "cached"
+        else (("audio", 2), ("num_samples", 1), ("text_ids", 2))
+    )
+    batch_shardings = {k: sharding.batch_sharding(mesh, rules, n) for k, n in ranks}
     step_fn = jax.jit(
         make_train_step(parts.graphdef, tx, schedule, dropout=config.qformer.dropout > 0),
         in_shardings=(state_shardings, parts.frozen_shardings, batch_shardings, rep),
         out_shardings=(state_shardings, rep),
         donate_argnums=(0,),
     )
-    return TrainingSetup(parts, state, state_shardings, batch_shardings, step_fn)
+    return TrainingSetup(parts, state, state_shardings, batch_shardings, step_fn, cfg)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -415,10 +451,18 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
             sources.open_split(config.data.name, config.data.data_dir, "train")
         multihost_utils.sync_global_devices("slit: dataset ready")
     train_source = sources.open_split(config.data.name, config.data.data_dir, "train")
-    train_data = pipeline.train_dataset(
-        train_source,
-        tokenizer,
-        spec,
+
+    # Model, optimizer, state, and the jitted step.
+    setup = build_training(config, tokenizer, mesh, rules)
+    parts = setup.parts
+    cache = None
+    if config.get("features", "compute") == "cached":  # refused here if missing or stale
+        from slit.train import feature_cache as cache_lib
+
+        cache = cache_lib.open_for_training(config, setup.model_config, parts.frozen)
+        if is_main:
+            print(f"reading frozen features from {cache.directory}")
+    common = dict(
         max_text_length=config.data.max_text_length,
         global_batch_size=config.batch_size,
         seed=config.seed,
@@ -426,31 +470,52 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
         process_count=jax.process_count(),
         worker_count=config.data.worker_count,
     )
+    if cache is None:
+        train_data = pipeline.train_dataset(train_source, tokenizer, spec, **common)
+        batch_keys = BATCH_KEYS
+        global_shapes = {
+            "audio": (config.batch_size, spec.max_samples),
+            "num_samples": (config.batch_size,),
+            "text_ids": (config.batch_size, config.data.max_text_length),
+        }
+    else:
+        features = cache.splits["train"]
+        train_data = feature_cache.cached_train_dataset(train_source, features, tokenizer, spec, **common)
+        batch_keys = CACHED_BATCH_KEYS
+        global_shapes = {
+            "features": (config.batch_size, features.frames, features.width),
+            "frame_mask": (config.batch_size, features.frames),
+            "text_ids": (config.batch_size, config.data.max_text_length),
+        }
     train_iter = iter(train_data)
 
-    # Model, optimizer, state (fresh, or resumed by the checkpoint precedence), and the jitted step.
-    setup = build_training(config, tokenizer, mesh, rules)
-    parts = setup.parts
+    # Where to start (fresh, or resumed by the checkpoint precedence).
     ckpt = checkpoint.Checkpointer(
         workdir, config, checkpoint.frozen_identity(parts.frozen, frozen_sources(config))
     )
     start = ckpt.resolve_start(setup.state, setup.state_shardings, train_iter)
     embedders = make_embedders(parts.graphdef, mesh, rules, parts)
     writer = MetricWriter(workdir)
-    global_shapes = {
-        "audio": (config.batch_size, spec.max_samples),
-        "num_samples": (config.batch_size,),
-        "text_ids": (config.batch_size, config.data.max_text_length),
-    }
 
     def next_batch() -> dict:
         local = next(train_iter)
         shardings = setup.batch_shardings
-        return {k: sharding.host_to_global(local[k], shardings[k], global_shapes[k]) for k in BATCH_KEYS}
+        return {k: sharding.host_to_global(local[k], shardings[k], global_shapes[k]) for k in batch_keys}
+
+    def cached_split(split: str) -> CachedFeatures | None:
+        return None if cache is None else cache.splits[split]
 
     def evaluate(step: int, state: dict, should_stop: Callable[[], bool]) -> dict | None:
         report = evaluate_retrieval(
-            "validation", config, tokenizer, spec, embedders, state["params"], parts.frozen, should_stop
+            "validation",
+            config,
+            tokenizer,
+            spec,
+            embedders,
+            state["params"],
+            parts.frozen,
+            should_stop,
+            cached=cached_split("validation"),
         )
         if report is None:
             return None
@@ -480,6 +545,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
             parts.frozen,
             functools.partial(watcher.should_stop, config.total_steps),
             rerank_k=config.retrieval_rerank_k,
+            cached=cached_split("test"),
         )
     if report is None:
         raise Preempted(config.total_steps, str(ckpt.directory / str(config.total_steps)))

@@ -1,0 +1,232 @@
+"""Building and opening stage one's frozen-feature cache (storage: slit.data.feature_cache).
+
+A cache is keyed by what the features depend on: the frozen encoder's content fingerprint (as
+checkpoints record it, slit.train.checkpoint.fingerprint) and the frontend settings (encoder family,
+sample rate, mel bins or waveform options, max_seconds, hidden layer, window). It also records the data
+it was computed from (dataset version, split sizes), checked whenever it is opened.
+
+    slit cache-features --config configs/stage1_synthetic.py [--config.a.b=value ...] [--out DIR]
+    slit train --config configs/stage1_synthetic.py --workdir DIR --config.features=cached [...]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import time
+from collections.abc import Callable, Iterator
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from slit.data import feature_cache, pipeline, sources
+from slit.errors import UserError
+from slit.models.audio.whisper import WhisperEncoderConfig
+from slit.models.stage1 import Stage1Config
+from slit.train import checkpoint, pretrained, sharding
+
+SPLITS = ("train", "validation", "test")  # what stage-one training reads
+
+
+def cache_root(config: ml_collections.ConfigDict) -> pathlib.Path:
+    """`features_dir`, or `<data.data_dir or ~/tensorflow_datasets>/slit_features`."""
+    if config.get("features_dir", ""):
+        return pathlib.Path(config.features_dir).expanduser()
+    data_dir = config.data.data_dir or "~/tensorflow_datasets"
+    return pathlib.Path(data_dir).expanduser() / "slit_features"
+
+
+def frontend_settings(config: ml_collections.ConfigDict, cfg: Stage1Config) -> dict:
+    """Everything besides the encoder's weights that decides the cached features."""
+    settings = pretrained.audio_settings(config)
+    out = {
+        "encoder": "whisper" if isinstance(cfg.audio, WhisperEncoderConfig) else "wav2vec2",
+        "sample_rate": int(config.data.sample_rate),
+        "max_seconds": float(config.data.max_seconds),
+        "hidden_layer": settings.hidden_layer if settings.hidden_layer is not None else -1,
+        "window_seconds": settings.window_seconds,
+    }
+    if isinstance(cfg.audio, WhisperEncoderConfig):
+        out["num_mel_bins"] = cfg.audio.num_mel_bins
+    else:
+        out.update(normalize=cfg.audio_normalize, mask_padding=cfg.audio_mask_padding)
+    return out
+
+
+def identity(config: ml_collections.ConfigDict, cfg: Stage1Config, frozen: dict) -> dict:
+    """The cache key's inputs: the frozen audio tower's fingerprint and the frontend settings."""
+    return {
+        "encoder_fingerprint": checkpoint.fingerprint(frozen["audio_tower"]),
+        "frontend": frontend_settings(config, cfg),
+    }
+
+
+def data_description(config: ml_collections.ConfigDict, splits: dict[str, object]) -> dict:
+    """What the features were computed from: dataset name, version and split sizes."""
+    any_split = next(iter(splits.values()))
+    info = getattr(any_split, "dataset_info", None)
+    return {
+        "dataset": config.data.name,
+        "version": str(getattr(info, "version", "unknown")),
+        "splits": {name: len(source) for name, source in splits.items()},
+    }
+
+
+def rebuild_command(config: ml_collections.ConfigDict) -> str:
+    """The `slit cache-features` command line that builds the cache this config reads."""
+    parts = ["slit cache-features --config <this run's config file>"]
+    for group in ("data", "audio_encoder"):
+        for key, value in sorted(config[group].items()):
+            if group == "data" and key not in ("name", "data_dir", "sample_rate", "max_seconds"):
+                continue
+            parts.append(f"--config.{group}.{key}={value}")
+    if config.get("features_dir", ""):
+        parts.append(f"--config.features_dir={config.features_dir}")
+    return " ".join(parts)
+
+
+def open_splits(config: ml_collections.ConfigDict) -> dict[str, object]:
+    return {name: sources.open_split(config.data.name, config.data.data_dir, name) for name in SPLITS}
+
+
+def open_for_training(
+    config: ml_collections.ConfigDict, cfg: Stage1Config, frozen: dict
+) -> feature_cache.OpenedCache:
+    """The cache this run reads (features=cached), checked against its frozen encoder, frontend and data.
+
+    Raises:
+      slit.data.feature_cache.StaleCacheError: missing or mismatched, saying what differs and how to
+        rebuild it.
+    """
+    splits = open_splits(config)
+    directory = feature_cache.open_cache(
+        cache_root(config),
+        config.data.name,
+        identity(config, cfg, frozen),
+        data_description(config, splits),
+        rebuild_command(config),
+    )
+    return feature_cache.OpenedCache(
+        directory, {name: feature_cache.CachedFeatures(directory / name) for name in SPLITS}
+    )
+
+
+@dataclasses.dataclass
+class Encoder:
+    """The frozen tower, jitted over the config's mesh: (audio (B, S), num_samples (B,)) -> numpy
+    features (B, F, D) and frame mask (B, F) of the batch's rows."""
+
+    fn: Callable[..., tuple]
+    params: dict
+    frozen: dict
+    cfg: Stage1Config
+    audio_shardings: tuple
+
+    def __call__(self, audio: np.ndarray, num_samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        audio = sharding.replicated_to_global(audio, self.audio_shardings[0])
+        num_samples = sharding.replicated_to_global(num_samples, self.audio_shardings[1])
+        features, mask = self.fn(self.params, self.frozen, audio, num_samples)
+        return sharding.fetch_replicated(features), sharding.fetch_replicated(mask)
+
+
+def make_encoder(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules: dict) -> Encoder:
+    """Builds the frozen tower exactly as training does (slit.train.stage1.create_model) and jits it."""
+    from slit.train import stage1
+
+    tokenizer = stage1.make_tokenizer(config, pathlib.Path("/nonexistent"))
+    cfg = dataclasses.replace(stage1.model_config(config, tokenizer), qformer_init="")  # no BERT needed
+    parts = stage1.create_model(cfg, config.seed, config.audio_encoder.init_seed, mesh, rules)
+    audio_shardings = (sharding.batch_sharding(mesh, rules, 2), sharding.batch_sharding(mesh, rules, 1))
+
+    def encode(params: dict, frozen: dict, audio: jax.Array, num_samples: jax.Array) -> tuple:
+        return nnx.merge(parts.graphdef, params, frozen).encode_audio(audio, num_samples)
+
+    fn = jax.jit(
+        encode,
+        in_shardings=(parts.param_shardings, parts.frozen_shardings, *audio_shardings),
+        out_shardings=sharding.replicated(mesh),
+    )
+    return Encoder(fn, parts.params, parts.frozen, cfg, audio_shardings)
+
+
+def _encoded(
+    encoder: Encoder,
+    source: object,
+    spec: pipeline.AudioSpec,
+    batch_size: int,
+    progress: Callable[[int], None],
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    for batch in pipeline.eval_audio_batches(source, spec, batch_size):
+        features, mask = encoder(batch["audio"], batch["num_samples"])
+        valid = batch["valid"]
+        progress(int(valid.sum()))
+        yield features[valid], mask[valid], batch["num_samples"][valid]
+
+
+def build(
+    config: ml_collections.ConfigDict,
+    root: str | pathlib.Path | None = None,
+    *,
+    force: bool = False,
+    log: Callable[[str], None] = print,
+) -> tuple[pathlib.Path, dict]:
+    """Writes the cache of `config`'s frozen encoder over the train, validation and test splits.
+
+    An up-to-date cache is kept unless `force`. Returns (its directory, a summary: seconds, clips,
+    bytes, whether it was written).
+    """
+    if jax.process_count() > 1:
+        raise UserError("slit cache-features runs as one process (it may use all of that process's devices)")
+    from slit.train import stage1
+
+    root = pathlib.Path(root).expanduser() if root else cache_root(config)
+    mesh = sharding.make_mesh(config.mesh)
+    rules = sharding.rules_dict(config.sharding_rules)
+    encoder = make_encoder(config, mesh, rules)
+    ident = identity(config, encoder.cfg, encoder.frozen)
+    splits = open_splits(config)
+    data = data_description(config, splits)
+    directory = feature_cache.cache_directory(root, config.data.name, ident)
+    if not force:
+        try:
+            feature_cache.open_cache(root, config.data.name, ident, data, "")
+            log(f"feature cache {directory} is up to date")
+            return directory, {"written": False, "directory": str(directory)}
+        except feature_cache.StaleCacheError:
+            pass
+    spec = stage1.audio_spec(config)
+    total = sum(len(s) for s in splits.values())
+    done, start = [0], time.perf_counter()
+
+    def progress(n: int) -> None:
+        before, done[0] = done[0], done[0] + n
+        if done[0] * 10 // total > before * 10 // total or done[0] == total:  # every 10%
+            elapsed = time.perf_counter() - start
+            log(f"  {done[0]}/{total} clips encoded ({done[0] / max(elapsed, 1e-9):.2f} clips/s)")
+
+    manifest = {
+        "identity": ident,
+        "encoder_source": pretrained.audio_source(config),
+        "data": data,
+        "settings": {"batch_size": config.batch_size},
+    }
+    log(f"writing the feature cache of {config.data.name} ({total} clips) to {directory}")
+    feature_cache.write_cache(
+        directory,
+        manifest,
+        {
+            name: (len(source), _encoded(encoder, source, spec, config.batch_size, progress))
+            for name, source in splits.items()
+        },
+    )
+    seconds = time.perf_counter() - start
+    size = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+    return directory, {
+        "written": True,
+        "directory": str(directory),
+        "clips": total,
+        "seconds": seconds,
+        "bytes": size,
+    }
