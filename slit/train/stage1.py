@@ -673,12 +673,6 @@ def embed_text_ids(
     return np.concatenate(out)
 
 
-def _labels_of(example: dict) -> list[str]:
-    values = example.get("labels", example.get("label", []))
-    values = [values] if isinstance(values, str | bytes) else list(np.asarray(values).reshape(-1))
-    return [v.decode() if isinstance(v, bytes) else str(v) for v in values]
-
-
 def evaluate_classification_run(
     workdir: str | pathlib.Path,
     data_name: str,
@@ -693,13 +687,11 @@ def evaluate_classification_run(
     Classes are the labels found in the split, sorted. Single-label data: accuracy, per-class accuracy
     and the confusion matrix. Multi-label data: mAP over classes and top-1 accuracy (the best-scoring
     class is one of the clip's labels). Returns (metrics, paths of the written files)."""
+    from slit.eval.generative import class_names_and_labels
+
     run = load_run(workdir, data_name, data_dir, step)
     source = sources.open_split(run.config.data.name, run.config.data.data_dir, split)
-    labels = [_labels_of(source[i]) for i in range(len(source))]
-    if not all(labels):
-        missing = sum(not x for x in labels)
-        raise UserError(f"{data_name} ({split}): {missing} of {len(labels)} examples have no label")
-    classes = sorted({name for clip in labels for name in clip})
+    classes, labels = class_names_and_labels(source)
     with jax.set_mesh(run.mesh), PreemptionWatcher() as watcher:
         clips = embed_clips(run, source, functools.partial(watcher.should_stop, run.step))
         if clips is None:
@@ -709,21 +701,7 @@ def evaluate_classification_run(
         )
         prompts = embed_text_ids(run.fns, run.params, run.frozen, prompt_ids, run.config.batch_size)
     scores = classification.similarity_scores(clips, prompts)  # (N, C)
-    index = {name: c for c, name in enumerate(classes)}
-    predicted = scores.argmax(axis=1)
-    if all(len(clip) == 1 for clip in labels):
-        metrics = classification.classification_report(
-            predicted, np.array([index[x[0]] for x in labels]), classes
-        )
-    else:
-        targets = np.zeros(scores.shape, np.int32)
-        for n, clip in enumerate(labels):
-            targets[n, [index[x] for x in clip]] = 1
-        metrics = classification.mean_average_precision(scores, targets)
-        metrics["per_class_ap"] = dict(zip(classes, metrics["per_class_ap"], strict=True))
-        metrics["accuracy"] = float(targets[np.arange(len(labels)), predicted].mean())
-        metrics["num_items"] = len(labels)
-        metrics["multi_label"] = True
+    metrics = classification.zero_shot_report(scores, labels, classes)
     metrics.update(method="zero-shot contrastive", prompt=prompt, classes=classes)
     paths = {}
     if jax.process_index() == 0:
