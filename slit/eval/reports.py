@@ -115,6 +115,9 @@ def _classification_lines(metrics: Mapping) -> list[str]:
     per_class = metrics.get("per_class_accuracy")
     if per_class:
         lines += ["", *_table(["class", "accuracy (%)"], [[name, _pct(v)] for name, v in per_class.items()])]
+    per_class_ap = metrics.get("per_class_ap")
+    if isinstance(per_class_ap, Mapping):
+        lines += ["", *_table(["class", "AP (%)"], [[name, _pct(v)] for name, v in per_class_ap.items()])]
     return lines
 
 
