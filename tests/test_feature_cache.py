@@ -14,9 +14,11 @@ import shutil
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from slit import config as config_lib
 from slit.data import feature_cache, pipeline, sources
+from slit.models.stage1 import Stage1Batch
 from slit.train import feature_cache as cache_lib
 from slit.train import sharding, stage1
 from tests.conftest import ROOT, run_slit, tiny_config, tiny_overrides
@@ -35,13 +37,12 @@ def cache_root(tmp_path_factory, tiny_data_dir):
     return root, directory
 
 
-def _setup(config):
+def _model_parts(config):
+    """The model's config and parts, built as training builds them."""
     config_lib.validate_stage1(config, num_devices=1)
-    tokenizer = stage1.make_tokenizer(config, NOWHERE)
+    cfg = stage1.model_config(config, stage1.make_tokenizer(config, NOWHERE))
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
-    return stage1.build_training(
-        config, tokenizer, mesh, sharding.rules_dict(config.sharding_rules)
-    ), tokenizer
+    return cfg, stage1.create_model(cfg, config.seed, config.audio_encoder.init_seed, mesh, {})
 
 
 def _train_source(config):
@@ -49,19 +50,23 @@ def _train_source(config):
 
 
 def test_training_from_the_cache_matches_computing_features(tiny_data_dir, cache_root):
+    """The first step's losses: the model's forward on the first batch, as the train step computes it."""
     root, _ = cache_root
-    config = tiny_config(tiny_data_dir, features_dir=str(root), **SETTINGS)
-    setup, tokenizer = _setup(config)
+    config = tiny_config(tiny_data_dir, features_dir=str(root), features="cached", **SETTINGS)
+    cfg, parts = _model_parts(config)
+    tokenizer = stage1.make_tokenizer(config, NOWHERE)
+
+    @jax.jit
+    def losses(params, frozen, batch):
+        model = nnx.merge(parts.graphdef, params, frozen)
+        return model(Stage1Batch(**batch), rngs=None, negatives_key=jax.random.key(3))[1]
+
     spec = stage1.audio_spec(config)
     common = dict(max_text_length=config.data.max_text_length, global_batch_size=config.batch_size, seed=0)
     computed_batch = next(iter(pipeline.train_dataset(_train_source(config), tokenizer, spec, **common)))
-    _, computed = setup.step_fn(
-        setup.state, setup.parts.frozen, {k: computed_batch[k] for k in stage1.BATCH_KEYS}, jax.random.key(3)
-    )
+    computed = losses(parts.params, parts.frozen, {k: computed_batch[k] for k in stage1.BATCH_KEYS})
 
-    cached_config = tiny_config(tiny_data_dir, features_dir=str(root), features="cached", **SETTINGS)
-    cached_setup, _ = _setup(cached_config)
-    cache = cache_lib.open_for_training(cached_config, cached_setup.model_config, cached_setup.parts.frozen)
+    cache = cache_lib.open_for_training(config, cfg, parts.frozen)
     stream = feature_cache.cached_train_dataset(
         _train_source(config), cache.splits["train"], tokenizer, spec, **common
     )
@@ -69,12 +74,7 @@ def test_training_from_the_cache_matches_computing_features(tiny_data_dir, cache
     cached_batch = next(iterator)
     np.testing.assert_array_equal(cached_batch["text_ids"], computed_batch["text_ids"])  # same captions
     assert cached_batch["features"].shape == (8, 500, 32) and cached_batch["frame_mask"].dtype == bool
-    _, from_cache = cached_setup.step_fn(
-        cached_setup.state,
-        cached_setup.parts.frozen,
-        {k: cached_batch[k] for k in stage1.CACHED_BATCH_KEYS},
-        jax.random.key(3),
-    )
+    from_cache = losses(parts.params, parts.frozen, {k: cached_batch[k] for k in stage1.CACHED_BATCH_KEYS})
     for name in ("loss", "itc_loss", "itm_loss", "itg_loss"):
         assert abs(float(computed[name]) - float(from_cache[name])) < 1e-5, name
 
@@ -107,7 +107,7 @@ def test_cache_is_keyed_by_encoder_and_frontend_not_by_the_qformer(tiny_data_dir
     def config(**overrides):
         return tiny_config(tiny_data_dir, features_dir=str(root), **{**SETTINGS, **overrides})
 
-    other_qformer = {"qformer.layers": 1, "qformer.width": 16, "qformer.num_queries": 2, "batch_size": 4}
+    other_qformer = {"qformer.width": 16, "qformer.mlp_dim": 24, "qformer.num_queries": 2, "batch_size": 4}
     same, ident, frozen = key(config(**other_qformer))
     assert same == directory  # the Q-Former and the batch change neither the frozen weights nor the key
     assert ident["frontend"] == {
