@@ -5,4 +5,6 @@ run(args) -> dict (a JSON-serialisable result). See slit/commands/bench.py."""
 BENCHES: dict[str, str] = {
     "data": "slit.bench.data",
     "generate": "slit.bench.generate",
+    "frontend": "slit.bench.frontend",
+    "cache": "slit.bench.cache",
 }
