@@ -338,11 +338,12 @@ def train_dataset(
 
     Batches (per process) hold audio (b, S), num_samples (b,), instruction_ids (b, Lq + Li) (the
     Q-Former and the LLM tokenizations side by side; `model_batch` splits them), target_ids (b, La)
-    and task_id (b,) (the index into TASK_NAMES).
+    and task_id (b,) (the index among the tasks of TASK_NAMES with a non-zero weight).
     """
     d = config.data
     li = d.max_instruction_length
-    tasks = make_tasks()
+    weighted = [(t, w) for t, w in zip(make_tasks(), config.tasks.weights, strict=True) if w > 0]
+    tasks, weights = [t for t, _ in weighted], [w for _, w in weighted]  # grain cannot mix in weight 0
     return pipeline.mixture_dataset(
         tasks,
         [source] * len(tasks),
@@ -352,7 +353,7 @@ def train_dataset(
         max_target_length=d.max_answer_length,
         global_batch_size=config.batch_size,
         seed=config.seed,
-        weights=list(config.tasks.weights),
+        weights=weights,
         target_tokenizer=encoders.answer,
         process_index=process_index,
         process_count=process_count,
@@ -424,7 +425,13 @@ class ModelParts:
 
 
 def create_model(
-    cfg: Stage2Config, llm: nnx.Module, seed: int, audio_seed: int, mesh: jax.sharding.Mesh, rules: dict
+    cfg: Stage2Config,
+    llm: nnx.Module,
+    seed: int,
+    audio_seed: int,
+    mesh: jax.sharding.Mesh,
+    rules: dict,
+    match_embedding_scale: bool = False,
 ) -> ModelParts:
     """Builds the model around the loaded LLM and places every weight in its sharding.
 
@@ -432,6 +439,12 @@ def create_model(
     stage one initialises its model: eager and jitted random initialisers differ in the last bits, and
     the audio tower must be bit-identical to the one the stage-one Q-Former learned against (its
     fingerprint is checked). The LLM's loaded weights pass through untouched.
+
+    With `match_embedding_scale`, the projection's kernel is rescaled so that the soft prompt starts at
+    the scale of the LLM's own token embeddings (element RMS of the first <= 8192 rows of its table):
+    Q-Former outputs leave a LayerNorm with unit-variance elements, so the kernel's std becomes
+    rms / sqrt(qformer width). Without it, SmolLM2 (embedding RMS 0.14) receives soft-prompt vectors ~10x
+    longer than any token's, mostly the same for every clip.
     """
     llm_graphdef, llm_state = nnx.split(llm)
 
@@ -448,7 +461,14 @@ def create_model(
     init_frozen_sh = {k: v for k, v in frozen_sh.items() if k != "llm"}
 
     def init(llm_state: Any) -> tuple[dict, dict]:  # noqa: ANN401
-        _, params, frozen = nnx.split(build(llm_state), nnx.Param, Frozen)
+        model = build(llm_state)
+        if match_embedding_scale:
+            rows = model.llm.embed(jnp.arange(min(model.llm.vocab_size, 8192))[None])
+            rms = jnp.sqrt(jnp.mean(jnp.square(rows.astype(jnp.float32))))
+            kernel = model.llm_projection.kernel
+            target_std = rms / np.sqrt(cfg.qformer.width)
+            kernel[...] = kernel[...] * (target_std / cfg.qformer.initializer_range)
+        _, params, frozen = nnx.split(model, nnx.Param, Frozen)
         frozen = nnx.to_pure_dict(frozen)
         del frozen["llm"]
         return nnx.to_pure_dict(params), frozen
@@ -505,7 +525,15 @@ def build_training(
     rules: dict,
 ) -> TrainingSetup:
     """The sharded train state ({step, params, opt_state}; donated every step) and the jitted step."""
-    parts = create_model(cfg, llm, config.seed, config.audio_encoder.init_seed, mesh, rules)
+    parts = create_model(
+        cfg,
+        llm,
+        config.seed,
+        config.audio_encoder.init_seed,
+        mesh,
+        rules,
+        config.llm.get("match_embedding_scale", False),
+    )
     tx, schedule = make_optimizer(config.optimizer, config.total_steps)
     rep = sharding.replicated(mesh)
     opt_shardings = optax.tree_map_params(
