@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--step", type=int, default=None, help="which checkpoint (default: the newest)")
     parser.add_argument("--max-new-tokens", type=int, default=None)
     parser.add_argument("--num-beams", "--beams", dest="num_beams", type=int, default=None)
-    parser.add_argument("--temperature", type=float, default=None, help="> 0; turns sampling on")
+    parser.add_argument("--temperature", type=float, default=None, help="> 0 turns sampling on; 0 is greedy")
     parser.add_argument("--top-k", type=int, default=None, help="turns sampling on")
     parser.add_argument("--top-p", type=float, default=None, help="turns sampling on")
     parser.add_argument("--repetition-penalty", type=float, default=None)

@@ -756,7 +756,8 @@ class Answerer:
 
 def generation_config(config: ml_collections.ConfigDict, **overrides: Any) -> Any:  # noqa: ANN401
     """The run's decoding settings (config.eval), with any non-None `overrides` (GenerationConfig
-    fields; temperature, top_k or top_p turn sampling on unless do_sample is given)."""
+    fields; temperature, top_k or top_p turn sampling on unless do_sample is given; temperature 0 is
+    greedy)."""
     from slit.generate import GenerationConfig
 
     e = config.eval
@@ -767,6 +768,9 @@ def generation_config(config: ml_collections.ConfigDict, **overrides: Any) -> An
         repetition_penalty=e.repetition_penalty,
     )
     given = {k: v for k, v in overrides.items() if v is not None}
+    if given.get("temperature") == 0:  # temperature 0 means greedy, as in most tools
+        del given["temperature"]
+        given.setdefault("do_sample", False)
     if "do_sample" not in given and any(k in given for k in ("temperature", "top_k", "top_p")):
         given["do_sample"] = True
     values.update(given)
