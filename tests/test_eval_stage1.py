@@ -4,6 +4,7 @@ against the model rebuilt from an exported bundle and scored with scikit-learn /
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -30,10 +31,17 @@ def bundle_embeddings(workdir, tmp_path, config, texts):
     return source, np.concatenate(clips), np.asarray(model.text_embeddings(ids, None))
 
 
+def own_copy(trained_run, tmp_path):
+    """The shared run copied, so that the reports written here do not replace the trainer's."""
+    workdir, config = trained_run
+    shutil.copytree(workdir, tmp_path / "run")
+    return tmp_path / "run", config
+
+
 def test_zero_shot_classification_equals_sklearn_on_the_rebuilt_model(trained_run, tmp_path):
     from sklearn.metrics import average_precision_score
 
-    workdir, config = trained_run
+    workdir, config = own_copy(trained_run, tmp_path)
     result = run_slit(
         "eval", "--workdir", str(workdir), "--task", "classification", "--data", config.data.name
     )
@@ -71,7 +79,7 @@ def test_zero_shot_classification_equals_sklearn_on_the_rebuilt_model(trained_ru
 
 
 def test_retrieval_eval_from_a_checkpoint_matches_the_rebuilt_model(trained_run, tmp_path):
-    workdir, config = trained_run
+    workdir, config = own_copy(trained_run, tmp_path)
     result = run_slit(
         "eval",
         "--workdir",
