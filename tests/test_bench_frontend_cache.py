@@ -37,9 +37,10 @@ def test_bench_cache_runs_an_epoch_both_ways(tiny_data_dir):
         overrides.pop(key)
     sets = [f"{k}={v}" for k, v in overrides.items()]
     config = str(ROOT / "configs" / "stage1_synthetic.py")
-    report = cache.run(argparse.Namespace(config=config, set=sets, steps=4))
+    report = cache.run(argparse.Namespace(config=config, set=sets, steps=4, features_dir=None))
     assert report["steps_per_epoch"] == 64 // 8
-    assert report["cache"]["bytes"] > 0 and report["cache"]["clips"] == 64 + 16 + 16
+    assert report["cache"]["written"] and report["cache"]["bytes"] > 0 and report["cache"]["clips"] == 96
+    assert report["cache"]["seconds"] > 0
     for mode in ("compute", "cached"):
         run = report[mode]
         assert "error" not in run, run
