@@ -343,3 +343,16 @@ def test_old_run_configs_read_whisper_without_path_as_random(tiny_data_dir):
     settings = pretrained.audio_settings(ml_collections.ConfigDict(old))
     assert (settings.kind, settings.hidden_layer, settings.window_seconds) == ("random", None, 0.0)
     assert pretrained.audio_source(ml_collections.ConfigDict(old)) == pretrained.audio_source(config)
+
+
+def test_shipped_whisper_base_config_is_valid_and_real():
+    """configs/stage1_whisper_base.py: the packaged Whisper base, MiniLM Q-Former, cached features."""
+    config = config_lib.load_config_file(
+        pathlib.Path(__file__).parents[1] / "configs" / "stage1_whisper_base.py"
+    )
+    config_lib.validate_stage1(config, num_devices=1)
+    assert config.features == "cached"
+    cfg = stage1.model_config(config, stage1.make_tokenizer(config, NOWHERE))
+    assert (cfg.audio.width, cfg.audio.num_layers, cfg.audio.num_heads) == (512, 6, 8)  # Whisper base
+    assert cfg.audio_hidden_layer == -2 and cfg.qformer.width == 384 and cfg.qformer.encoder_width == 512
+    assert "'base'" in stage1.frozen_sources(config)["audio_tower"]
