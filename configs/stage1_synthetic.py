@@ -35,7 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.allow_frozen_mismatch = False  # resume even if a frozen model differs from the checkpoint's
     c.max_consecutive_nonfinite = 10  # steps with NaN/Inf gradients are skipped; abort after this many
     # "compute": run the frozen encoder every step; "cached": read its outputs, written once by
-    # `slit cache-features --config ...` into features_dir ("": ~/slit_cache/features).
+    # `slit cache-features --config ...` into features_dir ("": <data.data_dir>/slit_features).
     c.features = "compute"
     c.features_dir = ""
 
