@@ -13,7 +13,7 @@ the instruction words are new), the projection to the LLM width starts fresh at 
 token embeddings. Tasks: captioning, question answering and classification, instruction-tuned (the
 instruction also enters the Q-Former; `--config.qformer.instruction=false` is the ablation).
 
-Measured on the 2-core CPU machine (no GPU), started from the stage-one demo workdir, with the two
+Expected, as measured on the 2-core CPU machine (no GPU), from the stage-one demo workdir, with the two
 cores shared with other jobs (load average 4-6):
 - 300 steps at batch 8 in 16 min 17 s wall (14 min 46 s of CPU time): 0.22-0.53 steps/s, mean 0.37
   (a step alone: 2.2 s, 2.7 s with bf16 weights); 1 min 41 s of it is start-up and the test evaluation.
