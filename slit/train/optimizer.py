@@ -50,3 +50,19 @@ def nonfinite_counts(opt_state: optax.ApplyIfFiniteState) -> dict:
         "nonfinite_consecutive": opt_state.notfinite_count,
         "nonfinite_total": opt_state.total_notfinite,
     }
+
+
+def apply_gradients(
+    tx: optax.GradientTransformation, schedule: optax.Schedule, state: dict, grads: dict, metrics: dict
+) -> tuple[dict, dict]:
+    """One optimizer update of a train state {"step", "params", "opt_state"}; adds grad_norm, the
+    learning rate and the non-finite-step counters to `metrics`. Returns (new state, metrics)."""
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics = dict(
+        metrics,
+        grad_norm=optax.global_norm(grads),
+        learning_rate=schedule(state["step"]),
+        **nonfinite_counts(opt_state),
+    )
+    return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics

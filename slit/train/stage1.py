@@ -36,7 +36,7 @@ from slit.models.qformer import QFormerConfig
 from slit.models.stage1 import Stage1Batch, Stage1Config, Stage1Model
 from slit.train import checkpoint, loop, pretrained, sharding
 from slit.train.metrics import MetricWriter
-from slit.train.optimizer import make_optimizer, nonfinite_counts
+from slit.train.optimizer import apply_gradients, make_optimizer
 from slit.train.preemption import Preempted, PreemptionWatcher
 
 BATCH_KEYS = ("audio", "num_samples", "text_ids")
@@ -214,15 +214,7 @@ def make_train_step(
 
     def train_step(state: dict, frozen: dict, batch: dict, key: jax.Array) -> tuple[dict, dict]:
         grads, metrics = loss_and_grads(graphdef, state["params"], frozen, batch, key, state["step"], dropout)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        metrics = dict(
-            metrics,
-            grad_norm=optax.global_norm(grads),
-            learning_rate=schedule(state["step"]),
-            **nonfinite_counts(opt_state),
-        )
-        return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+        return apply_gradients(tx, schedule, state, grads, metrics)
 
     return train_step
 

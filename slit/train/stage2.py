@@ -44,7 +44,7 @@ from slit.models.qformer import QFormerConfig
 from slit.models.stage2 import REMAT_POLICIES, Stage2Batch, Stage2Config, Stage2Model, is_encoder_decoder
 from slit.train import checkpoint, loop, sharding
 from slit.train.metrics import MetricWriter
-from slit.train.optimizer import make_optimizer, nonfinite_counts
+from slit.train.optimizer import apply_gradients, make_optimizer
 from slit.train.preemption import Preempted, PreemptionWatcher
 
 BATCH_KEYS = ("audio", "num_samples", "qformer_ids", "instruction_ids", "answer_ids")
@@ -495,15 +495,7 @@ def make_train_step(
             return model(Stage2Batch(**batch), rngs=rngs)
 
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        metrics = dict(
-            metrics,
-            grad_norm=optax.global_norm(grads),
-            learning_rate=schedule(state["step"]),
-            **nonfinite_counts(opt_state),
-        )
-        return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+        return apply_gradients(tx, schedule, state, grads, metrics)
 
     return train_step
 
