@@ -3,9 +3,11 @@ against the model rebuilt from an exported bundle and scored with scikit-learn /
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
+import jax
 import numpy as np
 import pytest
 
@@ -93,6 +95,7 @@ def test_retrieval_eval_from_a_checkpoint_matches_the_rebuilt_model(trained_run,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "by contrastive similarity" in result.stdout and "re-ranking" not in result.stdout
+    assert not (workdir / "eval" / "partial").exists()  # per-batch results go once the report is written
     metrics = json.loads(
         (
             workdir / "eval" / (reports.report_stem("retrieval", config.data.name, "test") + ".json")
@@ -120,3 +123,49 @@ def test_eval_refuses_bad_requests(trained_run, tmp_path):
         "eval", "--workdir", str(workdir), "--task", "classification", "--data", "no_such_dataset"
     )
     assert nodata.returncode != 0 and "no_such_dataset" in nodata.stderr
+
+
+def test_a_stopped_retrieval_eval_resumes_from_its_saved_batches(trained_run, tmp_path):
+    """Stopped once while embedding clips and once while re-ranking, the evaluation re-runs only the
+    batches it had not saved and reports exactly what an uninterrupted evaluation reports."""
+    workdir, config = own_copy(trained_run, tmp_path)
+    run = stage1.load_run(workdir, config.data.name)
+    calls = {"embed": 0, "match": 0}
+
+    def counted(name, fn):
+        def wrapper(*args):
+            calls[name] += 1
+            return fn(*args)
+
+        return wrapper
+
+    fns = run.fns
+    run.fns = dataclasses.replace(
+        fns, embed_audio=counted("embed", fns.embed_audio), match=counted("match", fns.match)
+    )
+
+    def evaluate(should_stop, progress):
+        return stage1.evaluate_retrieval(
+            "test", run.config, run.tokenizer, run.spec, run.fns, run.params, run.frozen,
+            should_stop, rerank_k=4, progress=progress,
+        )  # fmt: skip
+
+    with jax.set_mesh(run.mesh):
+        want = evaluate(lambda: False, None)
+        total = dict(calls)
+        assert total["embed"] == 2 and total["match"] > 2  # 16 clips in batches of 8; many pair batches
+
+        progress = stage1.eval_progress(workdir, run.config, task="retrieval", step=run.step)
+        for stop_after in (1, total["embed"] + 2):  # inside the audio batches, then inside re-ranking
+            calls.update(embed=0, match=0)
+            checks = iter(range(10**9))
+            assert evaluate(lambda c=checks, n=stop_after: next(c) >= n, progress) is None
+        saved = sorted(p.name for p in progress.directory.iterdir())
+        assert saved[:2] == ["audio-000000.npz", "audio-000001.npz"] and "rerank-000000.npz" in saved
+
+        calls.update(embed=0, match=0)
+        again = stage1.eval_progress(workdir, run.config, task="retrieval", step=run.step)
+        got = evaluate(lambda: False, again)
+    assert calls["embed"] == 0 and calls["match"] == total["match"] - (len(saved) - 2)
+    assert again.resumed == len(saved) == 3
+    assert json.dumps(got, sort_keys=True) == json.dumps(want, sort_keys=True)

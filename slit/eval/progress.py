@@ -19,7 +19,7 @@ import json
 import os
 import pathlib
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -49,12 +49,15 @@ class BatchProgress:
         self.write = write
         self.resumed = 0  # batches loaded instead of computed
 
-    def _path(self, index: int) -> pathlib.Path:
-        return self.directory / f"batch-{index:06d}.npz"
+    def _path(self, index: int, group: str) -> pathlib.Path:
+        return self.directory / f"{group}-{index:06d}.npz"
 
-    def load(self, index: int) -> dict[str, Any] | None:
-        """Batch `index`'s saved results ({name: array or JSON value}); None if not saved or unreadable."""
-        path = self._path(index)
+    def load(self, index: int, group: str = "batch") -> dict[str, Any] | None:
+        """Batch `index`'s saved results ({name: array or JSON value}); None if not saved or unreadable.
+
+        `group` names a sequence of batches when an evaluation has several (e.g. "audio" embeddings,
+        then "rerank" scores)."""
+        path = self._path(index, group)
         if not path.is_file():
             return None
         try:
@@ -71,8 +74,8 @@ class BatchProgress:
         self.resumed += 1
         return out
 
-    def save(self, index: int, results: Mapping[str, Any]) -> None:
-        """Saves batch `index`'s results: arrays as they are, anything else as JSON."""
+    def save(self, index: int, results: Mapping[str, Any], group: str = "batch") -> None:
+        """Saves batch `index`'s results (of `group`): arrays as they are, anything else as JSON."""
         if not self.write:
             return
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -82,9 +85,10 @@ class BatchProgress:
                 arrays[name] = value
             else:
                 arrays[f"json:{name}"] = np.array(json.dumps(value))
-        tmp = self._path(index).with_suffix(".tmp.npz")
+        path = self._path(index, group)
+        tmp = path.with_suffix(".tmp.npz")
         np.savez(tmp, **arrays)
-        os.replace(tmp, self._path(index))
+        os.replace(tmp, path)
 
     def clear(self) -> None:
         """Removes the saved results (call once the report is written)."""
@@ -93,3 +97,20 @@ class BatchProgress:
             parent = self.directory.parent
             if parent.is_dir() and not any(parent.iterdir()):
                 parent.rmdir()
+
+
+def load_or_compute(
+    progress: BatchProgress | None,
+    index: int,
+    compute: Callable[[], dict[str, Any]],
+    group: str = "batch",
+) -> dict[str, Any]:
+    """Batch `index`'s results: the saved ones if `progress` has them, else `compute()`'s (then saved)."""
+    if progress is not None:
+        saved = progress.load(index, group)
+        if saved is not None:
+            return saved
+    results = compute()
+    if progress is not None:
+        progress.save(index, results, group)
+    return results

@@ -31,6 +31,7 @@ from slit.data.feature_cache import CachedFeatures
 from slit.data.tokenizer import TextTokenizer, word_level_tokenizer
 from slit.errors import UserError
 from slit.eval import classification, reports, retrieval
+from slit.eval.progress import BatchProgress, load_or_compute, progress_key
 from slit.models.layers import Frozen
 from slit.models.qformer import QFormerConfig
 from slit.models.stage1 import Stage1Batch, Stage1Config, Stage1Model
@@ -281,6 +282,10 @@ def make_embedders(
     )
 
 
+class _Stopped(Exception):  # noqa: N818 (a signal, not an error)
+    """should_stop() turned true inside a nested evaluation loop."""
+
+
 def evaluate_retrieval(
     split: str,
     config: ml_collections.ConfigDict,
@@ -292,11 +297,14 @@ def evaluate_retrieval(
     should_stop: Callable[[], bool] = lambda: False,
     rerank_k: int = 0,
     cached: CachedFeatures | None = None,
+    progress: BatchProgress | None = None,
 ) -> dict | None:
     """Audio-text retrieval on a split: R@1/5/10 and mAP@10 both ways by contrastive similarity and,
     with rerank_k > 0, after BLIP-2's re-ranking of each query's top k by the matching head.
 
-    With `cached` (the split's frozen features from the feature cache), the encoder is not run.
+    With `cached` (the split's frozen features from the feature cache), the encoder is not run. With
+    `progress`, each audio batch's embeddings (and, for re-ranking, frozen features) and each batch of
+    re-ranking scores are saved as they are computed, so that a stopped evaluation resumes.
 
     Returns slit.eval.retrieval.retrieval_report's dict ({"contrastive", "reranked", "curves"}), or None
     if `should_stop()` turned true between batches (preemption).
@@ -315,9 +323,8 @@ def evaluate_retrieval(
         if cached is None
         else feature_cache.eval_feature_batches(cached, batch_size)
     )
-    for batch in batches:
-        if should_stop():
-            return None
+
+    def embed(batch: dict) -> dict[str, np.ndarray]:
         if cached is None:
             audio = sharding.replicated_to_global(batch["audio"], fns.audio_shardings[0])
             num_samples = sharding.replicated_to_global(batch["num_samples"], fns.audio_shardings[1])
@@ -331,12 +338,24 @@ def evaluate_retrieval(
                 sharding.replicated_to_global(mask, sharding.batch_sharding(fns.mesh, fns.rules, 2)),
             )
         valid = batch["valid"]
-        audio_embeddings.append(sharding.fetch_replicated(emb)[valid])
+        out = {"embeddings": np.asarray(sharding.fetch_replicated(emb))[valid]}
+        if rerank_k and cached is None:  # (cached features are read from the cache again)
+            out["features"] = np.asarray(sharding.fetch_replicated(features))[valid]
+            out["mask"] = np.asarray(sharding.fetch_replicated(mask))[valid]
+        return out
+
+    for i, batch in enumerate(batches):
+        if should_stop():
+            return None
+        results = load_or_compute(progress, i, functools.partial(embed, batch), "audio")
+        audio_embeddings.append(results["embeddings"])
         if rerank_k:
-            clip_features.append(
-                np.asarray(sharding.fetch_replicated(features) if cached is None else features)[valid]
-            )
-            clip_masks.append(np.asarray(sharding.fetch_replicated(mask) if cached is None else mask)[valid])
+            if cached is None:
+                clip_features.append(results["features"])
+                clip_masks.append(results["mask"])
+            else:
+                clip_features.append(np.asarray(batch["features"])[batch["valid"]])
+                clip_masks.append(np.asarray(batch["frame_mask"])[batch["valid"]])
     audio_emb = np.concatenate(audio_embeddings)
     texts, owners = pipeline.split_captions(source)
     all_ids = tokenizer.encode(texts, config.data.max_text_length)
@@ -348,16 +367,26 @@ def evaluate_retrieval(
         return retrieval.retrieval_report(sim, owners)
 
     features_host, masks_host = np.concatenate(clip_features), np.concatenate(clip_masks)
+    calls = iter(range(1 << 62))  # re-ranking calls score_pairs in a fixed order: number them
 
-    def score_pairs(audio_idx: np.ndarray, text_idx: np.ndarray) -> np.ndarray:
+    def match_logits(audio_idx: np.ndarray, text_idx: np.ndarray) -> dict[str, np.ndarray]:
         def put(x: np.ndarray) -> jax.Array:
             return sharding.replicated_to_global(x, sharding.batch_sharding(fns.mesh, fns.rules, x.ndim))
 
         features, mask = put(features_host[audio_idx]), put(masks_host[audio_idx])
         logits = fns.match(params, frozen, features, mask, put(all_ids[text_idx]))
-        return sharding.fetch_replicated(logits)
+        return {"logits": np.asarray(sharding.fetch_replicated(logits))}
 
-    return retrieval.retrieval_report(sim, owners, score_pairs, k=rerank_k, batch_size=batch_size)
+    def score_pairs(audio_idx: np.ndarray, text_idx: np.ndarray) -> np.ndarray:
+        if should_stop():
+            raise _Stopped
+        compute = functools.partial(match_logits, audio_idx, text_idx)
+        return load_or_compute(progress, next(calls), compute, "rerank")["logits"]
+
+    try:
+        return retrieval.retrieval_report(sim, owners, score_pairs, k=rerank_k, batch_size=batch_size)
+    except _Stopped:
+        return None
 
 
 @dataclasses.dataclass
@@ -524,6 +553,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
         evaluate=evaluate,
         postfix=("loss", "itm_accuracy"),
     )
+    test_progress = eval_progress(
+        workdir,
+        config,
+        task="retrieval",
+        data=config.data.name,
+        split="test",
+        step=int(config.total_steps),
+        rerank_k=config.retrieval_rerank_k,
+    )
     with jax.set_mesh(mesh), PreemptionWatcher() as watcher:
         state = loop.run(config, workdir, start.state, start.step, fns, ckpt, writer, train_iter, watcher)
         ckpt.close()
@@ -538,9 +576,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
             functools.partial(watcher.should_stop, config.total_steps),
             rerank_k=config.retrieval_rerank_k,
             cached=cached_split("test"),
+            progress=test_progress,
         )
     if report is None:
-        raise Preempted(config.total_steps, str(ckpt.directory / str(config.total_steps)))
+        raise Preempted(
+            config.total_steps,
+            f"{ckpt.directory / str(config.total_steps)} (test evaluation: {_saved_batches(test_progress)})",
+        )
     scalars = _flatten_report("test", report["contrastive"])
     if "reranked" in report:
         scalars.update(_flatten_report("test_reranked", report["reranked"]))
@@ -561,7 +603,17 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
         if "reranked" in report:
             print(f"after re-ranking each query's top {report['rerank_k']} by the matching head:")
             print(retrieval.format_table(report["reranked"]))
+    test_progress.clear()
     return report
+
+
+def _saved_batches(progress: BatchProgress) -> str:
+    saved = len(list(progress.directory.glob("*.npz"))) if progress.directory.is_dir() else 0
+    return f"{saved} batches saved in {progress.directory}, the re-run computes only the rest"
+
+
+def _resume_hint(progress: BatchProgress) -> str:
+    return f"(evaluation only: {_saved_batches(progress)})"
 
 
 @dataclasses.dataclass
@@ -616,6 +668,9 @@ def evaluate_run(
     captions. Returns (report, paths of the written files)."""
     run = load_run(workdir, data_name, data_dir, step)
     rerank_k = run.config.retrieval_rerank_k if rerank_k is None else rerank_k
+    progress = eval_progress(
+        workdir, run.config, task="retrieval", data=data_name, split=split, step=run.step, rerank_k=rerank_k
+    )
     with jax.set_mesh(run.mesh), PreemptionWatcher() as watcher:
         report = evaluate_retrieval(
             split,
@@ -627,28 +682,54 @@ def evaluate_run(
             run.frozen,
             functools.partial(watcher.should_stop, run.step),
             rerank_k=rerank_k,
+            progress=progress,
         )
     if report is None:
-        raise Preempted(run.step, "(evaluation only: nothing to save; re-run the command)")
+        raise Preempted(run.step, _resume_hint(progress))
     paths = {}
     if jax.process_index() == 0:
         paths = reports.write_report(
             workdir, "retrieval", data_name, split, report, run.config, step=run.step
         )
+    progress.clear()
     return report, paths
 
 
-def embed_clips(run: LoadedRun, source: Sequence[dict], should_stop: Callable[[], bool]) -> np.ndarray | None:
-    """Every clip's normalised query embeddings, (N, Q, E), in the split's order; None if stopped."""
+def embed_clips(
+    run: LoadedRun,
+    source: Sequence[dict],
+    should_stop: Callable[[], bool],
+    progress: BatchProgress | None = None,
+) -> np.ndarray | None:
+    """Every clip's normalised query embeddings, (N, Q, E), in the split's order; None if stopped.
+    With `progress`, each batch's embeddings are saved as they are computed (a re-run resumes)."""
     out = []
-    for batch in pipeline.eval_audio_batches(source, run.spec, run.config.batch_size):
-        if should_stop():
-            return None
+
+    def embed(batch: dict) -> dict[str, np.ndarray]:
         audio = sharding.replicated_to_global(batch["audio"], run.fns.audio_shardings[0])
         num_samples = sharding.replicated_to_global(batch["num_samples"], run.fns.audio_shardings[1])
         emb, _, _ = run.fns.embed_audio(run.params, run.frozen, audio, num_samples)
-        out.append(sharding.fetch_replicated(emb)[batch["valid"]])
+        return {"embeddings": np.asarray(sharding.fetch_replicated(emb))[batch["valid"]]}
+
+    for i, batch in enumerate(pipeline.eval_audio_batches(source, run.spec, run.config.batch_size)):
+        if should_stop():
+            return None
+        out.append(load_or_compute(progress, i, functools.partial(embed, batch), "audio")["embeddings"])
     return np.concatenate(out)
+
+
+def eval_progress(
+    workdir: str | pathlib.Path, config: ml_collections.ConfigDict, **fields: Any
+) -> BatchProgress:
+    """Where a stage-one evaluation keeps its per-batch results until its report is written; `fields`
+    name what the results depend on (task, data, split, step, ...)."""
+    key = progress_key(
+        batch_size=config.batch_size,
+        features=config.get("features", "compute"),
+        max_seconds=config.data.max_seconds,
+        **fields,
+    )
+    return BatchProgress(workdir, key, write=jax.process_index() == 0)
 
 
 def embed_text_ids(
@@ -684,10 +765,13 @@ def evaluate_classification_run(
     run = load_run(workdir, data_name, data_dir, step)
     source = sources.open_split(run.config.data.name, run.config.data.data_dir, split)
     classes, labels = class_names_and_labels(source)
+    progress = eval_progress(
+        workdir, run.config, task="classification", data=data_name, split=split, step=run.step
+    )
     with jax.set_mesh(run.mesh), PreemptionWatcher() as watcher:
-        clips = embed_clips(run, source, functools.partial(watcher.should_stop, run.step))
+        clips = embed_clips(run, source, functools.partial(watcher.should_stop, run.step), progress)
         if clips is None:
-            raise Preempted(run.step, "(evaluation only: nothing to save; re-run the command)")
+            raise Preempted(run.step, _resume_hint(progress))
         prompt_ids = run.tokenizer.encode(
             classification.label_prompts(classes, prompt), run.config.data.max_text_length
         )
@@ -700,6 +784,7 @@ def evaluate_classification_run(
         paths = reports.write_report(
             workdir, "classification", data_name, split, metrics, run.config, step=run.step
         )
+    progress.clear()
     return metrics, paths
 
 
