@@ -7,6 +7,7 @@ fingerprint and the frontend settings but not by the Q-Former's; a stale or mism
 refused with what differs and the command that rebuilds it.
 """
 
+import copy
 import json
 import pathlib
 import shutil
@@ -188,3 +189,32 @@ def test_cli_trains_from_the_cache_and_refuses_a_stale_one_without_traceback(
     result = run_slit("cache-features", "--config", config, *args)  # already up to date: nothing written
     assert result.returncode == 0, result.stderr[-2000:]
     assert '"written": false' in result.stdout and "--config.features=cached" in result.stdout
+
+
+def test_eval_of_a_cached_run_reads_the_cache_and_reports_what_the_trainer_did(trained_run, tmp_path, capsys):
+    """`slit eval` on a run trained with features=cached reads the split's frozen features from the
+    cache (the numbers equal the trainer's own test evaluation, which ran the encoder), and with no
+    usable cache it says so and runs the encoder."""
+    workdir, config = trained_run
+    run_dir = shutil.copytree(workdir, tmp_path / "run")
+    root = tmp_path / "features"
+    cache_config = copy.deepcopy(config)
+    cache_config.features_dir = str(root)
+    cache_lib.build(cache_config, log=lambda _: None)
+    saved = json.loads(config_lib.to_json(config))  # (the CLI writes config.json; train() alone does not)
+    (run_dir / "config.json").write_text(json.dumps(dict(saved, features="cached", features_dir=str(root))))
+
+    report, _ = stage1.evaluate_run(run_dir, config.data.name)
+    assert "reading frozen features from" in capsys.readouterr().out
+    trainer = json.loads((workdir / "eval" / "retrieval.json").read_text())
+    for ranking, got in (("contrastive", report["contrastive"]), ("reranked", report["reranked"])):
+        want = trainer if ranking == "contrastive" else trainer["reranked"]
+        for direction in ("audio_to_text", "text_to_audio"):
+            for metric, value in want[direction].items():
+                assert got[direction][metric] == pytest.approx(value, abs=1e-6), (ranking, direction, metric)
+
+    (run_dir / "config.json").write_text(
+        json.dumps(dict(saved, features="cached", features_dir=str(tmp_path / "empty")))
+    )
+    stage1.evaluate_classification_run(run_dir, config.data.name)
+    assert "note: computing frozen features (no usable feature cache" in capsys.readouterr().out

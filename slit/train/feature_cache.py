@@ -113,6 +113,34 @@ def open_for_training(
     )
 
 
+def open_for_eval(
+    config: ml_collections.ConfigDict, cfg: Stage1Config, frozen: dict, split: str
+) -> feature_cache.CachedFeatures | None:
+    """The cached features of `split` of `config.data.name` for an evaluation of a run trained with
+    features=cached, or None (with a note saying why) when there is no usable cache: then the
+    evaluation runs the frozen encoder, which gives the same features."""
+    if config.get("features", "compute") != "cached":
+        return None
+    try:
+        splits = open_splits(config)
+        directory = feature_cache.open_cache(
+            cache_root(config),
+            config.data.name,
+            identity(config, cfg, frozen),
+            data_description(config, splits),
+            rebuild_command(config),
+        )
+    except (UserError, ValueError, OSError) as e:
+        reason = str(e).splitlines()[0]
+        print(f"note: computing frozen features (no usable feature cache: {reason})")
+        return None
+    if not (directory / split / feature_cache.INDEX).is_file():
+        print(f"note: computing frozen features (the feature cache {directory} has no {split} split)")
+        return None
+    print(f"reading frozen features from {directory / split}")
+    return feature_cache.CachedFeatures(directory / split)
+
+
 @dataclasses.dataclass
 class Encoder:
     """The frozen tower, jitted over the config's mesh: (audio (B, S), num_samples (B,)) -> numpy

@@ -668,8 +668,18 @@ def evaluate_run(
     captions. Returns (report, paths of the written files)."""
     run = load_run(workdir, data_name, data_dir, step)
     rerank_k = run.config.retrieval_rerank_k if rerank_k is None else rerank_k
+    from slit.train import feature_cache as cache_lib
+
+    cached = cache_lib.open_for_eval(run.config, model_config(run.config, run.tokenizer), run.frozen, split)
     progress = eval_progress(
-        workdir, run.config, task="retrieval", data=data_name, split=split, step=run.step, rerank_k=rerank_k
+        workdir,
+        run.config,
+        task="retrieval",
+        data=data_name,
+        split=split,
+        step=run.step,
+        rerank_k=rerank_k,
+        cached=cached is not None,
     )
     with jax.set_mesh(run.mesh), PreemptionWatcher() as watcher:
         report = evaluate_retrieval(
@@ -682,6 +692,7 @@ def evaluate_run(
             run.frozen,
             functools.partial(watcher.should_stop, run.step),
             rerank_k=rerank_k,
+            cached=cached,
             progress=progress,
         )
     if report is None:
@@ -700,18 +711,41 @@ def embed_clips(
     source: Sequence[dict],
     should_stop: Callable[[], bool],
     progress: BatchProgress | None = None,
+    cached: CachedFeatures | None = None,
 ) -> np.ndarray | None:
     """Every clip's normalised query embeddings, (N, Q, E), in the split's order; None if stopped.
-    With `progress`, each batch's embeddings are saved as they are computed (a re-run resumes)."""
-    out = []
+    With `cached` (the split's frozen features) the encoder is not run; with `progress`, each batch's
+    embeddings are saved as they are computed (a re-run resumes)."""
+    fns, out = run.fns, []
 
     def embed(batch: dict) -> dict[str, np.ndarray]:
-        audio = sharding.replicated_to_global(batch["audio"], run.fns.audio_shardings[0])
-        num_samples = sharding.replicated_to_global(batch["num_samples"], run.fns.audio_shardings[1])
-        emb, _, _ = run.fns.embed_audio(run.params, run.frozen, audio, num_samples)
+        if cached is None:
+            audio = sharding.replicated_to_global(batch["audio"], fns.audio_shardings[0])
+            num_samples = sharding.replicated_to_global(batch["num_samples"], fns.audio_shardings[1])
+            emb, _, _ = fns.embed_audio(run.params, run.frozen, audio, num_samples)
+        else:
+            emb = fns.embed_features(
+                run.params,
+                run.frozen,
+                sharding.replicated_to_global(
+                    batch["features"], sharding.batch_sharding(fns.mesh, fns.rules, 3)
+                ),
+                sharding.replicated_to_global(
+                    batch["frame_mask"], sharding.batch_sharding(fns.mesh, fns.rules, 2)
+                ),
+            )
         return {"embeddings": np.asarray(sharding.fetch_replicated(emb))[batch["valid"]]}
 
-    for i, batch in enumerate(pipeline.eval_audio_batches(source, run.spec, run.config.batch_size)):
+    if cached is not None and len(cached) != len(source):
+        raise UserError(
+            f"the feature cache {cached.directory} has {len(cached)} clips, the split {len(source)}"
+        )
+    batches = (
+        pipeline.eval_audio_batches(source, run.spec, run.config.batch_size)
+        if cached is None
+        else feature_cache.eval_feature_batches(cached, run.config.batch_size)
+    )
+    for i, batch in enumerate(batches):
         if should_stop():
             return None
         out.append(load_or_compute(progress, i, functools.partial(embed, batch), "audio")["embeddings"])
@@ -765,11 +799,20 @@ def evaluate_classification_run(
     run = load_run(workdir, data_name, data_dir, step)
     source = sources.open_split(run.config.data.name, run.config.data.data_dir, split)
     classes, labels = class_names_and_labels(source)
+    from slit.train import feature_cache as cache_lib
+
+    cached = cache_lib.open_for_eval(run.config, model_config(run.config, run.tokenizer), run.frozen, split)
     progress = eval_progress(
-        workdir, run.config, task="classification", data=data_name, split=split, step=run.step
+        workdir,
+        run.config,
+        task="classification",
+        data=data_name,
+        split=split,
+        step=run.step,
+        cached=cached is not None,
     )
     with jax.set_mesh(run.mesh), PreemptionWatcher() as watcher:
-        clips = embed_clips(run, source, functools.partial(watcher.should_stop, run.step), progress)
+        clips = embed_clips(run, source, functools.partial(watcher.should_stop, run.step), progress, cached)
         if clips is None:
             raise Preempted(run.step, _resume_hint(progress))
         prompt_ids = run.tokenizer.encode(
