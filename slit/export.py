@@ -22,7 +22,6 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 
 import slit
@@ -51,8 +50,7 @@ def read_run(workdir: str | pathlib.Path, step: int | None = None) -> TrainedRun
     directory = workdir / "checkpoints"
     if not directory.is_dir():
         raise UserError(f"{workdir} has no checkpoints/ directory; give the workdir of a `slit train` run")
-    options = ocp.CheckpointManagerOptions(read_only=True)
-    with ocp.CheckpointManager(directory, options=options) as manager:
+    with checkpoint.read_only_manager(directory) as manager:
         steps = manager.all_steps()
         if not steps:
             raise UserError(f"{directory} holds no checkpoint yet")

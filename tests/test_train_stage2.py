@@ -242,18 +242,24 @@ def test_gradients_reach_the_projection_and_qformer_through_the_frozen_llm(built
 # --------------------------------------------------------------------------------------------------
 
 
-def numpy_answer_loss(logits_btv: np.ndarray, answers_ba: np.ndarray, prompt_length: int) -> float:
-    """Mean cross-entropy over the answer tokens, each predicted from the position before it."""
-    total, count = 0.0, 0
+def numpy_answer_loss(
+    logits_btv: np.ndarray, answers_ba: np.ndarray, prompt_length: int, per_example: bool = False
+) -> float:
+    """Mean cross-entropy over the answer tokens, each predicted from the position before it; with
+    per_example, the mean over examples of each example's mean."""
+    losses = []
     for b in range(answers_ba.shape[0]):
+        mine = []
         for j, token in enumerate(answers_ba[b]):
             if token < 0:
                 continue
             row = logits_btv[b, prompt_length + j - 1].astype(np.float64)
             log_z = row.max() + np.log(np.exp(row - row.max()).sum())
-            total += log_z - row[token]
-            count += 1
-    return total / count
+            mine.append(log_z - row[token])
+        losses.append(mine)
+    if per_example:
+        return float(np.mean([np.mean(x) for x in losses if x]))
+    return float(np.mean([x for mine in losses for x in mine]))
 
 
 def loss_and_full_logits(graphdef: object, weights: object, batch: Stage2Batch) -> tuple:
@@ -290,6 +296,15 @@ def test_loss_is_cross_entropy_on_answer_tokens_only(built):
     # The instruction reaches the LLM: other instruction tokens give another loss.
     other = dataclasses.replace(batch, instruction_ids=jnp.asarray(np.roll(instr, 1, axis=0)))
     assert abs(float(run(weights, other)[0]) - float(loss)) > 1e-4
+
+    # loss_average="examples": each example's mean, then the mean over examples.
+    model = built.model()
+    model.config = dataclasses.replace(model.config, loss_average="examples")
+    graphdef, weights = nnx.split(model)
+    per_example, _, logits = jax.jit(functools.partial(loss_and_full_logits, graphdef))(weights, batch)
+    want = numpy_answer_loss(np.asarray(logits), answers, prompt_length, per_example=True)
+    assert float(per_example) == pytest.approx(want, rel=1e-5)
+    assert abs(want - float(loss)) > 1e-3  # the two averages differ on this batch
 
 
 def test_instruction_tokens_reach_the_qformer_only_when_configured(built):

@@ -19,9 +19,7 @@ from tests.conftest import tiny_config
 
 def read_checkpoint_on_host(directory: pathlib.Path, step: int) -> dict:
     """The saved state as NumPy arrays, read without any mesh."""
-    import orbax.checkpoint as ocp
-
-    with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
+    with checkpoint.read_only_manager(directory) as manager:
         return checkpoint.read_on_host(manager, step)["state"]
 
 

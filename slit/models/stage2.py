@@ -35,6 +35,7 @@ from slit.models.layers import Dense, normal
 from slit.models.qformer import QFormer, QFormerConfig
 
 REMAT_POLICIES = ("none", "dots_saveable", "everything")
+LOSS_AVERAGES = ("tokens", "examples")
 """none: keep every activation (no rematerialisation); dots_saveable: keep matmul outputs, recompute
 the rest in the backward pass; everything: keep only each layer's inputs, recompute the whole layer."""
 
@@ -48,10 +49,16 @@ class Stage2Config:
     instruction_in_qformer: bool = True
     qformer_pad_id: int = 0
     remat_policy: str = "none"
+    # "tokens": the mean over every answer token of the batch (LAVIS), so a caption weighs ~10x a
+    # one-word answer; "examples": each example's answer tokens averaged first, then the mean over
+    # examples, so the task mixture's weights are the tasks' shares of the loss.
+    loss_average: str = "tokens"
 
     def __post_init__(self):
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy={self.remat_policy!r}; choose one of {REMAT_POLICIES}")
+        if self.loss_average not in LOSS_AVERAGES:
+            raise ValueError(f"loss_average={self.loss_average!r}; choose one of {LOSS_AVERAGES}")
 
 
 @jax.tree_util.register_dataclass
@@ -136,7 +143,8 @@ def rematerialised_layers(llm: nnx.Module, policy: str) -> Iterator[None]:
 
 
 def masked_cross_entropy(logits_btv: jax.Array, labels_bt: jax.Array, weights_bt: jax.Array) -> jax.Array:
-    """Mean token cross-entropy over positions with weight 1: sum(w * ce) / max(sum(w), 1)."""
+    """Weighted mean token cross-entropy: sum(w * ce) / max(sum(w), 1) (w: 0/1 masks, or per-token
+    weights)."""
     log_probs = jax.nn.log_softmax(logits_btv.astype(jnp.float32), axis=-1)
     picked = jnp.take_along_axis(log_probs, labels_bt[..., None], axis=-1)[..., 0]
     weights = weights_bt.astype(jnp.float32)
@@ -260,7 +268,10 @@ class Stage2Model(nnx.Module):
             logits = self.answer_logits(batch, rngs)
         valid = batch.answer_ids >= 0
         labels = jnp.maximum(batch.answer_ids, 0)
-        loss = masked_cross_entropy(logits, labels, valid)
+        weights = valid.astype(jnp.float32)
+        if self.config.loss_average == "examples":  # each example's tokens sum to weight 1
+            weights = weights / jnp.maximum(weights.sum(axis=1, keepdims=True), 1.0)
+        loss = masked_cross_entropy(logits, labels, weights)
         hits = (logits.argmax(-1) == labels) & valid
         accuracy = hits.sum() / jnp.maximum(valid.sum(), 1)
         return loss, {"loss": loss, "token_accuracy": accuracy, "answer_tokens": valid.sum()}

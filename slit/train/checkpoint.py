@@ -26,6 +26,7 @@ import dataclasses
 import datetime
 import hashlib
 import json
+import logging
 import pathlib
 import shutil
 import sys
@@ -124,33 +125,27 @@ def abstract_like(state: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
 
 
-def host_restore_args(item_metadata: Any) -> Any:
-    """Restore arguments that read every array of a checkpoint item onto this process's first device,
-    whatever mesh it was saved from (8 devices or 1), for reading on the host with `jax.device_get`.
-
-    `RestoreArgs(restore_type=np.ndarray)` is not enough: orbax then takes the saved shardings, which
-    name devices that may not exist here.
-    """
-    single = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-
-    def arg(leaf: Any) -> Any:
-        if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
-            return ocp.ArrayRestoreArgs(sharding=single, global_shape=tuple(leaf.shape), dtype=leaf.dtype)
-        return ocp.RestoreArgs()
-
-    return jax.tree.map(arg, item_metadata)
-
-
 def read_on_host(manager: ocp.CheckpointManager, step: int, *, metadata: bool = False) -> dict:
     """The "state" item of a step as NumPy arrays (and, with `metadata`, the "metadata" JSON too),
-    whatever mesh the step was saved from."""
-    # The array metadata (shapes, dtypes) straight from the item's directory: a manager that was not
-    # told the item's handler reports none.
-    tree = (
-        ocp.PyTreeCheckpointer().metadata(pathlib.Path(manager.directory) / str(step) / "state").item_metadata
-    )
+    whatever mesh the step was saved from. `manager`: from read_only_manager."""
+    # The array metadata (shapes, dtypes): orbax's saved shardings name devices that may not exist here
+    # (a run saved from 8 devices, read by 1), so every array is read onto this process's first device.
+    tree = manager.item_metadata(step).get("state")
+    if tree is None:
+        raise ValueError(
+            f"{manager.directory}: open it with read_only_manager to read step {step} on the host"
+        )
     tree = getattr(tree, "tree", tree)
-    args = {"state": ocp.args.PyTreeRestore(restore_args=host_restore_args(tree))}
+    single = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(
+        lambda leaf: (
+            jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype, sharding=single)
+            if hasattr(leaf, "shape") and hasattr(leaf, "dtype")
+            else leaf
+        ),
+        tree,
+    )
+    args = {"state": ocp.args.StandardRestore(target)}
     if metadata:
         args["metadata"] = ocp.args.JsonRestore()
     restored = manager.restore(step, args=ocp.args.Composite(**args))
@@ -199,15 +194,43 @@ def locate(path: str | pathlib.Path) -> tuple[pathlib.Path, int | None]:
 
 
 def _manager(directory: pathlib.Path, config: ml_collections.ConfigDict, read_only: bool = False):
+    if read_only:
+        return read_only_manager(directory)
     return ocp.CheckpointManager(
         directory,
         options=ocp.CheckpointManagerOptions(
             max_to_keep=config.checkpoints_to_keep,
             keep_period=config.checkpoint_keep_period or None,
-            create=not read_only,
-            read_only=read_only,
-            cleanup_tmp_directories=not read_only,
+            cleanup_tmp_directories=True,
             enable_async_checkpointing=True,
+        ),
+    )
+
+
+class _QuietReadOnlyLogs(logging.Filter):
+    """Drops orbax's notices that a read-only manager is read-only (they read like problems)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("read_only=True" in message or "directory is read only" in message)
+
+
+_absl_logger = logging.getLogger("absl")
+_absl_logger.addFilter(_QuietReadOnlyLogs())
+
+
+def read_only_manager(directory: str | pathlib.Path) -> ocp.CheckpointManager:
+    """A manager that reads another run's checkpoints (never writes or cleans up there), with the items'
+    handlers registered so that orbax can describe every item."""
+    return ocp.CheckpointManager(
+        directory,
+        item_handlers={
+            "state": ocp.StandardCheckpointHandler(),
+            "metadata": ocp.JsonCheckpointHandler(),
+            "data": grain.checkpoint.CheckpointHandler(),
+        },
+        options=ocp.CheckpointManagerOptions(
+            create=False, read_only=True, cleanup_tmp_directories=False, save_interval_steps=0
         ),
     )
 

@@ -91,6 +91,17 @@ def open_splits(config: ml_collections.ConfigDict) -> dict[str, object]:
     return {name: sources.open_split(config.data.name, config.data.data_dir, name) for name in SPLITS}
 
 
+def _matching_cache(config: ml_collections.ConfigDict, cfg: Stage1Config, frozen: dict) -> pathlib.Path:
+    """The directory of the cache that matches the config's encoder, frontend and data (or a refusal)."""
+    return feature_cache.open_cache(
+        cache_root(config),
+        config.data.name,
+        identity(config, cfg, frozen),
+        data_description(config, open_splits(config)),
+        rebuild_command(config),
+    )
+
+
 def open_for_training(
     config: ml_collections.ConfigDict, cfg: Stage1Config, frozen: dict
 ) -> feature_cache.OpenedCache:
@@ -100,14 +111,7 @@ def open_for_training(
       slit.data.feature_cache.StaleCacheError: missing or mismatched, saying what differs and how to
         rebuild it.
     """
-    splits = open_splits(config)
-    directory = feature_cache.open_cache(
-        cache_root(config),
-        config.data.name,
-        identity(config, cfg, frozen),
-        data_description(config, splits),
-        rebuild_command(config),
-    )
+    directory = _matching_cache(config, cfg, frozen)
     return feature_cache.OpenedCache(
         directory, {name: feature_cache.CachedFeatures(directory / name) for name in SPLITS}
     )
@@ -122,14 +126,7 @@ def open_for_eval(
     if config.get("features", "compute") != "cached":
         return None
     try:
-        splits = open_splits(config)
-        directory = feature_cache.open_cache(
-            cache_root(config),
-            config.data.name,
-            identity(config, cfg, frozen),
-            data_description(config, splits),
-            rebuild_command(config),
-        )
+        directory = _matching_cache(config, cfg, frozen)
     except (UserError, ValueError, OSError) as e:
         reason = str(e).splitlines()[0]
         print(f"note: computing frozen features (no usable feature cache: {reason})")

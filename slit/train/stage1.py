@@ -607,6 +607,20 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     return report
 
 
+def _eval_inputs(
+    workdir: str | pathlib.Path, run: LoadedRun, *, split: str, **fields: Any
+) -> tuple[CachedFeatures | None, BatchProgress]:
+    """For `slit eval` on a stage-one run: the split's cached frozen features (runs trained from the
+    feature cache, when it matches) and where the evaluation keeps its per-batch results."""
+    from slit.train import feature_cache as cache_lib
+
+    cached = cache_lib.open_for_eval(run.config, model_config(run.config, run.tokenizer), run.frozen, split)
+    progress = eval_progress(
+        workdir, run.config, split=split, step=run.step, cached=cached is not None, **fields
+    )
+    return cached, progress
+
+
 def _saved_batches(progress: BatchProgress) -> str:
     saved = len(list(progress.directory.glob("*.npz"))) if progress.directory.is_dir() else 0
     return f"{saved} batches saved in {progress.directory}, the re-run computes only the rest"
@@ -668,18 +682,8 @@ def evaluate_run(
     captions. Returns (report, paths of the written files)."""
     run = load_run(workdir, data_name, data_dir, step)
     rerank_k = run.config.retrieval_rerank_k if rerank_k is None else rerank_k
-    from slit.train import feature_cache as cache_lib
-
-    cached = cache_lib.open_for_eval(run.config, model_config(run.config, run.tokenizer), run.frozen, split)
-    progress = eval_progress(
-        workdir,
-        run.config,
-        task="retrieval",
-        data=data_name,
-        split=split,
-        step=run.step,
-        rerank_k=rerank_k,
-        cached=cached is not None,
+    cached, progress = _eval_inputs(
+        workdir, run, task="retrieval", data=data_name, split=split, rerank_k=rerank_k
     )
     with jax.set_mesh(run.mesh), PreemptionWatcher() as watcher:
         report = evaluate_retrieval(
@@ -799,18 +803,7 @@ def evaluate_classification_run(
     run = load_run(workdir, data_name, data_dir, step)
     source = sources.open_split(run.config.data.name, run.config.data.data_dir, split)
     classes, labels = class_names_and_labels(source)
-    from slit.train import feature_cache as cache_lib
-
-    cached = cache_lib.open_for_eval(run.config, model_config(run.config, run.tokenizer), run.frozen, split)
-    progress = eval_progress(
-        workdir,
-        run.config,
-        task="classification",
-        data=data_name,
-        split=split,
-        step=run.step,
-        cached=cached is not None,
-    )
+    cached, progress = _eval_inputs(workdir, run, task="classification", data=data_name, split=split)
     with jax.set_mesh(run.mesh), PreemptionWatcher() as watcher:
         clips = embed_clips(run, source, functools.partial(watcher.should_stop, run.step), progress, cached)
         if clips is None:

@@ -29,7 +29,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm import tqdm
@@ -41,7 +40,14 @@ from slit.errors import UserError
 from slit.models.audio.whisper import WhisperEncoderConfig
 from slit.models.layers import Frozen
 from slit.models.qformer import QFormerConfig
-from slit.models.stage2 import REMAT_POLICIES, Stage2Batch, Stage2Config, Stage2Model, is_encoder_decoder
+from slit.models.stage2 import (
+    LOSS_AVERAGES,
+    REMAT_POLICIES,
+    Stage2Batch,
+    Stage2Config,
+    Stage2Model,
+    is_encoder_decoder,
+)
 from slit.train import checkpoint, loop, sharding
 from slit.train.metrics import MetricWriter
 from slit.train.optimizer import apply_gradients, make_optimizer
@@ -140,6 +146,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
         problems.append(f"llm.param_dtype={llm.param_dtype!r}: use 'float32' or 'bfloat16'")
     if llm.remat_policy not in REMAT_POLICIES:
         problems.append(f"llm.remat_policy={llm.remat_policy!r}: use one of {', '.join(REMAT_POLICIES)}")
+    if config.get("loss_average", "tokens") not in LOSS_AVERAGES:
+        problems.append(f"loss_average={config.loss_average!r}: use one of {', '.join(LOSS_AVERAGES)}")
     e = config.eval
     if e.num_beams < 1 or e.max_new_tokens < 1 or e.batch_size < 1:
         problems.append("eval.num_beams, eval.max_new_tokens and eval.batch_size must be at least 1")
@@ -410,6 +418,7 @@ def model_config(config: ml_collections.ConfigDict, tokenizer: TextTokenizer) ->
         instruction_in_qformer=q.instruction,
         qformer_pad_id=tokenizer.pad_id,
         remat_policy=config.llm.remat_policy,
+        loss_average=config.get("loss_average", "tokens"),
     )
 
 
@@ -585,21 +594,15 @@ def read_params(path: str | pathlib.Path) -> tuple[dict, pathlib.Path, int]:
     """The trainable params of a checkpoint (a workdir, its checkpoints/, or checkpoints/<step>; newest
     step by default) as host numpy arrays: (params, checkpoints directory, step)."""
     directory, step = checkpoint.locate(path)
-    manager = ocp.CheckpointManager(
-        directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False)
-    )
+    manager = checkpoint.read_only_manager(directory)
     try:
         step = manager.latest_step() if step is None else step
         if step is None:
             raise UserError(f"{path}: {directory} holds no checkpoint")
-        meta = manager.item_metadata(step)["state"]
-        host = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
-        restored = manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(restore_args=host))
-        )
+        state = checkpoint.read_on_host(manager, step)["state"]
     finally:
         manager.close()
-    return restored["state"]["params"], directory, int(step)
+    return state["params"], directory, int(step)
 
 
 def remap_word_embeddings(
