@@ -616,6 +616,7 @@ def test_eval_captioning_and_aqa_repeat_what_the_trainer_generated(cli_run, tiny
     """`slit eval` on the same checkpoint gives the captions the end-of-training evaluation gave, and
     for each clip's question that the trainer asked, the same answer; every question is asked."""
     from slit.data import sources
+    from slit.eval.aqa import normalize_answer
 
     workdir = cli_run["workdir"]
     stem = TINY_DATA.replace("/", "_")
@@ -640,6 +641,21 @@ def test_eval_captioning_and_aqa_repeat_what_the_trainer_generated(cli_run, tiny
         i = ids.index(key)
         assert ours["aqa"]["predictions"][f"{key}#{i % len(test[i]['questions'])}"] == example["predicted"]
     assert not (workdir / "eval" / "partial").exists()  # resumable state is removed once reported
+
+    # Every question's majority baseline: the training split's most common answer of its type.
+    train = sources.open_split(TINY_DATA, tiny_data_dir, "train")
+    by_type = collections.defaultdict(collections.Counter)
+    for i in range(len(train)):
+        for t, a in zip(train[i]["question_types"], train[i]["answers"], strict=True):
+            by_type[t.decode()][normalize_answer(a.decode())] += 1
+    hits = collections.defaultdict(list)
+    for i in range(len(test)):
+        for t, a in zip(test[i]["question_types"], test[i]["answers"], strict=True):
+            hits[t.decode()].append(by_type[t.decode()].most_common(1)[0][0] == normalize_answer(a.decode()))
+    baseline = ours["aqa"]["majority_baseline"]
+    assert baseline["per_question_type_accuracy"] == pytest.approx(np.mean(sum(hits.values(), [])))
+    assert baseline["by_type"] == pytest.approx({t: np.mean(h) for t, h in hits.items()})
+    assert "majority answer (%)" in (workdir / "eval" / f"aqa-{stem}-test.md").read_text()
 
 
 def test_eval_classification_ranks_labels_by_the_training_loss(cli_run, tiny_data_dir):

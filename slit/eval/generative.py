@@ -191,6 +191,9 @@ def evaluate_stage2_run(
                 if qtypes:
                     types[item] = qtypes[n]
         metrics = aqa.aqa_accuracy(predictions, references, types or None)
+        baseline = _majority_baseline(data_name, data_dir, split, references, types)
+        if baseline is not None:
+            metrics["majority_baseline"] = baseline
         metrics["examples"] = {
             k: {"question": questions[k], "answer": references[k], "predicted": predictions[k]}
             for k in list(predictions)[:10]
@@ -202,6 +205,24 @@ def evaluate_stage2_run(
         paths = reports.write_report(workdir, task, data_name, split, metrics, config, step=run.step)
         progress.clear()
     return metrics, paths
+
+
+def _majority_baseline(
+    data_name: str, data_dir: str, split: str, references: dict, types: dict
+) -> dict | None:
+    """The per-question-type majority baseline from the dataset's train split (None when the split
+    being evaluated is the train split, there is none, or questions carry no types)."""
+    from slit.train import stage2
+
+    if split == "train" or not types or len(types) != len(references):
+        return None
+    try:
+        train = sources.open_split(data_name, data_dir, "train")
+    except (UserError, ValueError, OSError):
+        return None
+    if not any(_texts(train[i], "question_types") for i in range(min(len(train), 16))):
+        return None
+    return stage2.majority_baseline(train, references, types)
 
 
 def class_names_and_labels(source: Sequence[dict]) -> tuple[list[str], list[list[str]]]:

@@ -122,11 +122,22 @@ def _classification_lines(metrics: Mapping) -> list[str]:
 
 
 def _aqa_lines(metrics: Mapping) -> list[str]:
+    """Accuracy overall and per question type, beside the majority baseline's when it was computed
+    (always giving each type's most common training answer)."""
+    base = metrics.get("majority_baseline") or {}
+    base_by_type = base.get("by_type", {})
     rows = [["all", _pct(metrics["accuracy"]), str(metrics["num_items"])]]
-    rows += [
-        [kind, _pct(v["accuracy"]), str(v["num_items"])] for kind, v in metrics.get("by_type", {}).items()
-    ]
-    return _table(["questions", "accuracy (%)", "items"], rows)
+    if base:
+        rows[0].insert(2, _pct(base["per_question_type_accuracy"]))
+    for kind, v in metrics.get("by_type", {}).items():
+        row = [kind, _pct(v["accuracy"]), str(v["num_items"])]
+        if base:
+            row.insert(2, _pct(base_by_type[kind]) if kind in base_by_type else "-")
+        rows.append(row)
+    header = ["questions", "accuracy (%)", "items"]
+    if base:
+        header.insert(2, "majority answer (%)")
+    return _table(header, rows)
 
 
 def _scalar_lines(metrics: Mapping) -> list[str]:

@@ -863,8 +863,8 @@ class _FirstClips(Sequence):
 
 
 def majority_baseline(train: Sequence[dict], references: dict, types: dict) -> dict:
-    """Accuracy of always giving the most common training answer of each question type (and of one
-    answer for all questions), on the evaluated questions."""
+    """Accuracy of always giving the most common training answer of each question type (overall and
+    per type, "by_type"), and of one answer for all questions, on the evaluated questions."""
     from slit.eval.aqa import normalize_answer
 
     by_type: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
@@ -876,10 +876,14 @@ def majority_baseline(train: Sequence[dict], references: dict, types: dict) -> d
             overall[normalize_answer(answer)] += 1
     top = {t: c.most_common(1)[0][0] for t, c in by_type.items()}
     one = overall.most_common(1)[0][0]
-    per_type = [top.get(types[k]) == normalize_answer(references[k]) for k in references]
+    per_type = {k: top.get(types[k]) == normalize_answer(references[k]) for k in references}
     single = [one == normalize_answer(references[k]) for k in references]
+    hits_by_type: dict[str, list[bool]] = collections.defaultdict(list)
+    for k, hit in per_type.items():
+        hits_by_type[types[k]].append(hit)
     return {
-        "per_question_type_accuracy": float(np.mean(per_type)),
+        "per_question_type_accuracy": float(np.mean(list(per_type.values()))),
+        "by_type": {t: float(np.mean(h)) for t, h in sorted(hits_by_type.items())},
         "single_answer_accuracy": float(np.mean(single)),
         "single_answer": one,
         "answers_per_type": top,
