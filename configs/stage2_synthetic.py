@@ -63,7 +63,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.worker_count = 0
 
     c.tasks = ml_collections.ConfigDict()
-    c.tasks.weights = (0.3, 0.6, 0.1)  # caption, qa, classify
+    # caption, qa, classify. Measured: (0.3, 0.6, 0.1) left QA at the majority baseline; captions still
+    # make up most answer tokens at 0.2. Classification stays zero-shot (slit eval ranks labels by loss).
+    c.tasks.weights = (0.2, 0.8, 0.0)
     # "tokens" (LAVIS): every answer token counts once, so a 20-token caption outweighs a one-word
     # answer ~10x; "examples": each example's answer tokens averaged, then examples, so that the weights
     # above are the tasks' shares of the loss. Measured (300 steps, 125 test clips): "examples" left the
