@@ -113,6 +113,7 @@ def stage2_overrides(data_dir: str, llm_dir: pathlib.Path, **extra: object) -> d
         "eval.batch_size": 8,
         "eval.max_new_tokens": 6,
         "eval.caption_metrics": ("BLEU", "ROUGE-L", "CIDEr-D"),
+        "tasks.weights": (0.3, 0.6, 0.1),  # every task trains, whatever the demo config's mixture
     }
     overrides.update(extra)
     return overrides
