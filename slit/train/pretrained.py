@@ -181,6 +181,23 @@ def bert_directory(init: str) -> pathlib.Path:
     return pathlib.Path(init)
 
 
+def qformer_config(q: ml_collections.ConfigDict, vocab_size: int, encoder_width: int) -> QFormerConfig:
+    """A randomly initialised Q-Former's config from a config file's `qformer` group (both stages)."""
+    return QFormerConfig(
+        vocab_size=vocab_size,
+        num_queries=q.num_queries,
+        num_layers=q.layers,
+        width=q.width,
+        num_heads=q.heads,
+        mlp_dim=q.mlp_dim,
+        cross_attention_freq=q.cross_attention_freq,
+        encoder_width=encoder_width,
+        max_text_positions=q.max_text_positions,
+        dropout_rate=q.dropout,
+        initializer_range=q.initializer_range,
+    )
+
+
 def bert_qformer_config(
     config: ml_collections.ConfigDict, vocab_size: int, encoder_width: int
 ) -> QFormerConfig:

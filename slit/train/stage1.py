@@ -33,7 +33,6 @@ from slit.errors import UserError
 from slit.eval import classification, reports, retrieval
 from slit.eval.progress import BatchProgress, load_or_compute, progress_key
 from slit.models.layers import Frozen
-from slit.models.qformer import QFormerConfig
 from slit.models.stage1 import Stage1Batch, Stage1Config, Stage1Model
 from slit.train import checkpoint, loop, pretrained, sharding
 from slit.train.metrics import MetricWriter
@@ -84,19 +83,7 @@ def model_config(config: ml_collections.ConfigDict, tokenizer: TextTokenizer) ->
     if q.get("init", ""):
         qformer = pretrained.bert_qformer_config(config, tokenizer.vocab_size, audio.width)
     else:
-        qformer = QFormerConfig(
-            vocab_size=tokenizer.vocab_size,
-            num_queries=q.num_queries,
-            num_layers=q.layers,
-            width=q.width,
-            num_heads=q.heads,
-            mlp_dim=q.mlp_dim,
-            cross_attention_freq=q.cross_attention_freq,
-            encoder_width=audio.width,
-            max_text_positions=q.max_text_positions,
-            dropout_rate=q.dropout,
-            initializer_range=q.initializer_range,
-        )
+        qformer = pretrained.qformer_config(q, tokenizer.vocab_size, audio.width)
     return Stage1Config(
         audio=audio,
         qformer=qformer,

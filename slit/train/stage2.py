@@ -39,7 +39,6 @@ from slit.data.tokenizer import TextTokenizer, word_level_tokenizer
 from slit.errors import UserError
 from slit.models.audio.whisper import WhisperEncoderConfig
 from slit.models.layers import Frozen
-from slit.models.qformer import QFormerConfig
 from slit.models.stage2 import (
     LOSS_AVERAGES,
     REMAT_POLICIES,
@@ -48,7 +47,7 @@ from slit.models.stage2 import (
     Stage2Model,
     is_encoder_decoder,
 )
-from slit.train import checkpoint, loop, sharding
+from slit.train import checkpoint, loop, pretrained, sharding
 from slit.train.metrics import MetricWriter
 from slit.train.optimizer import apply_gradients, make_optimizer
 from slit.train.preemption import Preempted, PreemptionWatcher
@@ -399,19 +398,7 @@ def model_config(config: ml_collections.ConfigDict, tokenizer: TextTokenizer) ->
         mlp_dim=a.mlp_dim,
         max_positions=a.max_positions,
     )
-    qformer = QFormerConfig(
-        vocab_size=tokenizer.vocab_size,
-        num_queries=q.num_queries,
-        num_layers=q.layers,
-        width=q.width,
-        num_heads=q.heads,
-        mlp_dim=q.mlp_dim,
-        cross_attention_freq=q.cross_attention_freq,
-        encoder_width=a.width,
-        max_text_positions=q.max_text_positions,
-        dropout_rate=q.dropout,
-        initializer_range=q.initializer_range,
-    )
+    qformer = pretrained.qformer_config(q, tokenizer.vocab_size, a.width)
     return Stage2Config(
         audio=audio,
         qformer=qformer,
