@@ -12,7 +12,9 @@ _VERSION = re.search(
 setup(
     name="slit",
     version=_VERSION,
-    description="Audio-language models from a frozen audio encoder, a Q-Former and a frozen LLM, in JAX/Flax NNX.",
+    description=(
+        "Audio-language models from a frozen audio encoder, a Q-Former and a frozen LLM, in JAX/Flax NNX."
+    ),
     long_description=pathlib.Path(__file__).with_name("README.md").read_text(),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
@@ -40,7 +42,8 @@ setup(
         "gguf>=0.17",  # reads and dequantizes llama.cpp GGUF checkpoints
     ],
     extras_require={
-        "test": ["pytest>=8.0", "pytest-xdist>=3.6", "ruff>=0.8", "scikit-learn>=1.4"],  # sklearn: AP reference
+        # scikit-learn: the average-precision reference for classification mAP.
+        "test": ["pytest>=8.0", "pytest-xdist>=3.6", "ruff>=0.8", "scikit-learn>=1.4"],
         # Reference implementations for parity tests. torch is pinned exactly: an unpinned torch
         # pulls a multi-GB CUDA build.
         "parity": [
