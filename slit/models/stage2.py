@@ -35,9 +35,10 @@ from slit.models.layers import Dense, normal
 from slit.models.qformer import QFormer, QFormerConfig
 
 REMAT_POLICIES = ("none", "dots_saveable", "everything")
-LOSS_AVERAGES = ("tokens", "examples")
 """none: keep every activation (no rematerialisation); dots_saveable: keep matmul outputs, recompute
 the rest in the backward pass; everything: keep only each layer's inputs, recompute the whole layer."""
+LOSS_AVERAGES = ("tokens", "examples")
+"""How the answer-token losses of a batch are averaged (Stage2Config.loss_average)."""
 
 
 @dataclasses.dataclass(frozen=True)

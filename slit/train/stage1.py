@@ -601,7 +601,7 @@ def _eval_inputs(
     feature cache, when it matches) and where the evaluation keeps its per-batch results."""
     from slit.train import feature_cache as cache_lib
 
-    cached = cache_lib.open_for_eval(run.config, model_config(run.config, run.tokenizer), run.frozen, split)
+    cached = cache_lib.open_for_eval(run.config, run.model_config, run.frozen, split)
     progress = eval_progress(
         workdir, run.config, split=split, step=run.step, cached=cached is not None, **fields
     )
@@ -629,6 +629,7 @@ class LoadedRun:
     spec: pipeline.AudioSpec
     mesh: jax.sharding.Mesh
     step: int
+    model_config: Stage1Config
 
 
 def load_run(
@@ -653,7 +654,15 @@ def load_run(
         ckpt.close()
     fns = make_embedders(setup.parts.graphdef, mesh, rules, setup.parts)
     return LoadedRun(
-        config, tokenizer, state["params"], setup.parts.frozen, fns, audio_spec(config), mesh, step
+        config,
+        tokenizer,
+        state["params"],
+        setup.parts.frozen,
+        fns,
+        audio_spec(config),
+        mesh,
+        step,
+        setup.model_config,
     )
 
 
