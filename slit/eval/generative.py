@@ -164,9 +164,7 @@ def evaluate_stage2_run(
             functools.partial(watcher.should_stop, run.step),
         )
     if generated is None:
-        raise Preempted(
-            run.step, f"(evaluation: {progress.resumed} batches were already saved; re-run to resume)"
-        )
+        raise Preempted(run.step, "", progress.describe())
 
     ids = [_text(source[i].get("id", i)) for i in range(len(source))]
     if task == "captioning":

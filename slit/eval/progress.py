@@ -90,6 +90,11 @@ class BatchProgress:
         np.savez(tmp, **arrays)
         os.replace(tmp, path)
 
+    def describe(self) -> str:
+        """What is saved so far, for the preemption message: "N batches saved in DIR"."""
+        saved = len(list(self.directory.glob("*.npz"))) if self.directory.is_dir() else 0
+        return f"{saved} batches saved in {self.directory}"
+
     def clear(self) -> None:
         """Removes the saved results (call once the report is written)."""
         if self.write and self.directory.is_dir():

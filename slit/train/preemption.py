@@ -25,8 +25,15 @@ class Preempted(Exception):  # noqa: N818 (it is a signal to stop, not an error)
 
     exit_code = PREEMPTED_EXIT_CODE
 
-    def __init__(self, step: int, checkpoint: str):
-        super().__init__(f"preempted: saved step {step} to {checkpoint}; re-run the same command to resume")
+    def __init__(self, step: int, checkpoint: str, evaluation: str = ""):
+        """checkpoint: where step `step` is saved ("" for an evaluation of a saved step); evaluation:
+        what a stopped evaluation kept (e.g. "12 batches saved in DIR")."""
+        parts = [f"saved step {step} to {checkpoint}"] if checkpoint else []
+        if evaluation:
+            parts.append(f"the evaluation of step {step} kept {evaluation}")
+        super().__init__(
+            f"preempted: {'; '.join(parts)}; re-run the same command to resume (it computes only the rest)"
+        )
         self.step = step
 
 

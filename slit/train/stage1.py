@@ -567,8 +567,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
         )
     if report is None:
         raise Preempted(
-            config.total_steps,
-            f"{ckpt.directory / str(config.total_steps)} (test evaluation: {_saved_batches(test_progress)})",
+            config.total_steps, str(ckpt.directory / str(config.total_steps)), test_progress.describe()
         )
     scalars = _flatten_report("test", report["contrastive"])
     if "reranked" in report:
@@ -606,15 +605,6 @@ def _eval_inputs(
         workdir, run.config, split=split, step=run.step, cached=cached is not None, **fields
     )
     return cached, progress
-
-
-def _saved_batches(progress: BatchProgress) -> str:
-    saved = len(list(progress.directory.glob("*.npz"))) if progress.directory.is_dir() else 0
-    return f"{saved} batches saved in {progress.directory}, the re-run computes only the rest"
-
-
-def _resume_hint(progress: BatchProgress) -> str:
-    return f"(evaluation only: {_saved_batches(progress)})"
 
 
 @dataclasses.dataclass
@@ -696,7 +686,7 @@ def evaluate_run(
             progress=progress,
         )
     if report is None:
-        raise Preempted(run.step, _resume_hint(progress))
+        raise Preempted(run.step, "", progress.describe())
     paths = {}
     if jax.process_index() == 0:
         paths = reports.write_report(
@@ -803,7 +793,7 @@ def evaluate_classification_run(
     with jax.set_mesh(run.mesh), PreemptionWatcher() as watcher:
         clips = embed_clips(run, source, functools.partial(watcher.should_stop, run.step), progress, cached)
         if clips is None:
-            raise Preempted(run.step, _resume_hint(progress))
+            raise Preempted(run.step, "", progress.describe())
         prompt_ids = run.tokenizer.encode(
             classification.label_prompts(classes, prompt), run.config.data.max_text_length
         )
