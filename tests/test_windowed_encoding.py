@@ -36,7 +36,7 @@ def test_windows_match_encoding_each_window_by_hand(tiny_data_dir):
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
     parts = stage1.create_model(cfg, 0, config.audio_encoder.init_seed, mesh, {})
     model = nnx.merge(parts.graphdef, parts.params, parts.frozen)
-    assert model.config.audio_window_samples == SR
+    assert model.config.audio.window_samples == SR
 
     rng = np.random.default_rng(0)
     lengths = np.array([40000, 17000, 9000, 100])  # 2.5 s, 1.06 s, 0.56 s, a few ms

@@ -5,10 +5,8 @@ Three objectives with equal weights (REFERENCE §2), each under its own attentio
 - matching (ITM): [queries; text] with full visibility, hard negatives from the global batch;
 - grounded generation (ITG): text after [DEC] generated from the queries under a causal text mask.
 
-The frozen audio tower is a Whisper or a wav2vec2-family encoder (by the type of `Stage1Config.audio`),
-feeding the Q-Former from the hidden state `audio_hidden_layer`. Audio longer than
-`audio_window_samples` (when set) is encoded window by window, SALMONN-style, and the windows' frames
-concatenated along time. A batch may also bring the frozen features themselves (a feature cache), and
+The frozen audio tower is the shared audio-encoder component (slit.models.audio.encoder: Whisper or a
+wav2vec2-family encoder, a chosen hidden layer, optional windows). A batch may also bring the frozen features themselves (a feature cache), and
 then the tower is not run.
 """
 
@@ -22,8 +20,7 @@ from flax import nnx
 
 from slit import losses
 from slit.models import masks
-from slit.models.audio.wav2vec2 import Wav2Vec2AudioTower, Wav2Vec2Config
-from slit.models.audio.whisper import WhisperAudioTower, WhisperEncoderConfig
+from slit.models.audio.encoder import AudioEncoderConfig, encode_audio, make_audio_tower
 from slit.models.layers import Dense, LayerNorm, gelu, normal, weight, zeros
 from slit.models.qformer import BERT_LAYER_NORM_EPS, QFormer, QFormerConfig
 
@@ -32,17 +29,12 @@ from slit.models.qformer import BERT_LAYER_NORM_EPS, QFormer, QFormerConfig
 class Stage1Config:
     """Everything that shapes a stage-one model.
 
-    audio: the frozen encoder's architecture (Whisper or wav2vec2-family).
-    audio_hidden_layer: its hidden state that feeds the Q-Former (transformers' numbering; None: the
-      encoder's output).
-    audio_window_samples: > 0: encode audio in windows of this many samples (0: the whole clip at once).
-    audio_normalize, audio_mask_padding: wav2vec2-family options (see `Wav2Vec2AudioTower`).
-    audio_weights, qformer_init: where pretrained weights come from (`slit.train.pretrained`'s
-      `kind:path` and `qformer.init`; "" = random), read by `slit.train.stage1.create_model`; the model
-      itself never reads files.
+    audio: the frozen encoder (slit.models.audio.encoder: architecture, hidden layer, windows).
+    qformer_init: where the Q-Former's pretrained text weights come from (`qformer.init`; "" = random),
+      read by `slit.train.stage1.create_model`; the model itself never reads files.
     """
 
-    audio: WhisperEncoderConfig | Wav2Vec2Config
+    audio: AudioEncoderConfig
     qformer: QFormerConfig
     embed_dim: int = 256
     temperature_init: float = 0.07
@@ -51,11 +43,6 @@ class Stage1Config:
     label_smoothing: float = 0.1
     pad_token_id: int = 0
     dec_token_id: int = 1
-    audio_hidden_layer: int | None = None
-    audio_window_samples: int = 0
-    audio_normalize: bool = True
-    audio_mask_padding: bool = True
-    audio_weights: str = ""
     qformer_init: str = ""
 
 
@@ -91,32 +78,13 @@ class MaskedLMHead(nnx.Module):
         return word_embeddings.attend(h) + self.bias[...]
 
 
-def make_audio_tower(config: Stage1Config, rngs: nnx.Rngs) -> WhisperAudioTower | Wav2Vec2AudioTower:
-    """The frozen tower `config.audio` describes: waveform (B, S) -> features (B, F, D), mask (B, F)."""
-    if isinstance(config.audio, Wav2Vec2Config):
-        return Wav2Vec2AudioTower(
-            config.audio,
-            rngs=rngs,
-            hidden_layer=config.audio_hidden_layer,
-            normalize=config.audio_normalize,
-            mask_padding=config.audio_mask_padding,
-        )
-    return WhisperAudioTower(config.audio, rngs=rngs, hidden_layer=config.audio_hidden_layer)
-
-
-def window_lengths(num_samples_b: jax.Array, num_windows: int, window: int) -> jax.Array:
-    """(B,) clip lengths -> (B, num_windows) samples of each clip in each window of `window` samples."""
-    starts = jnp.arange(num_windows) * window
-    return jnp.clip(num_samples_b[:, None] - starts[None, :], 0, window)
-
-
 class Stage1Model(nnx.Module):
     """Frozen audio tower + trainable Q-Former with contrastive, matching and generation heads."""
 
     def __init__(self, config: Stage1Config, *, rngs: nnx.Rngs, audio_rngs: nnx.Rngs | None = None):
         c = config
         self.config = c
-        self.audio_tower = make_audio_tower(c, audio_rngs or rngs)
+        self.audio_tower = make_audio_tower(c.audio, audio_rngs or rngs)
         self.qformer = QFormer(c.qformer, rngs=rngs)
         width = c.qformer.width
         head = dict(axes=("embed", None), rngs=rngs, kernel_init=normal(c.qformer.initializer_range))
@@ -133,23 +101,9 @@ class Stage1Model(nnx.Module):
         return t + jax.lax.stop_gradient(clamped - t)
 
     def encode_audio(self, audio_bs: jax.Array, num_samples_b: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Frozen encoder features (batch, frames, enc_width) and their mask; no gradient flows back.
-
-        With `audio_window_samples` = W and S > W samples, the audio is zero-padded to K = ceil(S / W)
-        windows; each window is encoded as a clip of its own (its length: the clip's samples inside it,
-        possibly 0), and the K windows' frames and masks are concatenated along time: (batch, K * F_W, D).
-        """
-        window = self.config.audio_window_samples
-        batch, samples = audio_bs.shape
-        if not window or samples <= window:
-            features, mask = self.audio_tower(audio_bs, num_samples_b)
-            return jax.lax.stop_gradient(features), mask
-        count = -(-samples // window)
-        padded = jnp.pad(audio_bs, ((0, 0), (0, count * window - samples)))
-        lengths = window_lengths(num_samples_b, count, window)
-        features, mask = self.audio_tower(padded.reshape(batch * count, window), lengths.reshape(-1))
-        features = features.reshape(batch, count * features.shape[1], features.shape[2])
-        return jax.lax.stop_gradient(features), mask.reshape(batch, -1)
+        """Frozen encoder features (batch, frames, enc_width) and their mask; no gradient flows back
+        (window by window when `audio.window_samples` is set: slit.models.audio.encoder.encode_audio)."""
+        return encode_audio(self.audio_tower, self.config.audio.window_samples, audio_bs, num_samples_b)
 
     def batch_features(self, batch: Stage1Batch) -> tuple[jax.Array, jax.Array]:
         """The batch's frozen features and frame mask: given (a feature cache), or encoded from its audio."""

@@ -42,16 +42,16 @@ def frontend_settings(config: ml_collections.ConfigDict, cfg: Stage1Config) -> d
     """Everything besides the encoder's weights that decides the cached features."""
     settings = pretrained.audio_settings(config)
     out = {
-        "encoder": "whisper" if isinstance(cfg.audio, WhisperEncoderConfig) else "wav2vec2",
+        "encoder": "whisper" if isinstance(cfg.audio.arch, WhisperEncoderConfig) else "wav2vec2",
         "sample_rate": int(config.data.sample_rate),
         "max_seconds": float(config.data.max_seconds),
         "hidden_layer": settings.hidden_layer if settings.hidden_layer is not None else -1,
         "window_seconds": settings.window_seconds,
     }
-    if isinstance(cfg.audio, WhisperEncoderConfig):
-        out["num_mel_bins"] = cfg.audio.num_mel_bins
+    if isinstance(cfg.audio.arch, WhisperEncoderConfig):
+        out["num_mel_bins"] = cfg.audio.arch.num_mel_bins
     else:
-        out.update(normalize=cfg.audio_normalize, mask_padding=cfg.audio_mask_padding)
+        out.update(normalize=cfg.audio.normalize, mask_padding=cfg.audio.mask_padding)
     return out
 
 

@@ -1,5 +1,7 @@
-"""Stage one's pretrained pieces, as the config names them: the frozen audio encoder and the Q-Former's
-BERT initialisation.
+"""The components both stages build from a config, as the config names them: the frozen audio encoder
+(`audio_encoder_config`, `load_tower`) and the Q-Former with its optional BERT initialisation
+(`qformer_component_config`, `bert_params`). Stage one and stage two read the same groups the same way,
+so that a stage-two run continues the stage-one run it was initialised from.
 
 `audio_encoder.kind`:
 - `"random"`: a randomly initialised Whisper encoder of the config's sizes (`num_mel_bins`, `width`,
@@ -33,10 +35,13 @@ import json
 import pathlib
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
+from flax import nnx
 
 from slit.errors import UserError
+from slit.models.audio.encoder import AudioEncoderConfig
 from slit.models.audio.wav2vec2 import Wav2Vec2Config, resolve_hidden_layer
 from slit.models.audio.whisper import WhisperEncoderConfig
 from slit.models.qformer import QFormerConfig
@@ -156,6 +161,20 @@ def encoder_config(config: ml_collections.ConfigDict) -> EncoderConfig:
     return load_tower(settings.weights_key).config
 
 
+def audio_encoder_config(config: ml_collections.ConfigDict) -> AudioEncoderConfig:
+    """The frozen audio-encoder component the `audio_encoder` group describes (both stages)."""
+    settings = audio_settings(config)
+    loaded = load_tower(settings.weights_key) if settings.weights_key else None
+    return AudioEncoderConfig(
+        arch=encoder_config(config),
+        hidden_layer=settings.hidden_layer,
+        window_samples=int(round(settings.window_seconds * config.data.sample_rate)),
+        normalize=loaded.normalize if loaded else True,
+        mask_padding=loaded.mask_padding if loaded else True,
+        weights=settings.weights_key,
+    )
+
+
 def audio_source(config: ml_collections.ConfigDict) -> str:
     """Where the frozen audio encoder's weights come from, in words (recorded in checkpoints)."""
     settings = audio_settings(config)
@@ -218,11 +237,21 @@ def bert_qformer_config(
     return dataclasses.replace(qformer, dropout_rate=q.dropout)
 
 
+def qformer_component_config(
+    config: ml_collections.ConfigDict, vocab_size: int, encoder_width: int
+) -> QFormerConfig:
+    """The Q-Former the `qformer` group describes: BERT's sizes with `qformer.init`, else the group's."""
+    if config.qformer.get("init", ""):
+        return bert_qformer_config(config, vocab_size, encoder_width)
+    return qformer_config(config.qformer, vocab_size, encoder_width)
+
+
 def bert_params(init: str, qformer: QFormerConfig, fresh: dict) -> dict:
     """Stage-one params with the Q-Former's text weights (and the MLM head, when BERT has one) from the
     BERT `init`; everything else (queries, cross-attention, heads, `[DEC]` row) kept from `fresh`.
 
-    fresh: the pure dict of a randomly initialised `Stage1Model`'s params (numpy).
+    fresh: the pure dict of a randomly initialised model's params (numpy) with the Q-Former under
+      "qformer" and, for stage one, BERT's MLM head under "lm_head" (left out when absent).
     """
     from flax import traverse_util
 
@@ -240,10 +269,40 @@ def bert_params(init: str, qformer: QFormerConfig, fresh: dict) -> dict:
         raise UserError(f"qformer.init={init!r} ({directory}): {e}") from None
     flat = traverse_util.flatten_dict(fresh)
     flat.update({("qformer", *k): v for k, v in traverse_util.flatten_dict(text).items()})
-    head = lm_head_params_from_bert(state_dict, qformer)
+    head = lm_head_params_from_bert(state_dict, qformer) if "lm_head" in fresh else None
     if head is not None:
         flat.update({("lm_head", *k): v for k, v in traverse_util.flatten_dict(head).items()})
     return traverse_util.unflatten_dict(flat)
+
+
+def put_like(abstract: nnx.State, values: dict, shardings: dict) -> dict:
+    """Host arrays `values` (a pure dict with the variables of `abstract`) as global arrays with
+    `shardings`, in the abstract state's dtypes. Raises ValueError naming any variable that is missing,
+    unexpected or misshapen."""
+    from flax import traverse_util
+
+    want = traverse_util.flatten_dict(nnx.to_pure_dict(abstract))
+    given = {tuple(map(str, k)): v for k, v in traverse_util.flatten_dict(values).items()}
+    out, problems = {}, []
+    for path, struct in want.items():
+        name = tuple(map(str, path))
+        value = given.pop(name, None)
+        if value is None:
+            problems.append(f"missing {'.'.join(name)}")
+        elif tuple(np.shape(value)) != tuple(struct.shape):
+            problems.append(f"{'.'.join(name)}: {np.shape(value)}, expected {tuple(struct.shape)}")
+        else:
+            out[path] = np.asarray(value, struct.dtype)
+    problems += [f"unexpected {'.'.join(name)}" for name in sorted(given)]
+    if problems:
+        raise ValueError("pretrained weights do not fit the model: " + "; ".join(problems))
+    flat_shardings = traverse_util.flatten_dict(shardings)
+    return traverse_util.unflatten_dict(
+        {
+            path: jax.make_array_from_callback(x.shape, flat_shardings[path], lambda index, x=x: x[index])
+            for path, x in out.items()
+        }
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -74,19 +74,13 @@ def make_tokenizer(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> 
 
 
 def model_config(config: ml_collections.ConfigDict, tokenizer: TextTokenizer) -> Stage1Config:
-    """Translates the config file's groups into the model's dataclasses (a pretrained encoder's or BERT's
-    sizes are read from its checkpoint: slit.train.pretrained)."""
+    """Translates the config file's groups into the model's dataclasses (the audio encoder and the
+    Q-Former are the components both stages build the same way: slit.train.pretrained)."""
     q, loss = config.qformer, config.loss
-    settings = pretrained.audio_settings(config)
-    audio = pretrained.encoder_config(config)
-    loaded = pretrained.load_tower(settings.weights_key) if settings.weights_key else None
-    if q.get("init", ""):
-        qformer = pretrained.bert_qformer_config(config, tokenizer.vocab_size, audio.width)
-    else:
-        qformer = pretrained.qformer_config(q, tokenizer.vocab_size, audio.width)
+    audio = pretrained.audio_encoder_config(config)
     return Stage1Config(
         audio=audio,
-        qformer=qformer,
+        qformer=pretrained.qformer_component_config(config, tokenizer.vocab_size, audio.width),
         embed_dim=q.embed_dim,
         temperature_init=loss.temperature_init,
         temperature_min=loss.temperature_min,
@@ -94,11 +88,6 @@ def model_config(config: ml_collections.ConfigDict, tokenizer: TextTokenizer) ->
         label_smoothing=loss.label_smoothing,
         pad_token_id=tokenizer.pad_id,
         dec_token_id=tokenizer.dec_id,
-        audio_hidden_layer=settings.hidden_layer,
-        audio_window_samples=int(round(settings.window_seconds * config.data.sample_rate)),
-        audio_normalize=loaded.normalize if loaded else True,
-        audio_mask_padding=loaded.mask_padding if loaded else True,
-        audio_weights=settings.weights_key,
         qformer_init=q.get("init", ""),
     )
 
@@ -119,7 +108,7 @@ def create_model(
 ) -> ModelParts:
     """Initialises the model directly into its shardings (no unsharded copy on one device).
 
-    A pretrained audio encoder (`cfg.audio_weights`) is read on the host and placed into the frozen
+    A pretrained audio encoder (`cfg.audio.weights`) is read on the host and placed into the frozen
     shardings (its random initialisation is never computed); with `cfg.qformer_init`, the Q-Former's
     text weights are BERT's (slit.train.pretrained.bert_params).
     """
@@ -131,7 +120,7 @@ def create_model(
     graphdef, abs_params, abs_frozen = nnx.split(abstract, nnx.Param, Frozen)
     param_sh = sharding.state_shardings(abs_params, rules, mesh)
     frozen_sh = sharding.state_shardings(abs_frozen, rules, mesh)
-    random_frozen = not cfg.audio_weights
+    random_frozen = not cfg.audio.weights
 
     @jax.jit
     def init() -> tuple[dict, dict | None]:
@@ -141,43 +130,13 @@ def create_model(
     with jax.set_mesh(mesh):
         params, frozen = jax.jit(init, out_shardings=(param_sh, frozen_sh if random_frozen else None))()
     if not random_frozen:
-        frozen = _put_like(
-            abs_frozen, {"audio_tower": pretrained.load_tower(cfg.audio_weights).params}, frozen_sh
+        frozen = pretrained.put_like(
+            abs_frozen, {"audio_tower": pretrained.load_tower(cfg.audio.weights).params}, frozen_sh
         )
     if cfg.qformer_init:
         host = pretrained.bert_params(cfg.qformer_init, cfg.qformer, jax.device_get(params))
-        params = _put_like(abs_params, host, param_sh)
+        params = pretrained.put_like(abs_params, host, param_sh)
     return ModelParts(graphdef, params, frozen, param_sh, frozen_sh)
-
-
-def _put_like(abstract: nnx.State, values: dict, shardings: dict) -> dict:
-    """Host arrays `values` (a pure dict with the variables of `abstract`) as global arrays with
-    `shardings`, in the abstract state's dtypes. Raises ValueError naming any variable that is missing,
-    unexpected or misshapen."""
-    from flax import traverse_util
-
-    want = traverse_util.flatten_dict(nnx.to_pure_dict(abstract))
-    given = {tuple(map(str, k)): v for k, v in traverse_util.flatten_dict(values).items()}
-    out, problems = {}, []
-    for path, struct in want.items():
-        name = tuple(map(str, path))
-        value = given.pop(name, None)
-        if value is None:
-            problems.append(f"missing {'.'.join(name)}")
-        elif tuple(np.shape(value)) != tuple(struct.shape):
-            problems.append(f"{'.'.join(name)}: {np.shape(value)}, expected {tuple(struct.shape)}")
-        else:
-            out[path] = np.asarray(value, struct.dtype)
-    problems += [f"unexpected {'.'.join(name)}" for name in sorted(given)]
-    if problems:
-        raise ValueError("pretrained weights do not fit the model: " + "; ".join(problems))
-    flat_shardings = traverse_util.flatten_dict(shardings)
-    return traverse_util.unflatten_dict(
-        {
-            path: jax.make_array_from_callback(x.shape, flat_shardings[path], lambda index, x=x: x[index])
-            for path, x in out.items()
-        }
-    )
 
 
 def loss_and_grads(

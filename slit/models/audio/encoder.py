@@ -1,0 +1,86 @@
+"""The frozen audio encoder component, the same in both stages.
+
+`AudioEncoderConfig` says everything that shapes the encoder: its architecture (Whisper or a
+wav2vec2-family model, chosen by the type of `arch`), which hidden state feeds the bridge, windowed
+encoding, and the wav2vec2 options. `make_audio_tower` builds the tower it describes and
+`encode_audio` runs it, window by window when asked (SALMONN-style). Weights are loaded elsewhere
+(slit.train.pretrained); this module reads no files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from slit.models.audio.wav2vec2 import Wav2Vec2AudioTower, Wav2Vec2Config
+from slit.models.audio.whisper import WhisperAudioTower, WhisperEncoderConfig
+
+AudioTower = WhisperAudioTower | Wav2Vec2AudioTower
+
+
+@dataclasses.dataclass(frozen=True)
+class AudioEncoderConfig:
+    """The frozen audio encoder.
+
+    arch: the encoder's architecture (Whisper or wav2vec2-family: wav2vec2, HuBERT, data2vec-audio).
+    hidden_layer: its hidden state that feeds the bridge (transformers' numbering; None: the output).
+    window_samples: > 0: encode audio in windows of this many samples (0: the whole clip at once).
+    normalize, mask_padding: wav2vec2-family options (see `Wav2Vec2AudioTower`).
+    weights: where pretrained weights come from (`kind:path`, slit.train.pretrained; "": random, made
+      from the run's seed). The model never reads it; it keys the frozen weights' identity.
+    """
+
+    arch: WhisperEncoderConfig | Wav2Vec2Config
+    hidden_layer: int | None = None
+    window_samples: int = 0
+    normalize: bool = True
+    mask_padding: bool = True
+    weights: str = ""
+
+    @property
+    def width(self) -> int:
+        """The width of the features the bridge reads."""
+        return self.arch.width
+
+
+def make_audio_tower(config: AudioEncoderConfig, rngs: nnx.Rngs) -> AudioTower:
+    """The tower `config.arch` describes: waveform (B, S) -> features (B, F, D), mask (B, F)."""
+    if isinstance(config.arch, Wav2Vec2Config):
+        return Wav2Vec2AudioTower(
+            config.arch,
+            rngs=rngs,
+            hidden_layer=config.hidden_layer,
+            normalize=config.normalize,
+            mask_padding=config.mask_padding,
+        )
+    return WhisperAudioTower(config.arch, rngs=rngs, hidden_layer=config.hidden_layer)
+
+
+def window_lengths(num_samples_b: jax.Array, num_windows: int, window: int) -> jax.Array:
+    """(B,) clip lengths -> (B, num_windows) samples of each clip in each window of `window` samples."""
+    starts = jnp.arange(num_windows) * window
+    return jnp.clip(num_samples_b[:, None] - starts[None, :], 0, window)
+
+
+def encode_audio(
+    tower: AudioTower, window: int, audio_bs: jax.Array, num_samples_b: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Frozen encoder features (B, frames, D) and their mask (B, frames); no gradient flows back.
+
+    With `window` = W > 0 and S > W samples, the audio is zero-padded to K = ceil(S / W) windows; each
+    window is encoded as a clip of its own (its length: the clip's samples inside it, possibly 0), and
+    the K windows' frames and masks are concatenated along time: (B, K * F_W, D).
+    """
+    batch, samples = audio_bs.shape
+    if not window or samples <= window:
+        features, mask = tower(audio_bs, num_samples_b)
+        return jax.lax.stop_gradient(features), mask
+    count = -(-samples // window)
+    padded = jnp.pad(audio_bs, ((0, 0), (0, count * window - samples)))
+    lengths = window_lengths(num_samples_b, count, window)
+    features, mask = tower(padded.reshape(batch * count, window), lengths.reshape(-1))
+    features = features.reshape(batch, count * features.shape[1], features.shape[2])
+    return jax.lax.stop_gradient(features), mask.reshape(batch, -1)
