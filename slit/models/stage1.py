@@ -6,8 +6,8 @@ Three objectives with equal weights (REFERENCE §2), each under its own attentio
 - grounded generation (ITG): text after [DEC] generated from the queries under a causal text mask.
 
 The frozen audio tower is the shared audio-encoder component (slit.models.audio.encoder: Whisper or a
-wav2vec2-family encoder, a chosen hidden layer, optional windows). A batch may also bring the frozen features themselves (a feature cache), and
-then the tower is not run.
+wav2vec2-family encoder, a chosen hidden layer, optional windows). A batch may also bring the frozen
+features themselves (a feature cache), and then the tower is not run.
 """
 
 from __future__ import annotations
