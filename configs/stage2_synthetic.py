@@ -79,8 +79,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.tokenizer.kind = "synthetic_words"
     c.tokenizer.path = ""
 
+    # The frozen audio encoder and the Q-Former are built as stage one builds them (same groups, same
+    # meaning: configs/stage1_synthetic.py); init_from checks that the encoder is the same one.
     c.audio_encoder = ml_collections.ConfigDict()  # as configs/stage1_synthetic.py
-    c.audio_encoder.kind = "whisper"
+    c.audio_encoder.kind = "random"  # random | whisper | wav2vec2 (wav2vec2, HuBERT, data2vec-audio)
+    c.audio_encoder.path = ""  # whisper: "tiny.en", "base" or a directory; wav2vec2: a HF directory
+    c.audio_encoder.hidden_layer = -1  # hidden state for the bridge: -1 the output, -2 BLIP-2's choice
+    c.audio_encoder.window_seconds = 0.0  # > 0: encode longer audio in windows of this length (0: off)
     c.audio_encoder.num_mel_bins = 80
     c.audio_encoder.width = 64
     c.audio_encoder.layers = 1
@@ -89,7 +94,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.audio_encoder.max_positions = 1500
     c.audio_encoder.init_seed = 1234
 
+    c.bridge = ml_collections.ConfigDict()
+    c.bridge.kind = "qformer"  # the Q-Former's query outputs, projected, are the LLM's soft prompt
+
     c.qformer = ml_collections.ConfigDict()  # as configs/stage1_synthetic.py
+    c.qformer.init = ""  # "minilm" or a HF BERT directory: BERT's sizes and text weights (stage one's)
     c.qformer.num_queries = 16
     c.qformer.layers = 2
     c.qformer.width = 128

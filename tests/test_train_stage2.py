@@ -197,7 +197,10 @@ def test_llm_gets_no_gradients_or_optimizer_state_and_stays_bit_identical(built,
     llm_before = flat(jax.device_get(parts.frozen["llm"]))
     params_before = flat(jax.device_get(built.setup.state["params"]))
     # Only the Q-Former and the projection are trainable; the LLM and the audio tower are frozen.
-    assert {name.split("/")[0] for name in params_before} == {"qformer", "llm_projection"}
+    assert {"/".join(name.split("/")[:2]) for name in params_before} == {
+        "bridge/qformer",
+        "bridge/projection",
+    }
     assert set(parts.frozen) == {"audio_tower", "llm"}
     assert len(llm_before) == 2 + 1 + 2 * 9  # embedding, final norm, lm_head, 2 layers x 9 tensors
     state, metrics = built.setup.step_fn(
@@ -217,7 +220,7 @@ def test_llm_gets_no_gradients_or_optimizer_state_and_stays_bit_identical(built,
     llm_elems = sum(v.size for v in llm_before.values())
     assert opt_elems < 2 * param_elems + 16 and llm_elems > param_elems / 4
     moved = [n for n, v in flat(jax.device_get(state["params"])).items() if np.any(v != params_before[n])]
-    assert "llm_projection/kernel" in moved and "qformer/query_tokens" in moved
+    assert "bridge/projection/kernel" in moved and "bridge/qformer/query_tokens" in moved
 
 
 def test_gradients_reach_the_projection_and_qformer_through_the_frozen_llm(built, first_step):
@@ -228,14 +231,14 @@ def test_gradients_reach_the_projection_and_qformer_through_the_frozen_llm(built
     gradient, zero exactly where the gradient is (clipping scales all of it by one factor)."""
     grads = flat(jax.device_get(adam_moments(first_step["state"]["opt_state"]).mu))
     last = built.config.qformer.layers - 1
-    unused = {n for n in grads if n.startswith(f"qformer/layers/{last}/ffn_text/")}
+    unused = {n for n in grads if n.startswith(f"bridge/qformer/layers/{last}/ffn_text/")}
     assert unused, sorted(grads)
     for name in unused:
         assert np.all(grads[name] == 0), name
     zero = [n for n, g in grads.items() if n not in unused and not np.any(g != 0)]
     assert not zero, zero
-    assert np.abs(grads["llm_projection/kernel"]).max() > 1e-7
-    assert np.abs(grads["qformer/layers/0/cross_attention/query/kernel"]).max() > 1e-7
+    assert np.abs(grads["bridge/projection/kernel"]).max() > 1e-7
+    assert np.abs(grads["bridge/qformer/layers/0/cross_attention/query/kernel"]).max() > 1e-7
 
 
 # --------------------------------------------------------------------------------------------------
@@ -322,8 +325,8 @@ def test_instruction_tokens_reach_the_qformer_only_when_configured(built):
     outputs = {}
     for flag in (True, False):
         model = built.model()
-        model.config = dataclasses.replace(model.config, instruction_in_qformer=flag)
-        graphdef, weights = nnx.split(model)
+        model.bridge.config = dataclasses.replace(model.bridge.config, instruction_in_qformer=flag)
+        graphdef, weights = nnx.split(model.bridge)
         query_outputs = jax.jit(
             lambda weights, ids, graphdef=graphdef: nnx.merge(graphdef, weights).query_outputs(
                 features_bfd, frames, ids, None
@@ -412,15 +415,15 @@ def test_init_from_copies_the_stage_one_qformer(tmp_path, trained_run, built, ca
     saved = flat(ocp.PyTreeCheckpointer().restore(step_dir / "state")["params"])
     got = flat(jax.device_get(start.state["params"]))
     fresh = flat(jax.device_get(setup.state["params"]))
-    qformer = [n for n in got if n.startswith("qformer/") and n != stage2.WORD_EMBEDDINGS]
+    qformer = [n for n in got if n.startswith("bridge/qformer/") and n != stage2.WORD_EMBEDDINGS]
     assert len(qformer) > 30
-    for name in qformer:
-        np.testing.assert_array_equal(got[name], saved[name], err_msg=name)
-    np.testing.assert_array_equal(got["llm_projection/kernel"], fresh["llm_projection/kernel"])
+    for name in qformer:  # stage one's qformer/... is the bridge's bridge/qformer/...
+        np.testing.assert_array_equal(got[name], saved[name.removeprefix("bridge/")], err_msg=name)
+    np.testing.assert_array_equal(got["bridge/projection/kernel"], fresh["bridge/projection/kernel"])
     # Word embeddings move by word: stage one's vocabulary (captions) into stage two's (+ instructions).
     old_vocab = json.loads((stage1_dir / "tokenizer.json").read_text())["model"]["vocab"]
     new_vocab = built.qformer_tok.tokenizer.get_vocab(with_added_tokens=True)
-    table, old_table = got[stage2.WORD_EMBEDDINGS], saved[stage2.WORD_EMBEDDINGS]
+    table, old_table = got[stage2.WORD_EMBEDDINGS], saved[stage2.WORD_EMBEDDINGS.removeprefix("bridge/")]
     assert table.shape[0] == len(new_vocab) > old_table.shape[0]
     for word in ("beep", "loud", "[CLS]", "[SEP]", "[PAD]"):
         np.testing.assert_array_equal(table[new_vocab[word]], old_table[old_vocab[word]], err_msg=word)
@@ -695,11 +698,11 @@ def test_eval_classification_ranks_labels_by_the_training_loss(cli_run, tiny_dat
     for c, name in enumerate(classes):
         answer = enc.answer.encode([name.replace("_", " ")], d.max_answer_length)
         inputs = Stage2Batch(
-            batch["audio"],
-            batch["num_samples"],
-            enc.qformer.encode([instruction]),
-            enc.instruction.encode([instruction], d.max_instruction_length),
-            answer,
+            qformer_ids=enc.qformer.encode([instruction]),
+            instruction_ids=enc.instruction.encode([instruction], d.max_instruction_length),
+            answer_ids=answer,
+            audio=batch["audio"],
+            num_samples=batch["num_samples"],
         )
         out = loss_fn(run.params, inputs)
         assert float(out["loss"]) * int(out["answer_tokens"]) == pytest.approx(losses[0, c], rel=1e-4)

@@ -257,7 +257,11 @@ def llm_class_losses(
         for c, name in enumerate(classes):
             answer_ids = answerer.encoders.answer.encode([name.replace("_", " ")] * rows, d.max_answer_length)
             inputs = Stage2Batch(
-                batch["audio"], batch["num_samples"], qformer_ids, instruction_ids, answer_ids
+                qformer_ids=qformer_ids,
+                instruction_ids=instruction_ids,
+                answer_ids=answer_ids,
+                audio=batch["audio"],
+                num_samples=batch["num_samples"],
             )
             logits = np.asarray(answer_logits(run.params, inputs))
             nll = classification.token_losses(logits, np.maximum(answer_ids, 0))

@@ -1,21 +1,21 @@
-"""Stage two of SLIT/BLIP-2: Q-Former query outputs as a soft prompt for a frozen LLM.
+"""Stage two of SLIT/BLIP-2: a bridge's output as a soft prompt for a frozen LLM.
 
-frozen audio tower -> Q-Former (queries, optionally with the instruction: InstructBLIP) -> one linear
-projection to the LLM width -> soft prompt in front of the frozen LLM (REFERENCE §2):
+frozen audio encoder (slit.models.audio.encoder) -> bridge (slit.models.bridges, chosen by name; the
+Q-Former bridge: queries, optionally with the instruction as InstructBLIP, then one linear projection to
+the LLM width) -> soft prompt in front of the frozen LLM (BLIP-2 stage two):
 - decoder-only LLMs see [soft prompt; instruction; answer] and the loss is on the answer tokens only
   (soft prompt, instruction and padding are masked);
 - encoder-decoder LLMs (T5) are a prefix LM: the encoder reads [soft prompt; instruction] and the
   decoder predicts the answer.
-With `instruction_in_qformer`, the instruction's Q-Former tokens join the queries in the Q-Former's
-self-attention (full two-way visibility) and only the query outputs are projected.
+The model may also be handed the frozen encoder's features instead of audio (a feature cache).
 
 Token-id conventions of a `Stage2Batch`: Q-Former instruction ids are padded with the Q-Former's pad id
 (left-truncated by the data side); LLM instruction ids are *left*-padded and answer ids *right*-padded
 with -1, so that padding never depends on the LLM's own pad/EOS ids (often the same id).
 
-Gradients reach the projection and the Q-Former through the frozen LLM's activations; the LLM's and
-the audio tower's weights are `Frozen`, so they get neither gradients nor optimizer state. The LLM
-layers can be rematerialised in the loss (`remat_policy`).
+Gradients reach the bridge through the frozen LLM's activations; the LLM's and the audio tower's
+weights are `Frozen`, so they get neither gradients nor optimizer state. The LLM layers can be
+rematerialised in the loss (`remat_policy`).
 """
 
 from __future__ import annotations
@@ -29,10 +29,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from slit.models import masks
-from slit.models.audio.whisper import WhisperAudioTower, WhisperEncoderConfig
-from slit.models.layers import Dense, normal
-from slit.models.qformer import QFormer, QFormerConfig
+from slit.models.audio.encoder import AudioEncoderConfig, encode_audio, make_audio_tower
+from slit.models.bridges import make_bridge
 
 REMAT_POLICIES = ("none", "dots_saveable", "everything")
 """none: keep every activation (no rematerialisation); dots_saveable: keep matmul outputs, recompute
@@ -43,17 +41,21 @@ LOSS_AVERAGES = ("tokens", "examples")
 
 @dataclasses.dataclass(frozen=True)
 class Stage2Config:
-    """Everything that shapes a stage-two model besides the LLM itself."""
+    """Everything that shapes a stage-two model besides the LLM itself.
 
-    audio: WhisperEncoderConfig
-    qformer: QFormerConfig
-    instruction_in_qformer: bool = True
-    qformer_pad_id: int = 0
+    audio: the frozen audio encoder; bridge: a registered bridge's config (slit.models.bridges);
+    qformer_init: where a Q-Former bridge's pretrained text weights come from (`qformer.init`; "":
+    random), read by slit.train.stage2.create_model.
+    """
+
+    audio: AudioEncoderConfig
+    bridge: Any  # a config dataclass of slit.models.bridges.BRIDGES
     remat_policy: str = "none"
     # "tokens": the mean over every answer token of the batch (LAVIS), so a caption weighs ~10x a
     # one-word answer; "examples": each example's answer tokens averaged first, then the mean over
     # examples, so the task mixture's weights are the tasks' shares of the loss.
     loss_average: str = "tokens"
+    qformer_init: str = ""
 
     def __post_init__(self):
         if self.remat_policy not in REMAT_POLICIES:
@@ -67,17 +69,20 @@ class Stage2Config:
 class Stage2Batch:
     """One global batch.
 
-    audio (B, S) float32 zero-padded; num_samples (B,) int32;
+    audio (B, S) float32 zero-padded; num_samples (B,) int32 (or, from a feature cache, the frozen
+    encoder's features (B, F, D) and frame_mask (B, F) bool instead);
     qformer_ids (B, Lq) int32: the instruction in Q-Former tokens, padded with the Q-Former pad id;
     instruction_ids (B, Li) int32: the instruction in LLM tokens, left-padded with -1;
     answer_ids (B, La) int32: the answer in LLM tokens (EOS last), right-padded with -1.
     """
 
-    audio: jax.Array
-    num_samples: jax.Array
     qformer_ids: jax.Array
     instruction_ids: jax.Array
     answer_ids: jax.Array
+    audio: jax.Array | None = None
+    num_samples: jax.Array | None = None
+    features: jax.Array | None = None
+    frame_mask: jax.Array | None = None
 
 
 def is_encoder_decoder(llm: nnx.Module) -> bool:
@@ -153,7 +158,7 @@ def masked_cross_entropy(logits_btv: jax.Array, labels_bt: jax.Array, weights_bt
 
 
 class Stage2Model(nnx.Module):
-    """Frozen audio tower + trainable Q-Former + trainable projection + frozen LLM."""
+    """Frozen audio encoder + trainable bridge + frozen LLM."""
 
     def __init__(
         self,
@@ -164,65 +169,33 @@ class Stage2Model(nnx.Module):
         audio_rngs: nnx.Rngs | None = None,
     ):
         """`llm`: a frozen DecoderOnlyLM or EncoderDecoderLM (slit/models/llm/base.py), weights loaded."""
-        c = config
-        self.config = c
-        self.audio_tower = WhisperAudioTower(c.audio, rngs=audio_rngs or rngs)
-        self.qformer = QFormer(c.qformer, rngs=rngs)
-        self.llm_projection = Dense(
-            c.qformer.width,
-            llm.hidden_size,
-            axes=("embed", "embed"),
-            rngs=rngs,
-            kernel_init=normal(c.qformer.initializer_range),
-        )
+        self.config = config
+        self.audio_tower = make_audio_tower(config.audio, audio_rngs or rngs)
+        self.bridge = make_bridge(config.bridge, llm.hidden_size, rngs)
         self.llm = llm
 
     # --- the soft prompt ----------------------------------------------------------------------------
 
     def encode_audio(self, audio_bs: jax.Array, num_samples_b: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Frozen encoder features (B, frames, enc_width) and their mask; no gradient flows back."""
-        features, mask = self.audio_tower(audio_bs, num_samples_b)
-        return jax.lax.stop_gradient(features), mask
-
-    def query_outputs(
-        self,
-        features_bfd: jax.Array,
-        frame_mask_bf: jax.Array,
-        qformer_ids_bl: jax.Array | None,
-        rngs: nnx.Rngs | None,
-    ) -> jax.Array:
-        """Q-Former query outputs (B, num_queries, width).
-
-        With `instruction_in_qformer`, the instruction tokens (B, Lq) sit after the queries and every
-        position sees every non-padding position (queries <-> instruction both ways); otherwise the
-        queries run alone and the instruction is ignored.
-        """
-        q = self.config.qformer.num_queries
-        if not self.config.instruction_in_qformer or qformer_ids_bl is None:
-            return self.qformer(
-                with_queries=True, encoder_bfd=features_bfd, encoder_mask_bf=frame_mask_bf, rngs=rngs
-            )
-        valid = qformer_ids_bl != self.config.qformer_pad_id
-        hidden = self.qformer(
-            text_ids_bl=qformer_ids_bl,
-            with_queries=True,
-            attention_mask_bll=masks.bidirectional_mask(q, valid),
-            encoder_bfd=features_bfd,
-            encoder_mask_bf=frame_mask_bf,
-            rngs=rngs,
-        )
-        return hidden[:, :q]
+        return encode_audio(self.audio_tower, self.config.audio.window_samples, audio_bs, num_samples_b)
 
     def soft_prompt(
         self,
-        audio_bs: jax.Array,
-        num_samples_b: jax.Array,
+        audio_bs: jax.Array | None,
+        num_samples_b: jax.Array | None,
         qformer_ids_bl: jax.Array | None,
         rngs: nnx.Rngs | None,
+        features_bfd: jax.Array | None = None,
+        frame_mask_bf: jax.Array | None = None,
     ) -> jax.Array:
-        """Projected query outputs (B, num_queries, llm_width), in the LLM's input space."""
-        features, frame_mask = self.encode_audio(audio_bs, num_samples_b)
-        return self.llm_projection(self.query_outputs(features, frame_mask, qformer_ids_bl, rngs))
+        """The bridge's output (B, P, llm_width), in the LLM's input space, from the audio or from the
+        frozen features themselves (a feature cache: `features_bfd`, `frame_mask_bf`)."""
+        if features_bfd is None:
+            features_bfd, frame_mask_bf = self.encode_audio(audio_bs, num_samples_b)
+        else:
+            features_bfd = jax.lax.stop_gradient(features_bfd)
+        return self.bridge(features_bfd, frame_mask_bf, qformer_ids_bl, rngs)
 
     def prompt(
         self, soft_bqd: jax.Array, instruction_ids_bl: jax.Array
@@ -241,7 +214,9 @@ class Stage2Model(nnx.Module):
 
     def answer_logits(self, batch: Stage2Batch, rngs: nnx.Rngs | None) -> jax.Array:
         """Logits (B, La, V) that predict each answer token (position j predicts answer_ids[:, j])."""
-        soft = self.soft_prompt(batch.audio, batch.num_samples, batch.qformer_ids, rngs)
+        soft = self.soft_prompt(
+            batch.audio, batch.num_samples, batch.qformer_ids, rngs, batch.features, batch.frame_mask
+        )
         prompt_embeds, prompt_mask, _ = self.prompt(soft, batch.instruction_ids)
         answer_valid = batch.answer_ids >= 0
         answer_ids = jnp.maximum(batch.answer_ids, 0)

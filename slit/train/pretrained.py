@@ -275,13 +275,15 @@ def bert_params(init: str, qformer: QFormerConfig, fresh: dict) -> dict:
     return traverse_util.unflatten_dict(flat)
 
 
-def put_like(abstract: nnx.State, values: dict, shardings: dict) -> dict:
+def put_like(abstract: nnx.State | dict, values: dict, shardings: dict) -> dict:
     """Host arrays `values` (a pure dict with the variables of `abstract`) as global arrays with
     `shardings`, in the abstract state's dtypes. Raises ValueError naming any variable that is missing,
     unexpected or misshapen."""
     from flax import traverse_util
 
-    want = traverse_util.flatten_dict(nnx.to_pure_dict(abstract))
+    want = traverse_util.flatten_dict(
+        nnx.to_pure_dict(abstract) if isinstance(abstract, nnx.State) else abstract
+    )
     given = {tuple(map(str, k)): v for k, v in traverse_util.flatten_dict(values).items()}
     out, problems = {}, []
     for path, struct in want.items():
@@ -387,8 +389,9 @@ def audio_problems(config: ml_collections.ConfigDict) -> list[str]:
     return problems
 
 
-def qformer_problems(config: ml_collections.ConfigDict) -> list[str]:
-    """Everything wrong with `qformer` (and its tokenizer), each naming the field."""
+def qformer_problems(config: ml_collections.ConfigDict, text_length: str = "max_text_length") -> list[str]:
+    """Everything wrong with `qformer` (and its tokenizer), each naming the field. `text_length`: the
+    `data` field that bounds the Q-Former's text (stage two: its instruction length)."""
     q, problems = config.qformer, []
     init = q.get("init", "")
     if not init:
@@ -423,9 +426,9 @@ def qformer_problems(config: ml_collections.ConfigDict) -> list[str]:
         problems.append(
             f"qformer.cross_attention_freq={q.cross_attention_freq} must be in [1, {layers} layers]"
         )
-    if config.data.max_text_length < 3 or config.data.max_text_length > positions:
+    length = config.data[text_length]
+    if length < 3 or length > positions:
         problems.append(
-            f"data.max_text_length={config.data.max_text_length} must be in [3, {positions}] (the Q-Former's "
-            "text positions)"
+            f"data.{text_length}={length} must be in [3, {positions}] (the Q-Former's text positions)"
         )
     return problems

@@ -37,7 +37,8 @@ from slit import config as config_lib
 from slit.data import pipeline, sources
 from slit.data.tokenizer import TextTokenizer, word_level_tokenizer
 from slit.errors import UserError
-from slit.models.audio.whisper import WhisperEncoderConfig
+from slit.models.bridges import BRIDGES
+from slit.models.bridges.qformer import QFormerBridgeConfig
 from slit.models.layers import Frozen
 from slit.models.stage2 import (
     LOSS_AVERAGES,
@@ -55,7 +56,9 @@ from slit.train.preemption import Preempted, PreemptionWatcher
 BATCH_KEYS = ("audio", "num_samples", "qformer_ids", "instruction_ids", "answer_ids")
 TASK_NAMES = ("caption", "qa", "classify")
 LLM_TOKENIZER_DIR = "llm_tokenizer"
-WORD_EMBEDDINGS = "qformer/word_embeddings/embedding"
+WORD_EMBEDDINGS = "bridge/qformer/word_embeddings/embedding"
+STAGE_ONE_QFORMER = "qformer/"  # where a stage-one run keeps its Q-Former; a Q-Former bridge's is under
+BRIDGE_QFORMER = "bridge/qformer/"  # the bridge
 
 
 # --------------------------------------------------------------------------------------------------
@@ -102,28 +105,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
         problems.append(f"optimizer.warmup_steps={opt.warmup_steps} must be within [0, total_steps]")
     if opt.learning_rate <= 0 or not 0 <= opt.min_learning_rate <= opt.learning_rate:
         problems.append("optimizer: need learning_rate > 0 and 0 <= min_learning_rate <= learning_rate")
-    q, a = config.qformer, config.audio_encoder
-    for prefix, group in (("qformer", q), ("audio_encoder", a)):
-        if group.width % group.heads:
-            problems.append(f"{prefix}.width={group.width} is not divisible by {prefix}.heads={group.heads}")
-    if not 1 <= q.cross_attention_freq <= q.layers:
-        problems.append(
-            f"qformer.cross_attention_freq={q.cross_attention_freq} must be in [1, qformer.layers]"
-        )
-    mel_frames = config.data.max_seconds * 100
-    if mel_frames != int(mel_frames) or int(mel_frames) % 2:
-        problems.append(f"data.max_seconds={config.data.max_seconds} must be a multiple of 0.02 s")
-    elif int(mel_frames) // 2 > a.max_positions:
-        problems.append(
-            f"data.max_seconds={config.data.max_seconds} gives {int(mel_frames) // 2} encoder frames, more "
-            f"than audio_encoder.max_positions={a.max_positions}"
-        )
+    problems += pretrained.audio_problems(config)
+    problems += pretrained.qformer_problems(config, text_length="max_qformer_instruction_length")
+    bridge_kind = config.get("bridge", {}).get("kind", "qformer")
+    if bridge_kind not in BRIDGES:
+        problems.append(f"bridge.kind={bridge_kind!r}: choose one of {', '.join(BRIDGES)}")
     d = config.data
-    if not 3 <= d.max_qformer_instruction_length <= q.max_text_positions:
-        problems.append(
-            f"data.max_qformer_instruction_length={d.max_qformer_instruction_length} must be in "
-            f"[3, qformer.max_text_positions={q.max_text_positions}]"
-        )
     for key in ("max_instruction_length", "max_answer_length"):
         if d[key] < 1:
             problems.append(f"data.{key}={d[key]} must be at least 1")
@@ -170,12 +157,15 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
 def make_qformer_tokenizer(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> TextTokenizer:
     """The Q-Former's tokenizer: this run's (resuming), else the config's.
 
-    `synthetic_words` is a word-level vocabulary over captions *and* instructions (stage one's covers
+    With `qformer.init`, the BERT directory's (as stage one). `synthetic_words` is a word-level
+    vocabulary over captions *and* instructions (stage one's covers
     captions only); `init_from` copies stage one's word embeddings row by row by word
     (`init_from_stage_one`), so the two vocabularies need not agree.
     """
     if (workdir / "tokenizer.json").is_file():
         return TextTokenizer.from_directory(workdir)
+    if config.qformer.get("init", ""):  # as stage one: the BERT directory's, plus [DEC]
+        return TextTokenizer.from_directory(pretrained.bert_directory(config.qformer.init))
     if config.tokenizer.kind == "synthetic_words":
         from slit.data.synthetic import TOKENIZER_VOCABULARY
 
@@ -388,25 +378,28 @@ def model_batch(local: dict, config: ml_collections.ConfigDict) -> dict[str, np.
 
 
 def model_config(config: ml_collections.ConfigDict, tokenizer: TextTokenizer) -> Stage2Config:
-    """Translates the config file's groups into the model's dataclasses (as stage one does)."""
-    a, q = config.audio_encoder, config.qformer
-    audio = WhisperEncoderConfig(
-        num_mel_bins=a.num_mel_bins,
-        width=a.width,
-        num_layers=a.layers,
-        num_heads=a.heads,
-        mlp_dim=a.mlp_dim,
-        max_positions=a.max_positions,
-    )
-    qformer = pretrained.qformer_config(q, tokenizer.vocab_size, a.width)
+    """Translates the config file's groups into the model's dataclasses: the audio encoder and the
+    Q-Former as stage one builds them (slit.train.pretrained), the bridge by `bridge.kind`."""
+    audio = pretrained.audio_encoder_config(config)
     return Stage2Config(
         audio=audio,
-        qformer=qformer,
-        instruction_in_qformer=q.instruction,
-        qformer_pad_id=tokenizer.pad_id,
+        bridge=bridge_config(config, tokenizer, audio.width),
         remat_policy=config.llm.remat_policy,
         loss_average=config.get("loss_average", "tokens"),
+        qformer_init=config.qformer.get("init", ""),
     )
+
+
+def bridge_config(config: ml_collections.ConfigDict, tokenizer: TextTokenizer, encoder_width: int) -> Any:  # noqa: ANN401
+    """The config dataclass of the bridge `bridge.kind` names (run configs without `bridge`: qformer)."""
+    kind = config.get("bridge", {}).get("kind", "qformer")
+    if kind == "qformer":
+        return QFormerBridgeConfig(
+            qformer=pretrained.qformer_component_config(config, tokenizer.vocab_size, encoder_width),
+            instruction_in_qformer=config.qformer.instruction,
+            pad_id=tokenizer.pad_id,
+        )
+    raise UserError(f"bridge.kind={kind!r}: choose one of {', '.join(BRIDGES)}")
 
 
 @dataclasses.dataclass
@@ -431,16 +424,17 @@ def create_model(
 ) -> ModelParts:
     """Builds the model around the loaded LLM and places every weight in its sharding.
 
-    The Q-Former, the projection and the seeded random audio tower are initialised inside one jit, as
-    stage one initialises its model: eager and jitted random initialisers differ in the last bits, and
-    the audio tower must be bit-identical to the one the stage-one Q-Former learned against (its
-    fingerprint is checked). The LLM's loaded weights pass through untouched.
+    The bridge and a random audio tower are initialised inside one jit, as stage one initialises its
+    model: eager and jitted random initialisers differ in the last bits, and the audio tower must be
+    bit-identical to the one a stage-one Q-Former learned against (its fingerprint is checked). A
+    pretrained audio tower (`cfg.audio.weights`) is read on the host into its shardings; with
+    `cfg.qformer_init`, a Q-Former bridge's text weights are BERT's (as stage one's). The LLM's loaded
+    weights pass through untouched.
 
-    With `match_embedding_scale`, the projection's kernel is rescaled so that the soft prompt starts at
-    the scale of the LLM's own token embeddings (element RMS of the first <= 8192 rows of its table):
-    Q-Former outputs leave a LayerNorm with unit-variance elements, so the kernel's std becomes
-    rms / sqrt(qformer width). Without it, SmolLM2 (embedding RMS 0.14) receives soft-prompt vectors ~10x
-    longer than any token's, mostly the same for every clip.
+    With `match_embedding_scale`, the bridge's output projection is rescaled so that the soft prompt
+    starts at the scale of the LLM's own token embeddings (element RMS of the first <= 8192 rows of its
+    table; `Bridge.match_output_scale`). Without it, SmolLM2 (embedding RMS 0.14) receives soft-prompt
+    vectors ~10x longer than any token's, mostly the same for every clip.
     """
     llm_graphdef, llm_state = nnx.split(llm)
 
@@ -454,23 +448,28 @@ def create_model(
     graphdef, abs_params, abs_frozen = nnx.split(abstract, nnx.Param, Frozen)
     param_sh = sharding.state_shardings(abs_params, rules, mesh)
     frozen_sh = sharding.state_shardings(abs_frozen, rules, mesh)
-    init_frozen_sh = {k: v for k, v in frozen_sh.items() if k != "llm"}
+    random_audio = not cfg.audio.weights
+    init_frozen_sh = {k: v for k, v in frozen_sh.items() if k == "audio_tower" and random_audio}
 
     def init(llm_state: Any) -> tuple[dict, dict]:  # noqa: ANN401
         model = build(llm_state)
         if match_embedding_scale:
             rows = model.llm.embed(jnp.arange(min(model.llm.vocab_size, 8192))[None])
-            rms = jnp.sqrt(jnp.mean(jnp.square(rows.astype(jnp.float32))))
-            kernel = model.llm_projection.kernel
-            target_std = rms / np.sqrt(cfg.qformer.width)
-            kernel[...] = kernel[...] * (target_std / cfg.qformer.initializer_range)
+            model.bridge.match_output_scale(jnp.sqrt(jnp.mean(jnp.square(rows.astype(jnp.float32)))))
         _, params, frozen = nnx.split(model, nnx.Param, Frozen)
         frozen = nnx.to_pure_dict(frozen)
-        del frozen["llm"]
-        return nnx.to_pure_dict(params), frozen
+        return nnx.to_pure_dict(params), {k: v for k, v in frozen.items() if k in init_frozen_sh}
 
     with jax.set_mesh(mesh):
         params, frozen = jax.jit(init, out_shardings=(param_sh, init_frozen_sh))(llm_state)
+    if not random_audio:
+        tower = {"audio_tower": pretrained.load_tower(cfg.audio.weights).params}
+        abs_tower = {"audio_tower": nnx.to_pure_dict(abs_frozen)["audio_tower"]}
+        frozen.update(pretrained.put_like(abs_tower, tower, {"audio_tower": frozen_sh["audio_tower"]}))
+    if cfg.qformer_init:
+        host = jax.device_get(params)
+        host["bridge"] = pretrained.bert_params(cfg.qformer_init, cfg.bridge.qformer, host["bridge"])
+        params = pretrained.put_like(abs_params, host, param_sh)
     _, llm_frozen = nnx.split(llm, Frozen, ...)[:2]
     frozen["llm"] = jax.device_put(nnx.to_pure_dict(llm_frozen), frozen_sh["llm"])
     return ModelParts(graphdef, params, frozen, param_sh, frozen_sh)
@@ -551,12 +550,8 @@ def build_training(
 
 
 def frozen_sources(config: ml_collections.ConfigDict, llm_source: str) -> dict[str, str]:
-    a = config.audio_encoder
-    return {
-        "audio_tower": f"randomly initialised Whisper encoder (width {a.width}, {a.layers} layers, "
-        f"{a.heads} heads, {a.num_mel_bins} mel bins), init_seed {a.init_seed}",
-        "llm": llm_source,
-    }
+    """Where each frozen model's weights come from, in words (recorded in checkpoints)."""
+    return {"audio_tower": pretrained.audio_source(config), "llm": llm_source}
 
 
 def check_init_from_audio_tower(path: str, identity: dict) -> None:
@@ -611,13 +606,16 @@ def init_from_stage_one(
 ) -> checkpoint.Start:
     """Copies the Q-Former of a stage-one run (`init_from`) into a fresh stage-two state.
 
-    Weights with the same name and shape are copied; the word-embedding table is copied row by row by
-    token (when the stage-one run's tokenizer.json is there), so stage two may read a larger vocabulary
-    (instruction words) than stage one did. The projection to the LLM starts fresh. Optimizer state and
-    step start from zero.
+    Stage one's `qformer/...` weights become the Q-Former bridge's `bridge/qformer/...`; weights with
+    the same name and shape are copied (a stage-two checkpoint's bridge too); the word-embedding table
+    is copied row by row by token (when the stage-one run's tokenizer.json is there), so stage two may
+    read a larger vocabulary (instruction words) than stage one did. The projection to the LLM starts
+    fresh. Optimizer state and step start from zero.
     """
     source, directory, step = read_params(path)
-    source = {checkpoint.path_name(p): v for p, v in jax.tree_util.tree_flatten_with_path(source)[0]}
+    source = {
+        _bridge_name(checkpoint.path_name(p)): v for p, v in jax.tree_util.tree_flatten_with_path(source)[0]
+    }
     run_dir = _run_directory(directory)
     host_params = jax.device_get(state["params"])
     flat_target = {
@@ -644,7 +642,7 @@ def init_from_stage_one(
             f"init_from={path}: these weights exist in both but differ in shape (checkpoint vs this run):\n"
             "  - " + "\n  - ".join(mismatched) + "\nUse stage one's qformer settings in this config."
         )
-    if not any(name.startswith("qformer/") for name in copied):
+    if not any(name.startswith(BRIDGE_QFORMER) for name in copied):
         raise UserError(f"init_from={path}: no Q-Former weight of the checkpoint matches this model by name")
     params = jax.device_put(params, shardings["params"])
     fresh_groups = sorted({"/".join(name.split("/")[:2]) for name in fresh})
@@ -655,6 +653,11 @@ def init_from_stage_one(
             file=sys.stderr,
         )
     return checkpoint.Start(dict(state, params=params), 0, f"init_from {directory / str(step)}")
+
+
+def _bridge_name(name: str) -> str:
+    """A stage-one weight's name as the Q-Former bridge holds it (other names unchanged)."""
+    return "bridge/" + name if name.startswith(STAGE_ONE_QFORMER) else name
 
 
 def resolve_start(
