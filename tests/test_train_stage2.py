@@ -401,7 +401,7 @@ def test_init_from_copies_the_stage_one_qformer(tmp_path, trained_run, built, ca
     config.init_from = str(stage1_dir)
     setup = built.setup
     identity = checkpoint.frozen_identity(setup.parts.frozen, stage2.frozen_sources(config, built.llm_source))
-    stage2.check_init_from_audio_tower(config.init_from, identity)  # same seeded audio tower as stage one
+    stage2.check_init_from_audio_tower(config.init_from, identity, config)  # same tower as stage one
     ckpt = checkpoint.Checkpointer(tmp_path, config, identity)
     try:
         start = stage2.resolve_start(

@@ -554,8 +554,9 @@ def frozen_sources(config: ml_collections.ConfigDict, llm_source: str) -> dict[s
     return {"audio_tower": pretrained.audio_source(config), "llm": llm_source}
 
 
-def check_init_from_audio_tower(path: str, identity: dict) -> None:
-    """Refuses a stage-one checkpoint whose Q-Former learned against a different frozen audio tower."""
+def check_init_from_audio_tower(path: str, identity: dict, config: ml_collections.ConfigDict) -> None:
+    """Refuses a stage-one checkpoint whose Q-Former learned against another frozen audio encoder: other
+    weights (fingerprint), or the same weights read at another hidden layer or in other windows."""
     directory, step = checkpoint.locate(path)
     steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
     if not steps:
@@ -563,13 +564,34 @@ def check_init_from_audio_tower(path: str, identity: dict) -> None:
     meta_file = directory / str(step if step is not None else steps[-1]) / "metadata" / "metadata"
     if not meta_file.is_file():
         return
-    saved = json.loads(meta_file.read_text()).get("frozen_models", {}).get("audio_tower")
+    meta = json.loads(meta_file.read_text())
+    saved = meta.get("frozen_models", {}).get("audio_tower")
     if saved and saved["fingerprint"] != identity["audio_tower"]["fingerprint"]:
         raise UserError(
             f"init_from={path}: its Q-Former was trained against another audio tower ({saved['source']}, "
             f"fingerprint {saved['fingerprint']}); this run builds {identity['audio_tower']['source']} "
             f"(fingerprint {identity['audio_tower']['fingerprint']}). Use stage one's audio_encoder settings."
         )
+    if not meta.get("config"):
+        return
+    theirs = pretrained.audio_settings(ml_collections.ConfigDict(meta["config"]))
+    ours = pretrained.audio_settings(config)
+    differ = [
+        f"audio_encoder.{field}={_setting(ours, field)} here, {_setting(theirs, field)} in stage one"
+        for field in ("hidden_layer", "window_seconds")
+        if _setting(ours, field) != _setting(theirs, field)
+    ]
+    if differ:
+        raise UserError(
+            f"init_from={path}: its Q-Former read other features of the same encoder: "
+            + "; ".join(differ)
+            + ". Use stage one's values."
+        )
+
+
+def _setting(settings: pretrained.AudioSettings, field: str) -> object:
+    value = getattr(settings, field)
+    return -1 if field == "hidden_layer" and value is None else value
 
 
 def read_params(path: str | pathlib.Path) -> tuple[dict, pathlib.Path, int]:
@@ -919,7 +941,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     parts = setup.parts
     identity = checkpoint.frozen_identity(parts.frozen, frozen_sources(config, llm_source))
     if config.init_from:
-        check_init_from_audio_tower(config.init_from, identity)
+        check_init_from_audio_tower(config.init_from, identity, config)
     ckpt = checkpoint.Checkpointer(workdir, config, identity)
     start = resolve_start(ckpt, config, setup.state, setup.state_shardings, train_iter, qformer_tok)
     writer = MetricWriter(workdir)
