@@ -289,7 +289,7 @@ def llm_text_config(llm: ml_collections.ConfigDict) -> dict:
         "num_attention_heads": c.num_heads,
         "num_key_value_heads": c.num_kv_heads,
         "head_dim": c.head_dim,
-        "rms_norm_eps": c.rms_norm_eps,
+        "rms_norm_eps": float(f"{c.rms_norm_eps:.7g}"),  # read as float32 from the file
         "rope_theta": c.rope.theta,
         "rope_parameters": rope,
         "tie_word_embeddings": c.tie_word_embeddings,
@@ -372,9 +372,10 @@ def stage2_model_card(run: runs.Run, info: dict) -> str:
         )
     else:
         bridge = "The Q-Former reads the audio only (BLIP-2): the soft prompt is the same whatever is asked."
-    tasks = ", ".join(
-        f"{name} {weight:g}"
-        for name, weight in zip(stage2.TASK_NAMES, c.get("tasks", {}).get("weights", ()), strict=False)
+    weights = list(c.get("tasks", {}).get("weights", ()))
+    numeric = weights and all(isinstance(w, int | float) for w in weights)
+    tasks = (
+        ", ".join(f"{n} {w:g}" for n, w in zip(stage2.TASK_NAMES, weights, strict=False)) if numeric else ""
     )
     prompt = stage2.llm_prompt_text("<instruction>").replace("\n", "\\n")
     lines = [
