@@ -7,8 +7,8 @@ weights onto the host (NumPy), whatever mesh it was saved from, and names the wo
 builds no model and imports no trainer, so anything above the trainers (export, eval, generate) can use it
 and rebuild what it needs.
 
-Every problem (no such directory, not a workdir, no checkpoint, no such step, an unknown trainer) is a
-`UserError` that says what to give instead.
+Every problem (no such directory, not a workdir, no checkpoint, no such step, a step that cannot be read,
+an unknown trainer) is a `UserError` that says what to give instead.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def load_run(workdir: str | pathlib.Path, step: int | None = None) -> Run:
     """Reads checkpoint `step` of `workdir` (default: the newest): config, stage, host params, metadata.
 
     Raises UserError for a missing directory, a directory that is not a workdir, a workdir without a
-    checkpoint, a step it does not hold, or a trainer slit does not know.
+    checkpoint, a step it does not hold or cannot read, or a trainer slit does not know.
     """
     workdir = pathlib.Path(workdir).absolute()
     steps = checkpoint_steps(workdir)
@@ -87,8 +87,16 @@ def load_run(workdir: str | pathlib.Path, step: int | None = None) -> Run:
             f"{workdir / checkpoint.CHECKPOINTS} has no step {step}; it has {steps} (leave out --step for "
             "the newest)"
         )
-    with checkpoint.read_only_manager(workdir / checkpoint.CHECKPOINTS) as manager:
-        restored = checkpoint.read_on_host(manager, step, metadata=True)
+    try:
+        with checkpoint.read_only_manager(workdir / checkpoint.CHECKPOINTS) as manager:
+            restored = checkpoint.read_on_host(manager, step, metadata=True)
+    except Exception as e:  # orbax's errors for a damaged or partial step directory vary
+        reason = (str(e).strip().splitlines() or [""])[0][:300]
+        others = [s for s in steps if s != step]
+        raise UserError(
+            f"{workdir / checkpoint.CHECKPOINTS / str(step)} cannot be read ({type(e).__name__}: {reason}); "
+            + (f"give --step one of {others}" if others else "train the run again")
+        ) from e
     metadata = dict(restored["metadata"])
     config = ml_collections.ConfigDict(metadata["config"])
     stage = config.get("trainer", "stage1")
