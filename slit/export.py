@@ -1,23 +1,30 @@
-"""Hand a trained run to others: `slit export --workdir DIR --format F --out OUT`.
+"""Hand a trained run to others: `slit export --workdir DIR --format F --out OUT` (stage one or two).
 
 Formats:
 - `safetensors`: the trainable weights (`model.safetensors`, names like `qformer.layers.0.ffn...`),
-  `config.json` (the model's hyperparameters), the tokenizer, and a model card (`README.md`) with
+  `config.json` (the model's hyperparameters), the tokenizer(s), and a model card (`README.md`) with
   what it is, what it was trained on, the workdir's evaluation results, and how to load it.
 - `bundle`: everything `load_bundle` needs to rebuild the model without the training config:
-  the weights, the model config, the tokenizer, and references to the frozen models (their source
-  and content fingerprint, checked on load).
-- `hf-blip2`: a directory that `transformers` loads as a BLIP-2 Q-Former with retrieval heads
-  (slit/interop/hf_convert.py).
+  the weights, the model-defining config groups, the tokenizer(s), and references to the frozen models
+  (their source and content fingerprint, checked on load). Stage two's frozen LLM is not copied: it is
+  loaded from its recorded source (or `load_bundle(..., llm_path=...)`) and checked by fingerprint.
+- `hf-blip2`: a directory that `transformers` loads (slit/interop/hf_convert.py). Stage one: a
+  `Blip2ForImageTextRetrieval` (Q-Former with retrieval heads). Stage two: the Q-Former, query tokens and
+  `language_projection` of a `InstructBlipForConditionalGeneration` (instruction in the Q-Former) or
+  `Blip2ForConditionalGeneration` (queries only); the frozen LLM's and image tower's weights are not
+  written.
+
+The run is read by `slit.runs.load_run`. The export is written into a hidden directory next to `OUT`
+and renamed to `OUT` when complete, so a failed export leaves nothing behind.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import pathlib
 import shutil
-from typing import Any
+import tempfile
+from typing import Any, NamedTuple
 
 import jax
 import ml_collections
@@ -25,42 +32,36 @@ import numpy as np
 from flax import nnx
 
 import slit
+from slit import runs
 from slit.errors import UserError
 from slit.train import checkpoint
 
 FORMATS = ("safetensors", "bundle", "hf-blip2")
-MODEL_GROUPS = ("audio_encoder", "qformer", "loss", "tokenizer")  # what rebuilding the model needs
-DATA_KEYS = ("sample_rate", "max_seconds", "max_text_length")
+# What rebuilding each stage's model needs (besides DATA_KEYS of `data`): whole config groups, then
+# top-level values. OPTIONAL_GROUPS are copied where the config has them.
+MODEL_GROUPS = {
+    "stage1": ("audio_encoder", "qformer", "loss", "tokenizer"),
+    "stage2": ("audio_encoder", "qformer", "tokenizer", "llm", "eval"),
+}
+OPTIONAL_GROUPS = ("bridge",)
+TOP_LEVEL_KEYS = {"stage1": ("trainer",), "stage2": ("trainer", "seed", "loss_average")}
+DATA_KEYS = ("sample_rate",)  # and every data.max_* (clip length, text and instruction lengths)
+LLM_TOKENIZER_DIR = runs.LLM_TOKENIZER_DIR
+
+TrainedRun = runs.Run  # the name this module used before slit.runs
 
 
-@dataclasses.dataclass
-class TrainedRun:
-    """A workdir's newest (or chosen) checkpoint, read on the host."""
+class Bundle(NamedTuple):
+    """What `load_bundle` returns; unpacks as (model, tokenizer, info)."""
 
-    workdir: pathlib.Path
-    step: int
-    config: ml_collections.ConfigDict
-    params: dict  # nested dict of np.ndarray, as the model's nnx.Param state
-    metadata: dict
+    model: Any  # stage one: a Stage1Model; stage two: a slit.train.stage2.TrainedRun (`.answer` generates)
+    tokenizer: Any  # the Q-Former's TextTokenizer
+    info: dict  # the bundle's config.json
 
 
-def read_run(workdir: str | pathlib.Path, step: int | None = None) -> TrainedRun:
-    """Reads the trainable weights and metadata of a workdir's checkpoint (newest unless `step`)."""
-    workdir = pathlib.Path(workdir).absolute()
-    directory = workdir / "checkpoints"
-    if not directory.is_dir():
-        raise UserError(f"{workdir} has no checkpoints/ directory; give the workdir of a `slit train` run")
-    with checkpoint.read_only_manager(directory) as manager:
-        steps = manager.all_steps()
-        if not steps:
-            raise UserError(f"{directory} holds no checkpoint yet")
-        step = max(steps) if step is None else step
-        if step not in steps:
-            raise UserError(f"{directory} has no step {step}; it has {sorted(steps)}")
-        restored = checkpoint.read_on_host(manager, step, metadata=True)
-    metadata = restored["metadata"]
-    config = ml_collections.ConfigDict(metadata["config"])
-    return TrainedRun(workdir, int(step), config, restored["state"]["params"], metadata)
+def read_run(workdir: str | pathlib.Path, step: int | None = None) -> runs.Run:
+    """A workdir's checkpoint (newest unless `step`) read on the host: `slit.runs.load_run`."""
+    return runs.load_run(workdir, step)
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
@@ -77,7 +78,7 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
 
 def unflatten(flat: dict[str, np.ndarray], like: dict) -> dict:
     """The inverse of `flatten`, with `like`'s key types (ints stay ints); every name must be used."""
-    missing, out = [], {}
+    missing = []
 
     def fill(node: dict, prefix: str) -> dict:
         result = {}
@@ -102,54 +103,107 @@ def unflatten(flat: dict[str, np.ndarray], like: dict) -> dict:
     return out
 
 
+def int_keys(tree: dict) -> dict:
+    """A nested dict with digit-string keys (as checkpoints store list indices) turned into ints."""
+    return {
+        (int(k) if isinstance(k, str) and k.isdigit() else k): (int_keys(v) if isinstance(v, dict) else v)
+        for k, v in tree.items()
+    }
+
+
 def model_config_dict(config: ml_collections.ConfigDict) -> dict:
     """The part of a training config that defines the model (no optimizer, data paths or mesh)."""
-    out = {group: config[group].to_dict() for group in MODEL_GROUPS}
-    out["data"] = {k: config.data[k] for k in DATA_KEYS}
-    out["trainer"] = config.trainer
+    stage = config.get("trainer", "stage1")
+    out = {group: config[group].to_dict() for group in MODEL_GROUPS[stage]}
+    out |= {group: config[group].to_dict() for group in OPTIONAL_GROUPS if group in config}
+    out |= {key: config[key] for key in TOP_LEVEL_KEYS[stage] if key in config}
+    out["trainer"] = stage
+    out["data"] = {k: v for k, v in config.data.items() if k in DATA_KEYS or k.startswith("max_")}
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------------
 
 
 def export(
     workdir: str | pathlib.Path, fmt: str, out: str | pathlib.Path, step: int | None = None
 ) -> pathlib.Path:
-    """Writes `fmt` to the directory `out` (created; refused if it exists and is not empty)."""
+    """Writes `fmt` for checkpoint `step` (default: the newest) of a stage-one or stage-two workdir to the
+    directory `out` (created; refused if it exists and is not empty). Returns `out`.
+
+    Raises UserError for an unknown format, a non-empty `out`, or a workdir that is not a run with a
+    checkpoint and its tokenizer(s)."""
     if fmt not in FORMATS:
-        raise UserError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+        raise UserError(f"--format {fmt!r} is not a format; choose one of {', '.join(FORMATS)}")
     out = pathlib.Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a new (or empty) directory")
     if out.exists() and any(out.iterdir()):
-        raise UserError(f"{out} exists and is not empty; choose a new directory")
-    run = read_run(workdir, step)
-    out.mkdir(parents=True, exist_ok=True)
-    if fmt == "hf-blip2":
-        export_hf_blip2(run, out)
-        return out
+        raise UserError(f"--out {out} exists and is not empty; give a new (or empty) directory")
+    run = runs.load_run(workdir, step)
+    missing = [
+        name
+        for name, path in (
+            ("tokenizer.json", run.qformer_tokenizer),
+            (f"{LLM_TOKENIZER_DIR}/", run.llm_tokenizer),
+        )
+        if path is None and (name == "tokenizer.json" or run.stage == "stage2")
+    ]
+    if missing:
+        raise UserError(f"{run.workdir} lacks {' and '.join(missing)}; was it written by `slit train`?")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        if fmt == "hf-blip2":
+            export_hf_blip2(run, staging)
+        else:
+            write_weights(run, fmt, staging)
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        staging.rename(out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return out
+
+
+def write_weights(run: runs.Run, fmt: str, out: pathlib.Path) -> None:
+    """`safetensors` or `bundle` into `out`: model.safetensors, config.json, tokenizer(s) (+ README.md)."""
     from safetensors.numpy import save_file
 
     save_file(
         flatten(run.params),
         str(out / "model.safetensors"),
-        metadata={"format": "slit", "step": str(run.step)},
+        metadata={"format": "slit", "step": str(run.step), "stage": run.stage},
     )
     info = {
         "slit_version": slit.__version__,
         "format": fmt,
+        "stage": run.stage,
         "step": run.step,
         "model": model_config_dict(run.config),
-        "frozen_models": run.metadata.get("frozen_models", {}),
+        "frozen_models": run.frozen_models,
         "trained_on": run.config.data.name,
     }
     (out / "config.json").write_text(json.dumps(info, indent=2) + "\n")
-    for name in ("tokenizer.json",):
-        if (run.workdir / name).is_file():
-            shutil.copy(run.workdir / name, out / name)
+    copy_tokenizers(run, out)
     if fmt == "safetensors":
-        (out / "README.md").write_text(model_card(run, info))
-    return out
+        card = model_card(run, info) if run.stage == "stage1" else stage2_model_card(run, info)
+        (out / "README.md").write_text(card)
 
 
-def typed_params(run: TrainedRun) -> tuple[dict, Any]:
-    """The run's params with the model's own key types (list indices as ints), and its Stage1Config."""
+def copy_tokenizers(run: runs.Run, out: pathlib.Path) -> None:
+    """The Q-Former's tokenizer.json and (stage two) the LLM's tokenizer directory."""
+    shutil.copy(run.qformer_tokenizer, out / runs.QFORMER_TOKENIZER)
+    if run.stage == "stage2":
+        shutil.copytree(run.llm_tokenizer, out / LLM_TOKENIZER_DIR)
+
+
+def typed_params(run: runs.Run) -> tuple[dict, Any]:
+    """A stage-one run's params with the model's own key types (list indices as ints), and its
+    Stage1Config; raises UserError when the weights do not fit the model the config builds."""
     from slit.data.tokenizer import TextTokenizer
     from slit.models.stage1 import Stage1Model
     from slit.train import stage1
@@ -160,18 +214,118 @@ def typed_params(run: TrainedRun) -> tuple[dict, Any]:
     return unflatten(flatten(run.params), like), cfg
 
 
-def export_hf_blip2(run: TrainedRun, out: pathlib.Path) -> None:
-    """`Blip2ForImageTextRetrieval` layout: query tokens, text embeddings, Q-Former, projections, ITM head
-    (slit.interop.hf_convert.export_qformer), plus the tokenizer."""
+def export_hf_blip2(run: runs.Run, out: pathlib.Path) -> None:
+    """Stage one: `Blip2ForImageTextRetrieval` layout (query tokens, text embeddings, Q-Former,
+    projections, ITM head). Stage two: the Q-Former, query tokens and `language_projection` of
+    `InstructBlipForConditionalGeneration` (the run puts the instruction into the Q-Former) or
+    `Blip2ForConditionalGeneration`, with the frozen LLM's config as `text_config`. Plus the tokenizer(s).
+    """
     from slit.interop import hf_convert
 
-    params, cfg = typed_params(run)
-    hf_convert.export_qformer(out, params, cfg.qformer, layout="blip2-retrieval", embed_dim=cfg.embed_dim)
-    shutil.copy(run.workdir / "tokenizer.json", out / "tokenizer.json")
+    if run.stage == "stage1":
+        params, cfg = typed_params(run)
+        hf_convert.export_qformer(out, params, cfg.qformer, layout="blip2-retrieval", embed_dim=cfg.embed_dim)
+        copy_tokenizers(run, out)
+        return
+    from slit.data.tokenizer import TextTokenizer
+    from slit.train import stage2
+
+    bridge = run.config.get("bridge", {}).get("kind", "qformer")
+    if bridge != "qformer":
+        raise UserError(
+            f"--format hf-blip2 writes a Q-Former; {run.workdir}'s bridge is {bridge!r}: use safetensors "
+            "or bundle"
+        )
+    cfg = stage2.model_config(run.config, TextTokenizer.from_directory(run.workdir))
+    params = int_keys(run.params)
+    layout = "instructblip-generation" if cfg.instruction_in_qformer else "blip2-generation"
+    hf_convert.export_blip2_generation(
+        out,
+        params["qformer"],
+        params["llm_projection"],
+        cfg.qformer,
+        layout=layout,
+        text_config=llm_text_config(run.config.llm),
+        extra={
+            "slit": {
+                "stage": "stage2",
+                "step": run.step,
+                "frozen_models": run.frozen_models,
+                "llm_prompt": stage2.llm_prompt_text("{instruction}"),
+                "trained_on": run.config.data.name,
+            }
+        },
+    )
+    copy_tokenizers(run, out)
 
 
-def model_card(run: TrainedRun, info: dict) -> str:
-    """A README.md for an exported model: what it is, its data, its numbers, how to load it."""
+def llm_text_config(llm: ml_collections.ConfigDict) -> dict:
+    """The frozen LLM's transformers config as a dict (the `text_config` of a BLIP-2 export): its HF
+    checkpoint's config.json, or for a GGUF file a Llama config from the file's metadata."""
+    if llm.kind == "hf":
+        path = pathlib.Path(llm.path) / "config.json"
+        if not path.is_file():
+            raise UserError(
+                f"llm.path={llm.path}: no config.json there; --format hf-blip2 needs the frozen LLM's config"
+            )
+        return json.loads(path.read_text())
+    from slit.models.llm import gguf
+
+    path = pathlib.Path(llm.path) if llm.path else gguf.smollm2_gguf_path()
+    if not path.is_file():
+        raise UserError(
+            f"llm.path={path}: no such GGUF file; --format hf-blip2 needs the frozen LLM's config"
+        )
+    c = gguf.llama_config_from_gguf(gguf.read_gguf(path))
+    rope: dict[str, Any] = {"rope_type": c.rope.kind, "rope_theta": c.rope.theta}
+    if c.rope.kind == "linear":
+        rope["factor"] = c.rope.factor
+    return {
+        "model_type": "llama",
+        "vocab_size": c.vocab_size,
+        "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size,
+        "num_hidden_layers": c.num_layers,
+        "num_attention_heads": c.num_heads,
+        "num_key_value_heads": c.num_kv_heads,
+        "head_dim": c.head_dim,
+        "rms_norm_eps": float(f"{c.rms_norm_eps:.7g}"),  # read as float32 from the file
+        "rope_theta": c.rope.theta,
+        "rope_parameters": rope,
+        "tie_word_embeddings": c.tie_word_embeddings,
+        "bos_token_id": c.token_ids.bos,
+        "eos_token_id": list(c.token_ids.eos) or None,
+        "pad_token_id": c.token_ids.pad,
+        "hidden_act": "silu",
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Model cards
+# --------------------------------------------------------------------------------------------------
+
+
+def _results(run: runs.Run) -> list[str]:
+    """The workdir's evaluation tables (eval/*.md, written by slit.eval.reports), as card lines."""
+    lines = ["## Results", ""]
+    tables = sorted((run.workdir / "eval").glob("*.md")) if (run.workdir / "eval").is_dir() else []
+    if not tables:
+        lines += ["No evaluation report in the workdir.", ""]
+    for path in tables:
+        text = path.read_text().strip()
+        lines += ["### " + text.removeprefix("# ") if text.startswith("# ") else text, ""]
+    return lines
+
+
+def _frozen_lines(info: dict) -> list[str]:
+    return [
+        f"- Frozen `{name}`: {frozen['source']} (fingerprint `{frozen['fingerprint']}`)."
+        for name, frozen in info["frozen_models"].items()
+    ]
+
+
+def model_card(run: runs.Run, info: dict) -> str:
+    """A stage-one README.md: what it is, its data, its numbers, how to load it."""
     q, a = run.config.qformer, run.config.audio_encoder
     lines = [
         "# slit stage-one Q-Former",
@@ -183,17 +337,9 @@ def model_card(run: TrainedRun, info: dict) -> str:
         "",
         f"- Trained on: `{run.config.data.name}` (batch {run.config.batch_size}, "
         f"learning rate {run.config.optimizer.learning_rate}).",
-    ]
-    for name, frozen in info["frozen_models"].items():
-        lines.append(f"- Frozen `{name}`: {frozen['source']} (fingerprint `{frozen['fingerprint']}`).")
-    lines += ["", "## Results", ""]
-    tables = sorted((run.workdir / "eval").glob("*.md")) if (run.workdir / "eval").is_dir() else []
-    if not tables:
-        lines.append("No evaluation report in the workdir.")
-    for path in tables:  # written next to each eval/<task>-<data>-<split>.json by slit.eval.reports
-        text = path.read_text().strip()
-        lines += ["### " + text.removeprefix("# ") if text.startswith("# ") else text, ""]
-    lines += [
+        *_frozen_lines(info),
+        "",
+        *_results(run),
         "## Loading",
         "",
         "```python",
@@ -210,15 +356,94 @@ def model_card(run: TrainedRun, info: dict) -> str:
     return "\n".join(lines)
 
 
-def load_bundle(directory: str | pathlib.Path, check_frozen: bool = True) -> tuple[Any, Any, dict]:
-    """Rebuilds a stage-one model from a bundle: (Stage1Model, TextTokenizer, config.json contents).
+def stage2_model_card(run: runs.Run, info: dict) -> str:
+    """A stage-two README.md: the Q-Former and projection, into which frozen LLM, whether the instruction
+    enters the Q-Former, the data, the workdir's eval results, and how to load it."""
+    from slit.train import stage2
 
-    The frozen models are rebuilt from their recorded source and checked against their fingerprint.
+    c = run.config
+    q, a = c.qformer, c.audio_encoder
+    llm_width = int(np.shape(run.params["llm_projection"]["kernel"])[-1])
+    llm_source = info["frozen_models"].get("llm", {}).get("source", f"{c.llm.kind} {c.llm.path}")
+    if q.get("instruction", True):
+        bridge = (
+            "The instruction enters the Q-Former (InstructBLIP): its Q-Former tokens join the queries in "
+            "self-attention, so the soft prompt depends on what is asked."
+        )
+    else:
+        bridge = "The Q-Former reads the audio only (BLIP-2): the soft prompt is the same whatever is asked."
+    weights = list(c.get("tasks", {}).get("weights", ()))
+    numeric = weights and all(isinstance(w, int | float) for w in weights)
+    tasks = (
+        ", ".join(f"{n} {w:g}" for n, w in zip(stage2.TASK_NAMES, weights, strict=False)) if numeric else ""
+    )
+    prompt = stage2.llm_prompt_text("<instruction>").replace("\n", "\\n")
+    lines = [
+        "# slit stage-two audio-language model: a Q-Former soft prompt for a frozen LLM",
+        "",
+        f"A BLIP-2 Q-Former ({q.layers} layers, width {q.width}, {q.num_queries} queries, cross-attention "
+        f"every {q.cross_attention_freq} layers) over a frozen {a.kind} audio encoder, and a linear "
+        f"projection from width {q.width} to the frozen LLM's width {llm_width}: its {q.num_queries} "
+        f"projected query outputs are a soft prompt in front of the frozen LLM ({llm_source}). "
+        f"Trained by slit {slit.__version__} for {run.step} steps on the answer tokens only. {bridge}",
+        "",
+        f"The LLM sees `[soft prompt; {prompt}]` and generates the answer after it.",
+        "",
+        f"- Trained on: `{c.data.name}` (tasks: {tasks or 'see config'}; batch {c.batch_size}, learning "
+        f"rate {c.optimizer.learning_rate}"
+        + (f"; Q-Former from stage-one run `{pathlib.Path(c.init_from).name}`" if c.get("init_from") else "")
+        + ").",
+        *_frozen_lines(info),
+        "- Only the Q-Former (with its query tokens and embeddings) and the projection are in "
+        "`model.safetensors`; the frozen audio encoder and LLM are named above with content fingerprints.",
+        "",
+        *_results(run),
+        "## Loading",
+        "",
+        "```python",
+        "from safetensors.numpy import load_file",
+        'weights = load_file("model.safetensors")  # qformer.* and llm_projection.{kernel,bias}',
+        "```",
+        "",
+        "`config.json` holds the hyperparameters (`model`) and the frozen models' identities;",
+        f"`tokenizer.json` is the Q-Former's tokenizer, `{LLM_TOKENIZER_DIR}/` the LLM's. Dense kernels are",
+        "stored (in, out). To generate, export a bundle of the same run and rebuild it:",
+        "",
+        "```python",
+        "from slit import export",
+        "from slit.train import stage2",
+        'run, _, info = export.load_bundle("BUNDLE_DIR")  # checks the frozen models\' fingerprints',
+        "gen = stage2.generation_config(run.config)  # the run's decoding settings (config.eval)",
+        'answers = run.answer(audio_bs, num_samples_b, ["describe the sound."], gen)  # float32 (B, S), (B,)',
+        "```",
+        "",
+        "`--format hf-blip2` writes the Q-Former, query tokens and projection in the transformers",
+        "InstructBLIP / BLIP-2 layout.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading a bundle
+# --------------------------------------------------------------------------------------------------
+
+
+def load_bundle(
+    directory: str | pathlib.Path, check_frozen: bool = True, llm_path: str | None = None
+) -> Bundle:
+    """Rebuilds the model of a `--format bundle` export: Bundle(model, tokenizer, info).
+
+    Stage one: model is a Stage1Model. Stage two: model is a `slit.train.stage2.TrainedRun` (config,
+    params, answerer; `model.answer(audio (B, S), num_samples (B,), B instructions, gen)` -> B answers),
+    with the frozen LLM loaded from its recorded `llm.path`, or from `llm_path` when given (the same
+    checkpoint elsewhere). tokenizer is the Q-Former's; info the bundle's config.json.
+    The frozen models are rebuilt and checked against their recorded fingerprints (unless `check_frozen`
+    is False). Raises UserError for a directory that is not a bundle, or frozen models that differ.
     """
     from safetensors.numpy import load_file
 
     from slit.data.tokenizer import TextTokenizer
-    from slit.train import sharding, stage1
 
     directory = pathlib.Path(directory)
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
@@ -231,16 +456,56 @@ def load_bundle(directory: str | pathlib.Path, check_frozen: bool = True) -> tup
         raise UserError(f"{directory / 'config.json'} says format {info.get('format')!r}, not 'bundle'")
     config = ml_collections.ConfigDict(info["model"])
     tokenizer = TextTokenizer.from_directory(directory)
+    weights = load_file(str(directory / "model.safetensors"))
+    if config.get("trainer", "stage1") == "stage2":
+        return Bundle(
+            _load_stage2(directory, config, tokenizer, weights, info, check_frozen, llm_path), tokenizer, info
+        )
+    from slit.train import sharding, stage1
+
     # Built exactly as training builds it (jitted init), so a random frozen encoder comes out bit-identical.
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
     parts = stage1.create_model(
         stage1.model_config(config, tokenizer), 0, config.audio_encoder.init_seed, mesh, {}
     )
-    params = unflatten(load_file(str(directory / "model.safetensors")), jax.device_get(parts.params))
+    params = unflatten(weights, jax.device_get(parts.params))
     if check_frozen:
         identity = checkpoint.frozen_identity(parts.frozen, stage1.frozen_sources(config))
         checkpoint.check_frozen_identity(
             info["frozen_models"], identity, str(directory), allow_mismatch=False
         )
     model = nnx.merge(parts.graphdef, jax.device_put(params, jax.devices()[0]), parts.frozen)
-    return model, tokenizer, info
+    return Bundle(model, tokenizer, info)
+
+
+def _load_stage2(
+    directory: pathlib.Path,
+    config: ml_collections.ConfigDict,
+    tokenizer: Any,  # noqa: ANN401
+    weights: dict[str, np.ndarray],
+    info: dict,
+    check_frozen: bool,
+    llm_path: str | None,
+) -> Any:  # noqa: ANN401 (slit.train.stage2.TrainedRun)
+    from slit.models.llm import loading
+    from slit.train import stage2
+
+    if not (directory / LLM_TOKENIZER_DIR).is_dir():
+        raise UserError(f"{directory} is not a stage-two bundle: {LLM_TOKENIZER_DIR}/ is missing")
+    if llm_path is not None:
+        config.llm.path = str(llm_path)
+    if config.llm.kind == "hf" and not (pathlib.Path(config.llm.path) / "config.json").is_file():
+        source = info["frozen_models"].get("llm", {}).get("source", "the frozen LLM")
+        raise UserError(
+            f"{directory}: the frozen LLM ({source}) was read from llm.path={config.llm.path}, which holds "
+            "no checkpoint here; pass load_bundle(..., llm_path=DIR) the directory of the same checkpoint"
+        )
+    parts, answerer, identity = stage2.build_answerer(
+        config, tokenizer, loading.load_tokenizer(directory / LLM_TOKENIZER_DIR)
+    )
+    if check_frozen:
+        checkpoint.check_frozen_identity(
+            info["frozen_models"], identity, str(directory), allow_mismatch=False
+        )
+    params = jax.device_put(unflatten(weights, jax.device_get(parts.params)), parts.param_shardings)
+    return stage2.TrainedRun(config, params, answerer, int(info["step"]), stage2.audio_spec(config))

@@ -1,4 +1,5 @@
-"""`slit export --workdir DIR --format {safetensors,bundle,hf-blip2} --out OUT [--step N]`."""
+"""`slit export --workdir DIR --format {safetensors,bundle,hf-blip2} --out OUT [--step N]`, for a stage-one
+or stage-two run (slit/export.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ HELP = "write a run's trained weights for others: safetensors + model card, a bu
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", required=True, help="the run's directory (its checkpoints/)")
-    parser.add_argument("--format", required=True, choices=("safetensors", "bundle", "hf-blip2"))
+    # Checked by slit.export.export (one line naming the formats), not by argparse (usage + error).
+    parser.add_argument("--format", required=True, help="safetensors, bundle or hf-blip2")
     parser.add_argument("--out", required=True, help="a new (or empty) directory to write")
     parser.add_argument("--step", type=int, default=None, help="which checkpoint (default: the newest)")
 

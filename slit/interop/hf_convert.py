@@ -626,3 +626,107 @@ def export_qformer(
     )
     hf_config.to_json_file(str(directory / "config.json"))
     return directory
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stage two: the Q-Former and the projection of BLIP-2 / InstructBLIP for conditional generation.
+
+GENERATION_LAYOUTS = ("blip2-generation", "instructblip-generation")
+
+
+def blip2_generation_state_dict(
+    qformer: Params, projection: Params, config: QFormerConfig, *, instructblip: bool
+) -> dict[str, np.ndarray]:
+    """The trainable part of `Blip2ForConditionalGeneration` (or, with `instructblip`,
+    `InstructBlipForConditionalGeneration`) from slit's stage-two params, float32, PyTorch layouts:
+
+        query_tokens (1, Q, W)                             <- qformer.query_tokens (Q, W)
+        qformer.*  (Blip2QFormerModel without the text FFN; InstructBlipQFormerModel with it and its
+                    embeddings)                            <- qformer.* (see `qformer_hf_state_dict`)
+        vision_model.post_layernorm.{weight,bias} (E,)     <- qformer.encoder_norm (BLIP-2's ln_vision)
+        language_projection.weight (D, W), .bias (D,)      <- llm_projection.kernel (W, D), .bias (D,)
+
+    `qformer`, `projection`: slit's pure dicts (list indices as ints). BLIP-2's generation model runs the
+    queries alone, so its Q-Former has no text FFN or word embeddings (`use_qformer_text_input=False`).
+    """
+    tensors = {
+        f"qformer.{k}": v
+        for k, v in qformer_hf_state_dict(
+            qformer, config, instructblip=instructblip, with_text_ffn=instructblip
+        ).items()
+    }
+    tensors["query_tokens"] = np.asarray(qformer["query_tokens"], np.float32)[None]
+    tensors[f"{_ENCODER_NORM}.weight"] = np.asarray(qformer["encoder_norm"]["scale"], np.float32)
+    tensors[f"{_ENCODER_NORM}.bias"] = np.asarray(qformer["encoder_norm"]["bias"], np.float32)
+    tensors["language_projection.weight"] = np.ascontiguousarray(
+        np.asarray(projection["kernel"], np.float32).T
+    )
+    tensors["language_projection.bias"] = np.asarray(projection["bias"], np.float32)
+    return tensors
+
+
+def export_blip2_generation(
+    directory: str | pathlib.Path,
+    qformer: Params,
+    projection: Params,
+    config: QFormerConfig,
+    *,
+    layout: str,
+    text_config: Mapping[str, Any],
+    extra: Mapping[str, Any] | None = None,
+) -> pathlib.Path:
+    """Writes a stage-two Q-Former and its projection as a transformers checkpoint directory
+    (`model.safetensors` + `config.json`); see `blip2_generation_state_dict` for the tensors.
+
+    Args:
+      directory: created if needed.
+      qformer, projection: slit's params of the Q-Former and of the projection to the LLM width.
+      layout: `blip2-generation` (`Blip2ForConditionalGeneration`: the queries alone enter the Q-Former)
+        or `instructblip-generation` (`InstructBlipForConditionalGeneration`: the instruction's tokens join
+        the queries; `InstructBlipQFormerModel` keeps the embeddings and their LayerNorm inside).
+      text_config: the frozen LLM's transformers config (a dict with `model_type`).
+      extra: more entries for config.json (e.g. where the frozen models came from).
+
+    The config declares a 0-layer image tower of the audio encoder's width. Loading the directory with the
+    class above reports as missing only the image tower's patch / position embeddings (an audio model has
+    none) and the language model's weights (frozen, not written: load them from the LLM's own checkpoint).
+
+    Returns:
+      The directory.
+    """
+    import transformers
+    from safetensors.numpy import save_file
+
+    if layout not in GENERATION_LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; one of {GENERATION_LAYOUTS}")
+    instructblip = layout == "instructblip-generation"
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = blip2_generation_state_dict(qformer, projection, config, instructblip=instructblip)
+    kwargs = _qformer_hf_config_kwargs(config)
+    vision = dict(hidden_size=config.encoder_width, num_hidden_layers=0, layer_norm_eps=1e-5)
+    if instructblip:
+        hf_config = transformers.InstructBlipConfig(
+            vision_config=vision,
+            qformer_config=kwargs,
+            text_config=dict(text_config),
+            num_query_tokens=config.num_queries,
+        )
+        hf_config.architectures = ["InstructBlipForConditionalGeneration"]
+    else:
+        hf_config = transformers.Blip2Config(
+            vision_config=vision,
+            qformer_config=dict(kwargs, use_qformer_text_input=False),
+            text_config=dict(text_config),
+            num_query_tokens=config.num_queries,
+        )
+        hf_config.architectures = ["Blip2ForConditionalGeneration"]
+    for key, value in (extra or {}).items():
+        setattr(hf_config, key, value)
+    save_file(
+        {k: np.ascontiguousarray(v) for k, v in tensors.items()},
+        str(directory / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
+    hf_config.to_json_file(str(directory / "config.json"))
+    return directory

@@ -1113,3 +1113,31 @@ def audio_spec(config: ml_collections.ConfigDict) -> pipeline.AudioSpec:
     return pipeline.AudioSpec(
         config.data.sample_rate, int(round(config.data.max_seconds * config.data.sample_rate))
     )
+
+
+def build_answerer(
+    config: ml_collections.ConfigDict,
+    qformer_tok: TextTokenizer,
+    llm_tok: Any,  # noqa: ANN401
+) -> tuple[ModelParts, Answerer, dict]:
+    """The model of `config` on this process's first device, built as training builds it (frozen models
+    bit-identical), for weights read elsewhere (`slit.export.load_bundle`).
+
+    Returns (parts: trainable params freshly initialised, to be replaced by the caller's; frozen models
+    loaded), an Answerer over `parts.graphdef` and `parts.frozen`, and the frozen models' identity
+    (`checkpoint.frozen_identity`: source and fingerprint) to check against the recorded one.
+    """
+    llm, _, llm_source = load_llm(config.llm)
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+    parts = create_model(
+        model_config(config, qformer_tok),
+        llm,
+        config.seed,
+        config.audio_encoder.init_seed,
+        mesh,
+        {},
+        config.llm.get("match_embedding_scale", False),
+    )
+    identity = checkpoint.frozen_identity(parts.frozen, frozen_sources(config, llm_source))
+    encoders = make_encoders(config, qformer_tok, llm, llm_tok)
+    return parts, Answerer(parts.graphdef, parts.frozen, encoders, config, llm_tok), identity

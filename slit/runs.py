@@ -1,0 +1,116 @@
+"""Opening a trained run: `load_run(workdir)` reads what a workdir holds, for either stage.
+
+A run's workdir (written by `slit train`) holds `config.json`, `checkpoints/<step>/` (trainable state and
+metadata: the resolved config and the frozen models' identities), the Q-Former's `tokenizer.json`, and for
+stage two the frozen LLM's tokenizer in `llm_tokenizer/`. `load_run` reads one checkpoint's trainable
+weights onto the host (NumPy), whatever mesh it was saved from, and names the workdir's tokenizer files; it
+builds no model and imports no trainer, so anything above the trainers (export, eval, generate) can use it
+and rebuild what it needs.
+
+Every problem (no such directory, not a workdir, no checkpoint, no such step, a step that cannot be read,
+an unknown trainer) is a `UserError` that says what to give instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+import ml_collections
+
+from slit.errors import UserError
+from slit.train import checkpoint
+
+STAGES = ("stage1", "stage2")
+QFORMER_TOKENIZER = "tokenizer.json"
+LLM_TOKENIZER_DIR = "llm_tokenizer"  # as slit.train.stage2.LLM_TOKENIZER_DIR
+
+
+@dataclasses.dataclass
+class Run:
+    """One checkpoint of a workdir, read on the host."""
+
+    workdir: pathlib.Path
+    config: ml_collections.ConfigDict  # the resolved config recorded with this checkpoint
+    stage: str  # "stage1" or "stage2" (config.trainer)
+    step: int
+    params: dict  # trainable weights: nested dict of np.ndarray, as saved (list indices as str)
+    metadata: dict  # the checkpoint's metadata: config, slit version, frozen_models
+    qformer_tokenizer: pathlib.Path | None  # <workdir>/tokenizer.json, when there
+    llm_tokenizer: pathlib.Path | None  # <workdir>/llm_tokenizer/, when there (stage two)
+
+    @property
+    def frozen_models(self) -> dict[str, dict[str, str]]:
+        """{name: {"source": ..., "fingerprint": ...}} of the frozen models the weights were trained with."""
+        return self.metadata.get("frozen_models", {})
+
+
+def checkpoint_steps(workdir: str | pathlib.Path) -> list[int]:
+    """The steps of the checkpoints in `<workdir>/checkpoints` (sorted; empty when there are none).
+
+    Raises UserError when `workdir` is not a directory or not a `slit train` workdir."""
+    workdir = pathlib.Path(workdir)
+    if not workdir.exists():
+        raise UserError(f"--workdir {workdir}: no such directory; give the workdir of a `slit train` run")
+    if not workdir.is_dir():
+        raise UserError(
+            f"--workdir {workdir} is a file; give the workdir (a directory) of a `slit train` run"
+        )
+    directory = workdir / checkpoint.CHECKPOINTS
+    if not directory.is_dir():
+        if not (workdir / "config.json").is_file():
+            raise UserError(
+                f"--workdir {workdir} is not a slit run (no config.json, no {checkpoint.CHECKPOINTS}/ "
+                "directory); give the workdir of a `slit train` run"
+            )
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+def load_run(workdir: str | pathlib.Path, step: int | None = None) -> Run:
+    """Reads checkpoint `step` of `workdir` (default: the newest): config, stage, host params, metadata.
+
+    Raises UserError for a missing directory, a directory that is not a workdir, a workdir without a
+    checkpoint, a step it does not hold or cannot read, or a trainer slit does not know.
+    """
+    workdir = pathlib.Path(workdir).absolute()
+    steps = checkpoint_steps(workdir)
+    if not steps:
+        raise UserError(
+            f"--workdir {workdir} holds no checkpoint yet (nothing in {checkpoint.CHECKPOINTS}/); train it "
+            "first (`slit train --config CONFIG --workdir DIR`) or give another workdir"
+        )
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise UserError(
+            f"{workdir / checkpoint.CHECKPOINTS} has no step {step}; it has {steps} (leave out --step for "
+            "the newest)"
+        )
+    try:
+        with checkpoint.read_only_manager(workdir / checkpoint.CHECKPOINTS) as manager:
+            restored = checkpoint.read_on_host(manager, step, metadata=True)
+    except Exception as e:  # orbax's errors for a damaged or partial step directory vary
+        reason = (str(e).strip().splitlines() or [""])[0][:300]
+        others = [s for s in steps if s != step]
+        raise UserError(
+            f"{workdir / checkpoint.CHECKPOINTS / str(step)} cannot be read ({type(e).__name__}: {reason}); "
+            + (f"give --step one of {others}" if others else "train the run again")
+        ) from e
+    metadata = dict(restored["metadata"])
+    config = ml_collections.ConfigDict(metadata["config"])
+    stage = config.get("trainer", "stage1")
+    if stage not in STAGES:
+        raise UserError(f"{workdir}: trainer {stage!r} in its config; slit knows {', '.join(STAGES)}")
+    qformer_tokenizer = workdir / QFORMER_TOKENIZER
+    llm_tokenizer = workdir / LLM_TOKENIZER_DIR
+    return Run(
+        workdir=workdir,
+        config=config,
+        stage=stage,
+        step=int(step),
+        params=restored["state"]["params"],
+        metadata=metadata,
+        qformer_tokenizer=qformer_tokenizer if qformer_tokenizer.is_file() else None,
+        llm_tokenizer=llm_tokenizer if llm_tokenizer.is_dir() else None,
+    )
