@@ -238,12 +238,12 @@ def export_hf_blip2(run: runs.Run, out: pathlib.Path) -> None:
         )
     cfg = stage2.model_config(run.config, TextTokenizer.from_directory(run.workdir))
     params = int_keys(run.params)
-    layout = "instructblip-generation" if cfg.instruction_in_qformer else "blip2-generation"
+    layout = "instructblip-generation" if cfg.bridge.instruction_in_qformer else "blip2-generation"
     hf_convert.export_blip2_generation(
         out,
-        params["qformer"],
-        params["llm_projection"],
-        cfg.qformer,
+        params["bridge"]["qformer"],
+        params["bridge"]["projection"],
+        cfg.bridge.qformer,
         layout=layout,
         text_config=llm_text_config(run.config.llm),
         extra={
@@ -363,7 +363,7 @@ def stage2_model_card(run: runs.Run, info: dict) -> str:
 
     c = run.config
     q, a = c.qformer, c.audio_encoder
-    llm_width = int(np.shape(run.params["llm_projection"]["kernel"])[-1])
+    llm_width = int(np.shape(run.params["bridge"]["projection"]["kernel"])[-1])
     llm_source = info["frozen_models"].get("llm", {}).get("source", f"{c.llm.kind} {c.llm.path}")
     if q.get("instruction", True):
         bridge = (
@@ -402,7 +402,7 @@ def stage2_model_card(run: runs.Run, info: dict) -> str:
         "",
         "```python",
         "from safetensors.numpy import load_file",
-        'weights = load_file("model.safetensors")  # qformer.* and llm_projection.{kernel,bias}',
+        'weights = load_file("model.safetensors")  # bridge.qformer.* and bridge.projection.{kernel,bias}',
         "```",
         "",
         "`config.json` holds the hyperparameters (`model`) and the frozen models' identities;",

@@ -165,7 +165,10 @@ def test_safetensors_export_has_weights_config_tokenizers_and_a_stage_two_card(r
     saved = export.flatten(run.params)
     weights = load_file(str(out / "model.safetensors"))
     assert sorted(weights) == sorted(saved)
-    assert {k.split(".")[0] for k in weights} == {"qformer", "llm_projection"}  # no frozen weights
+    assert {".".join(k.split(".")[:2]) for k in weights} == {
+        "bridge.qformer",
+        "bridge.projection",
+    }  # no frozen
     for name, value in saved.items():
         np.testing.assert_array_equal(weights[name], value, err_msg=name)
     info = json.loads((out / "config.json").read_text())
@@ -177,7 +180,7 @@ def test_safetensors_export_has_weights_config_tokenizers_and_a_stage_two_card(r
     card = (out / "README.md").read_text()
     assert card.startswith("# slit stage-two") and "stage-one" not in card.splitlines()[0]
     assert run.frozen_models["llm"]["source"] in card and run.frozen_models["llm"]["fingerprint"] in card
-    llm_width = saved["llm_projection.kernel"].shape[1]
+    llm_width = saved["bridge.projection.kernel"].shape[1]
     assert f"to the frozen LLM's width {llm_width}" in card
     assert "instruction enters the Q-Former" in card and run.config.data.name in card
     reports = sorted((run_dir / "eval").glob("*.md"))
@@ -250,11 +253,11 @@ def test_hf_blip2_export_of_an_instruction_run_is_instructblip_and_matches(
     pad = trained.answerer.encoders.qformer.tokenizer.pad_id
     q = trained.config.qformer.num_queries
     want_queries = np.asarray(
-        slit_model.query_outputs(
+        slit_model.bridge.query_outputs(
             jnp.asarray(features), jnp.asarray(frame_mask), jnp.asarray(qformer_ids), None
         )
     )
-    want_soft = np.asarray(slit_model.llm_projection(jnp.asarray(want_queries)))
+    want_soft = np.asarray(slit_model.bridge.projection(jnp.asarray(want_queries)))
     with torch.no_grad():
         normed = model.vision_model.post_layernorm(torch.from_numpy(features))
         mask = np.concatenate(
@@ -301,7 +304,7 @@ def test_hf_blip2_export_of_a_queries_only_run_is_blip2_and_matches(run_dir, tra
 
     features, frame_mask, slit_model = slit_features(trained, test_clips)
     want_queries = np.asarray(
-        slit_model.query_outputs(jnp.asarray(features), jnp.asarray(frame_mask), None, None)
+        slit_model.bridge.query_outputs(jnp.asarray(features), jnp.asarray(frame_mask), None, None)
     )
     with torch.no_grad():
         hidden = model.qformer(
@@ -311,7 +314,7 @@ def test_hf_blip2_export_of_a_queries_only_run_is_blip2_and_matches(run_dir, tra
         ).last_hidden_state
         soft = model.language_projection(hidden)
     assert_close(hidden.numpy(), want_queries, "query outputs")
-    want_soft = np.asarray(slit_model.llm_projection(jnp.asarray(want_queries)))
+    want_soft = np.asarray(slit_model.bridge.projection(jnp.asarray(want_queries)))
     assert_close(soft.numpy(), want_soft, "soft prompt")
 
 

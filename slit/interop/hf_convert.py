@@ -644,7 +644,7 @@ def blip2_generation_state_dict(
         qformer.*  (Blip2QFormerModel without the text FFN; InstructBlipQFormerModel with it and its
                     embeddings)                            <- qformer.* (see `qformer_hf_state_dict`)
         vision_model.post_layernorm.{weight,bias} (E,)     <- qformer.encoder_norm (BLIP-2's ln_vision)
-        language_projection.weight (D, W), .bias (D,)      <- llm_projection.kernel (W, D), .bias (D,)
+        language_projection.weight (D, W), .bias (D,)      <- bridge projection.kernel (W, D), .bias (D,)
 
     `qformer`, `projection`: slit's pure dicts (list indices as ints). BLIP-2's generation model runs the
     queries alone, so its Q-Former has no text FFN or word embeddings (`use_qformer_text_input=False`).
