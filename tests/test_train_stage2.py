@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import json
 import pathlib
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -35,9 +36,9 @@ WEIGHTS = (0.2, 0.5, 0.3)  # caption, qa, classify
 # --------------------------------------------------------------------------------------------------
 
 
-def write_tiny_llama(directory: pathlib.Path, seed: int = 0) -> pathlib.Path:
+def write_tiny_llama(directory: pathlib.Path, seed: int = 0, words: Sequence[str] = ()) -> pathlib.Path:
     """config.json + model.safetensors (2 layers, width 32, grouped-query attention, untied output
-    layer) + a word-level tokenizer over the synthetic captions, questions and answers."""
+    layer) + a word-level tokenizer over the synthetic captions, questions and answers (and `words`)."""
     import tokenizers
     import transformers
     from safetensors.numpy import save_file
@@ -47,7 +48,7 @@ def write_tiny_llama(directory: pathlib.Path, seed: int = 0) -> pathlib.Path:
 
     directory.mkdir(parents=True, exist_ok=True)
     specials = ["<unk>", "<s>", "</s>"]
-    words = sorted(set(TOKENIZER_VOCABULARY) | {"Answer", ":", "?", ".", ","})
+    words = sorted(set(TOKENIZER_VOCABULARY) | {"Answer", ":", "?", ".", ","} | set(words))
     vocab = {t: i for i, t in enumerate(specials + words)}
     backend = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
