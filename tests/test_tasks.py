@@ -434,6 +434,7 @@ def test_user_manifest_trains_and_notes_come_before_step_one(user_run):
     # classify has weight 0.1 in the test overrides, but the data has no labels: a note, not an error.
     assert "note: task classify (weight 0.1) is left out for workshop_clips: the train split" in stderr
     assert stderr.index(note) < stderr.index("/4 [")  # before the progress bar's first step
+    assert "unknown to the Q-Former" not in stderr
     rows = [json.loads(line) for line in (user_run["workdir"] / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [2, 4]
     assert not any(k.startswith("validation/") for r in rows for k in r)
@@ -545,3 +546,19 @@ def test_train_reports_a_task_it_cannot_make_before_step_one(tiny_data_dir):
 def config_with_weights(config: ml_collections.ConfigDict, weights: dict) -> ml_collections.ConfigDict:
     config_lib.apply_overrides(config, [(f"tasks.weights.{k}", str(v)) for k, v in weights.items()])
     return config
+
+
+def test_a_tokenizer_that_does_not_know_the_words_is_noted():
+    from slit.data.synthetic import TOKENIZER_VOCABULARY
+    from slit.data.tokenizer import TextTokenizer, word_level_tokenizer
+    from slit.interop.pretrained import minilm_directory
+
+    source = [example(i, captions=[r["captions"][0]]) for i, r in enumerate(user_rows())]
+    splits = [(tasks_lib.DatasetSpec("d"), source, tasks_lib.split_contents(source))]
+    synthetic_words = TextTokenizer(word_level_tokenizer(TOKENIZER_VOCABULARY))
+    words = [w for r in user_rows() for w in r["captions"][0].split()]
+    unknown = sum(w not in set(TOKENIZER_VOCABULARY) for w in words) / len(words)
+    assert unknown > 0.1
+    note = tasks_lib.unknown_token_note(synthetic_words, splits)
+    assert note is not None and note.startswith(f"{100 * unknown:.0f}% of the training texts' tokens")
+    assert tasks_lib.unknown_token_note(TextTokenizer.from_directory(minilm_directory()), splits) is None

@@ -24,6 +24,8 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
 from slit.data import pipeline
 
 TASK_KINDS = ("caption", "qa", "classify")
@@ -432,3 +434,39 @@ def config_problems(config: Any) -> list[str]:  # noqa: ANN401 (a stage-two Conf
                 f"{', '.join(unknown) or wanted})"
             )
     return problems
+
+
+def unknown_token_note(
+    tokenizer: Any,  # noqa: ANN401 (slit.data.tokenizer.TextTokenizer)
+    splits: Sequence[tuple[DatasetSpec, Sequence[Mapping[str, Any]], SplitContents]],
+    max_clips: int = 200,
+    threshold: float = 0.1,
+) -> str | None:
+    """A note when more than `threshold` of the words of the training texts (captions, questions,
+    answers, labels of up to `max_clips` clips per dataset) are unknown to the Q-Former's tokenizer:
+    its [UNK] tokens carry nothing of the instruction. None otherwise."""
+    from slit.data.tokenizer import UNK
+
+    unk = tokenizer.tokenizer.token_to_id(UNK)
+    if unk is None:
+        return None
+    words = unknown = 0
+    for _, source, _ in splits:
+        for i in range(min(len(source), max_clips)):
+            example = source[i]
+            texts = [
+                t for key in ("captions", "questions", "answers", "labels") for t in _texts(example, key)
+            ]
+            if not texts:
+                continue
+            ids = tokenizer.encode(texts, 64)
+            special = np.isin(ids, [tokenizer.pad_id, tokenizer.cls_id, tokenizer.sep_id])
+            words += int((~special).sum())
+            unknown += int((ids == unk).sum())
+    if words and unknown / words > threshold:
+        return (
+            f"{100 * unknown / words:.0f}% of the training texts' tokens are unknown to the Q-Former's "
+            "tokenizer ([UNK]); use one that knows the data's words (tokenizer.kind=directory, e.g. the "
+            "packaged MiniLM WordPiece)"
+        )
+    return None

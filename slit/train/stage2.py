@@ -4,8 +4,9 @@ Read top to bottom: tokenizers and the frozen LLM; the multi-task data (captioni
 classification, mixed with configurable weights); the model (Q-Former from a stage-one run via
 `init_from`, a fresh projection); one jitted train step with explicit shardings and donated state; the
 shared step loop (slit/train/loop.py); finally captioning (CIDEr-D and the other caption metrics) and
-question answering (accuracy, with the majority-answer baselines next to it) on held-out test clips,
-written as eval reports (`<workdir>/eval/{captioning,aqa}-<data>-test.{json,md,png}`).
+question answering (accuracy, with the majority-answer baselines next to it) and zero-shot
+classification, each where the held-out test clips hold its field (the others are named as skipped),
+written as eval reports (`<workdir>/eval/{captioning,aqa,classification}-<data>-test.{json,md,png}`).
 
     slit train --config configs/stage2_synthetic.py --workdir runs/stage2 \\
         --config.init_from=runs/stage1_synthetic
@@ -963,6 +964,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     training_data = open_training_data(config)
     mixture = make_tasks(config, training_data)
     eval_sets, validation_sets, data_notes = evaluation_sets(config, training_data)
+    unknown_words = tasks_lib.unknown_token_note(qformer_tok, training_data)
+    data_notes += [unknown_words] if unknown_words else []
     if is_main:
         print(describe_data(training_data, mixture, data_notes), file=sys.stderr)
     d = config.data
@@ -1080,8 +1083,8 @@ def evaluation_sets(
                 sources.open_split(spec.name, spec.data_dir, spec.validation_split)
             except (FileNotFoundError, UserError):
                 notes.append(
-                    f"{spec.name} has no {spec.validation_split!r} split, so it is not evaluated every "
-                    f"{config.eval_every_steps} steps; name one with "
+                    f"{spec.name} has no {spec.validation_split!r} split, so it is not evaluated during "
+                    f"training (eval_every_steps={config.eval_every_steps}); name one with "
                     + ("data.validation_split" if len(tests) == 1 else "the mixture entry's validation_split")
                 )
                 continue
