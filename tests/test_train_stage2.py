@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import json
 import pathlib
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -35,9 +36,9 @@ WEIGHTS = (0.2, 0.5, 0.3)  # caption, qa, classify
 # --------------------------------------------------------------------------------------------------
 
 
-def write_tiny_llama(directory: pathlib.Path, seed: int = 0) -> pathlib.Path:
+def write_tiny_llama(directory: pathlib.Path, seed: int = 0, words: Sequence[str] = ()) -> pathlib.Path:
     """config.json + model.safetensors (2 layers, width 32, grouped-query attention, untied output
-    layer) + a word-level tokenizer over the synthetic captions, questions and answers."""
+    layer) + a word-level tokenizer over the synthetic captions, questions and answers (and `words`)."""
     import tokenizers
     import transformers
     from safetensors.numpy import save_file
@@ -47,7 +48,7 @@ def write_tiny_llama(directory: pathlib.Path, seed: int = 0) -> pathlib.Path:
 
     directory.mkdir(parents=True, exist_ok=True)
     specials = ["<unk>", "<s>", "</s>"]
-    words = sorted(set(TOKENIZER_VOCABULARY) | {"Answer", ":", "?", ".", ","})
+    words = sorted(set(TOKENIZER_VOCABULARY) | {"Answer", ":", "?", ".", ","} | set(words))
     vocab = {t: i for i, t in enumerate(specials + words)}
     backend = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -113,10 +114,16 @@ def stage2_overrides(data_dir: str, llm_dir: pathlib.Path, **extra: object) -> d
         "eval.batch_size": 8,
         "eval.max_new_tokens": 6,
         "eval.caption_metrics": ("BLEU", "ROUGE-L", "CIDEr-D"),
-        "tasks.weights": (0.3, 0.6, 0.1),  # every task trains, whatever the demo config's mixture
+        # every task trains, whatever the demo config's mixture
+        **weight_overrides((0.3, 0.6, 0.1)),
     }
     overrides.update(extra)
     return overrides
+
+
+def weight_overrides(weights: tuple[float, float, float]) -> dict[str, float]:
+    """`tasks.weights` overrides by name, from (caption, qa, classify)."""
+    return {f"tasks.weights.{k}": w for k, w in zip(("caption", "qa", "classify"), weights, strict=True)}
 
 
 def stage2_config(data_dir: str, llm_dir: pathlib.Path, **extra: object) -> ml_collections.ConfigDict:
@@ -342,7 +349,7 @@ def test_instruction_tokens_reach_the_qformer_only_when_configured(built):
 def test_task_mixture_follows_the_configured_weights(tiny_data_dir, llm_dir, built):
     from slit.data import sources, synthetic
 
-    config = stage2_config(tiny_data_dir, llm_dir, **{"tasks.weights": WEIGHTS, "batch_size": 16})
+    config = stage2_config(tiny_data_dir, llm_dir, **weight_overrides(WEIGHTS), batch_size=16)
     source = sources.open_split(config.data.name, config.data.data_dir, "train")
     it = iter(stage2.train_dataset(config, built.encoders, source))
     batches = [next(it) for _ in range(25)]  # 400 examples
@@ -364,7 +371,7 @@ def test_task_mixture_follows_the_configured_weights(tiny_data_dir, llm_dir, bui
 def test_a_task_with_weight_zero_is_left_out(tiny_data_dir, llm_dir, built):
     from slit.data import sources
 
-    config = stage2_config(tiny_data_dir, llm_dir, **{"tasks.weights": (0.0, 1.0, 0.0)})
+    config = stage2_config(tiny_data_dir, llm_dir, **weight_overrides((0.0, 1.0, 0.0)))
     source = sources.open_split(config.data.name, config.data.data_dir, "train")
     batch = next(iter(stage2.train_dataset(config, built.encoders, source)))
     answers = [built.llm_tok.decode(t[t >= 0], skip_special_tokens=True).split() for t in batch["target_ids"]]
@@ -377,7 +384,7 @@ def test_validate_names_every_bad_value(tiny_data_dir, llm_dir, tmp_path):
         llm_dir,
         **{
             "llm.path": str(tmp_path / "no_llm"),
-            "tasks.weights": (1.0, 0.0),
+            "tasks.weights.qa": -1.0,
             "llm.remat_policy": "sometimes",
             "init_from": str(tmp_path / "no_run"),
             "eval.caption_metrics": ("CIDEr",),
@@ -386,7 +393,14 @@ def test_validate_names_every_bad_value(tiny_data_dir, llm_dir, tmp_path):
     with pytest.raises(config_lib.ConfigError) as error:
         stage2.validate(config, num_devices=1)
     message = str(error.value)
-    for needle in ("no_llm", "tasks.weights=(1.0, 0.0)", "remat_policy='sometimes'", "no_run", "CIDEr"):
+    for needle in (
+        "no_llm",
+        "tasks.weights={",
+        "weight of qa",
+        "remat_policy='sometimes'",
+        "no_run",
+        "CIDEr",
+    ):
         assert needle in message, (needle, message)
 
 

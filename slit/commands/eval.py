@@ -1,9 +1,11 @@
-"""`slit eval --workdir DIR --task T --data NAME [--split test]`: evaluates a run's checkpoint.
+"""`slit eval --workdir DIR [--task T] --data NAME [--split test]`: evaluates a run's checkpoint.
 
 Stage-one runs: `retrieval` (R@1/5/10 and mAP@10 both ways, by contrastive similarity and after BLIP-2's
 re-ranking of the top k by the matching head) and `classification` (zero-shot by contrastive similarity
 against one prompt per label). Stage-two runs: `captioning` and `aqa` by generation (resumable after
-preemption), and `classification` zero-shot by the LLM's summed token loss of each class name.
+preemption), and `classification` zero-shot by the LLM's summed token loss of each class name; `all`
+(the default for them) runs each of those the split can answer (captions, questions, labels) and names
+the ones it skips, with why.
 Each writes <workdir>/eval/<task>-<data>-<split>.{json,md,png}.
 """
 
@@ -15,12 +17,17 @@ from collections.abc import Sequence
 HELP = "evaluate a run's checkpoint on a dataset split; writes <workdir>/eval/<task>-<data>-<split>.*"
 STAGE1_TASKS = ("retrieval", "classification")
 STAGE2_TASKS = ("captioning", "aqa", "classification")  # classification: by the LLM's token loss
-TASKS = ("retrieval", "captioning", "classification", "aqa")
+TASKS = ("retrieval", "captioning", "classification", "aqa", "all")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", required=True, help="the run's directory")
-    parser.add_argument("--task", required=True, choices=TASKS)
+    parser.add_argument(
+        "--task",
+        default=None,
+        choices=TASKS,
+        help="stage two: default all (every evaluation the split can answer); stage one: required",
+    )
     parser.add_argument("--data", required=True, help="a built TFDS dataset name, e.g. slit_synthetic_sounds")
     parser.add_argument("--data-dir", default=None, help="TFDS data directory (default: the run's)")
     parser.add_argument("--split", default="test")
@@ -56,6 +63,25 @@ def run(args: argparse.Namespace, extra: Sequence[str]) -> int:
     from slit.errors import UserError
 
     trainer = _trainer(args.workdir)
+    if trainer == "stage2" and args.task in (None, "all"):
+        from slit.eval import generative, reports
+
+        results, skipped = generative.evaluate_stage2_tasks(
+            args.workdir, args.data, args.split, args.data_dir, args.step, args.max_clips
+        )
+        for task, (metrics, paths) in results.items():
+            print(reports.markdown(task, args.data, args.split, metrics))
+            for kind, path in paths.items():
+                print(f"{kind}: {path}")
+        for task, why in skipped.items():
+            print(f"skipped {task}: {why}")
+        if not results:
+            raise UserError(
+                f"{args.data} ({args.split}): nothing to evaluate ({'; '.join(skipped.values())})"
+            )
+        return 0
+    if args.task is None:
+        raise UserError(f"--task is required for a {trainer} run: {' or '.join(STAGE1_TASKS)}")
     if trainer == "stage2":
         if args.task not in STAGE2_TASKS:
             raise UserError(f"--task {args.task} evaluates stage-one runs; {args.workdir} is a stage-two run")
@@ -76,7 +102,10 @@ def run(args: argparse.Namespace, extra: Sequence[str]) -> int:
             print(f"{kind}: {path}")
         return 0
     if args.task not in STAGE1_TASKS:
-        raise UserError(f"--task {args.task} evaluates stage-two runs; {args.workdir} is a {trainer} run")
+        raise UserError(
+            f"--task {args.task} evaluates stage-two runs; {args.workdir} is a {trainer} run (use "
+            f"{' or '.join(STAGE1_TASKS)})"
+        )
     from slit.eval import classification, reports, retrieval
     from slit.train import stage1
 

@@ -5,12 +5,14 @@ A line is a JSON object:
     {"audio": "clips/dog.wav", "captions": ["a dog barks twice", "barking"], "split": "train"}
     {"audio": "/data/rec7.flac", "question": "is it raining?", "answer": "yes", "id": "rec7"}
     {"audio": "long.mp3", "start": 12.5, "end": 22.5, "labels": ["speech", "music"]}
+    {"audio": "rain.wav", "captions": ["rain"], "qa": [{"question": "is it raining?", "answer": "yes"}]}
 
 - `audio` (required): a path relative to the manifest's directory, or absolute. Any format
   libsndfile reads (wav, flac, ogg, mp3, ...).
 - Text, at least one of: `caption` (string), `captions` (list of strings), `question` + `answer`
-  (strings; or `questions` + `answers`, lists of equal length), `label` / `labels` (string or number,
-  or a list of them).
+  (strings; or `questions` + `answers`, lists of equal length), `qa` (a list of
+  `{"question": "...", "answer": "..."}` objects, added after any `question(s)`), `label` / `labels`
+  (string or number, or a list of them).
 - `id` (optional, string or number): unique in the manifest. Default: the `audio` value as written,
   plus `@start-end` when a segment is given.
 - `split` (optional): letters, digits and `_`; default "train".
@@ -36,7 +38,7 @@ from typing import Any
 from slit.data.report import BuildReport
 
 SPLIT_PATTERN = re.compile(r"^[A-Za-z0-9_]+$")
-TEXT_KEYS = ("caption", "captions", "question", "answer", "questions", "answers", "label", "labels")
+TEXT_KEYS = ("caption", "captions", "question", "answer", "questions", "answers", "qa", "label", "labels")
 KNOWN_KEYS = ("audio", "id", "split", "start", "end", *TEXT_KEYS)
 
 
@@ -101,6 +103,33 @@ def _strings(value: Any, key: str, allow_numbers: bool = False) -> list[str]:  #
     return out
 
 
+def _qa_pairs(value: Any) -> tuple[list[str], list[str]]:  # noqa: ANN401
+    """`qa`: a list of {"question": str, "answer": str} objects -> (questions, answers)."""
+    example = '[{"question": "...", "answer": "..."}]'
+    if not isinstance(value, list):
+        raise FieldError(f"`qa` must be a list like {example}, got {json.dumps(value)[:60]}")
+    questions, answers = [], []
+    for n, item in enumerate(value):
+        if not isinstance(item, dict):
+            raise FieldError(
+                f"`qa` item {n} must be an object like {example[1:-1]}, got {json.dumps(item)[:60]}"
+            )
+        unknown = sorted(set(item) - {"question", "answer"})
+        missing = [k for k in ("question", "answer") if k not in item]
+        if unknown or missing:
+            what = "; ".join(
+                ([f"missing {', '.join(missing)}"] if missing else [])
+                + ([f"unknown key(s) {', '.join(unknown)}"] if unknown else [])
+            )
+            raise FieldError(f"`qa` item {n}: {what} (each item has exactly `question` and `answer`)")
+        for key in ("question", "answer"):
+            if not isinstance(item[key], str):
+                raise FieldError(f"`qa` item {n}: `{key}` must be a string, got {json.dumps(item[key])[:60]}")
+        questions.append(item["question"])
+        answers.append(item["answer"])
+    return questions, answers
+
+
 def _seconds(value: Any, key: str) -> float | None:  # noqa: ANN401
     if value is None:
         return None
@@ -121,12 +150,17 @@ def parse_line(obj: Any, base_dir: pathlib.Path) -> tuple[Record, int]:  # noqa:
     if not isinstance(audio, str) or not audio.strip():
         raise FieldError("`audio` (the audio file's path) is missing or not a non-empty string")
     if not any(k in obj for k in TEXT_KEYS):
-        raise FieldError(f"no text: give at least one of {', '.join(TEXT_KEYS[:3])}, label(s)")
+        raise FieldError("no text: give at least one of caption(s), question(s) + answer(s), qa, label(s)")
     captions = _strings(obj.get("caption", []), "caption") + _strings(obj.get("captions", []), "captions")
     questions = _strings(obj.get("question", []), "question") + _strings(
         obj.get("questions", []), "questions"
     )
     answers = _strings(obj.get("answer", []), "answer") + _strings(obj.get("answers", []), "answers")
+    if len(questions) != len(answers):
+        raise FieldError(f"{len(questions)} question(s) but {len(answers)} answer(s): give one answer each")
+    if "qa" in obj:
+        qa_questions, qa_answers = _qa_pairs(obj["qa"])
+        questions, answers = questions + qa_questions, answers + qa_answers
     labels = _strings(obj.get("label", []), "label", True) + _strings(obj.get("labels", []), "labels", True)
     if len(questions) != len(answers):
         raise FieldError(f"{len(questions)} question(s) but {len(answers)} answer(s): give one answer each")

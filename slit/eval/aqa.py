@@ -111,3 +111,58 @@ def aqa_accuracy(
         "by_type": by_type,
         "correct": correct,
     }
+
+
+def _texts(example: Mapping, key: str) -> list[str]:
+    values = example.get(key)
+    if values is None:
+        return []
+    if isinstance(values, bytes | str):
+        values = [values]
+    return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values]
+
+
+def answer_kind(answer: str) -> str:
+    """ "yes/no" when the answer normalises to yes or no, else "open" (for questions without a type)."""
+    return YES_NO if normalize_answer(answer) in ("yes", "no") else OPEN
+
+
+def majority_baseline(
+    train: Sequence[Mapping], references: Mapping[str, str], types: Mapping[str, str] | None
+) -> dict | None:
+    """Accuracy of always giving the most common training answer of each question type (overall and
+    per type, "by_type"), and of one answer for all questions, on the evaluated questions.
+
+    `train`: the training split's examples (questions, answers, maybe question_types); `references`:
+    {id: answer} of the evaluated questions; `types`: {id: type}, or None when the data has no types:
+    then a question's type is yes/no or open (`answer_kind`), for training and evaluated questions
+    alike. None when the training split holds no answers."""
+    import collections
+
+    by_type: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    overall: collections.Counter = collections.Counter()
+    for i in range(len(train)):
+        ex = train[i]
+        answers = _texts(ex, "answers")
+        qtypes = _texts(ex, "question_types") if types else []
+        for n, answer in enumerate(answers):
+            qtype = qtypes[n] if n < len(qtypes) else answer_kind(answer)
+            by_type[qtype][normalize_answer(answer)] += 1
+            overall[normalize_answer(answer)] += 1
+    if not overall or not references:
+        return None
+    type_of = {k: (types[k] if types else answer_kind(references[k])) for k in references}
+    top = {t: c.most_common(1)[0][0] for t, c in by_type.items()}
+    one = overall.most_common(1)[0][0]
+    per_type = {k: top.get(type_of[k]) == normalize_answer(references[k]) for k in references}
+    single = [one == normalize_answer(references[k]) for k in references]
+    hits_by_type: dict[str, list[bool]] = collections.defaultdict(list)
+    for k, hit in per_type.items():
+        hits_by_type[type_of[k]].append(hit)
+    return {
+        "per_question_type_accuracy": sum(per_type.values()) / len(per_type),
+        "by_type": {t: sum(h) / len(h) for t, h in sorted(hits_by_type.items())},
+        "single_answer_accuracy": sum(single) / len(single),
+        "single_answer": one,
+        "answers_per_type": top,
+    }

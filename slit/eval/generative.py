@@ -4,10 +4,14 @@ built dataset and split, resumable after preemption.
 Batches are the split's clips in order (`pipeline.eval_audio_batches`, the run's `eval.batch_size`);
 each batch's generations are saved (slit.eval.progress) as soon as they exist, so that a re-run after
 preemption generates only what is missing. The instruction is the first of the task's templates the
-run was trained with (slit.data.synthetic.TASK_INSTRUCTIONS) unless one is given.
+run was trained with (its `tasks.templates`, slit.data.tasks.DEFAULT_TEMPLATES for older runs) unless
+one is given. `evaluate_stage2_tasks` runs every evaluation the split can answer (captioning when clips
+have captions, aqa when they have questions, classification when they have labels) and names the
+others as skipped, with why.
 
-- captioning: one caption per clip, scored against the clip's captions with the run's
-  `eval.caption_metrics` (pycocoevalcap-equal; see slit.eval.captioning).
+- captioning: one caption per clip that has captions (clips without are left out and counted),
+  scored against the clip's captions with the run's `eval.caption_metrics` (pycocoevalcap-equal; see
+  slit.eval.captioning).
 - aqa: every question of every clip (question k of the clips that have one, batch by batch), accuracy
   with answer normalisation, by question type when the data has types, else yes/no and open.
 - classification: zero-shot by the LLM (InstructBLIP / Pengi closed-set ranking): given the audio and
@@ -27,6 +31,7 @@ import jax
 import numpy as np
 
 from slit.data import pipeline, sources
+from slit.data import tasks as tasks_lib
 from slit.errors import UserError
 from slit.eval.progress import BatchProgress, progress_key
 
@@ -93,29 +98,85 @@ def evaluate_stage2_run(
 ) -> tuple[dict, dict]:
     """Evaluates a stage-two run's checkpoint on a split by generation; writes the report.
 
-    Returns (metrics, paths of the written files). Raises Preempted (exit 75) when stopped; the same
-    command then resumes."""
-    from slit.data.synthetic import TASK_INSTRUCTIONS
+    Returns (metrics, paths of the written files). Raises UserError when the split holds nothing for the
+    task (no captions, questions or labels), Preempted (exit 75) when stopped; the same command then
+    resumes."""
+    if task not in GENERATIVE_TASKS:
+        raise UserError(f"--task {task}: stage-two runs are evaluated on {', '.join(GENERATIVE_TASKS)}")
+    run, source, contents, data_dir = _open(workdir, step, data_name, data_dir, split, max_clips)
+    _, skipped = tasks_lib.eval_plan(contents, (task,))
+    if task in skipped:
+        raise UserError(f"--task {task}: {skipped[task]}; `--task all` runs what the split can answer")
+    return _evaluate(run, workdir, task, source, contents, data_name, split, data_dir, instruction)
+
+
+def evaluate_stage2_tasks(
+    workdir: str | pathlib.Path,
+    data_name: str,
+    split: str = "test",
+    data_dir: str | None = None,
+    step: int | None = None,
+    max_clips: int = 0,
+) -> tuple[dict[str, tuple[dict, dict]], dict[str, str]]:
+    """Every evaluation of GENERATIVE_TASKS the split can answer, on one loaded checkpoint: returns
+    ({task: (metrics, paths)}, {skipped task: why}) (e.g. {"aqa": "the test split of X has no questions
+    with answers"})."""
+    run, source, contents, data_dir = _open(workdir, step, data_name, data_dir, split, max_clips)
+    tasks, skipped = tasks_lib.eval_plan(contents, GENERATIVE_TASKS)
+    results = {
+        task: _evaluate(run, workdir, task, source, contents, data_name, split, data_dir, None)
+        for task in tasks
+    }
+    return results, skipped
+
+
+def _open(
+    workdir: str | pathlib.Path,
+    step: int | None,
+    data_name: str,
+    data_dir: str | None,
+    split: str,
+    max_clips: int,
+) -> tuple[Any, Sequence[dict], tasks_lib.SplitContents, str]:  # noqa: ANN401
+    """(the loaded run, the split's first max_clips clips (0: all), what they hold, the data_dir)."""
+    from slit.train import stage2
+
+    run = stage2.load_trained(workdir, step)
+    data_dir = run.config.data.data_dir if data_dir is None else data_dir
+    source = sources.open_split(data_name, data_dir, split)
+    if max_clips:
+        source = [source[i] for i in range(min(max_clips, len(source)))]
+    contents = tasks_lib.split_contents(source, f"the {split} split of {data_name}")
+    return run, source, contents, data_dir
+
+
+def _evaluate(
+    run: Any,  # noqa: ANN401 (slit.train.stage2.TrainedRun)
+    workdir: str | pathlib.Path,
+    task: str,
+    source: Sequence[dict],
+    contents: tasks_lib.SplitContents,
+    data_name: str,
+    split: str,
+    data_dir: str,
+    instruction: str | None,
+) -> tuple[dict, dict]:
     from slit.eval import aqa, captioning, reports
     from slit.train import stage2
     from slit.train.preemption import Preempted, PreemptionWatcher
 
-    if task not in GENERATIVE_TASKS:
-        raise UserError(f"--task {task}: stage-two runs are evaluated on {', '.join(GENERATIVE_TASKS)}")
-    run = stage2.load_trained(workdir, step)
     config = run.config
-    data_dir = config.data.data_dir if data_dir is None else data_dir
-    source = sources.open_split(data_name, data_dir, split)
-    if max_clips:
-        source = [source[i] for i in range(min(max_clips, len(source)))]
+    templates = tasks_lib.templates(config.get("tasks", {}).get("templates"))
     if task == "classification":
-        metrics = _classify_by_llm_loss(run, source, instruction or TASK_INSTRUCTIONS["classify"][0])
+        labelled = tasks_lib.view(source, contents, "classify")
+        metrics = classify_by_llm_loss(run, labelled, instruction or templates["classify"][0])
+        metrics["clips_without_labels"] = len(source) - len(labelled)
         paths = {}
         if jax.process_index() == 0:
             paths = reports.write_report(workdir, task, data_name, split, metrics, config, step=run.step)
         return metrics, paths
     gen = stage2.generation_config(config)
-    template = instruction or TASK_INSTRUCTIONS["caption" if task == "captioning" else "qa"][0]
+    template = instruction or templates["caption" if task == "captioning" else "qa"][0]
     if task == "aqa" and "{question}" not in template:
         raise UserError(f"--instruction {template!r}: a question-answering instruction needs {{question}}")
     key = progress_key(
@@ -128,21 +189,14 @@ def evaluate_stage2_run(
         gen=repr(gen),
     )
     progress = BatchProgress(workdir, key, write=jax.process_index() == 0)
-
+    left_out = 0
     if task == "captioning":
-        missing = [
-            _text(source[i].get("id", i)) for i in range(len(source)) if not _texts(source[i], "captions")
-        ]
-        if missing:
-            raise UserError(
-                f"{data_name} ({split}): {len(missing)} clips have no caption, e.g. {missing[:3]}"
-            )
+        captioned = tasks_lib.view(source, contents, "caption")
+        left_out, source = len(source) - len(captioned), captioned
 
         def instructions_for(examples: list[dict]) -> list[list[str]]:
             return [[template] * len(examples)]
     else:
-        if not any(_texts(source[i], "questions") for i in range(len(source))):
-            raise UserError(f"{data_name} ({split}) has no questions to answer")
 
         def instructions_for(examples: list[dict]) -> list[list[str]]:
             per_clip = [_texts(ex, "questions") for ex in examples]
@@ -176,6 +230,7 @@ def evaluate_stage2_run(
             k: {"predicted": predictions[k], "references": references[k]} for k in ids[:10]
         }
         metrics["predictions"] = predictions
+        metrics["clips_without_captions"] = left_out
     else:
         predictions, references, types, questions = {}, {}, {}, {}
         for i, (k, answers) in enumerate(zip(ids, generated, strict=True)):
@@ -188,6 +243,7 @@ def evaluate_stage2_run(
                 predictions[item], references[item], questions[item] = answers[n], reference, question
                 if qtypes:
                     types[item] = qtypes[n]
+        types = types if len(types) == len(references) else {}
         metrics = aqa.aqa_accuracy(predictions, references, types or None)
         baseline = _majority_baseline(data_name, data_dir, split, references, types)
         if baseline is not None:
@@ -208,19 +264,18 @@ def evaluate_stage2_run(
 def _majority_baseline(
     data_name: str, data_dir: str, split: str, references: dict, types: dict
 ) -> dict | None:
-    """The per-question-type majority baseline from the dataset's train split (None when the split
-    being evaluated is the train split, there is none, or questions carry no types)."""
-    from slit.train import stage2
+    """The majority baseline from the dataset's train split, per question type (yes/no and open when
+    questions carry no types). None when the split being evaluated is the train split, or there is no
+    train split or no answer in it."""
+    from slit.eval import aqa
 
-    if split == "train" or not types or len(types) != len(references):
+    if split == "train":
         return None
     try:
         train = sources.open_split(data_name, data_dir, "train")
     except (UserError, ValueError, OSError):
         return None
-    if not any(_texts(train[i], "question_types") for i in range(min(len(train), 16))):
-        return None
-    return stage2.majority_baseline(train, references, types)
+    return aqa.majority_baseline(train, references, types or None)
 
 
 def class_names_and_labels(source: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
@@ -270,7 +325,7 @@ def llm_class_losses(
     return np.concatenate(out)
 
 
-def _classify_by_llm_loss(run: Any, source: Sequence[dict], template: str) -> dict:  # noqa: ANN401
+def classify_by_llm_loss(run: Any, source: Sequence[dict], template: str) -> dict:  # noqa: ANN401
     """Zero-shot classification by the LLM's loss; see the module docstring."""
     from slit.eval import classification
 

@@ -4,8 +4,9 @@ Read top to bottom: tokenizers and the frozen LLM; the multi-task data (captioni
 classification, mixed with configurable weights); the model (Q-Former from a stage-one run via
 `init_from`, a fresh projection); one jitted train step with explicit shardings and donated state; the
 shared step loop (slit/train/loop.py); finally captioning (CIDEr-D and the other caption metrics) and
-question answering (accuracy, with the majority-answer baselines next to it) on held-out test clips,
-written as eval reports (`<workdir>/eval/{captioning,aqa}-<data>-test.{json,md,png}`).
+question answering (accuracy, with the majority-answer baselines next to it) and zero-shot
+classification, each where the held-out test clips hold its field (the others are named as skipped),
+written as eval reports (`<workdir>/eval/{captioning,aqa,classification}-<data>-test.{json,md,png}`).
 
     slit train --config configs/stage2_synthetic.py --workdir runs/stage2 \\
         --config.init_from=runs/stage1_synthetic
@@ -15,7 +16,6 @@ written as eval reports (`<workdir>/eval/{captioning,aqa}-<data>-test.{json,md,p
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
 import json
@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from slit import config as config_lib
 from slit.data import pipeline, sources
+from slit.data import tasks as tasks_lib
 from slit.data.tokenizer import TextTokenizer, word_level_tokenizer
 from slit.errors import UserError
 from slit.models.bridges import BRIDGES
@@ -54,7 +55,7 @@ from slit.train.optimizer import apply_gradients, make_optimizer
 from slit.train.preemption import Preempted, PreemptionWatcher
 
 BATCH_KEYS = ("audio", "num_samples", "qformer_ids", "instruction_ids", "answer_ids")
-TASK_NAMES = ("caption", "qa", "classify")
+TASK_NAMES = tasks_lib.TASK_KINDS
 LLM_TOKENIZER_DIR = "llm_tokenizer"
 WORD_EMBEDDINGS = "bridge/qformer/word_embeddings/embedding"
 STAGE_ONE_QFORMER = "qformer/"  # where a stage-one run keeps its Q-Former; a Q-Former bridge's is under
@@ -114,11 +115,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
     for key in ("max_instruction_length", "max_answer_length"):
         if d[key] < 1:
             problems.append(f"data.{key}={d[key]} must be at least 1")
-    weights = list(config.tasks.weights)
-    if len(weights) != len(TASK_NAMES) or min(weights) < 0 or sum(weights) <= 0:
-        problems.append(
-            f"tasks.weights={tuple(weights)}: give one non-negative weight per task {TASK_NAMES}, not all 0"
-        )
+    problems.extend(tasks_lib.config_problems(config))
     llm = config.llm
     if llm.kind not in ("gguf", "hf"):
         problems.append(f"llm.kind={llm.kind!r}: use 'gguf' (a GGUF file) or 'hf' (a checkpoint directory)")
@@ -313,44 +310,75 @@ def make_encoders(
     )
 
 
-def make_tasks() -> list[pipeline.Task]:
-    """Captioning, question answering and classification over the synthetic sounds."""
-    from slit.data.synthetic import KINDS, TASK_INSTRUCTIONS
+def open_training_data(
+    config: ml_collections.ConfigDict,
+) -> list[tuple[tasks_lib.DatasetSpec, Sequence[dict], tasks_lib.SplitContents]]:
+    """(dataset, its training split, what that split holds) for each dataset stage two trains on:
+    `data.name` alone, or every dataset of `data.mixture`."""
+    out = []
+    for spec in tasks_lib.datasets(config.data):
+        source = sources.open_split(spec.name, spec.data_dir, spec.train_split)
+        out.append(
+            (spec, source, tasks_lib.cached_contents(spec.name, spec.data_dir, spec.train_split, source))
+        )
+    return out
 
-    return [
-        pipeline.Task("caption", "caption", TASK_INSTRUCTIONS["caption"]),
-        pipeline.Task("qa", "qa", TASK_INSTRUCTIONS["qa"]),
-        pipeline.Task("classify", "classify", TASK_INSTRUCTIONS["classify"], choices=KINDS),
-    ]
+
+def make_tasks(
+    config: ml_collections.ConfigDict,
+    training_data: Sequence[tuple[tasks_lib.DatasetSpec, Sequence[dict], tasks_lib.SplitContents]]
+    | None = None,
+) -> tasks_lib.Mixture:
+    """The instruction-tuning tasks the data can supply (captioning, question answering, classification
+    over each dataset's clips that hold captions / questions / labels), weighted by `tasks.weights` (by
+    name) and the datasets' weights, with `tasks.templates`. Its `notes` name weighted tasks left out."""
+    training_data = open_training_data(config) if training_data is None else training_data
+    try:
+        return tasks_lib.build_mixture(
+            training_data,
+            tasks_lib.task_weights(config.tasks.weights),
+            tasks_lib.templates(config.tasks.get("templates")),
+        )
+    except ValueError as e:
+        held = "; ".join(f"{c.name}: {c.summary()}" for _, _, c in training_data)
+        raise UserError(f"{e} (the data holds {held})") from None
 
 
 def train_dataset(
     config: ml_collections.ConfigDict,
     encoders: Encoders,
-    source: Sequence[dict],
+    source: Sequence[dict] | None = None,
     process_index: int = 0,
     process_count: int = 1,
+    mixture: tasks_lib.Mixture | None = None,
 ) -> Any:  # noqa: ANN401 (a grain IterDataset)
-    """The endless training mixture of this process: tasks drawn with `config.tasks.weights`.
+    """The endless training mixture of this process: `mixture` (default: `make_tasks` over the config's
+    data, with `source` as the training split of a single dataset when given).
 
     Batches (per process) hold audio (b, S), num_samples (b,), instruction_ids (b, Lq + Li) (the
     Q-Former and the LLM tokenizations side by side; `model_batch` splits them), target_ids (b, La)
-    and task_id (b,) (the index among the tasks of TASK_NAMES with a non-zero weight).
+    and task_id (b,) (the index of the row's task in `mixture.parts`).
     """
+    if mixture is None:
+        training_data = None
+        if source is not None:
+            (spec,) = tasks_lib.datasets(config.data)
+            training_data = [
+                (spec, source, tasks_lib.split_contents(source, f"the training split of {spec.name}"))
+            ]
+        mixture = make_tasks(config, training_data)
     d = config.data
     li = d.max_instruction_length
-    weighted = [(t, w) for t, w in zip(make_tasks(), config.tasks.weights, strict=True) if w > 0]
-    tasks, weights = [t for t, _ in weighted], [w for _, w in weighted]  # grain cannot mix in weight 0
     return pipeline.mixture_dataset(
-        tasks,
-        [source] * len(tasks),
+        mixture.tasks,
+        mixture.sources,
         encoders.paired(li),
         audio_spec(config),
         max_instruction_length=d.max_qformer_instruction_length + li,
         max_target_length=d.max_answer_length,
         global_batch_size=config.batch_size,
         seed=config.seed,
-        weights=weights,
+        weights=mixture.weights,
         target_tokenizer=encoders.answer,
         process_index=process_index,
         process_count=process_count,
@@ -797,6 +825,11 @@ def _texts(example: dict, key: str) -> list[str]:
     return [_text(v) for v in values]
 
 
+def eval_tasks(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The evaluations the run asks for (`eval.tasks`; older configs: all of them)."""
+    return tuple(config.eval.get("tasks", None) or tasks_lib.EVAL_TASKS.values())
+
+
 def evaluate_split(
     config: ml_collections.ConfigDict,
     answerer: Answerer,
@@ -805,58 +838,102 @@ def evaluate_split(
     split: str = "test",
     max_clips: int = 0,
     should_stop: Callable[[], bool] = lambda: False,
+    dataset: tasks_lib.DatasetSpec | None = None,
 ) -> dict | None:
-    """Captions and question answers on the first `max_clips` clips of a split (0: all).
+    """The evaluations the first `max_clips` clips of a split (0: all) can answer, of `dataset` (default:
+    the config's single dataset).
 
-    Every clip is captioned (the first captioning instruction) and asked one question (the clip's
-    questions in turn by clip index, so every type is asked). Returns {"captioning": CaptionScorer
-    metrics + "examples", "aqa": aqa_accuracy + "majority_baseline" + "examples"}, or None if stopped
-    for preemption.
+    Captioning (when clips have captions): each such clip is captioned with the first captioning
+    template. AQA (when clips have questions): each such clip is asked one question (its questions in
+    turn by clip index, so every type is asked), with the first QA template. Classification (when clips
+    have labels, and eval.tasks asks for it): zero-shot by the LLM's loss of each label of the split
+    (slit.eval.generative). Returns {"captioning": CaptionScorer metrics + "examples", "aqa":
+    aqa_accuracy + "majority_baseline" + "examples", "classification": ..., "skipped": {evaluation:
+    why}} with only the evaluations that ran, or None if stopped for preemption.
     """
-    from slit.data.synthetic import TASK_INSTRUCTIONS
-    from slit.eval import aqa, captioning
+    from slit.eval import aqa, captioning, generative
 
-    source = sources.open_split(config.data.name, config.data.data_dir, split)
+    dataset = dataset or tasks_lib.datasets(config.data)[0]
+    source = sources.open_split(dataset.name, dataset.data_dir, split)
     limit = min(max_clips or len(source), len(source))
+    contents = tasks_lib.cached_contents(dataset.name, dataset.data_dir, split, source)
+    if limit < len(source):
+        contents = dataclasses.replace(
+            contents,
+            name=f"{contents.name} (first {limit} clips)",
+            num_clips=limit,
+            indices={k: tuple(i for i in v if i < limit) for k, v in contents.indices.items()},
+        )
+    run, skipped = tasks_lib.eval_plan(contents, eval_tasks(config))
+    reports: dict[str, Any] = {"skipped": skipped}
+    templates = tasks_lib.templates(config.tasks.get("templates"))
+    caption_instruction, question_template = templates["caption"][0], templates["qa"][0]
     gen = generation_config(config)
-    caption_instruction = TASK_INSTRUCTIONS["caption"][0]
-    question_template = TASK_INSTRUCTIONS["qa"][0]
     captions, references, qa_predictions, qa_references, qa_types, questions = {}, {}, {}, {}, {}, {}
-    view = _FirstClips(source, limit)
-    for batch in pipeline.eval_audio_batches(view, spec, config.eval.batch_size):
+    if "captioning" in run or "aqa" in run:
+        for batch in pipeline.eval_audio_batches(_FirstClips(source, limit), spec, config.eval.batch_size):
+            if should_stop():
+                return None
+            examples = [source[int(i)] for i in batch["index"]]
+            asks_caption, instructions = [], []
+            for i, valid, ex in zip(batch["index"], batch["valid"], examples, strict=True):
+                qs, types, answers = (
+                    _texts(ex, "questions"),
+                    _texts(ex, "question_types"),
+                    _texts(ex, "answers"),
+                )
+                has_qa = "aqa" in run and tasks_lib.clip_holds(ex, "qa")
+                asks_caption.append("captioning" in run and tasks_lib.clip_holds(ex, "caption"))
+                k = int(i) % len(qs) if has_qa else 0  # one question per clip, the types in turn
+                instructions.append(question_template.format(question=qs[k]) if has_qa else "")
+                if valid and has_qa:
+                    key = _text(ex["id"])
+                    questions[key], qa_references[key] = qs[k], answers[k]
+                    if k < len(types):
+                        qa_types[key] = types[k]
+                if valid and asks_caption[-1]:
+                    references[_text(ex["id"])] = _texts(ex, "captions")
+            audio, num_samples = batch["audio"], batch["num_samples"]
+            if any(asks_caption):
+                predicted = answerer.answer(
+                    params, audio, num_samples, [caption_instruction] * len(examples), gen
+                )
+                for n, (valid, ex) in enumerate(zip(batch["valid"], examples, strict=True)):
+                    if valid and asks_caption[n]:
+                        captions[_text(ex["id"])] = predicted[n]
+            if any(instructions):
+                filled = [x or caption_instruction for x in instructions]  # rows without a question
+                answers = answerer.answer(params, audio, num_samples, filled, gen)
+                for n, (valid, ex) in enumerate(zip(batch["valid"], examples, strict=True)):
+                    if valid and instructions[n]:
+                        qa_predictions[_text(ex["id"])] = answers[n]
+    if "captioning" in run:
+        with captioning.CaptionScorer(metrics=tuple(config.eval.caption_metrics), tokenizer="auto") as scorer:
+            caption_metrics = scorer.score(captions, references)
+        caption_metrics["examples"] = {
+            k: {"predicted": captions[k], "references": references[k]} for k in list(captions)[:10]
+        }
+        reports["captioning"] = caption_metrics
+    if "aqa" in run:
+        types = qa_types if len(qa_types) == len(qa_references) else None
+        qa_metrics = aqa.aqa_accuracy(qa_predictions, qa_references, types)
+        train = sources.open_split(dataset.name, dataset.data_dir, dataset.train_split)
+        baseline = aqa.majority_baseline(train, qa_references, types)
+        if baseline is not None:
+            qa_metrics["majority_baseline"] = baseline
+        qa_metrics["examples"] = {
+            k: {"question": questions[k], "answer": qa_references[k], "predicted": qa_predictions[k]}
+            for k in list(qa_predictions)[:10]
+        }
+        reports["aqa"] = qa_metrics
+    if "classification" in run:
         if should_stop():
             return None
-        examples = [source[int(i)] for i in batch["index"]]
-        instructions = []
-        for i, valid, ex in zip(batch["index"], batch["valid"], examples, strict=True):
-            qs, types, answers = _texts(ex, "questions"), _texts(ex, "question_types"), _texts(ex, "answers")
-            k = int(i) % len(qs)  # one question per clip, the types in turn
-            instructions.append(question_template.format(question=qs[k]))
-            if valid:
-                key = _text(ex["id"])
-                questions[key], qa_references[key], qa_types[key] = qs[k], answers[k], types[k]
-                references[key] = _texts(ex, "captions")
-        predicted = answerer.answer(
-            params, batch["audio"], batch["num_samples"], [caption_instruction] * len(examples), gen
+        labelled = tasks_lib.Subset(source, contents.indices["classify"])
+        reports["classification"] = generative.classify_by_llm_loss(
+            TrainedRun(config, params, answerer, 0, spec), labelled, templates["classify"][0]
         )
-        answers = answerer.answer(params, batch["audio"], batch["num_samples"], instructions, gen)
-        for n, (valid, ex) in enumerate(zip(batch["valid"], examples, strict=True)):
-            if valid:
-                captions[_text(ex["id"])] = predicted[n]
-                qa_predictions[_text(ex["id"])] = answers[n]
-    with captioning.CaptionScorer(metrics=tuple(config.eval.caption_metrics), tokenizer="auto") as scorer:
-        caption_metrics = scorer.score(captions, references)
-    caption_metrics["examples"] = {
-        k: {"predicted": captions[k], "references": references[k]} for k in list(captions)[:10]
-    }
-    qa_metrics = aqa.aqa_accuracy(qa_predictions, qa_references, qa_types)
-    train = sources.open_split(config.data.name, config.data.data_dir, "train")
-    qa_metrics["majority_baseline"] = majority_baseline(train, qa_references, qa_types)
-    qa_metrics["examples"] = {
-        k: {"question": questions[k], "answer": qa_references[k], "predicted": qa_predictions[k]}
-        for k in list(qa_predictions)[:10]
-    }
-    return {"captioning": caption_metrics, "aqa": qa_metrics}
+    return reports
 
 
 class _FirstClips(Sequence):
@@ -874,32 +951,11 @@ class _FirstClips(Sequence):
         return self.source[i]
 
 
-def majority_baseline(train: Sequence[dict], references: dict, types: dict) -> dict:
-    """Accuracy of always giving the most common training answer of each question type (overall and
-    per type, "by_type"), and of one answer for all questions, on the evaluated questions."""
-    from slit.eval.aqa import normalize_answer
+def majority_baseline(train: Sequence[dict], references: dict, types: dict | None) -> dict | None:
+    """slit.eval.aqa.majority_baseline (kept here for older callers)."""
+    from slit.eval import aqa
 
-    by_type: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-    overall: collections.Counter = collections.Counter()
-    for i in range(len(train)):
-        ex = train[i]
-        for qtype, answer in zip(_texts(ex, "question_types"), _texts(ex, "answers"), strict=True):
-            by_type[qtype][normalize_answer(answer)] += 1
-            overall[normalize_answer(answer)] += 1
-    top = {t: c.most_common(1)[0][0] for t, c in by_type.items()}
-    one = overall.most_common(1)[0][0]
-    per_type = {k: top.get(types[k]) == normalize_answer(references[k]) for k in references}
-    single = [one == normalize_answer(references[k]) for k in references]
-    hits_by_type: dict[str, list[bool]] = collections.defaultdict(list)
-    for k, hit in per_type.items():
-        hits_by_type[types[k]].append(hit)
-    return {
-        "per_question_type_accuracy": float(np.mean(list(per_type.values()))),
-        "by_type": {t: float(np.mean(h)) for t, h in sorted(hits_by_type.items())},
-        "single_answer_accuracy": float(np.mean(single)),
-        "single_answer": one,
-        "answers_per_type": top,
-    }
+    return aqa.majority_baseline(train, references, types)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -909,7 +965,8 @@ def majority_baseline(train: Sequence[dict], references: dict, types: dict) -> d
 
 def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
     """Trains stage two in `workdir` (resuming from its checkpoint); returns the test eval reports
-    ({"captioning": ..., "aqa": ...})."""
+    ({"captioning": ..., "aqa": ..., "classification": ..., "skipped": {evaluation: why}}, with the
+    evaluations the test split can answer), or {dataset name: those reports} for a `data.mixture`."""
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
@@ -923,16 +980,24 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
         llm_tok.save_pretrained(str(workdir / LLM_TOKENIZER_DIR))
     encoders = make_encoders(config, qformer_tok, llm, llm_tok)
 
-    # Data: the task mixture.
+    # Data: the task mixture, made from what the datasets hold; what is left out is said before step 1.
     spec = audio_spec(config)
     if jax.process_count() > 1:
         if is_main:
-            sources.open_split(config.data.name, config.data.data_dir, "train")
+            open_training_data(config)
         multihost_utils.sync_global_devices("slit: dataset ready")
-    train_source = sources.open_split(config.data.name, config.data.data_dir, "train")
+    training_data = open_training_data(config)
+    mixture = make_tasks(config, training_data)
+    eval_sets, validation_sets, data_notes = evaluation_sets(config, training_data)
+    unknown_words = tasks_lib.unknown_token_note(qformer_tok, training_data)
+    data_notes += [unknown_words] if unknown_words else []
+    if is_main:
+        print(describe_data(training_data, mixture, data_notes), file=sys.stderr)
     d = config.data
     lq, li = d.max_qformer_instruction_length, d.max_instruction_length
-    train_data = train_dataset(config, encoders, train_source, jax.process_index(), jax.process_count())
+    train_data = train_dataset(
+        config, encoders, None, jax.process_index(), jax.process_count(), mixture=mixture
+    )
     train_iter = iter(train_data)
 
     # Model, state (this workdir / resume_from / init_from a stage-one run / fresh), jitted step.
@@ -964,78 +1029,187 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     answerer = Answerer(parts.graphdef, parts.frozen, encoders, config, llm_tok)
 
     def evaluate(step: int, state: dict, should_stop: Callable[[], bool]) -> dict | None:
-        reports = evaluate_split(
-            config, answerer, state["params"], spec, "validation", config.eval.max_clips, should_stop
-        )
-        if reports is None:
-            return None
-        caption, qa = reports["captioning"], reports["aqa"]
-        if is_main:
-            tqdm.write(
-                f"step {step}: validation CIDEr-D {caption['CIDEr-D']:.3f}, QA accuracy "
-                f"{100 * qa['accuracy']:.1f}%"
+        scalars = {}
+        for dataset, split in validation_sets:
+            reports = evaluate_split(
+                config, answerer, state["params"], spec, split, config.eval.max_clips, should_stop, dataset
             )
-        return _scalars("validation", reports)
+            if reports is None:
+                return None
+            prefix = "validation" if len(eval_sets) == 1 else f"validation/{dataset.name}"
+            if is_main:
+                tqdm.write(f"step {step}: {headline(reports, f'{prefix} ')}")
+            scalars |= _scalars(prefix, reports)
+        return scalars
 
     fns = loop.StepFunctions(
         step=setup.step_fn,
         frozen=parts.frozen,
         next_batch=next_batch,
         key=jax.random.key(config.seed),
-        evaluate=evaluate,
+        evaluate=evaluate if validation_sets else None,
         postfix=("loss", "token_accuracy"),
     )
     with jax.set_mesh(mesh), PreemptionWatcher() as watcher:
         state = loop.run(config, workdir, start.state, start.step, fns, ckpt, writer, train_iter, watcher)
         ckpt.close()
-        reports = evaluate_split(
-            config,
-            answerer,
-            state["params"],
-            spec,
-            "test",
-            config.eval.max_clips,
-            functools.partial(watcher.should_stop, config.total_steps),
-        )
-    if reports is None:
+        all_reports, preempted = {}, False
+        for dataset, split in eval_sets:
+            reports = evaluate_split(
+                config,
+                answerer,
+                state["params"],
+                spec,
+                split,
+                config.eval.max_clips,
+                functools.partial(watcher.should_stop, config.total_steps),
+                dataset,
+            )
+            if reports is None:
+                preempted = True
+                break
+            all_reports[dataset.name] = reports
+    if preempted:
         raise Preempted(config.total_steps, str(ckpt.directory / str(config.total_steps)))
-    writer.write(config.total_steps, _scalars("test", reports))
+    single = len(eval_sets) == 1
+    for name, reports in all_reports.items():
+        writer.write(config.total_steps, _scalars("test" if single else f"test/{name}", reports))
     writer.close()
     if is_main:
-        write_reports(workdir, config, reports, int(config.total_steps))
-    return reports
+        for (dataset, split), reports in zip(eval_sets, all_reports.values(), strict=True):
+            write_reports(workdir, config, reports, int(config.total_steps), dataset.name, split)
+    return next(iter(all_reports.values()), {}) if single else all_reports
+
+
+def evaluation_sets(
+    config: ml_collections.ConfigDict,
+    training_data: Sequence[tuple[tasks_lib.DatasetSpec, Sequence[dict], tasks_lib.SplitContents]],
+) -> tuple[list[tuple[tasks_lib.DatasetSpec, str]], list[tuple[tasks_lib.DatasetSpec, str]], list[str]]:
+    """(the (dataset, test split) pairs evaluated after the last step, the (dataset, validation split)
+    pairs evaluated every eval_every_steps, notes). A dataset without its validation split is not
+    validated (a note says so; eval_every_steps with no validation split at all turns periodic
+    evaluation off): the test split is not used for choosing, and the training split would flatter."""
+    tests, notes = [], []
+    for spec, _, _ in training_data:
+        try:
+            sources.open_split(spec.name, spec.data_dir, spec.test_split)
+        except (FileNotFoundError, UserError):
+            notes.append(
+                f"{spec.name} is not evaluated after the last step: it has no {spec.test_split!r} split; "
+                "name one with "
+                + ("data.test_split" if len(training_data) == 1 else "the mixture entry's test_split")
+            )
+            continue
+        tests.append((spec, spec.test_split))
+    validations = []
+    if config.eval_every_steps:
+        for spec, _ in tests:
+            try:
+                sources.open_split(spec.name, spec.data_dir, spec.validation_split)
+            except (FileNotFoundError, UserError):
+                notes.append(
+                    f"{spec.name} has no {spec.validation_split!r} split, so it is not evaluated during "
+                    f"training (eval_every_steps={config.eval_every_steps}); name one with "
+                    + ("data.validation_split" if len(tests) == 1 else "the mixture entry's validation_split")
+                )
+                continue
+            validations.append((spec, spec.validation_split))
+        if not validations:
+            notes.append(
+                f"periodic evaluation (eval_every_steps={config.eval_every_steps}) is off: no validation "
+                "split; the test split is still evaluated after the last step"
+            )
+    return tests, validations, notes
+
+
+def describe_data(
+    training_data: Sequence[tuple[tasks_lib.DatasetSpec, Sequence[dict], tasks_lib.SplitContents]],
+    mixture: tasks_lib.Mixture,
+    notes: Sequence[str],
+) -> str:
+    """What the training data holds, the tasks made from it, and every note (printed before step 1)."""
+    lines = [f"Data: {contents.name}: {contents.summary()}" for _, _, contents in training_data]
+    lines.append("Tasks (clips that hold the task's field, mixing weight):")
+    lines.append(mixture.describe())
+    lines += [f"note: {n}" for n in (*mixture.notes, *notes)]
+    return "\n".join(lines)
+
+
+def headline(reports: dict, prefix: str = "") -> str:
+    """One line of the headline numbers of `evaluate_split`'s reports, naming the skipped evaluations."""
+    parts = []
+    if "captioning" in reports:
+        parts.append(f"{prefix}captioning CIDEr-D {reports['captioning']['CIDEr-D']:.3f}")
+    if "aqa" in reports:
+        qa = reports["aqa"]
+        text = f"{prefix}QA accuracy {100 * qa['accuracy']:.1f}%"
+        baseline = qa.get("majority_baseline")
+        if baseline:
+            text += (
+                f" (majority answer per question type: {100 * baseline['per_question_type_accuracy']:.1f}%, "
+                f"one answer for all: {100 * baseline['single_answer_accuracy']:.1f}%)"
+            )
+        parts.append(text)
+    if "classification" in reports:
+        c = reports["classification"]
+        value = c.get("accuracy", c.get("mAP"))
+        name = "accuracy" if "accuracy" in c else "mAP"
+        parts.append(f"{prefix}classification {name} {100 * value:.1f}%" if value is not None else "")
+    skipped = [f"{task} ({why})" for task, why in reports.get("skipped", {}).items()]
+    if skipped:
+        parts.append("skipped: " + "; ".join(skipped))
+    return "; ".join(p for p in parts if p)
 
 
 def _scalars(prefix: str, reports: dict) -> dict[str, float]:
-    caption, qa = reports["captioning"], reports["aqa"]
-    out = {f"{prefix}/{k}": float(v) for k, v in caption.items() if k in _CAPTION_SCALARS and v is not None}
-    out[f"{prefix}/qa_accuracy"] = float(qa["accuracy"])
-    out[f"{prefix}/qa_majority_baseline"] = float(qa["majority_baseline"]["per_question_type_accuracy"])
+    """The evaluations' headline numbers as scalars; absent evaluations give none."""
+    out = {}
+    caption, qa = reports.get("captioning"), reports.get("aqa")
+    if caption is not None:
+        out |= {
+            f"{prefix}/{k}": float(v) for k, v in caption.items() if k in _CAPTION_SCALARS and v is not None
+        }
+    if qa is not None:
+        out[f"{prefix}/qa_accuracy"] = float(qa["accuracy"])
+        if qa.get("majority_baseline"):
+            out[f"{prefix}/qa_majority_baseline"] = float(
+                qa["majority_baseline"]["per_question_type_accuracy"]
+            )
+    classification = reports.get("classification")
+    if classification is not None:
+        for key in ("accuracy", "mAP"):
+            if classification.get(key) is not None:
+                out[f"{prefix}/classification_{key}"] = float(classification[key])
     return out
 
 
 _CAPTION_SCALARS = ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D", "SPICE", "SPIDEr")
 
 
-def write_reports(workdir: pathlib.Path, config: ml_collections.ConfigDict, reports: dict, step: int) -> dict:
-    """Writes `<workdir>/eval/{captioning,aqa}-<data>-test.{json,md,png}` and prints the headline numbers."""
+def write_reports(
+    workdir: pathlib.Path,
+    config: ml_collections.ConfigDict,
+    reports: dict,
+    step: int,
+    data: str | None = None,
+    split: str = "test",
+) -> dict:
+    """Writes `<workdir>/eval/<task>-<data>-<split>.{json,md,png}` for each evaluation that ran and
+    prints the headline numbers, naming the skipped evaluations and why."""
     from slit.eval import reports as reports_lib
 
-    caption, qa = reports["captioning"], reports["aqa"]
-    baseline = qa["majority_baseline"]
-    data = config.data.name
+    data = data or config.data.name
     paths = {
-        "captioning": reports_lib.write_report(workdir, "captioning", data, "test", caption, config, step),
-        "aqa": reports_lib.write_report(workdir, "aqa", data, "test", qa, config, step),
+        task: reports_lib.write_report(workdir, task, data, split, reports[task], config, step)
+        for task in tasks_lib.EVAL_TASKS.values()
+        if task in reports
     }
+    clips = max((reports[t].get("num_items", 0) for t in paths), default=0)
     tqdm.write(
-        f"\nTest split ({caption['num_items']} clips): captioning CIDEr-D {caption['CIDEr-D']:.3f}; "
-        f"QA accuracy {100 * qa['accuracy']:.1f}% (majority answer per question type: "
-        f"{100 * baseline['per_question_type_accuracy']:.1f}%, one answer for all: "
-        f"{100 * baseline['single_answer_accuracy']:.1f}%). Reports in {workdir / 'eval'}",
+        f"\n{data} {split} split ({clips} clips): {headline(reports)}. Reports in {workdir / 'eval'}",
         file=sys.stdout,
     )
-    for key, example in list(caption["examples"].items())[:3]:
+    for key, example in list(reports.get("captioning", {}).get("examples", {}).items())[:3]:
         tqdm.write(
             f"  {key}: {example['predicted']!r} (reference: {example['references'][0]!r})", file=sys.stdout
         )
