@@ -53,6 +53,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.init_from = ""  # a stage-one workdir or checkpoint: its Q-Former weights
     c.allow_frozen_mismatch = False
     c.max_consecutive_nonfinite = 10
+    # "compute": run the frozen encoder every step; "cached": read its outputs, written once by
+    # `slit cache-features --config ...` (the same cache as stage one's for the same audio_encoder and
+    # data groups) into features_dir ("": <data.data_dir>/slit_features). Evaluations run the encoder.
+    c.features = "compute"
+    c.features_dir = ""
 
     c.data = ml_collections.ConfigDict()
     c.data.name = "slit_synthetic_sounds"

@@ -172,3 +172,57 @@ def test_init_from_a_stage_one_run_on_a_pretrained_encoder(wav2vec2_stage_one, t
     with pytest.raises(UserError, match="another audio tower"):
         stage2.check_init_from_audio_tower(workdir, random_identity, random_config)
     assert pretrained.audio_settings(random_config).kind == "random"
+
+
+def test_stage_two_trains_from_stage_one_feature_cache(tiny_data_dir, llm_dir, tmp_path):
+    """features=cached in stage two: the cache `slit cache-features` writes from a *stage-one* config
+    (same audio_encoder and data groups) is the one stage two opens; the first batch has the same
+    texts as computing features, and the model's loss on it equals the loss computed from the audio."""
+    from slit.data import feature_cache
+    from slit.models.stage2 import Stage2Batch
+    from slit.train import feature_cache as cache_lib
+
+    whole = {"data.max_seconds": 10.0}  # whole clips: a cache holds each clip's start, training crops
+    one = tiny_config(tiny_data_dir, features_dir=str(tmp_path), **whole)
+    directory, summary = cache_lib.build(one, log=lambda line: None)
+    assert summary["written"]
+    computed = Built(stage2_config(tiny_data_dir, llm_dir, **whole), num_batches=1)
+    cached_config = stage2_config(
+        tiny_data_dir, llm_dir, features="cached", features_dir=str(tmp_path), **whole
+    )
+    stage2.validate(cached_config, num_devices=1)
+    assert stage2.batch_keys(cached_config) == stage2.CACHED_BATCH_KEYS
+    built = Built(cached_config, num_batches=0)
+    training_data = stage2.open_training_data(cached_config)
+    with_features, cache = stage2.with_cached_features(
+        cached_config, built.cfg, built.setup.parts.frozen, training_data
+    )
+    assert cache.directory == directory  # stage one's cache, keyed by the same encoder and frontend
+    stream = stage2.train_dataset(
+        cached_config, built.encoders, None, mixture=stage2.make_tasks(cached_config, with_features)
+    )
+    batch = stage2.model_batch(next(iter(stream)), cached_config)
+    assert set(batch) == set(stage2.CACHED_BATCH_KEYS)
+    want = computed.batches[0]
+    for key in stage2.TEXT_KEYS:  # the same tasks, instructions and answers drawn
+        np.testing.assert_array_equal(batch[key], want[key], err_msg=key)
+
+    graphdef, frozen = built.setup.parts.graphdef, built.setup.parts.frozen
+    params = built.setup.state["params"]
+    loss = jax.jit(lambda p, b: nnx.merge(graphdef, p, frozen)(Stage2Batch(**b), rngs=None)[0])
+    from_audio = float(loss(params, {k: jnp.asarray(want[k]) for k in stage2.BATCH_KEYS}))
+    from_cache = float(loss(params, {k: jnp.asarray(batch[k]) for k in stage2.CACHED_BATCH_KEYS}))
+    assert abs(from_audio - from_cache) < 1e-5, (from_audio, from_cache)
+    assert isinstance(with_features[0][1], feature_cache.WithFeatures)
+
+    # A cache built for another encoder is refused with the command that rebuilds it.
+    other = stage2_config(
+        tiny_data_dir,
+        llm_dir,
+        features="cached",
+        features_dir=str(tmp_path),
+        **{"audio_encoder.init_seed": 7},
+    )
+    other_built = Built(other, num_batches=0)
+    with pytest.raises(UserError, match="slit cache-features"):
+        stage2.with_cached_features(other, other_built.cfg, other_built.setup.parts.frozen, training_data)

@@ -231,7 +231,9 @@ class Task:
 
 
 class InstructionExample(grain.transforms.RandomMap):
-    """Decodes audio (random crop) and tokenises one (instruction, target) pair of a task."""
+    """Decodes audio (random crop) and tokenises one (instruction, target) pair of a task. An example
+    that brings its cached frozen features passes them on (features (F, D), frame_mask (F,)) instead
+    of the audio, with the same random draws."""
 
     def __init__(
         self,
@@ -248,11 +250,16 @@ class InstructionExample(grain.transforms.RandomMap):
         self.max_instruction_length, self.max_target_length = max_instruction_length, max_target_length
 
     def random_map(self, example: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
-        audio, length = decode_audio(example["audio"], self.spec, rng)
+        if "features" in example:  # a feature cache (slit.data.feature_cache.WithFeatures): the clip's
+            length = len(example["audio"])  # start, cached once; the crop draw keeps the texts' draws
+            if length > self.spec.max_samples:
+                rng.integers(0, length - self.spec.max_samples + 1)
+            inputs = {"features": example["features"], "frame_mask": example["frame_mask"]}
+        else:
+            audio, length = decode_audio(example["audio"], self.spec, rng)
+            inputs = {"audio": audio, "num_samples": np.int32(length)}
         instruction, target = self.task.texts(example, rng)
-        return {
-            "audio": audio,
-            "num_samples": np.int32(length),
+        return inputs | {
             "instruction_ids": self.tokenizer.encode([instruction], self.max_instruction_length)[0],
             "target_ids": self.target_tokenizer.encode([target], self.max_target_length)[0],
             "task_id": np.int32(self.task_id),

@@ -1,4 +1,4 @@
-"""Building and opening stage one's frozen-feature cache (storage: slit.data.feature_cache).
+"""Building and opening the frozen-feature cache of both stages (storage: slit.data.feature_cache).
 
 A cache is keyed by what the features depend on: the frozen encoder's content fingerprint (as
 checkpoints record it, slit.train.checkpoint.fingerprint) and the frontend settings (encoder family,
@@ -7,6 +7,10 @@ it was computed from (dataset version, split sizes), checked whenever it is open
 
     slit cache-features --config configs/stage1_synthetic.py [--config.a.b=value ...] [--out DIR]
     slit train --config configs/stage1_synthetic.py --workdir DIR --config.features=cached [...]
+
+The cache holds the audio encoder's outputs only, so a stage-one run and the stage-two run that
+continues it (same `audio_encoder` and `data` groups) read the same cache, and `slit cache-features`
+takes either stage's config.
 """
 
 from __future__ import annotations
@@ -23,11 +27,19 @@ from flax import nnx
 
 from slit.data import feature_cache, pipeline, sources
 from slit.errors import UserError
+from slit.models.audio.encoder import AudioEncoderConfig, encode_audio, make_audio_tower
 from slit.models.audio.whisper import WhisperEncoderConfig
-from slit.models.stage1 import Stage1Config
+from slit.models.layers import Frozen
 from slit.train import checkpoint, pretrained, sharding
 
-SPLITS = ("train", "validation", "test")  # what stage-one training reads
+SPLITS = ("train", "validation", "test")  # what training reads
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderOnly:
+    """The part of a model config (`Stage1Config`, `Stage2Config`) that the cache depends on."""
+
+    audio: AudioEncoderConfig
 
 
 def cache_root(config: ml_collections.ConfigDict) -> pathlib.Path:
@@ -38,7 +50,7 @@ def cache_root(config: ml_collections.ConfigDict) -> pathlib.Path:
     return pathlib.Path(data_dir).expanduser() / "slit_features"
 
 
-def frontend_settings(config: ml_collections.ConfigDict, cfg: Stage1Config) -> dict:
+def frontend_settings(config: ml_collections.ConfigDict, cfg: EncoderOnly) -> dict:
     """Everything besides the encoder's weights that decides the cached features."""
     settings = pretrained.audio_settings(config)
     out = {
@@ -55,7 +67,7 @@ def frontend_settings(config: ml_collections.ConfigDict, cfg: Stage1Config) -> d
     return out
 
 
-def identity(config: ml_collections.ConfigDict, cfg: Stage1Config, frozen: dict) -> dict:
+def identity(config: ml_collections.ConfigDict, cfg: EncoderOnly, frozen: dict) -> dict:
     """The cache key's inputs: the frozen audio tower's fingerprint and the frontend settings."""
     return {
         "encoder_fingerprint": checkpoint.fingerprint(frozen["audio_tower"]),
@@ -91,7 +103,7 @@ def open_splits(config: ml_collections.ConfigDict) -> dict[str, object]:
     return {name: sources.open_split(config.data.name, config.data.data_dir, name) for name in SPLITS}
 
 
-def _matching_cache(config: ml_collections.ConfigDict, cfg: Stage1Config, frozen: dict) -> pathlib.Path:
+def _matching_cache(config: ml_collections.ConfigDict, cfg: EncoderOnly, frozen: dict) -> pathlib.Path:
     """The directory of the cache that matches the config's encoder, frontend and data (or a refusal)."""
     return feature_cache.open_cache(
         cache_root(config),
@@ -103,7 +115,7 @@ def _matching_cache(config: ml_collections.ConfigDict, cfg: Stage1Config, frozen
 
 
 def open_for_training(
-    config: ml_collections.ConfigDict, cfg: Stage1Config, frozen: dict
+    config: ml_collections.ConfigDict, cfg: EncoderOnly, frozen: dict
 ) -> feature_cache.OpenedCache:
     """The cache this run reads (features=cached), checked against its frozen encoder, frontend and data.
 
@@ -118,7 +130,7 @@ def open_for_training(
 
 
 def open_for_eval(
-    config: ml_collections.ConfigDict, cfg: Stage1Config, frozen: dict, split: str
+    config: ml_collections.ConfigDict, cfg: EncoderOnly, frozen: dict, split: str
 ) -> feature_cache.CachedFeatures | None:
     """The cached features of `split` of `config.data.name` for an evaluation of a run trained with
     features=cached, or None (with a note saying why) when there is no usable cache: then the
@@ -146,7 +158,7 @@ class Encoder:
     fn: Callable[..., tuple]
     params: dict
     frozen: dict
-    cfg: Stage1Config
+    cfg: EncoderOnly
     audio_shardings: tuple
 
     def __call__(self, audio: np.ndarray, num_samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -157,23 +169,36 @@ class Encoder:
 
 
 def make_encoder(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules: dict) -> Encoder:
-    """Builds the frozen tower exactly as training does (slit.train.stage1.create_model) and jits it."""
-    from slit.train import stage1
+    """Builds the frozen audio encoder alone, exactly as either stage builds it (same seeded jitted
+    initialisation of a random tower, same loaded weights of a pretrained one), and jits it."""
+    audio = pretrained.audio_encoder_config(config)
 
-    tokenizer = stage1.make_tokenizer(config, pathlib.Path("/nonexistent"))
-    cfg = dataclasses.replace(stage1.model_config(config, tokenizer), qformer_init="")  # no BERT needed
-    parts = stage1.create_model(cfg, config.seed, config.audio_encoder.init_seed, mesh, rules)
+    def build() -> nnx.Module:
+        return make_audio_tower(audio, nnx.Rngs(params=config.audio_encoder.init_seed))
+
+    graphdef, abs_frozen = nnx.split(nnx.eval_shape(build), Frozen)
+    frozen_sh = {"audio_tower": sharding.state_shardings(abs_frozen, rules, mesh)}
+    if audio.weights:
+        tower = {"audio_tower": pretrained.load_tower(audio.weights).params}
+        frozen = pretrained.put_like({"audio_tower": nnx.to_pure_dict(abs_frozen)}, tower, frozen_sh)
+    else:
+        with jax.set_mesh(mesh):
+            frozen = jax.jit(
+                lambda: {"audio_tower": nnx.to_pure_dict(nnx.split(build(), Frozen)[1])},
+                out_shardings=frozen_sh,
+            )()
     audio_shardings = (sharding.batch_sharding(mesh, rules, 2), sharding.batch_sharding(mesh, rules, 1))
 
-    def encode(params: dict, frozen: dict, audio: jax.Array, num_samples: jax.Array) -> tuple:
-        return nnx.merge(parts.graphdef, params, frozen).encode_audio(audio, num_samples)
+    def encode(params: dict, frozen: dict, samples: jax.Array, num_samples: jax.Array) -> tuple:
+        tower = nnx.merge(graphdef, frozen["audio_tower"])
+        return encode_audio(tower, audio.window_samples, samples, num_samples)
 
     fn = jax.jit(
         encode,
-        in_shardings=(parts.param_shardings, parts.frozen_shardings, *audio_shardings),
+        in_shardings=(None, frozen_sh, *audio_shardings),
         out_shardings=sharding.replicated(mesh),
     )
-    return Encoder(fn, parts.params, parts.frozen, cfg, audio_shardings)
+    return Encoder(fn, {}, frozen, EncoderOnly(audio), audio_shardings)
 
 
 def _encoded(
@@ -204,8 +229,6 @@ def build(
     """
     if jax.process_count() > 1:
         raise UserError("slit cache-features runs as one process (it may use all of that process's devices)")
-    from slit.train import stage1
-
     root = pathlib.Path(root).expanduser() if root else cache_root(config)
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.rules_dict(config.sharding_rules)
@@ -221,7 +244,9 @@ def build(
             return directory, {"written": False, "directory": str(directory)}
         except feature_cache.StaleCacheError:
             pass
-    spec = stage1.audio_spec(config)
+    spec = pipeline.AudioSpec(
+        config.data.sample_rate, int(round(config.data.max_seconds * config.data.sample_rate))
+    )
     total = sum(len(s) for s in splits.values())
     done, start = [0], time.perf_counter()
 

@@ -54,7 +54,17 @@ from slit.train.metrics import MetricWriter
 from slit.train.optimizer import apply_gradients, make_optimizer
 from slit.train.preemption import Preempted, PreemptionWatcher
 
-BATCH_KEYS = ("audio", "num_samples", "qformer_ids", "instruction_ids", "answer_ids")
+TEXT_KEYS = ("qformer_ids", "instruction_ids", "answer_ids")
+BATCH_KEYS = ("audio", "num_samples", *TEXT_KEYS)
+CACHED_BATCH_KEYS = ("features", "frame_mask", *TEXT_KEYS)  # features=cached: the encoder's outputs
+BATCH_RANKS = {"audio": 2, "num_samples": 1, "features": 3, "frame_mask": 2} | dict.fromkeys(TEXT_KEYS, 2)
+
+
+def batch_keys(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """What a training batch holds: the audio, or (features=cached) the frozen encoder's outputs."""
+    return CACHED_BATCH_KEYS if config.get("features", "compute") == "cached" else BATCH_KEYS
+
+
 TASK_NAMES = tasks_lib.TASK_KINDS
 LLM_TOKENIZER_DIR = "llm_tokenizer"
 WORD_EMBEDDINGS = "bridge/qformer/word_embeddings/embedding"
@@ -108,6 +118,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
         problems.append("optimizer: need learning_rate > 0 and 0 <= min_learning_rate <= learning_rate")
     problems += pretrained.audio_problems(config)
     problems += pretrained.qformer_problems(config, text_length="max_qformer_instruction_length")
+    features = config.get("features", "compute")
+    if features not in ("compute", "cached"):
+        problems.append(f"features={features!r}: use 'compute' (run the encoder) or 'cached'")
+    elif features == "cached" and list(config.data.get("mixture", None) or []):
+        problems.append("features=cached reads one dataset's cache; with data.mixture use features=compute")
     bridge_kind = config.get("bridge", {}).get("kind", "qformer")
     if bridge_kind not in BRIDGES:
         problems.append(f"bridge.kind={bridge_kind!r}: choose one of {', '.join(BRIDGES)}")
@@ -324,6 +339,28 @@ def open_training_data(
     return out
 
 
+def with_cached_features(
+    config: ml_collections.ConfigDict,
+    cfg: Stage2Config,
+    frozen: dict,
+    training_data: list[tuple[tasks_lib.DatasetSpec, Sequence[dict], tasks_lib.SplitContents]],
+) -> tuple[list, Any]:  # noqa: ANN401
+    """The training split with each clip's cached frozen features (features=cached), and the opened
+    cache: the one `slit cache-features` wrote for this encoder and data (the same cache stage one
+    reads). Raises UserError when it is missing or stale (saying how to rebuild it)."""
+    from slit.data.feature_cache import WithFeatures
+    from slit.train import feature_cache as cache_lib
+
+    ((spec, source, contents),) = training_data  # validate() refuses a mixture with features=cached
+    if spec.train_split != "train":
+        raise UserError(
+            f"features=cached reads the cache's train split; data.train_split={spec.train_split!r} is not "
+            "cached (use features=compute)"
+        )
+    cache = cache_lib.open_for_training(config, cfg, frozen)
+    return [(spec, WithFeatures(source, cache.splits["train"]), contents)], cache
+
+
 def make_tasks(
     config: ml_collections.ConfigDict,
     training_data: Sequence[tuple[tasks_lib.DatasetSpec, Sequence[dict], tasks_lib.SplitContents]]
@@ -387,13 +424,13 @@ def train_dataset(
 
 
 def model_batch(local: dict, config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
-    """A pipeline batch -> the model's inputs (BATCH_KEYS, numpy): audio, num_samples, qformer_ids
-    (b, Lq), instruction_ids (b, Li) and answer_ids (b, La)."""
+    """A pipeline batch -> the model's inputs (`batch_keys`, numpy): audio (b, S) and num_samples (b,),
+    or features (b, F, D) and frame_mask (b, F); qformer_ids (b, Lq), instruction_ids (b, Li) and
+    answer_ids (b, La)."""
     lq = config.data.max_qformer_instruction_length
     paired = np.asarray(local["instruction_ids"])
-    return {
-        "audio": np.asarray(local["audio"]),
-        "num_samples": np.asarray(local["num_samples"]),
+    audio_keys = [k for k in batch_keys(config) if k not in TEXT_KEYS]
+    return {k: np.asarray(local[k]) for k in audio_keys} | {
         "qformer_ids": paired[:, :lq],
         "instruction_ids": paired[:, lq:],
         "answer_ids": np.asarray(local["target_ids"]),
@@ -565,9 +602,7 @@ def build_training(
             out_shardings=state_shardings,
         )(parts.params)
     parts.params = None  # the state owns them now
-    batch_shardings = {
-        k: sharding.batch_sharding(mesh, rules, 1 if k == "num_samples" else 2) for k in BATCH_KEYS
-    }
+    batch_shardings = {k: sharding.batch_sharding(mesh, rules, BATCH_RANKS[k]) for k in batch_keys(config)}
     step_fn = jax.jit(
         make_train_step(parts.graphdef, tx, schedule, dropout=config.qformer.dropout > 0),
         in_shardings=(state_shardings, parts.frozen_shardings, batch_shardings, rep),
@@ -980,6 +1015,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
         llm_tok.save_pretrained(str(workdir / LLM_TOKENIZER_DIR))
     encoders = make_encoders(config, qformer_tok, llm, llm_tok)
 
+    # Model (frozen audio encoder, bridge, frozen LLM) and its sharded train state and jitted step.
+    cfg = model_config(config, qformer_tok)
+    setup = build_training(config, cfg, llm, mesh, rules)
+    parts = setup.parts
+    identity = checkpoint.frozen_identity(parts.frozen, frozen_sources(config, llm_source))
+    if config.init_from:
+        check_init_from_audio_tower(config.init_from, identity, config)
+
     # Data: the task mixture, made from what the datasets hold; what is left out is said before step 1.
     spec = audio_spec(config)
     if jax.process_count() > 1:
@@ -987,10 +1030,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
             open_training_data(config)
         multihost_utils.sync_global_devices("slit: dataset ready")
     training_data = open_training_data(config)
-    mixture = make_tasks(config, training_data)
     eval_sets, validation_sets, data_notes = evaluation_sets(config, training_data)
     unknown_words = tasks_lib.unknown_token_note(qformer_tok, training_data)
     data_notes += [unknown_words] if unknown_words else []
+    cached = config.get("features", "compute") == "cached"
+    if cached:  # the frozen encoder's outputs from `slit cache-features` (refused if missing or stale)
+        training_data, cache = with_cached_features(config, cfg, parts.frozen, training_data)
+        data_notes.append(f"reading frozen features from {cache.directory} (evaluations run the encoder)")
+    mixture = make_tasks(config, training_data)
     if is_main:
         print(describe_data(training_data, mixture, data_notes), file=sys.stderr)
     d = config.data
@@ -1000,13 +1047,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     )
     train_iter = iter(train_data)
 
-    # Model, state (this workdir / resume_from / init_from a stage-one run / fresh), jitted step.
-    cfg = model_config(config, qformer_tok)
-    setup = build_training(config, cfg, llm, mesh, rules)
-    parts = setup.parts
-    identity = checkpoint.frozen_identity(parts.frozen, frozen_sources(config, llm_source))
-    if config.init_from:
-        check_init_from_audio_tower(config.init_from, identity, config)
+    # Where the run starts: this workdir / resume_from / init_from a stage-one run / fresh.
     ckpt = checkpoint.Checkpointer(workdir, config, identity)
     start = resolve_start(ckpt, config, setup.state, setup.state_shardings, train_iter, qformer_tok)
     writer = MetricWriter(workdir)
@@ -1018,12 +1059,18 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
         "instruction_ids": (b, li),
         "answer_ids": (b, d.max_answer_length),
     }
+    if cached:
+        features = cache.splits["train"]
+        global_shapes |= {
+            "features": (b, features.frames, features.width),
+            "frame_mask": (b, features.frames),
+        }
 
     def next_batch() -> dict:
         local = model_batch(next(train_iter), config)
         return {
             k: sharding.host_to_global(local[k], setup.batch_shardings[k], global_shapes[k])
-            for k in BATCH_KEYS
+            for k in batch_keys(config)
         }
 
     answerer = Answerer(parts.graphdef, parts.frozen, encoders, config, llm_tok)
