@@ -184,7 +184,7 @@ def test_safetensors_export_has_weights_config_tokenizers_and_a_stage_two_card(r
     assert f"to the frozen LLM's width {llm_width}" in card
     assert "instruction enters the Q-Former" in card and run.config.data.name in card
     reports = sorted((run_dir / "eval").glob("*.md"))
-    assert {p.name.split("-")[0] for p in reports} == {"captioning", "aqa"}
+    assert {"captioning", "aqa"} <= {p.name.split("-")[0] for p in reports}  # and classification
     for report in reports:  # every evaluation table of the workdir, row by row
         for row in report.read_text().splitlines():
             if row.startswith("|"):
