@@ -33,6 +33,7 @@ from flax import nnx
 
 import slit
 from slit import runs
+from slit.data import tasks as tasks_lib
 from slit.errors import UserError
 from slit.train import checkpoint
 
@@ -324,14 +325,24 @@ def _frozen_lines(info: dict) -> list[str]:
     ]
 
 
+def qformer_description(qformer: dict, cross_attention_freq: int) -> str:
+    """'N layers, width W, Q queries, cross-attention every K layers', read off the Q-Former's weights
+    (a BERT-initialised Q-Former takes BERT's sizes, not the config group's)."""
+    queries, width = np.shape(qformer["query_tokens"])[-2:]
+    return (
+        f"{len(qformer['layers'])} layers, width {width}, {queries} queries, cross-attention every "
+        f"{cross_attention_freq} layers"
+    )
+
+
 def model_card(run: runs.Run, info: dict) -> str:
     """A stage-one README.md: what it is, its data, its numbers, how to load it."""
     q, a = run.config.qformer, run.config.audio_encoder
     lines = [
         "# slit stage-one Q-Former",
         "",
-        f"A BLIP-2 Q-Former ({q.layers} layers, width {q.width}, {q.num_queries} queries, "
-        f"cross-attention every {q.cross_attention_freq} layers) trained by slit {slit.__version__} "
+        f"A BLIP-2 Q-Former ({qformer_description(run.params['qformer'], q.cross_attention_freq)}) "
+        f"trained by slit {slit.__version__} "
         f"for {run.step} steps against a frozen {a.kind} audio encoder, with audio-text contrastive, "
         "matching and grounded-generation losses.",
         "",
@@ -363,7 +374,9 @@ def stage2_model_card(run: runs.Run, info: dict) -> str:
 
     c = run.config
     q, a = c.qformer, c.audio_encoder
-    llm_width = int(np.shape(run.params["bridge"]["projection"]["kernel"])[-1])
+    qformer = run.params["bridge"]["qformer"]
+    width, llm_width = (int(n) for n in np.shape(run.params["bridge"]["projection"]["kernel"]))
+    queries = int(np.shape(qformer["query_tokens"])[-2])
     llm_source = info["frozen_models"].get("llm", {}).get("source", f"{c.llm.kind} {c.llm.path}")
     if q.get("instruction", True):
         bridge = (
@@ -372,19 +385,19 @@ def stage2_model_card(run: runs.Run, info: dict) -> str:
         )
     else:
         bridge = "The Q-Former reads the audio only (BLIP-2): the soft prompt is the same whatever is asked."
-    weights = list(c.get("tasks", {}).get("weights", ()))
-    numeric = weights and all(isinstance(w, int | float) for w in weights)
-    tasks = (
-        ", ".join(f"{n} {w:g}" for n, w in zip(stage2.TASK_NAMES, weights, strict=False)) if numeric else ""
-    )
+    try:
+        weights = tasks_lib.task_weights(c.tasks.weights)
+        tasks = ", ".join(f"{name} {weight:g}" for name, weight in weights.items())
+    except (AttributeError, KeyError, TypeError, ValueError):
+        tasks = ""
     prompt = stage2.llm_prompt_text("<instruction>").replace("\n", "\\n")
     lines = [
         "# slit stage-two audio-language model: a Q-Former soft prompt for a frozen LLM",
         "",
-        f"A BLIP-2 Q-Former ({q.layers} layers, width {q.width}, {q.num_queries} queries, cross-attention "
-        f"every {q.cross_attention_freq} layers) over a frozen {a.kind} audio encoder, and a linear "
-        f"projection from width {q.width} to the frozen LLM's width {llm_width}: its {q.num_queries} "
-        f"projected query outputs are a soft prompt in front of the frozen LLM ({llm_source}). "
+        f"A BLIP-2 Q-Former ({qformer_description(qformer, q.cross_attention_freq)}) over a frozen "
+        f"{a.kind} audio encoder, and a linear projection from width {width} to the frozen LLM's width "
+        f"{llm_width}: its {queries} projected query outputs are a soft prompt in front of the frozen LLM "
+        f"({llm_source}). "
         f"Trained by slit {slit.__version__} for {run.step} steps on the answer tokens only. {bridge}",
         "",
         f"The LLM sees `[soft prompt; {prompt}]` and generates the answer after it.",
