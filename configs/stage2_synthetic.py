@@ -36,6 +36,8 @@ the machine:
 
 import ml_collections
 
+from slit.data import tasks
+
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -87,22 +89,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.tasks.weights = ml_collections.ConfigDict({"caption": 0.2, "qa": 0.8, "classify": 0.0})
     # Instruction templates per task, one drawn per example; {question} is the clip's question and
     # {choices} the training split's sorted labels joined with ", ". Evaluations use the first of each.
-    c.tasks.templates = ml_collections.ConfigDict(
-        {
-            "caption": (
-                "describe the sound.",
-                "what do you hear? describe it in a sentence.",
-                "write a short caption for the clip.",
-                "summarize the audio in one sentence.",
-            ),
-            "qa": ("{question}", "question: {question} answer in one word.", "listen and answer: {question}"),
-            "classify": (
-                "which kinds of sound does the clip contain? choose from {choices}.",
-                "classify the sounds in the clip: {choices}.",
-                "name the kinds of sound you hear, from {choices}.",
-            ),
-        }
-    )
+    # The defaults (slit.data.tasks.DEFAULT_TEMPLATES: four caption, three QA and three classification
+    # phrasings); override one task's, e.g. --config.tasks.templates.qa='("Q: {question} A:",)'.
+    c.tasks.templates = ml_collections.ConfigDict(dict(tasks.DEFAULT_TEMPLATES))
     # "tokens" (LAVIS): every answer token counts once, so a 20-token caption outweighs a one-word
     # answer ~10x; "examples": each example's answer tokens averaged, then examples, so that the weights
     # above are the tasks' shares of the loss. Measured (300 steps, 125 test clips): "examples" left the

@@ -18,7 +18,7 @@ from safetensors.numpy import load_file
 from slit import config as config_lib
 from slit import export, runs
 from slit.data import pipeline, sources
-from slit.data.synthetic import TASK_INSTRUCTIONS
+from slit.data.tasks import DEFAULT_TEMPLATES as TASK_INSTRUCTIONS
 from slit.errors import UserError
 from slit.train import stage2
 from tests.conftest import TINY_DATA, run_slit

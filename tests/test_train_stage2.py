@@ -584,7 +584,7 @@ def test_generate_prints_the_answer_the_trainer_evaluated(cli_run, tiny_data_dir
     import soundfile as sf
 
     from slit.data import sources
-    from slit.data.synthetic import TASK_INSTRUCTIONS
+    from slit.data.tasks import DEFAULT_TEMPLATES as TASK_INSTRUCTIONS
 
     workdir = cli_run["workdir"]
     stem = TINY_DATA.replace("/", "_")
@@ -681,7 +681,7 @@ def test_eval_classification_ranks_labels_by_the_training_loss(cli_run, tiny_dat
     function (mean answer-token cross-entropy) times the answer's token count, one pair at a time; the
     report's accuracy follows from those losses."""
     from slit.data import sources
-    from slit.data.synthetic import TASK_INSTRUCTIONS
+    from slit.data.tasks import DEFAULT_TEMPLATES as TASK_INSTRUCTIONS
     from slit.eval import classification, generative
     from slit.models.stage2 import Stage2Batch
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 import grain
@@ -69,7 +69,8 @@ def decode_audio(pcm: np.ndarray, spec: AudioSpec, rng: np.random.Generator | No
     return audio, int(mask.sum())
 
 
-def _texts(example: dict[str, Any], key: str) -> list[str]:
+def example_texts(example: Mapping[str, Any], key: str) -> list[str]:
+    """An example's text field as a list of str (absent: []; bytes decoded as UTF-8)."""
     values = example.get(key)
     if values is None:
         return []
@@ -79,9 +80,9 @@ def _texts(example: dict[str, Any], key: str) -> list[str]:
 
 
 def _captions(example: dict[str, Any]) -> list[str]:
-    captions = _texts(example, "captions") or _texts(example, "caption")
+    captions = example_texts(example, "captions") or example_texts(example, "caption")
     if not captions:
-        clip = _texts(example, "id")
+        clip = example_texts(example, "id")
         raise ValueError(
             f"example {clip[0] if clip else '?'} has no captions; this pipeline trains on captions "
             "(use mixture_dataset for question answering or labels)"
@@ -217,16 +218,16 @@ class Task:
             captions = _captions(example)
             return template, captions[int(rng.integers(len(captions)))]
         if self.kind == "qa":
-            questions, answers = _texts(example, "questions"), _texts(example, "answers")
+            questions, answers = example_texts(example, "questions"), example_texts(example, "answers")
             if not questions or len(questions) != len(answers):
                 raise ValueError(
-                    f"task {self.name}: example {_texts(example, 'id')} has no question/answer pairs"
+                    f"task {self.name}: example {example_texts(example, 'id')} has no question/answer pairs"
                 )
             i = int(rng.integers(len(questions)))
             return template.format(question=questions[i]), answers[i]
-        labels = _texts(example, "labels")
+        labels = example_texts(example, "labels")
         if not labels:
-            raise ValueError(f"task {self.name}: example {_texts(example, 'id')} has no labels")
+            raise ValueError(f"task {self.name}: example {example_texts(example, 'id')} has no labels")
         return template.format(choices=", ".join(self.choices)), ", ".join(labels)
 
 

@@ -555,26 +555,10 @@ def class_labels(events: list[dict[str, Any]]) -> list[str]:
     return list(dict.fromkeys(ev["kind"] for ev in events))
 
 
-TASK_INSTRUCTIONS: dict[str, tuple[str, ...]] = {
-    "caption": (
-        "describe the sound.",
-        "what do you hear? describe it in a sentence.",
-        "write a short caption for the clip.",
-        "summarize the audio in one sentence.",
-    ),
-    "qa": ("{question}", "question: {question} answer in one word.", "listen and answer: {question}"),
-    "classify": (
-        "which kinds of sound does the clip contain? choose from {choices}.",
-        "classify the sounds in the clip: {choices}.",
-        "name the kinds of sound you hear, from {choices}.",
-    ),
-}
-"""Instruction templates per task (the format of ``slit.data.pipeline.Task``): ``{question}`` is one of the
-clip's questions, ``{choices}`` the class names (``KINDS``) joined with ", "."""
-
-
 def _build_instruction_vocabulary() -> list[str]:
-    templates = (*QUESTION_TEMPLATES.values(), *TASK_INSTRUCTIONS.values())
+    from slit.data.tasks import DEFAULT_TEMPLATES  # the stage-two instructions the synthetic runs use
+
+    templates = (*QUESTION_TEMPLATES.values(), *DEFAULT_TEMPLATES.values())
     texts = [t for group in templates for t in group]
     texts += [*_KIND_NOUN.values(), *_ORDINAL, "sound", *(w for ws in ANSWER_WORDS.values() for w in ws)]
     words = {w for text in texts for w in re.sub(r"\{\w+\}|[,?.:]", " ", text).split()}

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from slit.data import pipeline
+from slit.data.pipeline import example_texts
 
 TASK_KINDS = ("caption", "qa", "classify")
 EVAL_TASKS = {"caption": "captioning", "qa": "aqa", "classify": "classification"}
@@ -58,24 +59,15 @@ PLACEHOLDERS = {"caption": None, "qa": "{question}", "classify": "{choices}"}
 # --------------------------------------------------------------------------------------------------
 
 
-def _texts(example: Mapping[str, Any], key: str) -> list[str]:
-    values = example.get(key)
-    if values is None:
-        return []
-    if isinstance(values, bytes | str):
-        values = [values]
-    return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values]
-
-
 def clip_holds(example: Mapping[str, Any], kind: str) -> bool:
     """Whether one example can serve task `kind` (QA: at least one question, as many answers)."""
     if kind == "caption":
-        return bool(_texts(example, "captions") or _texts(example, "caption"))
+        return bool(example_texts(example, "captions") or example_texts(example, "caption"))
     if kind == "qa":
-        questions = _texts(example, "questions")
-        return bool(questions) and len(questions) == len(_texts(example, "answers"))
+        questions = example_texts(example, "questions")
+        return bool(questions) and len(questions) == len(example_texts(example, "answers"))
     if kind == "classify":
-        return bool(_texts(example, "labels"))
+        return bool(example_texts(example, "labels"))
     raise ValueError(f"task kind {kind!r}: use one of {', '.join(TASK_KINDS)}")
 
 
@@ -117,8 +109,8 @@ def split_contents(source: Sequence[Mapping[str, Any]], name: str = "") -> Split
         for kind in TASK_KINDS:
             if clip_holds(example, kind):
                 indices[kind].append(i)
-        labels.update(_texts(example, "labels"))
-        typed = typed or bool(_texts(example, "question_types"))
+        labels.update(example_texts(example, "labels"))
+        typed = typed or bool(example_texts(example, "question_types"))
     return SplitContents(
         name or "the split",
         len(source),
@@ -455,7 +447,9 @@ def unknown_token_note(
         for i in range(min(len(source), max_clips)):
             example = source[i]
             texts = [
-                t for key in ("captions", "questions", "answers", "labels") for t in _texts(example, key)
+                t
+                for key in ("captions", "questions", "answers", "labels")
+                for t in example_texts(example, key)
             ]
             if not texts:
                 continue

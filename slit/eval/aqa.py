@@ -22,6 +22,7 @@ import string
 import unicodedata
 from collections.abc import Mapping, Sequence
 
+from slit.data.pipeline import example_texts
 from slit.errors import UserError
 
 YES_NO, OPEN = "yes/no", "open"
@@ -113,15 +114,6 @@ def aqa_accuracy(
     }
 
 
-def _texts(example: Mapping, key: str) -> list[str]:
-    values = example.get(key)
-    if values is None:
-        return []
-    if isinstance(values, bytes | str):
-        values = [values]
-    return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values]
-
-
 def answer_kind(answer: str) -> str:
     """ "yes/no" when the answer normalises to yes or no, else "open" (for questions without a type)."""
     return YES_NO if normalize_answer(answer) in ("yes", "no") else OPEN
@@ -143,8 +135,8 @@ def majority_baseline(
     overall: collections.Counter = collections.Counter()
     for i in range(len(train)):
         ex = train[i]
-        answers = _texts(ex, "answers")
-        qtypes = _texts(ex, "question_types") if types else []
+        answers = example_texts(ex, "answers")
+        qtypes = example_texts(ex, "question_types") if types else []
         for n, answer in enumerate(answers):
             qtype = qtypes[n] if n < len(qtypes) else answer_kind(answer)
             by_type[qtype][normalize_answer(answer)] += 1

@@ -578,7 +578,6 @@ def export_qformer(
       The directory.
     """
     import transformers
-    from safetensors.numpy import save_file
 
     if layout not in QFORMER_LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; one of {QFORMER_LAYOUTS}")
@@ -619,13 +618,7 @@ def export_qformer(
             image_text_hidden_size=embed_dim,
         )
         hf_config.architectures = ["Blip2ForImageTextRetrieval"]
-    save_file(
-        {k: np.ascontiguousarray(v) for k, v in tensors.items()},
-        str(directory / "model.safetensors"),
-        metadata={"format": "pt"},
-    )
-    hf_config.to_json_file(str(directory / "config.json"))
-    return directory
+    return _write_hf_directory(directory, tensors, hf_config)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -695,7 +688,6 @@ def export_blip2_generation(
       The directory.
     """
     import transformers
-    from safetensors.numpy import save_file
 
     if layout not in GENERATION_LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; one of {GENERATION_LAYOUTS}")
@@ -723,6 +715,15 @@ def export_blip2_generation(
         hf_config.architectures = ["Blip2ForConditionalGeneration"]
     for key, value in (extra or {}).items():
         setattr(hf_config, key, value)
+    return _write_hf_directory(directory, tensors, hf_config)
+
+
+def _write_hf_directory(
+    directory: pathlib.Path, tensors: dict[str, np.ndarray], hf_config: Any
+) -> pathlib.Path:  # noqa: ANN401
+    """`model.safetensors` (PyTorch's layout) and `config.json`, as `from_pretrained` reads them."""
+    from safetensors.numpy import save_file
+
     save_file(
         {k: np.ascontiguousarray(v) for k, v in tensors.items()},
         str(directory / "model.safetensors"),
