@@ -4,8 +4,10 @@ A run's workdir (written by `slit train`) holds `config.json`, `checkpoints/<ste
 metadata: the resolved config and the frozen models' identities), the Q-Former's `tokenizer.json`, and for
 stage two the frozen LLM's tokenizer in `llm_tokenizer/`. `load_run` reads one checkpoint's trainable
 weights onto the host (NumPy), whatever mesh it was saved from, and names the workdir's tokenizer files; it
-builds no model and imports no trainer, so anything above the trainers (export, eval, generate) can use it
-and rebuild what it needs.
+builds no model and imports no trainer, so anything above the trainers (export, eval, generate) can use it.
+`open_stage1(run)` and `open_stage2(run)` then rebuild that stage's model around the weights on this
+process's mesh (the frozen models built as training builds them, and checked against the fingerprints the
+checkpoint recorded); `load_trained(workdir)` is both steps for a stage-two run (`slit generate`).
 
 Every problem (no such directory, not a workdir, no checkpoint, no such step, a step that cannot be read,
 an unknown trainer) is a `UserError` that says what to give instead.
@@ -15,7 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+from typing import Any
 
+import jax
 import ml_collections
 
 from slit.errors import UserError
@@ -114,3 +118,60 @@ def load_run(workdir: str | pathlib.Path, step: int | None = None) -> Run:
         qformer_tokenizer=qformer_tokenizer if qformer_tokenizer.is_file() else None,
         llm_tokenizer=llm_tokenizer if llm_tokenizer.is_dir() else None,
     )
+
+
+def _check_frozen(run: Run, frozen: dict, sources: dict[str, str], config: ml_collections.ConfigDict) -> None:
+    """Refuses frozen models other than those `run`'s checkpoint was trained with (as a resume does),
+    unless config.allow_frozen_mismatch."""
+    identity = checkpoint.frozen_identity(frozen, sources)
+    where = str(run.workdir / checkpoint.CHECKPOINTS / str(run.step))
+    checkpoint.check_frozen_identity(
+        run.frozen_models, identity, where, bool(config.get("allow_frozen_mismatch", False))
+    )
+
+
+def _placed(run: Run, fresh: dict, shardings: dict) -> dict:
+    """The run's trainable weights placed like `fresh` (the model's initial params: names, shapes,
+    dtypes) into `shardings`."""
+    from slit.train import pretrained
+
+    try:
+        return pretrained.put_like(fresh, run.params, shardings)
+    except ValueError as e:
+        raise UserError(
+            f"{run.workdir / checkpoint.CHECKPOINTS / str(run.step)}: the weights do not fit the model its "
+            f"config builds ({e})"
+        ) from None
+
+
+@dataclasses.dataclass
+class Stage1Opened:
+    """A stage-one run's model on this process's mesh: its weights (parts.params) in their shardings."""
+
+    config: ml_collections.ConfigDict
+    tokenizer: Any  # slit.data.tokenizer.TextTokenizer
+    parts: Any  # slit.train.harness.ModelParts (params: the run's, placed)
+    step: int
+    model_config: Any  # slit.models.stage1.Stage1Config
+    spec: Any  # slit.data.pipeline.AudioSpec
+    mesh: jax.sharding.Mesh
+    rules: dict
+
+
+def open_stage1(
+    run: Run, config: ml_collections.ConfigDict | None = None, mesh: jax.sharding.Mesh | None = None
+) -> Stage1Opened:
+    """Rebuilds `run`'s stage-one model (`config`: default the one recorded with the checkpoint; `mesh`:
+    default the config's) with the run's weights. Raises UserError when the frozen encoder is not the
+    one the run was trained with (unless config.allow_frozen_mismatch) or the weights do not fit."""
+    from slit.train import sharding, stage1_model
+
+    config = run.config if config is None else config
+    mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
+    rules = sharding.rules_dict(config.sharding_rules)
+    tokenizer = stage1_model.make_tokenizer(config, run.workdir)
+    cfg = stage1_model.model_config(config, tokenizer)
+    parts = stage1_model.create_model(cfg, config.seed, config.audio_encoder.init_seed, mesh, rules)
+    _check_frozen(run, parts.frozen, stage1_model.frozen_sources(config), config)
+    parts.params = _placed(run, parts.params, parts.param_shardings)
+    return Stage1Opened(config, tokenizer, parts, run.step, cfg, stage1_model.audio_spec(config), mesh, rules)

@@ -12,6 +12,7 @@ from safetensors.numpy import load_file
 from slit import export
 from slit.data import pipeline, sources
 from slit.errors import UserError
+from slit.eval import stage1 as stage1_eval
 from slit.train import checkpoint, sharding, stage1
 from tests.conftest import run_slit
 
@@ -73,7 +74,7 @@ def test_bundle_rebuilds_a_model_with_the_trained_outputs(trained, tmp_path):
         ),
     )["state"]
     ckpt.close()
-    fns = stage1.make_embedders(setup.parts.graphdef, mesh, rules, setup.parts)
+    fns = stage1_eval.make_embedders(setup.parts.graphdef, mesh, rules, setup.parts)
     with jax.set_mesh(mesh):
         emb, _, _ = fns.embed_audio(state["params"], setup.parts.frozen, batch["audio"], batch["num_samples"])
         want_audio = np.asarray(emb)

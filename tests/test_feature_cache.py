@@ -19,6 +19,7 @@ from flax import nnx
 
 from slit import config as config_lib
 from slit.data import feature_cache, pipeline, sources
+from slit.eval import stage1 as stage1_eval
 from slit.models.stage1 import Stage1Batch
 from slit.train import feature_cache as cache_lib
 from slit.train import sharding, stage1
@@ -204,7 +205,7 @@ def test_eval_of_a_cached_run_reads_the_cache_and_reports_what_the_trainer_did(t
     saved = json.loads(config_lib.to_json(config))  # (the CLI writes config.json; train() alone does not)
     (run_dir / "config.json").write_text(json.dumps(dict(saved, features="cached", features_dir=str(root))))
 
-    report, _ = stage1.evaluate_run(run_dir, config.data.name)
+    report, _ = stage1_eval.evaluate_run(run_dir, config.data.name)
     assert "reading frozen features from" in capsys.readouterr().out
     trainer = json.loads((workdir / "eval" / "retrieval.json").read_text())
     for ranking, got in (("contrastive", report["contrastive"]), ("reranked", report["reranked"])):
@@ -216,5 +217,5 @@ def test_eval_of_a_cached_run_reads_the_cache_and_reports_what_the_trainer_did(t
     (run_dir / "config.json").write_text(
         json.dumps(dict(saved, features="cached", features_dir=str(tmp_path / "empty")))
     )
-    stage1.evaluate_classification_run(run_dir, config.data.name)
+    stage1_eval.evaluate_classification_run(run_dir, config.data.name)
     assert "note: computing frozen features (no usable feature cache" in capsys.readouterr().out
