@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from slit.errors import UserError
-from slit.train import checkpoint, loop, stage1
+from slit.train import checkpoint, loop, stage1, stage1_model
 from slit.train.metrics import MetricWriter
 from slit.train.optimizer import make_optimizer, nonfinite_counts
 from slit.train.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionWatcher
@@ -299,11 +299,11 @@ def start_of(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> tuple[
     from slit.data import pipeline, sources
     from slit.train import sharding
 
-    tokenizer = stage1.make_tokenizer(config, workdir)
+    tokenizer = stage1_model.make_tokenizer(config, workdir)
     mesh = sharding.make_mesh(config.mesh)
     setup = stage1.build_training(config, tokenizer, mesh, sharding.rules_dict(config.sharding_rules))
     fresh = jax.device_get(setup.state)
-    identity = checkpoint.frozen_identity(setup.parts.frozen, stage1.frozen_sources(config))
+    identity = checkpoint.frozen_identity(setup.parts.frozen, stage1_model.frozen_sources(config))
     ckpt = checkpoint.Checkpointer(workdir, config, identity)
     spec = pipeline.AudioSpec(16000, int(config.data.max_seconds * 16000))
     source = sources.open_split(config.data.name, config.data.data_dir, "train")

@@ -15,7 +15,7 @@ from slit import export
 from slit.data import pipeline, sources
 from slit.eval import reports
 from slit.eval import stage1 as stage1_eval
-from slit.train import stage1
+from slit.train import stage1_model
 from tests.conftest import run_slit
 
 
@@ -25,7 +25,7 @@ def bundle_embeddings(workdir, tmp_path, config, texts):
     model, tokenizer, _ = export.load_bundle(export.export(workdir, "bundle", tmp_path / "bundle"))
     source = sources.open_split(config.data.name, config.data.data_dir, "test")
     clips = []
-    for batch in pipeline.eval_audio_batches(source, stage1.audio_spec(config), config.batch_size):
+    for batch in pipeline.eval_audio_batches(source, stage1_model.audio_spec(config), config.batch_size):
         features, mask = model.encode_audio(batch["audio"], batch["num_samples"])
         clips.append(
             np.asarray(model.audio_embeddings(model.query_outputs(features, mask, None)))[batch["valid"]]

@@ -23,8 +23,9 @@ import pytest
 from flax import nnx
 
 from slit import config as config_lib
+from slit import runs
 from slit.models.stage2 import Stage2Batch
-from slit.train import checkpoint, sharding, stage2
+from slit.train import checkpoint, sharding, stage2, stage2_model
 from tests.conftest import ROOT, TINY_DATA, run_slit, tiny_overrides
 
 CONFIG_FILE = ROOT / "configs" / "stage2_synthetic.py"
@@ -154,12 +155,12 @@ class Built:
         from slit.data import sources
 
         self.config = config
-        self.qformer_tok = stage2.make_qformer_tokenizer(config, pathlib.Path("/nonexistent"))
-        self.llm, self.llm_tok, self.llm_source = stage2.load_llm(config.llm)
-        self.encoders = stage2.make_encoders(config, self.qformer_tok, self.llm, self.llm_tok)
+        self.qformer_tok = stage2_model.make_qformer_tokenizer(config, pathlib.Path("/nonexistent"))
+        self.llm, self.llm_tok, self.llm_source = stage2_model.load_llm(config.llm)
+        self.encoders = stage2_model.make_encoders(config, self.qformer_tok, self.llm, self.llm_tok)
         self.mesh = one_device_mesh()
         self.rules = sharding.rules_dict(config.sharding_rules)
-        self.cfg = stage2.model_config(config, self.qformer_tok)
+        self.cfg = stage2_model.model_config(config, self.qformer_tok)
         self.setup = stage2.build_training(config, self.cfg, self.llm, self.mesh, self.rules)
         source = sources.open_split(config.data.name, config.data.data_dir, "train")
         it = iter(stage2.train_dataset(config, self.encoders, source))
@@ -414,7 +415,9 @@ def test_init_from_copies_the_stage_one_qformer(tmp_path, trained_run, built, ca
     config = ml_collections.ConfigDict(built.config.to_dict())
     config.init_from = str(stage1_dir)
     setup = built.setup
-    identity = checkpoint.frozen_identity(setup.parts.frozen, stage2.frozen_sources(config, built.llm_source))
+    identity = checkpoint.frozen_identity(
+        setup.parts.frozen, stage2_model.frozen_sources(config, built.llm_source)
+    )
     stage2.check_init_from_audio_tower(config.init_from, identity, config)  # same tower as stage one
     ckpt = checkpoint.Checkpointer(tmp_path, config, identity)
     try:
@@ -691,7 +694,7 @@ def test_eval_classification_ranks_labels_by_the_training_loss(cli_run, tiny_dat
     stem = TINY_DATA.replace("/", "_")
     metrics = json.loads((workdir / "eval" / f"classification-{stem}-test.json").read_text())["metrics"]
 
-    run = stage2.load_trained(workdir)
+    run = runs.load_trained(workdir)
     test = sources.open_split(TINY_DATA, tiny_data_dir, "test")
     classes, labels = generative.class_names_and_labels(test)
     assert metrics["classes"] == classes and metrics["num_items"] == len(test)

@@ -30,27 +30,10 @@ from slit.eval import reports, retrieval
 from slit.eval.stage1 import eval_progress, evaluate_retrieval, flatten_report, make_embedders
 from slit.models.stage1 import Stage1Batch
 from slit.train import checkpoint, harness, loop, sharding
-from slit.train.harness import ModelParts, TrainingSetup
+from slit.train.harness import TrainingSetup
 from slit.train.metrics import MetricWriter
 from slit.train.optimizer import apply_gradients
 from slit.train.stage1_model import audio_spec, create_model, frozen_sources, make_tokenizer, model_config
-
-__all__ = [  # the model's assembly is slit/train/stage1_model.py; these names are kept here for callers
-    "BATCH_KEYS",
-    "CACHED_BATCH_KEYS",
-    "ModelParts",
-    "TrainingSetup",
-    "audio_spec",
-    "build_training",
-    "create_model",
-    "frozen_sources",
-    "loss_and_grads",
-    "make_tokenizer",
-    "make_train_step",
-    "model_config",
-    "train",
-    "validate",
-]
 
 BATCH_KEYS = ("audio", "num_samples", "text_ids")
 CACHED_BATCH_KEYS = ("features", "frame_mask", "text_ids")  # features=cached: the frozen encoder's outputs

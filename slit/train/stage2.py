@@ -40,12 +40,11 @@ from slit.data.tokenizer import TextTokenizer
 from slit.errors import UserError
 from slit.eval import stage2 as evals
 from slit.eval.stage2 import evaluate_split, evaluation_sets, headline, write_reports
-from slit.generate.answerer import Answerer, generation_config
+from slit.generate.answerer import Answerer
 from slit.models.bridges import BRIDGES
 from slit.models.stage2 import LOSS_AVERAGES, REMAT_POLICIES, Stage2Batch, Stage2Config
-from slit.runs import TrainedRun, load_trained
 from slit.train import checkpoint, harness, loop, pretrained, sharding
-from slit.train.harness import ModelParts, TrainingSetup
+from slit.train.harness import TrainingSetup
 from slit.train.metrics import MetricWriter
 from slit.train.optimizer import apply_gradients
 from slit.train.stage2_model import (
@@ -59,26 +58,6 @@ from slit.train.stage2_model import (
     make_qformer_tokenizer,
     model_config,
 )
-
-__all__ = [  # the model's assembly is slit/train/stage2_model.py, its evaluations slit/eval/stage2.py and
-    # opening a trained run slit/runs.py; the names below are kept here for callers
-    "LLM_TOKENIZER_DIR",
-    "Answerer",
-    "Encoders",
-    "ModelParts",
-    "TrainedRun",
-    "TrainingSetup",
-    "audio_spec",
-    "create_model",
-    "evaluate_split",
-    "frozen_sources",
-    "generation_config",
-    "load_llm",
-    "load_trained",
-    "make_encoders",
-    "make_qformer_tokenizer",
-    "model_config",
-]
 
 TEXT_KEYS = ("qformer_ids", "instruction_ids", "answer_ids")
 BATCH_KEYS = ("audio", "num_samples", *TEXT_KEYS)
