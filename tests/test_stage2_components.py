@@ -22,7 +22,7 @@ from flax import nnx  # noqa: E402
 
 from slit import config as config_lib  # noqa: E402
 from slit.errors import UserError  # noqa: E402
-from slit.train import checkpoint, pretrained, stage1, stage1_model, stage2, stage2_model  # noqa: E402
+from slit.train import checkpoint, init_from, pretrained, stage1, stage1_model, stage2, stage2_model  # noqa: E402
 from tests.conftest import tiny_config  # noqa: E402
 from tests.test_parity_wav2vec2 import _checkpoint as write_wav2vec2_family  # noqa: E402
 from tests.test_stage1_pretrained import _bert_dir, _whisper_dir  # noqa: E402
@@ -148,11 +148,11 @@ def test_init_from_a_stage_one_run_on_a_pretrained_encoder(wav2vec2_stage_one, t
     identity = checkpoint.frozen_identity(
         built.setup.parts.frozen, stage2_model.frozen_sources(config, built.llm_source)
     )
-    stage2.check_init_from_audio_tower(config.init_from, identity, config)  # the same encoder: accepted
-    start = stage2.init_from_stage_one(
+    init_from.check_init_from_audio_tower(config.init_from, identity, config)  # the same encoder: accepted
+    start = init_from.init_from_stage_one(
         config.init_from, built.setup.state, built.setup.state_shardings, built.qformer_tok
     )
-    saved = flat(stage2.read_params(workdir)[0])
+    saved = flat(init_from.read_params(workdir)[0])
     got = flat(jax.device_get(start.state["params"]))
     name = "bridge/qformer/layers/0/cross_attention/key/kernel"  # reads the wav2vec2 width
     np.testing.assert_array_equal(got[name], saved[name.removeprefix("bridge/")])
@@ -162,7 +162,7 @@ def test_init_from_a_stage_one_run_on_a_pretrained_encoder(wav2vec2_stage_one, t
         tiny_data_dir, llm_dir, **{**overrides, "audio_encoder.hidden_layer": -1}, init_from=str(workdir)
     )
     with pytest.raises(UserError, match=r"audio_encoder\.hidden_layer=-1 here, -2 in stage one"):
-        stage2.check_init_from_audio_tower(workdir, identity, other_layer)
+        init_from.check_init_from_audio_tower(workdir, identity, other_layer)
     # Another encoder altogether (the random Whisper of the config): refused by fingerprint.
     random_config = stage2_config(tiny_data_dir, llm_dir, init_from=str(workdir))
     random_built = Built(random_config, num_batches=1)
@@ -170,7 +170,7 @@ def test_init_from_a_stage_one_run_on_a_pretrained_encoder(wav2vec2_stage_one, t
         random_built.setup.parts.frozen, stage2_model.frozen_sources(random_config, random_built.llm_source)
     )
     with pytest.raises(UserError, match="another audio tower"):
-        stage2.check_init_from_audio_tower(workdir, random_identity, random_config)
+        init_from.check_init_from_audio_tower(workdir, random_identity, random_config)
     assert pretrained.audio_settings(random_config).kind == "random"
 
 

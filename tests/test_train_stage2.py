@@ -25,7 +25,7 @@ from flax import nnx
 from slit import config as config_lib
 from slit import runs
 from slit.models.stage2 import Stage2Batch
-from slit.train import checkpoint, sharding, stage2, stage2_model
+from slit.train import checkpoint, init_from, sharding, stage2, stage2_model
 from tests.conftest import ROOT, TINY_DATA, run_slit, tiny_overrides
 
 CONFIG_FILE = ROOT / "configs" / "stage2_synthetic.py"
@@ -418,10 +418,10 @@ def test_init_from_copies_the_stage_one_qformer(tmp_path, trained_run, built, ca
     identity = checkpoint.frozen_identity(
         setup.parts.frozen, stage2_model.frozen_sources(config, built.llm_source)
     )
-    stage2.check_init_from_audio_tower(config.init_from, identity, config)  # same tower as stage one
+    init_from.check_init_from_audio_tower(config.init_from, identity, config)  # same tower as stage one
     ckpt = checkpoint.Checkpointer(tmp_path, config, identity)
     try:
-        start = stage2.resolve_start(
+        start = init_from.resolve_start(
             ckpt, config, setup.state, setup.state_shardings, None, built.qformer_tok
         )
     finally:
@@ -432,7 +432,7 @@ def test_init_from_copies_the_stage_one_qformer(tmp_path, trained_run, built, ca
     saved = flat(ocp.PyTreeCheckpointer().restore(step_dir / "state")["params"])
     got = flat(jax.device_get(start.state["params"]))
     fresh = flat(jax.device_get(setup.state["params"]))
-    qformer = [n for n in got if n.startswith("bridge/qformer/") and n != stage2.WORD_EMBEDDINGS]
+    qformer = [n for n in got if n.startswith("bridge/qformer/") and n != init_from.WORD_EMBEDDINGS]
     assert len(qformer) > 30
     for name in qformer:  # stage one's qformer/... is the bridge's bridge/qformer/...
         np.testing.assert_array_equal(got[name], saved[name.removeprefix("bridge/")], err_msg=name)
@@ -440,13 +440,18 @@ def test_init_from_copies_the_stage_one_qformer(tmp_path, trained_run, built, ca
     # Word embeddings move by word: stage one's vocabulary (captions) into stage two's (+ instructions).
     old_vocab = json.loads((stage1_dir / "tokenizer.json").read_text())["model"]["vocab"]
     new_vocab = built.qformer_tok.tokenizer.get_vocab(with_added_tokens=True)
-    table, old_table = got[stage2.WORD_EMBEDDINGS], saved[stage2.WORD_EMBEDDINGS.removeprefix("bridge/")]
+    table, old_table = (
+        got[init_from.WORD_EMBEDDINGS],
+        saved[init_from.WORD_EMBEDDINGS.removeprefix("bridge/")],
+    )
     assert table.shape[0] == len(new_vocab) > old_table.shape[0]
     for word in ("beep", "loud", "[CLS]", "[SEP]", "[PAD]"):
         np.testing.assert_array_equal(table[new_vocab[word]], old_table[old_vocab[word]], err_msg=word)
     for word in ("describe", "how", "question"):  # instruction words stage one never saw: fresh rows
         assert word not in old_vocab
-        np.testing.assert_array_equal(table[new_vocab[word]], fresh[stage2.WORD_EMBEDDINGS][new_vocab[word]])
+        np.testing.assert_array_equal(
+            table[new_vocab[word]], fresh[init_from.WORD_EMBEDDINGS][new_vocab[word]]
+        )
     assert "Initialised" in capfd.readouterr().err
 
 
