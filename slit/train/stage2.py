@@ -5,9 +5,9 @@ made from what the datasets hold and mixed with configurable weights); the step 
 (the model of slit/train/stage2_model.py around the frozen LLM, through the shared harness); then
 `train`: where the run starts (its own checkpoint, resume_from, or the Q-Former of a stage-one run via
 `init_from`: slit/train/init_from.py), the shared step loop (slit/train/loop.py) and, after it,
-captioning (CIDEr-D and the other caption metrics), question answering (accuracy, with the majority-answer
-baselines next to it) and zero-shot classification, each where the held-out test clips hold its field (the others are named as
-skipped), written as eval reports (slit/eval/stage2.py:
+captioning (CIDEr-D and the other caption metrics), question answering (accuracy, with the
+majority-answer baselines next to it) and zero-shot classification, each where the held-out test clips
+hold its field (the others are named as skipped), written as eval reports (slit/eval/stage2.py:
 `<workdir>/eval/{captioning,aqa,classification}-<data>-test.{json,md,png}`).
 
     slit train --config configs/stage2_synthetic.py --workdir runs/stage2 \\
