@@ -11,7 +11,6 @@ import ast
 import difflib
 import importlib.util
 import json
-import math
 import pathlib
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -19,7 +18,6 @@ from typing import Any
 import ml_collections
 
 from slit.errors import UserError
-from slit.train import sharding
 
 
 class ConfigError(UserError):
@@ -122,53 +120,12 @@ def to_json(config: ml_collections.ConfigDict) -> str:
 
 def validate_stage1(config: ml_collections.ConfigDict, num_devices: int, num_processes: int = 1) -> None:
     """Checks everything that can be checked before compiling; raises ConfigError listing all problems."""
-    problems = []
-    try:
-        shape = sharding.resolve_mesh_shape(config.mesh, num_devices)
-    except ValueError as e:
-        problems.append(str(e))
-        shape = None
-    if shape is not None:
-        sizes = dict(zip(sharding.MESH_AXES, shape, strict=True))
-        batch_target = dict(sharding.rules_dict(config.sharding_rules)).get("batch")
-        batch_axes = (batch_target,) if isinstance(batch_target, str) else tuple(batch_target or ())
-        unknown_axes = [a for a in batch_axes if a not in sizes]
-        if unknown_axes:
-            problems.append(f"sharding_rules: 'batch' maps to unknown mesh axes {unknown_axes}")
-        else:
-            dp = math.prod(sizes[a] for a in batch_axes)
-            if config.batch_size % dp:
-                problems.append(
-                    f"batch_size={config.batch_size} is not divisible by the data-parallel size {dp} "
-                    f"({' x '.join(f'{a}={sizes[a]}' for a in batch_axes)}); use a multiple of {dp}"
-                )
-    for name, target in sharding.rules_dict(config.sharding_rules).items():
-        targets = (target,) if isinstance(target, str) else tuple(target or ())
-        bad = [t for t in targets if t not in sharding.MESH_AXES]
-        if bad:
-            problems.append(f"sharding_rules: {name!r} maps to {bad}, not one of {sharding.MESH_AXES}")
-    if config.batch_size % num_processes:
-        problems.append(f"batch_size={config.batch_size} is not divisible by {num_processes} processes")
+    from slit.train import harness, pretrained  # the checks every trainer shares; the components'
+
+    problems = harness.common_problems(config, num_devices, num_processes)
     if config.batch_size < 2:
         problems.append(f"batch_size={config.batch_size}: contrastive and matching losses need at least 2")
-    for key in ("total_steps", "log_every_steps"):
-        if config[key] <= 0:
-            problems.append(f"{key}={config[key]} must be positive")
-    if config.resume_from and config.init_from:
-        problems.append("resume_from and init_from are both set; a run starts from one of them")
-    if config.max_consecutive_nonfinite < 1:
-        problems.append(f"max_consecutive_nonfinite={config.max_consecutive_nonfinite} must be at least 1")
-    for key in ("eval_every_steps", "checkpoint_every_steps", "checkpoint_keep_period"):
-        if config[key] < 0:
-            problems.append(f"{key}={config[key]} must be >= 0 (0 turns it off)")
-    opt = config.optimizer
-    if not 0 <= opt.warmup_steps <= config.total_steps:
-        problems.append(f"optimizer.warmup_steps={opt.warmup_steps} must be within [0, total_steps]")
-    if opt.learning_rate <= 0 or not 0 <= opt.min_learning_rate <= opt.learning_rate:
-        problems.append("optimizer: need learning_rate > 0 and 0 <= min_learning_rate <= learning_rate")
     q = config.qformer
-    from slit.train import pretrained  # the frozen encoder's and the Q-Former's sources and sizes
-
     problems.extend(pretrained.audio_problems(config))
     problems.extend(pretrained.qformer_problems(config))
     if q.num_queries < 1:

@@ -55,7 +55,7 @@ TrainedRun = runs.Run  # the name this module used before slit.runs
 class Bundle(NamedTuple):
     """What `load_bundle` returns; unpacks as (model, tokenizer, info)."""
 
-    model: Any  # stage one: a Stage1Model; stage two: a slit.train.stage2.TrainedRun (`.answer` generates)
+    model: Any  # stage one: a Stage1Model; stage two: a slit.runs.TrainedRun (`.answer` generates)
     tokenizer: Any  # the Q-Former's TextTokenizer
     info: dict  # the bundle's config.json
 
@@ -207,9 +207,9 @@ def typed_params(run: runs.Run) -> tuple[dict, Any]:
     Stage1Config; raises UserError when the weights do not fit the model the config builds."""
     from slit.data.tokenizer import TextTokenizer
     from slit.models.stage1 import Stage1Model
-    from slit.train import stage1
+    from slit.train import stage1_model
 
-    cfg = stage1.model_config(run.config, TextTokenizer.from_directory(run.workdir))
+    cfg = stage1_model.model_config(run.config, TextTokenizer.from_directory(run.workdir))
     abstract = nnx.eval_shape(lambda: Stage1Model(cfg, rngs=nnx.Rngs(0)))
     like = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
     return unflatten(flatten(run.params), like), cfg
@@ -228,8 +228,9 @@ def export_hf_blip2(run: runs.Run, out: pathlib.Path) -> None:
         hf_convert.export_qformer(out, params, cfg.qformer, layout="blip2-retrieval", embed_dim=cfg.embed_dim)
         copy_tokenizers(run, out)
         return
+    from slit.data.text_encoders import llm_prompt_text
     from slit.data.tokenizer import TextTokenizer
-    from slit.train import stage2
+    from slit.train import stage2_model
 
     bridge = run.config.get("bridge", {}).get("kind", "qformer")
     if bridge != "qformer":
@@ -237,7 +238,7 @@ def export_hf_blip2(run: runs.Run, out: pathlib.Path) -> None:
             f"--format hf-blip2 writes a Q-Former; {run.workdir}'s bridge is {bridge!r}: use safetensors "
             "or bundle"
         )
-    cfg = stage2.model_config(run.config, TextTokenizer.from_directory(run.workdir))
+    cfg = stage2_model.model_config(run.config, TextTokenizer.from_directory(run.workdir))
     params = int_keys(run.params)
     layout = "instructblip-generation" if cfg.bridge.instruction_in_qformer else "blip2-generation"
     hf_convert.export_blip2_generation(
@@ -252,7 +253,7 @@ def export_hf_blip2(run: runs.Run, out: pathlib.Path) -> None:
                 "stage": "stage2",
                 "step": run.step,
                 "frozen_models": run.frozen_models,
-                "llm_prompt": stage2.llm_prompt_text("{instruction}"),
+                "llm_prompt": llm_prompt_text("{instruction}"),
                 "trained_on": run.config.data.name,
             }
         },
@@ -370,7 +371,7 @@ def model_card(run: runs.Run, info: dict) -> str:
 def stage2_model_card(run: runs.Run, info: dict) -> str:
     """A stage-two README.md: the Q-Former and projection, into which frozen LLM, whether the instruction
     enters the Q-Former, the data, the workdir's eval results, and how to load it."""
-    from slit.train import stage2
+    from slit.data.text_encoders import llm_prompt_text
 
     c = run.config
     q, a = c.qformer, c.audio_encoder
@@ -390,7 +391,7 @@ def stage2_model_card(run: runs.Run, info: dict) -> str:
         tasks = ", ".join(f"{name} {weight:g}" for name, weight in weights.items())
     except (AttributeError, KeyError, TypeError, ValueError):
         tasks = ""
-    prompt = stage2.llm_prompt_text("<instruction>").replace("\n", "\\n")
+    prompt = llm_prompt_text("<instruction>").replace("\n", "\\n")
     lines = [
         "# slit stage-two audio-language model: a Q-Former soft prompt for a frozen LLM",
         "",
@@ -424,9 +425,9 @@ def stage2_model_card(run: runs.Run, info: dict) -> str:
         "",
         "```python",
         "from slit import export",
-        "from slit.train import stage2",
+        "from slit.generate.answerer import generation_config",
         'run, _, info = export.load_bundle("BUNDLE_DIR")  # checks the frozen models\' fingerprints',
-        "gen = stage2.generation_config(run.config)  # the run's decoding settings (config.eval)",
+        "gen = generation_config(run.config)  # the run's decoding settings (config.eval)",
         'answers = run.answer(audio_bs, num_samples_b, ["describe the sound."], gen)  # float32 (B, S), (B,)',
         "```",
         "",
@@ -447,7 +448,7 @@ def load_bundle(
 ) -> Bundle:
     """Rebuilds the model of a `--format bundle` export: Bundle(model, tokenizer, info).
 
-    Stage one: model is a Stage1Model. Stage two: model is a `slit.train.stage2.TrainedRun` (config,
+    Stage one: model is a Stage1Model. Stage two: model is a `slit.runs.TrainedRun` (config,
     params, answerer; `model.answer(audio (B, S), num_samples (B,), B instructions, gen)` -> B answers),
     with the frozen LLM loaded from its recorded `llm.path`, or from `llm_path` when given (the same
     checkpoint elsewhere). tokenizer is the Q-Former's; info the bundle's config.json.
@@ -474,16 +475,16 @@ def load_bundle(
         return Bundle(
             _load_stage2(directory, config, tokenizer, weights, info, check_frozen, llm_path), tokenizer, info
         )
-    from slit.train import sharding, stage1
+    from slit.train import sharding, stage1_model
 
     # Built exactly as training builds it (jitted init), so a random frozen encoder comes out bit-identical.
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
-    parts = stage1.create_model(
-        stage1.model_config(config, tokenizer), 0, config.audio_encoder.init_seed, mesh, {}
+    parts = stage1_model.create_model(
+        stage1_model.model_config(config, tokenizer), 0, config.audio_encoder.init_seed, mesh, {}
     )
     params = unflatten(weights, jax.device_get(parts.params))
     if check_frozen:
-        identity = checkpoint.frozen_identity(parts.frozen, stage1.frozen_sources(config))
+        identity = checkpoint.frozen_identity(parts.frozen, stage1_model.frozen_sources(config))
         checkpoint.check_frozen_identity(
             info["frozen_models"], identity, str(directory), allow_mismatch=False
         )
@@ -499,9 +500,9 @@ def _load_stage2(
     info: dict,
     check_frozen: bool,
     llm_path: str | None,
-) -> Any:  # noqa: ANN401 (slit.train.stage2.TrainedRun)
+) -> runs.TrainedRun:
     from slit.models.llm import loading
-    from slit.train import stage2
+    from slit.train import pretrained
 
     if not (directory / LLM_TOKENIZER_DIR).is_dir():
         raise UserError(f"{directory} is not a stage-two bundle: {LLM_TOKENIZER_DIR}/ is missing")
@@ -513,7 +514,7 @@ def _load_stage2(
             f"{directory}: the frozen LLM ({source}) was read from llm.path={config.llm.path}, which holds "
             "no checkpoint here; pass load_bundle(..., llm_path=DIR) the directory of the same checkpoint"
         )
-    parts, answerer, identity = stage2.build_answerer(
+    parts, answerer, identity = runs.build_stage2(
         config, tokenizer, loading.load_tokenizer(directory / LLM_TOKENIZER_DIR)
     )
     if check_frozen:
@@ -521,4 +522,4 @@ def _load_stage2(
             info["frozen_models"], identity, str(directory), allow_mismatch=False
         )
     params = jax.device_put(unflatten(weights, jax.device_get(parts.params)), parts.param_shardings)
-    return stage2.TrainedRun(config, params, answerer, int(info["step"]), stage2.audio_spec(config))
+    return runs.TrainedRun(config, params, answerer, int(info["step"]), pretrained.audio_spec(config))

@@ -12,7 +12,7 @@ import sys
 import jax
 import numpy as np
 
-from slit.train import sharding, stage1
+from slit.train import sharding, stage1, stage1_model
 from tests.conftest import tiny_config, train_batches
 
 
@@ -54,7 +54,7 @@ def main():
     data_dir, data, fsdp, tensor = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     assert jax.device_count() == 8, jax.device_count()
     config = tiny_config(data_dir, **{"qformer.width": 64, "qformer.mlp_dim": 128, "audio_encoder.width": 64})
-    tokenizer = stage1.make_tokenizer(config, pathlib.Path("/nonexistent"))
+    tokenizer = stage1_model.make_tokenizer(config, pathlib.Path("/nonexistent"))
     batches = train_batches(config, tokenizer, 3)
     single, single_grads, single_losses, _ = run(
         config, jax.devices()[:1], {"data": 1, "fsdp": 1, "tensor": 1}, tokenizer, batches

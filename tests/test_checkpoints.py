@@ -3,6 +3,7 @@ refusal, and the non-finite guard."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pathlib
@@ -20,7 +21,7 @@ import numpy as np
 import pytest
 
 from slit.errors import UserError
-from slit.train import checkpoint, loop, stage1
+from slit.train import checkpoint, loop, stage1, stage1_model
 from slit.train.metrics import MetricWriter
 from slit.train.optimizer import make_optimizer, nonfinite_counts
 from slit.train.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionWatcher
@@ -60,20 +61,38 @@ def final_params(workdir: pathlib.Path, step: int) -> dict:
     return by_name(read_checkpoint_on_host(workdir / "checkpoints", step))
 
 
-def test_exact_resume_after_sigterm_at_a_random_step(tmp_path, tiny_data_dir):
+def stage2_train_args(
+    workdir: pathlib.Path, data_dir: str, llm_dir: pathlib.Path, **extra: object
+) -> list[str]:
+    """`slit train` of configs/stage2_synthetic.py shrunk as tests/test_train_stage2.py shrinks it (a fresh
+    bridge on the tiny random Llama; the final evaluation on 2 test clips)."""
+    from tests.test_train_stage2 import CONFIG_FILE, cli_args, stage2_overrides
+
+    overrides = stage2_overrides(data_dir, llm_dir, **{"eval.max_clips": 2, **extra})
+    command = [sys.executable, "-m", "slit.cli", "train", "--config", str(CONFIG_FILE)]
+    return [*command, "--workdir", str(workdir), *cli_args(overrides)]
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+def test_exact_resume_after_sigterm_at_a_random_step(tmp_path, tiny_data_dir, stage):
+    """Both trainers (one harness): a run stopped by SIGTERM saves, exits 75, and the same command
+    resumes it to the same losses at every step and the same final weights as an uninterrupted run."""
     total = 10
     settings = dict(total_steps=total, log_every_steps=1, checkpoint_every_steps=0, eval_every_steps=0)
-    reference = subprocess.run(
-        train_args(tmp_path / "ref", tiny_data_dir, **settings), capture_output=True, text=True, cwd=ROOT
-    )
+    if stage == "stage1":
+        args = functools.partial(train_args, data_dir=tiny_data_dir, **settings)
+    else:
+        from tests.test_train_stage2 import write_tiny_llama
+
+        llm_dir = write_tiny_llama(tmp_path / "tiny_llama")
+        args = functools.partial(stage2_train_args, data_dir=tiny_data_dir, llm_dir=llm_dir, **settings)
+    reference = subprocess.run(args(tmp_path / "ref"), capture_output=True, text=True, cwd=ROOT)
     assert reference.returncode == 0, reference.stderr[-3000:]
 
     interrupt_after = random.randint(2, total - 3)
     workdir = tmp_path / "interrupted"
     with (tmp_path / "log.txt").open("w") as log:
-        proc = subprocess.Popen(
-            train_args(workdir, tiny_data_dir, **settings), stdout=log, stderr=log, cwd=ROOT
-        )
+        proc = subprocess.Popen(args(workdir), stdout=log, stderr=log, cwd=ROOT)
         deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None:
             metrics = workdir / "metrics.jsonl"
@@ -88,9 +107,7 @@ def test_exact_resume_after_sigterm_at_a_random_step(tmp_path, tiny_data_dir):
     assert len(saved) == 1 and interrupt_after <= saved[0] < total, (interrupt_after, saved)
     assert "SIGTERM received" in log_text and "re-run the same command" in log_text
 
-    resumed = subprocess.run(
-        train_args(workdir, tiny_data_dir, **settings), capture_output=True, text=True, cwd=ROOT
-    )
+    resumed = subprocess.run(args(workdir), capture_output=True, text=True, cwd=ROOT)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"(step {saved[0]}; this workdir)" in resumed.stderr
 
@@ -100,6 +117,12 @@ def test_exact_resume_after_sigterm_at_a_random_step(tmp_path, tiny_data_dir):
     assert sorted(ours) == sorted(theirs)
     for name in ours:
         np.testing.assert_array_equal(ours[name], theirs[name], err_msg=name)
+    # and the same evaluation after the last step
+    reports = sorted((tmp_path / "ref" / "eval").glob("*.json"))
+    assert reports
+    for report in reports:
+        want, got = json.loads(report.read_text()), json.loads((workdir / "eval" / report.name).read_text())
+        assert got.get("metrics") == want.get("metrics"), report.name
 
 
 def run_hop(data_dir: str, workdir: pathlib.Path, devices: int, data: int, fsdp: int, steps: int) -> dict:
@@ -299,11 +322,11 @@ def start_of(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> tuple[
     from slit.data import pipeline, sources
     from slit.train import sharding
 
-    tokenizer = stage1.make_tokenizer(config, workdir)
+    tokenizer = stage1_model.make_tokenizer(config, workdir)
     mesh = sharding.make_mesh(config.mesh)
     setup = stage1.build_training(config, tokenizer, mesh, sharding.rules_dict(config.sharding_rules))
     fresh = jax.device_get(setup.state)
-    identity = checkpoint.frozen_identity(setup.parts.frozen, stage1.frozen_sources(config))
+    identity = checkpoint.frozen_identity(setup.parts.frozen, stage1_model.frozen_sources(config))
     ckpt = checkpoint.Checkpointer(workdir, config, identity)
     spec = pipeline.AudioSpec(16000, int(config.data.max_seconds * 16000))
     source = sources.open_split(config.data.name, config.data.data_dir, "train")

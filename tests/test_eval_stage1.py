@@ -14,7 +14,8 @@ import pytest
 from slit import export
 from slit.data import pipeline, sources
 from slit.eval import reports
-from slit.train import stage1
+from slit.eval import stage1 as stage1_eval
+from slit.train import stage1_model
 from tests.conftest import run_slit
 
 
@@ -24,7 +25,7 @@ def bundle_embeddings(workdir, tmp_path, config, texts):
     model, tokenizer, _ = export.load_bundle(export.export(workdir, "bundle", tmp_path / "bundle"))
     source = sources.open_split(config.data.name, config.data.data_dir, "test")
     clips = []
-    for batch in pipeline.eval_audio_batches(source, stage1.audio_spec(config), config.batch_size):
+    for batch in pipeline.eval_audio_batches(source, stage1_model.audio_spec(config), config.batch_size):
         features, mask = model.encode_audio(batch["audio"], batch["num_samples"])
         clips.append(
             np.asarray(model.audio_embeddings(model.query_outputs(features, mask, None)))[batch["valid"]]
@@ -129,7 +130,7 @@ def test_a_stopped_retrieval_eval_resumes_from_its_saved_batches(trained_run, tm
     """Stopped once while embedding clips and once while re-ranking, the evaluation re-runs only the
     batches it had not saved and reports exactly what an uninterrupted evaluation reports."""
     workdir, config = own_copy(trained_run, tmp_path)
-    run = stage1.load_run(workdir, config.data.name)
+    run = stage1_eval.load_run(workdir, config.data.name)
     calls = {"embed": 0, "match": 0}
 
     def counted(name, fn):
@@ -145,7 +146,7 @@ def test_a_stopped_retrieval_eval_resumes_from_its_saved_batches(trained_run, tm
     )
 
     def evaluate(should_stop, progress):
-        return stage1.evaluate_retrieval(
+        return stage1_eval.evaluate_retrieval(
             "test", run.config, run.tokenizer, run.spec, run.fns, run.params, run.frozen,
             should_stop, rerank_k=4, progress=progress,
         )  # fmt: skip
@@ -155,7 +156,7 @@ def test_a_stopped_retrieval_eval_resumes_from_its_saved_batches(trained_run, tm
         total = dict(calls)
         assert total["embed"] == 2 and total["match"] > 2  # 16 clips in batches of 8; many pair batches
 
-        progress = stage1.eval_progress(workdir, run.config, task="retrieval", step=run.step)
+        progress = stage1_eval.eval_progress(workdir, run.config, task="retrieval", step=run.step)
         for stop_after in (1, total["embed"] + 2):  # inside the audio batches, then inside re-ranking
             calls.update(embed=0, match=0)
             checks = iter(range(10**9))
@@ -164,7 +165,7 @@ def test_a_stopped_retrieval_eval_resumes_from_its_saved_batches(trained_run, tm
         assert saved[:2] == ["audio-000000.npz", "audio-000001.npz"] and "rerank-000000.npz" in saved
 
         calls.update(embed=0, match=0)
-        again = stage1.eval_progress(workdir, run.config, task="retrieval", step=run.step)
+        again = stage1_eval.eval_progress(workdir, run.config, task="retrieval", step=run.step)
         got = evaluate(lambda: False, again)
     assert calls["embed"] == 0 and calls["match"] == total["match"] - (len(saved) - 2)
     assert again.resumed == len(saved) == 3

@@ -12,7 +12,8 @@ from safetensors.numpy import load_file
 from slit import export
 from slit.data import pipeline, sources
 from slit.errors import UserError
-from slit.train import checkpoint, sharding, stage1
+from slit.eval import stage1 as stage1_eval
+from slit.train import checkpoint, sharding, stage1, stage1_model
 from tests.conftest import run_slit
 
 
@@ -56,10 +57,10 @@ def test_bundle_rebuilds_a_model_with_the_trained_outputs(trained, tmp_path):
     # The training code's embeddings, from the workdir's checkpoint restored onto a mesh.
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.rules_dict(config.sharding_rules)
-    setup = stage1.build_training(config, stage1.make_tokenizer(config, workdir), mesh, rules)
-    identity = checkpoint.frozen_identity(setup.parts.frozen, stage1.frozen_sources(config))
+    setup = stage1.build_training(config, stage1_model.make_tokenizer(config, workdir), mesh, rules)
+    identity = checkpoint.frozen_identity(setup.parts.frozen, stage1_model.frozen_sources(config))
     ckpt = checkpoint.Checkpointer(workdir, config, identity)
-    spec = stage1.audio_spec(config)
+    spec = stage1_model.audio_spec(config)
     source = sources.open_split(config.data.name, config.data.data_dir, "test")
     batch = next(pipeline.eval_audio_batches(source, spec, config.batch_size))
     texts = pipeline.split_captions(source)[0][: config.batch_size]
@@ -73,7 +74,7 @@ def test_bundle_rebuilds_a_model_with_the_trained_outputs(trained, tmp_path):
         ),
     )["state"]
     ckpt.close()
-    fns = stage1.make_embedders(setup.parts.graphdef, mesh, rules, setup.parts)
+    fns = stage1_eval.make_embedders(setup.parts.graphdef, mesh, rules, setup.parts)
     with jax.set_mesh(mesh):
         emb, _, _ = fns.embed_audio(state["params"], setup.parts.frozen, batch["audio"], batch["num_samples"])
         want_audio = np.asarray(emb)

@@ -20,6 +20,7 @@ from slit import export, runs
 from slit.data import pipeline, sources
 from slit.data.tasks import DEFAULT_TEMPLATES as TASK_INSTRUCTIONS
 from slit.errors import UserError
+from slit.generate import answerer
 from slit.train import stage2
 from tests.conftest import TINY_DATA, run_slit
 from tests.test_train_stage2 import stage2_config, write_tiny_llama
@@ -45,8 +46,8 @@ def run_dir(tmp_path_factory, tiny_data_dir, llm_dir) -> pathlib.Path:
 
 
 @pytest.fixture(scope="module")
-def trained(run_dir) -> stage2.TrainedRun:
-    return stage2.load_trained(run_dir)
+def trained(run_dir) -> runs.TrainedRun:
+    return runs.load_trained(run_dir)
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +72,7 @@ def test_clips(trained) -> dict:
     }
 
 
-def soft_prompt_and_greedy_tokens(run: stage2.TrainedRun, clips: dict, instructions: list[str]) -> tuple:
+def soft_prompt_and_greedy_tokens(run: runs.TrainedRun, clips: dict, instructions: list[str]) -> tuple:
     """The soft prompt (B, Q, D) and greedy tokens (B, T) with lengths (B,), through the model's own
     methods and slit.generate (what the Answerer decodes)."""
     from slit.generate import generate
@@ -84,7 +85,7 @@ def soft_prompt_and_greedy_tokens(run: stage2.TrainedRun, clips: dict, instructi
         jnp.asarray(clips["audio"]), jnp.asarray(clips["num_samples"]), qformer_ids, None
     )
     embeds, mask, ids = model.prompt(soft, instruction_ids)
-    gen = stage2.generation_config(run.config, num_beams=1, do_sample=False)
+    gen = answerer.generation_config(run.config, num_beams=1, do_sample=False)
     out = generate(model.llm, embeds, mask, gen, prompt_token_ids=ids)
     return np.asarray(soft), np.asarray(out.tokens), np.asarray(out.lengths)
 
@@ -96,9 +97,9 @@ def soft_prompt_and_greedy_tokens(run: stage2.TrainedRun, clips: dict, instructi
 
 def test_bundle_generates_the_greedy_tokens_of_the_run(trained, bundle_dir, test_clips):
     rebuilt, tokenizer, info = export.load_bundle(bundle_dir)
-    assert isinstance(rebuilt, stage2.TrainedRun) and rebuilt.step == trained.step == info["step"] == 2
+    assert isinstance(rebuilt, runs.TrainedRun) and rebuilt.step == trained.step == info["step"] == 2
     assert tokenizer.vocab_size == trained.answerer.encoders.qformer.tokenizer.vocab_size
-    gen = stage2.generation_config(trained.config, num_beams=1, do_sample=False)
+    gen = answerer.generation_config(trained.config, num_beams=1, do_sample=False)
     all_tokens = []
     for instructions in test_clips["instructions"]:
         want_soft, want_tokens, want_lengths = soft_prompt_and_greedy_tokens(
@@ -197,7 +198,7 @@ def test_safetensors_export_has_weights_config_tokenizers_and_a_stage_two_card(r
 # --------------------------------------------------------------------------------------------------
 
 
-def slit_features(trained: stage2.TrainedRun, clips: dict) -> tuple[np.ndarray, np.ndarray, nnx.Module]:
+def slit_features(trained: runs.TrainedRun, clips: dict) -> tuple[np.ndarray, np.ndarray, nnx.Module]:
     """The frozen encoder's frames (B, F, E) and mask (B, F), and the merged slit model."""
     a = trained.answerer
     model = nnx.merge(a.graphdef, trained.params, a.frozen)

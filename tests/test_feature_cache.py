@@ -19,9 +19,10 @@ from flax import nnx
 
 from slit import config as config_lib
 from slit.data import feature_cache, pipeline, sources
+from slit.eval import stage1 as stage1_eval
 from slit.models.stage1 import Stage1Batch
 from slit.train import feature_cache as cache_lib
-from slit.train import sharding, stage1
+from slit.train import sharding, stage1, stage1_model
 from tests.conftest import ROOT, run_slit, tiny_config, tiny_overrides
 
 NOWHERE = pathlib.Path("/nonexistent")
@@ -41,9 +42,9 @@ def cache_root(tmp_path_factory, tiny_data_dir):
 def _model_parts(config):
     """The model's config and parts, built as training builds them."""
     config_lib.validate_stage1(config, num_devices=1)
-    cfg = stage1.model_config(config, stage1.make_tokenizer(config, NOWHERE))
+    cfg = stage1_model.model_config(config, stage1_model.make_tokenizer(config, NOWHERE))
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
-    return cfg, stage1.create_model(cfg, config.seed, config.audio_encoder.init_seed, mesh, {})
+    return cfg, stage1_model.create_model(cfg, config.seed, config.audio_encoder.init_seed, mesh, {})
 
 
 def _train_source(config):
@@ -55,14 +56,14 @@ def test_training_from_the_cache_matches_computing_features(tiny_data_dir, cache
     root, _ = cache_root
     config = tiny_config(tiny_data_dir, features_dir=str(root), features="cached", **SETTINGS)
     cfg, parts = _model_parts(config)
-    tokenizer = stage1.make_tokenizer(config, NOWHERE)
+    tokenizer = stage1_model.make_tokenizer(config, NOWHERE)
 
     @jax.jit
     def losses(params, frozen, batch):
         model = nnx.merge(parts.graphdef, params, frozen)
         return model(Stage1Batch(**batch), rngs=None, negatives_key=jax.random.key(3))[1]
 
-    spec = stage1.audio_spec(config)
+    spec = stage1_model.audio_spec(config)
     common = dict(max_text_length=config.data.max_text_length, global_batch_size=config.batch_size, seed=0)
     computed_batch = next(iter(pipeline.train_dataset(_train_source(config), tokenizer, spec, **common)))
     computed = losses(parts.params, parts.frozen, {k: computed_batch[k] for k in stage1.BATCH_KEYS})
@@ -92,9 +93,9 @@ def test_training_from_the_cache_matches_computing_features(tiny_data_dir, cache
 def _parts(config):
     """The model's config and frozen weights, built as training builds them (no train step)."""
     config_lib.validate_stage1(config, num_devices=1)
-    cfg = stage1.model_config(config, stage1.make_tokenizer(config, NOWHERE))
+    cfg = stage1_model.model_config(config, stage1_model.make_tokenizer(config, NOWHERE))
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
-    return cfg, stage1.create_model(cfg, config.seed, config.audio_encoder.init_seed, mesh, {}).frozen
+    return cfg, stage1_model.create_model(cfg, config.seed, config.audio_encoder.init_seed, mesh, {}).frozen
 
 
 def test_cache_is_keyed_by_encoder_and_frontend_not_by_the_qformer(tiny_data_dir, cache_root):
@@ -204,7 +205,7 @@ def test_eval_of_a_cached_run_reads_the_cache_and_reports_what_the_trainer_did(t
     saved = json.loads(config_lib.to_json(config))  # (the CLI writes config.json; train() alone does not)
     (run_dir / "config.json").write_text(json.dumps(dict(saved, features="cached", features_dir=str(root))))
 
-    report, _ = stage1.evaluate_run(run_dir, config.data.name)
+    report, _ = stage1_eval.evaluate_run(run_dir, config.data.name)
     assert "reading frozen features from" in capsys.readouterr().out
     trainer = json.loads((workdir / "eval" / "retrieval.json").read_text())
     for ranking, got in (("contrastive", report["contrastive"]), ("reranked", report["reranked"])):
@@ -216,5 +217,5 @@ def test_eval_of_a_cached_run_reads_the_cache_and_reports_what_the_trainer_did(t
     (run_dir / "config.json").write_text(
         json.dumps(dict(saved, features="cached", features_dir=str(tmp_path / "empty")))
     )
-    stage1.evaluate_classification_run(run_dir, config.data.name)
+    stage1_eval.evaluate_classification_run(run_dir, config.data.name)
     assert "note: computing frozen features (no usable feature cache" in capsys.readouterr().out

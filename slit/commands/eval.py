@@ -106,8 +106,7 @@ def run(args: argparse.Namespace, extra: Sequence[str]) -> int:
             f"--task {args.task} evaluates stage-two runs; {args.workdir} is a {trainer} run (use "
             f"{' or '.join(STAGE1_TASKS)})"
         )
-    from slit.eval import classification, reports, retrieval
-    from slit.train import stage1
+    from slit.eval import classification, reports, retrieval, stage1
 
     if args.task == "retrieval":
         report, paths = stage1.evaluate_run(

@@ -73,11 +73,12 @@ def run(args: argparse.Namespace, extra: Sequence[str]) -> int:
 
     import numpy as np
 
-    from slit.train import stage2
+    from slit import runs
+    from slit.generate.answerer import generation_config
 
-    trained = stage2.load_trained(workdir, args.step)
+    trained = runs.load_trained(workdir, args.step)
     spec = trained.spec
-    gen = stage2.generation_config(
+    gen = generation_config(
         trained.config,
         max_new_tokens=args.max_new_tokens,
         num_beams=args.num_beams,

@@ -139,9 +139,9 @@ def _open(
     max_clips: int,
 ) -> tuple[Any, Sequence[dict], tasks_lib.SplitContents, str]:  # noqa: ANN401
     """(the loaded run, the split's first max_clips clips (0: all), what they hold, the data_dir)."""
-    from slit.train import stage2
+    from slit import runs
 
-    run = stage2.load_trained(workdir, step)
+    run = runs.load_trained(workdir, step)
     data_dir = run.config.data.data_dir if data_dir is None else data_dir
     source = sources.open_split(data_name, data_dir, split)
     if max_clips:
@@ -151,7 +151,7 @@ def _open(
 
 
 def _evaluate(
-    run: Any,  # noqa: ANN401 (slit.train.stage2.TrainedRun)
+    run: Any,  # noqa: ANN401 (slit.runs.TrainedRun)
     workdir: str | pathlib.Path,
     task: str,
     source: Sequence[dict],
@@ -162,7 +162,7 @@ def _evaluate(
     instruction: str | None,
 ) -> tuple[dict, dict]:
     from slit.eval import aqa, captioning, reports
-    from slit.train import stage2
+    from slit.generate.answerer import generation_config
     from slit.train.preemption import Preempted, PreemptionWatcher
 
     config = run.config
@@ -175,7 +175,7 @@ def _evaluate(
         if jax.process_index() == 0:
             paths = reports.write_report(workdir, task, data_name, split, metrics, config, step=run.step)
         return metrics, paths
-    gen = stage2.generation_config(config)
+    gen = generation_config(config)
     template = instruction or templates["caption" if task == "captioning" else "qa"][0]
     if task == "aqa" and "{question}" not in template:
         raise UserError(f"--instruction {template!r}: a question-answering instruction needs {{question}}")

@@ -31,7 +31,7 @@ class Stage1Config:
 
     audio: the frozen encoder (slit.models.audio.encoder: architecture, hidden layer, windows).
     qformer_init: where the Q-Former's pretrained text weights come from (`qformer.init`; "" = random),
-      read by `slit.train.stage1.create_model`; the model itself never reads files.
+      read by `slit.train.stage1_model.create_model`; the model itself never reads files.
     """
 
     audio: AudioEncoderConfig

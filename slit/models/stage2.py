@@ -45,7 +45,7 @@ class Stage2Config:
 
     audio: the frozen audio encoder; bridge: a registered bridge's config (slit.models.bridges);
     qformer_init: where a Q-Former bridge's pretrained text weights come from (`qformer.init`; "":
-    random), read by slit.train.stage2.create_model.
+    random), read by slit.train.stage2_model.create_model.
     """
 
     audio: AudioEncoderConfig

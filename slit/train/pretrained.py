@@ -432,3 +432,13 @@ def qformer_problems(config: ml_collections.ConfigDict, text_length: str = "max_
             f"data.{text_length}={length} must be in [3, {positions}] (the Q-Former's text positions)"
         )
     return problems
+
+
+def audio_spec(config: ml_collections.ConfigDict) -> Any:  # noqa: ANN401 (slit.data.pipeline.AudioSpec)
+    """How clips are fed (both stages): cropped or zero-padded (and masked) to data.max_seconds at
+    data.sample_rate, i.e. (max_samples,) float32 per clip."""
+    from slit.data import pipeline
+
+    return pipeline.AudioSpec(
+        config.data.sample_rate, int(round(config.data.max_seconds * config.data.sample_rate))
+    )

