@@ -300,7 +300,9 @@ def llm_class_losses(
     graphdef, frozen = answerer.graphdef, answerer.frozen
 
     @jax.jit
-    def answer_logits(params: dict, batch: Stage2Batch) -> jax.Array:
+    def answer_logits(params: dict, frozen: dict, batch: Stage2Batch) -> jax.Array:
+        # The frozen weights are an argument, not constants folded into the program (a 135M LLM
+        # closed over took minutes of constant folding to compile).
         return nnx.merge(graphdef, params, frozen).answer_logits(batch, None)
 
     out = []
@@ -318,7 +320,7 @@ def llm_class_losses(
                 audio=batch["audio"],
                 num_samples=batch["num_samples"],
             )
-            logits = np.asarray(answer_logits(run.params, inputs))
+            logits = np.asarray(answer_logits(run.params, frozen, inputs))
             nll = classification.token_losses(logits, np.maximum(answer_ids, 0))
             losses[:, c] = (nll * (answer_ids >= 0)).sum(axis=1)
         out.append(losses[batch["valid"]])
