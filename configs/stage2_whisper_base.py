@@ -17,11 +17,11 @@ windows differ. The features come from the same cache as stage one's (`features=
 Expected (measured on the 2-core CPU machine, no GPU, 2026-12-04, from a stage-one run with test
 text->audio R@1 41.2%): 400 steps in 20 min at 2.5-3 s a step from the cache (29 min under heavier
 load), the test evaluation ~8 min more. This recipe does NOT yet beat the trivial baselines: the
-captions collapse to one or two sentences for every clip (CIDEr-D 0.004 at learning rate 1e-3;
-0.012 at 1e-4, warmup 30, stage one's optimizer) and question answering stays under the majority answer of each question type
-(46.8% and 45.2% vs 48.0%, one question per clip); zero-shot classification by the LLM's loss 28-29%
-(5 classes). The training loss falls from 5.9 to ~2.5 (the synthetic config's tiny Q-Former reaches
-1.4). Why is open: see the README's "Stage two on real encoders".
+captions collapse to one or two sentences for every clip (CIDEr-D 0.004 at learning rate 1e-3; 0.012 at
+1e-4, warmup 30, stage one's optimizer) and question answering stays under the majority answer of each
+question type (46.8% and 45.2% vs 48.0%, one question per clip); zero-shot classification by the LLM's
+loss 28-29% (5 classes). The training loss falls from 5.9 to ~2.5 (the synthetic config's tiny Q-Former
+reaches 1.4). Why is open: see the README's "Stage two on real encoders".
 """
 
 import pathlib
