@@ -75,42 +75,12 @@ TASK_NAMES = tasks_lib.TASK_KINDS
 def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes: int = 1) -> None:
     """Checks everything that can be checked before loading or compiling; raises ConfigError listing
     all problems."""
-    problems = []
-    try:
-        shape = sharding.resolve_mesh_shape(config.mesh, num_devices)
-        sizes = dict(zip(sharding.MESH_AXES, shape, strict=True))
-        batch_target = sharding.rules_dict(config.sharding_rules).get("batch")
-        axes = (batch_target,) if isinstance(batch_target, str) else tuple(batch_target or ())
-        dp = int(np.prod([sizes.get(a, 1) for a in axes]))
-        if config.batch_size % dp:
-            problems.append(f"batch_size={config.batch_size} is not divisible by the data-parallel size {dp}")
-        if config.eval.batch_size % dp:
-            problems.append(
-                f"eval.batch_size={config.eval.batch_size} is not divisible by the data-parallel size {dp}"
-            )
-    except ValueError as e:
-        problems.append(str(e))
-    if config.batch_size % num_processes:
-        problems.append(f"batch_size={config.batch_size} is not divisible by {num_processes} processes")
-    for key in ("total_steps", "log_every_steps", "batch_size"):
-        if config[key] <= 0:
-            problems.append(f"{key}={config[key]} must be positive")
-    for key in ("eval_every_steps", "checkpoint_every_steps", "checkpoint_keep_period"):
-        if config[key] < 0:
-            problems.append(f"{key}={config[key]} must be >= 0 (0 turns it off)")
-    if config.resume_from and config.init_from:
-        problems.append("resume_from and init_from are both set; a run starts from one of them")
-    if config.init_from and not pathlib.Path(config.init_from).exists():
+    problems = harness.common_problems(config, num_devices, num_processes)
+    dp = harness.data_parallel_size(config, num_devices)
+    if dp and config.eval.batch_size % dp:
         problems.append(
-            f"init_from={config.init_from}: no such workdir or checkpoint (give a stage-one workdir)"
+            f"eval.batch_size={config.eval.batch_size} is not divisible by the data-parallel size {dp}"
         )
-    if config.resume_from and not pathlib.Path(config.resume_from).exists():
-        problems.append(f"resume_from={config.resume_from}: no such workdir or checkpoint")
-    opt = config.optimizer
-    if not 0 <= opt.warmup_steps <= config.total_steps:
-        problems.append(f"optimizer.warmup_steps={opt.warmup_steps} must be within [0, total_steps]")
-    if opt.learning_rate <= 0 or not 0 <= opt.min_learning_rate <= opt.learning_rate:
-        problems.append("optimizer: need learning_rate > 0 and 0 <= min_learning_rate <= learning_rate")
     problems += pretrained.audio_problems(config)
     problems += pretrained.qformer_problems(config, text_length="max_qformer_instruction_length")
     features = config.get("features", "compute")
