@@ -158,3 +158,23 @@ def majority_baseline(
         "single_answer": one,
         "answers_per_type": top,
     }
+
+
+def qa_report(
+    predictions: dict[str, str],
+    references: dict[str, str],
+    questions: dict[str, str],
+    types: dict[str, str] | None,
+    train: Sequence[Mapping] | None,
+) -> dict:
+    """`aqa_accuracy` of the predictions, with the majority baseline from the `train` examples (when
+    given and answerable) and the first 10 (question, answer, predicted) examples."""
+    metrics = aqa_accuracy(predictions, references, types or None)
+    baseline = majority_baseline(train, references, types or None) if train is not None else None
+    if baseline is not None:
+        metrics["majority_baseline"] = baseline
+    metrics["examples"] = {
+        k: {"question": questions[k], "answer": references[k], "predicted": predictions[k]}
+        for k in list(predictions)[:10]
+    }
+    return metrics

@@ -32,6 +32,7 @@ import numpy as np
 
 from slit.data import pipeline, sources
 from slit.data import tasks as tasks_lib
+from slit.data.pipeline import example_texts
 from slit.errors import UserError
 from slit.eval.progress import BatchProgress, progress_key
 
@@ -40,15 +41,6 @@ GENERATIVE_TASKS = ("captioning", "aqa", "classification")
 
 def _text(value: Any) -> str:  # noqa: ANN401
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _texts(example: dict, key: str) -> list[str]:
-    value = example.get(key)
-    if value is None:
-        return []
-    if isinstance(value, str | bytes):
-        return [_text(value)]
-    return [_text(v) for v in np.asarray(value).reshape(-1)]
 
 
 def generate_over_split(
@@ -199,7 +191,7 @@ def _evaluate(
     else:
 
         def instructions_for(examples: list[dict]) -> list[list[str]]:
-            per_clip = [_texts(ex, "questions") for ex in examples]
+            per_clip = [example_texts(ex, "questions") for ex in examples]
             rounds = max(len(q) for q in per_clip)
             return [
                 [template.format(question=q[k]) if k < len(q) else "" for q in per_clip]
@@ -223,7 +215,7 @@ def _evaluate(
     ids = [_text(source[i].get("id", i)) for i in range(len(source))]
     if task == "captioning":
         predictions = {k: g[0] for k, g in zip(ids, generated, strict=True)}
-        references = {k: _texts(source[i], "captions") for i, k in enumerate(ids)}
+        references = {k: example_texts(source[i], "captions") for i, k in enumerate(ids)}
         with captioning.CaptionScorer(metrics=tuple(config.eval.caption_metrics), tokenizer="auto") as scorer:
             metrics = scorer.score(predictions, references)
         metrics["examples"] = {
@@ -235,23 +227,18 @@ def _evaluate(
         predictions, references, types, questions = {}, {}, {}, {}
         for i, (k, answers) in enumerate(zip(ids, generated, strict=True)):
             example = source[i]
-            qtypes = _texts(example, "question_types")
+            qtypes = example_texts(example, "question_types")
             for n, (question, reference) in enumerate(
-                zip(_texts(example, "questions"), _texts(example, "answers"), strict=True)
+                zip(example_texts(example, "questions"), example_texts(example, "answers"), strict=True)
             ):
                 item = f"{k}#{n}"
                 predictions[item], references[item], questions[item] = answers[n], reference, question
                 if qtypes:
                     types[item] = qtypes[n]
         types = types if len(types) == len(references) else {}
-        metrics = aqa.aqa_accuracy(predictions, references, types or None)
-        baseline = _majority_baseline(data_name, data_dir, split, references, types)
-        if baseline is not None:
-            metrics["majority_baseline"] = baseline
-        metrics["examples"] = {
-            k: {"question": questions[k], "answer": references[k], "predicted": predictions[k]}
-            for k in list(predictions)[:10]
-        }
+        metrics = aqa.qa_report(
+            predictions, references, questions, types, _train_split(data_name, data_dir, split)
+        )
         metrics["predictions"] = predictions
     metrics.update(instruction=template, resumed_batches=progress.resumed)
     paths = {}
@@ -261,26 +248,22 @@ def _evaluate(
     return metrics, paths
 
 
-def _majority_baseline(
-    data_name: str, data_dir: str, split: str, references: dict, types: dict
-) -> dict | None:
-    """The majority baseline from the dataset's train split, per question type (yes/no and open when
-    questions carry no types). None when the split being evaluated is the train split, or there is no
-    train split or no answer in it."""
-    from slit.eval import aqa
-
+def _train_split(data_name: str, data_dir: str, split: str) -> Sequence[dict] | None:
+    """The dataset's train split, for the majority baseline; None when the split being evaluated is the
+    train split itself, or there is no train split."""
     if split == "train":
         return None
     try:
-        train = sources.open_split(data_name, data_dir, "train")
+        return sources.open_split(data_name, data_dir, "train")
     except (UserError, ValueError, OSError):
         return None
-    return aqa.majority_baseline(train, references, types or None)
 
 
 def class_names_and_labels(source: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
     """(the split's labels sorted, each clip's labels); UserError if a clip has none."""
-    labels = [_texts(source[i], "labels") or _texts(source[i], "label") for i in range(len(source))]
+    labels = [
+        example_texts(source[i], "labels") or example_texts(source[i], "label") for i in range(len(source))
+    ]
     if not all(labels):
         raise UserError(f"{sum(not x for x in labels)} of {len(labels)} clips have no label")
     return sorted({name for item in labels for name in item}), labels

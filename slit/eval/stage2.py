@@ -18,19 +18,13 @@ from tqdm import tqdm
 
 from slit.data import pipeline, sources
 from slit.data import tasks as tasks_lib
+from slit.data.pipeline import example_texts
 from slit.errors import UserError
 from slit.generate.answerer import Answerer, generation_config
 
 
 def _text(value: Any) -> str:  # noqa: ANN401
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-
-
-def _texts(example: dict, key: str) -> list[str]:
-    values = example.get(key, [])
-    if isinstance(values, bytes | str):
-        values = [values]
-    return [_text(v) for v in values]
 
 
 def eval_tasks(config: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -87,9 +81,9 @@ def evaluate_split(
             asks_caption, instructions = [], []
             for i, valid, ex in zip(batch["index"], batch["valid"], examples, strict=True):
                 qs, types, answers = (
-                    _texts(ex, "questions"),
-                    _texts(ex, "question_types"),
-                    _texts(ex, "answers"),
+                    example_texts(ex, "questions"),
+                    example_texts(ex, "question_types"),
+                    example_texts(ex, "answers"),
                 )
                 has_qa = "aqa" in run and tasks_lib.clip_holds(ex, "qa")
                 asks_caption.append("captioning" in run and tasks_lib.clip_holds(ex, "caption"))
@@ -101,7 +95,7 @@ def evaluate_split(
                     if k < len(types):
                         qa_types[key] = types[k]
                 if valid and asks_caption[-1]:
-                    references[_text(ex["id"])] = _texts(ex, "captions")
+                    references[_text(ex["id"])] = example_texts(ex, "captions")
             audio, num_samples = batch["audio"], batch["num_samples"]
             if any(asks_caption):
                 predicted = answerer.answer(
@@ -125,16 +119,8 @@ def evaluate_split(
         reports["captioning"] = caption_metrics
     if "aqa" in run:
         types = qa_types if len(qa_types) == len(qa_references) else None
-        qa_metrics = aqa.aqa_accuracy(qa_predictions, qa_references, types)
         train = sources.open_split(dataset.name, dataset.data_dir, dataset.train_split)
-        baseline = aqa.majority_baseline(train, qa_references, types)
-        if baseline is not None:
-            qa_metrics["majority_baseline"] = baseline
-        qa_metrics["examples"] = {
-            k: {"question": questions[k], "answer": qa_references[k], "predicted": qa_predictions[k]}
-            for k in list(qa_predictions)[:10]
-        }
-        reports["aqa"] = qa_metrics
+        reports["aqa"] = aqa.qa_report(qa_predictions, qa_references, questions, types, train)
     if "classification" in run:
         if should_stop():
             return None
