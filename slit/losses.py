@@ -1,4 +1,4 @@
-"""Stage-one objectives of BLIP-2, over the global batch (REFERENCE §2).
+"""Stage-one objectives of BLIP-2 over the global batch (arXiv 2301.12597; LAVIS `blip2_qformer.py`).
 
 Everything here is a pure function of arrays. Inside a jitted, sharded step the arrays are global, so
 contrastive negatives and hard negatives come from the whole global batch; XLA inserts the

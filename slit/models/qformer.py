@@ -1,6 +1,6 @@
 """The BLIP-2 Q-Former: a BERT whose learned queries cross-attend to a frozen encoder.
 
-Follows salesforce/LAVIS `Qformer.py` / `blip2.py` (REFERENCE §2):
+Follows salesforce/LAVIS `lavis/models/blip2_models/Qformer.py` and `blip2.py` (BLIP-2, arXiv 2301.12597):
 - `num_queries` learned query tokens, no position embeddings; text positions start at 0; one
   embedding LayerNorm over the concatenation [queries; text];
 - each layer: self-attention over [queries; text] under a caller-given mask, then (every

@@ -1,6 +1,7 @@
 """Stage one of SLIT/BLIP-2: a Q-Former trained against a frozen audio encoder.
 
-Three objectives with equal weights (REFERENCE §2), each under its own attention mask:
+Three objectives with equal weights (BLIP-2, arXiv 2301.12597; salesforce/LAVIS `blip2_qformer.py`), each
+under its own attention mask:
 - contrastive (ITC): queries-only and text-only passes, max over queries, learnable temperature;
 - matching (ITM): [queries; text] with full visibility, hard negatives from the global batch;
 - grounded generation (ITG): text after [DEC] generated from the queries under a causal text mask.
