@@ -186,3 +186,38 @@ def test_manifest_lines_parse_to_records(tmp_path):
     ]
     with pytest.raises(FileNotFoundError, match="no_manifest.jsonl"):
         manifest.read_manifest(tmp_path / "no_manifest.jsonl", report)
+
+
+def test_failed_builds_say_why_in_one_line_and_leave_only_the_bad_input_report(tmp_path, capsys):
+    out = tmp_path / "tfds"
+    # A manifest that does not exist: refused before TFDS starts, nothing created.
+    code = cli.main(
+        [
+            "data",
+            "build",
+            "--manifest",
+            str(tmp_path / "nope.jsonl"),
+            "--name",
+            "nope",
+            "--data-dir",
+            str(out),
+        ]
+    )
+    captured = capsys.readouterr()
+    assert code == 2 and "nope.jsonl does not exist" in captured.err
+    assert "Downloading" not in captured.out + captured.err and not out.exists()
+    # Every clip bad: one line naming the split and the report; only that report is left.
+    write_manifest(tmp_path / "m.jsonl", [{"audio": "missing.wav", "captions": ["a hum"]}])
+    code = cli.main(
+        ["data", "build", "--manifest", str(tmp_path / "m.jsonl"), "--name", "bad", "--data-dir", str(out)]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert 'split "train" has no usable clip (every one was bad)' in err
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == [
+        "bad",
+        "bad/failed_build",
+        "bad/failed_build/bad_inputs.jsonl",
+        "bad/failed_build/build_report.json",
+    ]
+    assert "missing_file" in (out / "bad" / "failed_build" / "bad_inputs.jsonl").read_text()

@@ -74,6 +74,10 @@ def build(
     if manifest is not None:
         if not name:
             raise UserError("a manifest build needs --name NAME (the dataset's name)")
+        if not pathlib.Path(manifest).is_file():  # before TFDS starts (and creates folders)
+            raise UserError(
+                f"manifest {manifest} does not exist or is not a file; pass --manifest FILE.jsonl"
+            )
         cls, kwargs = named(ManifestBuilder, name), {"manifest": manifest}
     else:
         cls, kwargs = builder_class(source), {}
@@ -97,8 +101,13 @@ def build(
     tfds.disable_progress_bar()  # one bar per split from the builder instead of TFDS's
     config = tfds.download.DownloadConfig(manual_dir=manual_dir)
     start = time.perf_counter()
+    root = pathlib.Path(builder.data_dir).parents[1]  # <data_dir>/<name>/<version> -> <data_dir>
+    created = [p for p in (root / builder.name, root / "downloads") if not p.exists()]
     try:
         builder.download_and_prepare(download_config=config, file_format="array_record")
+    except BaseException:
+        _remove_all_but_the_failure_report(created)
+        raise
     finally:
         if verbose and (builder.report.num_kept or builder.report.problems):
             print(builder.report.terminal_summary())
@@ -109,3 +118,21 @@ def build(
             f"bad-input report: {pathlib.Path(builder.data_dir) / 'bad_inputs.jsonl'}"
         )
     return builder
+
+
+def _remove_all_but_the_failure_report(created: list[pathlib.Path]) -> None:
+    """After a failed build: removes the folders it created, except the failed build's bad-input report
+    (`<data_dir>/<name>/failed_build/`), which the error message points to."""
+    from slit.data.builders.base import FAILED_BUILD_DIR
+
+    for path in created:
+        if (path / FAILED_BUILD_DIR).is_dir():
+            for child in path.iterdir():
+                if child.name == FAILED_BUILD_DIR:
+                    continue
+                if child.is_dir():
+                    shutil.rmtree(child, ignore_errors=True)
+                else:
+                    child.unlink()
+        else:
+            shutil.rmtree(path, ignore_errors=True)

@@ -161,6 +161,14 @@ class AudioTextBuilder(tfds.core.GeneratorBasedBuilder, abc.ABC):
         except UserError:
             self.report.write(failed_dir)
             raise
+        except AssertionError as e:  # TFDS: a split whose every clip was bad ("No examples were yielded")
+            if "No examples were yielded" not in str(e):
+                raise
+            self.report.write(failed_dir)
+            raise UserError(
+                f"{self.name}: {str(e).split(':')[0].replace('Failed to finalize writing of ', '')} has no "
+                f"usable clip (every one was bad); the reasons are in {failed_dir / 'bad_inputs.jsonl'}"
+            ) from None
         self.report.write(self.data_dir)  # the temporary directory, renamed to the final one on success
         try:
             self.report.check_fraction(self.max_bad_fraction, failed_dir / "bad_inputs.jsonl")
