@@ -60,10 +60,19 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.max_seconds = 10.0  # clips are zero-padded (masked) or cropped to this
     c.data.max_text_length = 28  # WordPiece tokens: the longest synthetic caption has 26
     c.data.worker_count = 0  # grain worker processes (0: threads in the trainer process)
+    # Splits of data.name. Without the validation split, training is not validated (a note says so before
+    # step 1); ESC-50, say: train_split="fold1+fold2+fold3+fold4", test_split="fold5".
+    c.data.train_split = "train"
+    c.data.validation_split = "validation"
+    c.data.test_split = "test"
 
     c.tokenizer = ml_collections.ConfigDict()
     c.tokenizer.kind = "synthetic_words"  # not used: with qformer.init the tokenizer is MiniLM's + [DEC]
     c.tokenizer.path = ""
+    c.tokenizer.min_count = 1  # train_words: a word's fewest occurrences in the training captions
+    # The run stops before step 1 when more of the training captions' words than this are [UNK] (the
+    # rate is printed at the start of every run).
+    c.tokenizer.max_unknown_fraction = 0.05
 
     # The frozen encoder (slit/train/pretrained.py): "random" (a tiny random Whisper of the sizes below),
     # "whisper" (path: "tiny.en", "base", or a CTranslate2 / HF Whisper directory) or "wav2vec2" (path: a
@@ -113,6 +122,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.optimizer.b1 = 0.9
     c.optimizer.b2 = 0.98
     c.optimizer.grad_clip_norm = 10.0  # clips spikes only; at 1.0 every update here was cut 2-8x
+    # Learning-rate multipliers by weight path, "part=multiplier,..." (a folder covers what is under it;
+    # 0 holds a part where it starts), e.g. "bridge/projection=10,bridge/qformer=0.1".
+    c.optimizer.lr_multipliers = ""
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: all remaining devices

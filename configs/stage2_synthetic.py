@@ -119,7 +119,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.audio_encoder.init_seed = 1234
 
     c.bridge = ml_collections.ConfigDict()
-    c.bridge.kind = "qformer"  # the Q-Former's query outputs, projected, are the LLM's soft prompt
+    c.bridge.kind = "qformer"  # the Q-Former's query outputs, projected, are the LLM's soft prompt;
+    # "linear": the encoder's frames pooled into bridge.num_tokens segments, each mapped to one soft-prompt
+    # token by a linear map (bridge.hidden=0) or an MLP (no stage one: init_from must be empty)
+    c.bridge.num_tokens = 8  # linear
+    c.bridge.hidden = 0  # linear
 
     c.qformer = ml_collections.ConfigDict()  # as configs/stage1_synthetic.py
     c.qformer.init = ""  # "minilm" or a HF BERT directory: BERT's sizes and text weights (stage one's)
@@ -150,6 +154,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.optimizer.b1 = 0.9
     c.optimizer.b2 = 0.98
     c.optimizer.grad_clip_norm = 10.0
+    # Learning-rate multipliers by weight path, "part=multiplier,..." (a folder covers what is under it;
+    # 0 holds a part where it starts), e.g. "bridge/projection=10,bridge/qformer=0.1".
+    c.optimizer.lr_multipliers = ""
+    # Learning-rate multipliers by weight path (a folder covers what is under it; 0 holds a part where it
+    # starts), e.g. {"bridge/projection": 10.0, "bridge/qformer": 0.1}.
 
     c.eval = ml_collections.ConfigDict()
     c.eval.batch_size = 16

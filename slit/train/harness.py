@@ -24,9 +24,10 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from slit.errors import UserError
 from slit.train import checkpoint, loop, sharding
 from slit.train.metrics import MetricWriter
-from slit.train.optimizer import make_optimizer
+from slit.train.optimizer import lr_multipliers, make_optimizer, multiplier_tree
 from slit.train.preemption import Preempted, PreemptionWatcher
 
 T = TypeVar("T")
@@ -80,6 +81,10 @@ def build_training(
     ranks ({"audio": 2, "text_ids": 2, ...}): each is sharded over its leading (batch) axis.
     `parts.params` is handed to the state (set to None here).
     """
+    try:
+        multiplier_tree(parts.params, lr_multipliers(config.optimizer))
+    except ValueError as e:
+        raise UserError(str(e)) from None
     tx, schedule = make_optimizer(config.optimizer, config.total_steps)
     rep = sharding.replicated(mesh)
     opt_shardings = optax.tree_map_params(
@@ -173,6 +178,15 @@ def common_problems(config: ml_collections.ConfigDict, num_devices: int, num_pro
         problems.append(f"optimizer.warmup_steps={opt.warmup_steps} must be within [0, total_steps]")
     if opt.learning_rate <= 0 or not 0 <= opt.min_learning_rate <= opt.learning_rate:
         problems.append("optimizer: need learning_rate > 0 and 0 <= min_learning_rate <= learning_rate")
+    try:
+        negative = {k: v for k, v in lr_multipliers(opt).items() if v < 0}
+    except (TypeError, ValueError):
+        problems.append(
+            f"optimizer.lr_multipliers={opt.get('lr_multipliers')!r}: write part=number,part=number"
+        )
+    else:
+        if negative:
+            problems.append(f"optimizer.lr_multipliers: {negative} must be >= 0 (0 holds a part fixed)")
     return problems
 
 
