@@ -138,6 +138,13 @@ def validate_stage1(config: ml_collections.ConfigDict, num_devices: int, num_pro
         )
     if not 0 <= q.dropout < 1:
         problems.append(f"qformer.dropout={q.dropout} must be in [0, 1)")
+    tok = config.tokenizer
+    if not q.get("init", "") and tok.kind not in ("synthetic_words", "train_words", "directory"):
+        problems.append(f"tokenizer.kind={tok.kind!r}: use 'synthetic_words', 'train_words' or 'directory'")
+    if not 0 <= float(tok.get("max_unknown_fraction", 1.0)) <= 1:
+        problems.append(f"tokenizer.max_unknown_fraction={tok.max_unknown_fraction} must be in [0, 1]")
+    if int(tok.get("min_count", 1)) < 1:
+        problems.append(f"tokenizer.min_count={tok.min_count} must be at least 1")
     loss = config.loss
     if not 0 < loss.temperature_min <= loss.temperature_init <= loss.temperature_max:
         problems.append("loss: need 0 < temperature_min <= temperature_init <= temperature_max")

@@ -246,3 +246,18 @@ def test_mixture_shards_are_disjoint_per_process():
         it = iter(ds)
         seen.append({int(round(v * 32768)) for _ in range(6) for v in next(it)["audio"][:, 0]})
     assert not seen[0] & seen[1]
+
+
+def test_unknown_words_and_the_training_vocabulary():
+    from slit.data.tokenizer import TextTokenizer, training_vocabulary, word_level_tokenizer
+
+    captions = ["A drill whines, loudly!", "a drill stops", "rain on a tin roof"]
+    assert training_vocabulary(captions) == sorted(
+        {"a", "drill", "whines", "loudly", "stops", "rain", "on", "tin", "roof"}
+    )
+    assert training_vocabulary(captions, min_count=2) == ["a", "drill"]
+    tok = TextTokenizer(word_level_tokenizer(["a", "drill"]))
+    fraction, unknown = tok.unknown_words(captions)
+    # 12 words, of which "a" x3 and "drill" x2 are known.
+    assert fraction == pytest.approx(7 / 12)
+    assert unknown == {"whines": 1, "loudly": 1, "stops": 1, "rain": 1, "on": 1, "tin": 1, "roof": 1}

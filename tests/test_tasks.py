@@ -577,3 +577,49 @@ def test_a_tokenizer_that_does_not_know_the_words_is_noted():
     note = tasks_lib.unknown_token_note(synthetic_words, splits)
     assert note is not None and note.startswith(f"{100 * unknown:.0f}% of the training texts' tokens")
     assert tasks_lib.unknown_token_note(TextTokenizer.from_directory(minilm_directory()), splits) is None
+
+
+def test_stage_one_on_a_dataset_without_validation_split_notes_it_and_trains_from_its_cache(
+    user_run, tmp_path
+):
+    """Stage one on the same train/test-only manifest dataset, from the feature cache: the cache holds
+    the splits that exist, the missing validation split is a note before step 1 (not a crash at the
+    first validation), and the test split is evaluated at the end."""
+    from tests.conftest import ROOT, tiny_overrides
+
+    overrides = tiny_overrides(
+        user_run["data_dir"],
+        **{
+            "data.name": "workshop_clips",
+            "data.max_seconds": 1.0,
+            "total_steps": 2,
+            "eval_every_steps": 1,
+            "batch_size": 4,
+            "tokenizer.kind": "train_words",
+            "features": "cached",
+            "features_dir": str(tmp_path / "features"),
+        },
+    )
+    args = ["--config", str(ROOT / "configs" / "stage1_synthetic.py"), *cli_args(overrides)]
+    cached = run_slit("cache-features", *args)
+    assert cached.returncode == 0, cached.stderr[-3000:]
+    (directory,) = (tmp_path / "features" / "workshop_clips").iterdir()
+    assert sorted(p.name for p in directory.iterdir() if p.is_dir()) == ["test", "train"]
+    # The synthetic sounds' word list knows few of these words: refused before step 1, naming the fix.
+    refused = run_slit(
+        "train", "--workdir", str(tmp_path / "refused"), *args, "--config.tokenizer.kind=synthetic_words"
+    )
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    assert "of the training captions' words are unknown to the tokenizer" in refused.stderr
+    assert "--config.tokenizer.kind=train_words" in refused.stderr and "/2 [" not in refused.stderr
+
+    result = run_slit("train", "--workdir", str(tmp_path / "run"), *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "tokenizer: 0.0% of the training captions' words are unknown ([UNK])" in result.stderr
+    note = "note: workshop_clips has no 'validation' split, so it is not evaluated during training"
+    assert note in result.stderr and result.stderr.index(note) < result.stderr.index("/2 [")
+    assert "Test-split retrieval" in result.stdout
+    report = json.loads((tmp_path / "run" / "eval" / "retrieval.json").read_text())
+    assert report["num_audio"] == 6
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert not any(k.startswith("validation/") for r in rows for k in r)

@@ -1,16 +1,18 @@
 """Text tokenisation for the Q-Former: BERT-style [CLS] text [SEP], padded, plus a [DEC] token.
 
-Two sources: a word-level tokenizer built from a known vocabulary (the built-in synthetic dataset,
-no download needed), or a BERT tokenizer directory (`tokenizer.json` or `vocab.txt`) to which
-[DEC] is added, as BLIP-2 does. Either way the tokenizer is saved into the run's workdir, so
-evaluation and generation use exactly the tokenizer the model was trained with.
+Three sources: a word-level tokenizer built from a known vocabulary (the built-in synthetic dataset,
+no download needed) or from the words of the training captions (`training_vocabulary`), or a BERT
+tokenizer directory (`tokenizer.json` or `vocab.txt`) to which [DEC] is added, as BLIP-2 does. Either
+way the tokenizer is saved into the run's workdir, so evaluation and generation use exactly the
+tokenizer the model was trained with.
 """
 
 from __future__ import annotations
 
+import collections
 import pathlib
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import tokenizers
@@ -38,6 +40,12 @@ def word_level_tokenizer(vocabulary: Sequence[str]) -> tokenizers.Tokenizer:
         single=f"{CLS} $A {SEP}", special_tokens=[(CLS, vocab[CLS]), (SEP, vocab[SEP])]
     )
     return tok
+
+
+def training_vocabulary(captions: Iterable[str], min_count: int = 1) -> list[str]:
+    """The words (after `normalize_caption`) that occur at least `min_count` times in `captions`."""
+    counts = collections.Counter(word for caption in captions for word in normalize_caption(caption).split())
+    return sorted(word for word, n in counts.items() if n >= min_count)
 
 
 class TextTokenizer:
@@ -70,6 +78,20 @@ class TextTokenizer:
                 ids = ids[: max_length - 1] + [self.sep_id]
             out[i, : len(ids)] = ids
         return out
+
+    def unknown_words(self, texts: Sequence[str]) -> tuple[float, collections.Counter]:
+        """(the fraction of the texts' words that the vocabulary does not know (a word is unknown when
+        any of its tokens is [UNK]), those words with their counts)."""
+        unk = self.tokenizer.token_to_id(UNK)
+        counts = collections.Counter(w for t in texts for w in normalize_caption(t).split())
+        if unk is None or not counts:
+            return 0.0, collections.Counter()
+        words = list(counts)
+        encodings = self.tokenizer.encode_batch(words, add_special_tokens=False)
+        unknown = collections.Counter(
+            {w: counts[w] for w, e in zip(words, encodings, strict=True) if unk in e.ids}
+        )
+        return sum(unknown.values()) / sum(counts.values()), unknown
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)

@@ -32,7 +32,7 @@ from slit.models.audio.whisper import WhisperEncoderConfig
 from slit.models.layers import Frozen
 from slit.train import checkpoint, pretrained, sharding
 
-SPLITS = ("train", "validation", "test")  # what training reads
+SPLITS = ("train", "validation", "test")  # the roles of the splits training reads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,11 +79,15 @@ def data_description(config: ml_collections.ConfigDict, splits: dict[str, object
     """What the features were computed from: dataset name, version and split sizes."""
     any_split = next(iter(splits.values()))
     info = getattr(any_split, "dataset_info", None)
-    return {
+    out = {
         "dataset": config.data.name,
         "version": str(getattr(info, "version", "unknown")),
         "splits": {name: len(source) for name, source in splits.items()},
     }
+    names = split_names(config)
+    if any(role != split for role, split in names.items()):  # (recorded only when renamed: older
+        out["split_names"] = names  # caches of the default names stay valid)
+    return out
 
 
 def rebuild_command(config: ml_collections.ConfigDict) -> str:
@@ -92,15 +96,31 @@ def rebuild_command(config: ml_collections.ConfigDict) -> str:
     for group in ("data", "audio_encoder"):
         for key, value in sorted(config[group].items()):
             if group == "data" and key not in ("name", "data_dir", "sample_rate", "max_seconds"):
-                continue
+                if not (key.endswith("_split") and value != key[: -len("_split")]):
+                    continue
             parts.append(f"--config.{group}.{key}={value}")
     if config.get("features_dir", ""):
         parts.append(f"--config.features_dir={config.features_dir}")
     return " ".join(parts)
 
 
+def split_names(config: ml_collections.ConfigDict) -> dict[str, str]:
+    """Each role's split of `config.data.name`: data.train_split / validation_split / test_split (default:
+    the role's name; e.g. ESC-50's train_split="fold1+fold2+fold3+fold4", test_split="fold5")."""
+    return {role: str(config.data.get(f"{role}_split", role)) for role in SPLITS}
+
+
 def open_splits(config: ml_collections.ConfigDict) -> dict[str, object]:
-    return {name: sources.open_split(config.data.name, config.data.data_dir, name) for name in SPLITS}
+    """{role: source} of the roles whose split the dataset has; the training split must exist (a missing
+    one raises FileNotFoundError saying which), the validation and test splits may be absent."""
+    out = {}
+    for role, split in split_names(config).items():
+        try:
+            out[role] = sources.open_split(config.data.name, config.data.data_dir, split)
+        except FileNotFoundError:
+            if role == "train":
+                raise
+    return out
 
 
 def _matching_cache(config: ml_collections.ConfigDict, cfg: EncoderOnly, frozen: dict) -> pathlib.Path:
@@ -124,8 +144,9 @@ def open_for_training(
         rebuild it.
     """
     directory = _matching_cache(config, cfg, frozen)
+    present = [name for name in SPLITS if (directory / name / feature_cache.INDEX).is_file()]
     return feature_cache.OpenedCache(
-        directory, {name: feature_cache.CachedFeatures(directory / name) for name in SPLITS}
+        directory, {name: feature_cache.CachedFeatures(directory / name) for name in present}
     )
 
 
@@ -143,11 +164,12 @@ def open_for_eval(
         reason = str(e).splitlines()[0]
         print(f"note: computing frozen features (no usable feature cache: {reason})")
         return None
-    if not (directory / split / feature_cache.INDEX).is_file():
+    role = {name: role for role, name in split_names(config).items()}.get(split)
+    if role is None or not (directory / role / feature_cache.INDEX).is_file():
         print(f"note: computing frozen features (the feature cache {directory} has no {split} split)")
         return None
-    print(f"reading frozen features from {directory / split}")
-    return feature_cache.CachedFeatures(directory / split)
+    print(f"reading frozen features from {directory / role}")
+    return feature_cache.CachedFeatures(directory / role)
 
 
 @dataclasses.dataclass
@@ -222,7 +244,8 @@ def build(
     force: bool = False,
     log: Callable[[str], None] = print,
 ) -> tuple[pathlib.Path, dict]:
-    """Writes the cache of `config`'s frozen encoder over the train, validation and test splits.
+    """Writes the cache of `config`'s frozen encoder over the train, validation and test splits (those
+    the dataset has; `split_names` says which split plays each role).
 
     An up-to-date cache is kept unless `force`. Returns (its directory, a summary: seconds, clips,
     bytes, whether it was written).

@@ -12,7 +12,8 @@ from __future__ import annotations
 import functools
 import json
 import pathlib
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -25,11 +26,14 @@ from tqdm import tqdm
 from slit import config as config_lib
 from slit.data import feature_cache, pipeline, sources
 from slit.data.feature_cache import CachedFeatures
+from slit.data.pipeline import example_texts
 from slit.data.tokenizer import TextTokenizer
+from slit.errors import UserError
 from slit.eval import reports, retrieval
 from slit.eval.stage1 import eval_progress, evaluate_retrieval, flatten_report, make_embedders
 from slit.models.stage1 import Stage1Batch
 from slit.train import checkpoint, harness, loop, sharding
+from slit.train import feature_cache as cache_lib
 from slit.train.harness import TrainingSetup
 from slit.train.metrics import MetricWriter
 from slit.train.optimizer import apply_gradients
@@ -87,33 +91,88 @@ def build_training(
     return harness.build_training(config, parts, mesh, rules, ranks, step, model_config=cfg)
 
 
+def _captions(source: Sequence[dict], limit: int | None = None) -> Iterator[str]:
+    for i in range(len(source) if limit is None else min(limit, len(source))):
+        yield from example_texts(source[i], "captions")
+
+
+def check_vocabulary(
+    config: ml_collections.ConfigDict, tokenizer: TextTokenizer, source: Sequence[dict], log: bool = True
+) -> float:
+    """Prints the fraction of the training captions' words (of the first 1,000 clips) that the tokenizer
+    does not know ([UNK]); refuses (UserError) above `tokenizer.max_unknown_fraction`, saying what fixes
+    it. Returns the fraction."""
+    fraction, unknown = tokenizer.unknown_words(list(_captions(source, 1000)))
+    limit = float(config.tokenizer.get("max_unknown_fraction", 1.0))
+    examples = ", ".join(f"{w!r} ({n})" for w, n in unknown.most_common(5))
+    if log:
+        print(
+            f"tokenizer: {100 * fraction:.1f}% of the training captions' words are unknown ([UNK])"
+            + (f", most often {examples}" if unknown else ""),
+            file=sys.stderr,
+        )
+    if fraction > limit:
+        raise UserError(
+            f"{100 * fraction:.0f}% of the training captions' words are unknown to the tokenizer "
+            f"(tokenizer.kind={config.tokenizer.kind}; e.g. {examples}), above "
+            f"tokenizer.max_unknown_fraction={limit}: use --config.tokenizer.kind=train_words (a word "
+            "vocabulary from the training captions), or --config.tokenizer.kind=directory with "
+            "--config.tokenizer.path=<a BERT tokenizer directory>, or --config.qformer.init=minilm"
+        )
+    return fraction
+
+
+def _has_split(config: ml_collections.ConfigDict, split: str) -> bool:
+    try:
+        sources.open_split(config.data.name, config.data.data_dir, split)
+    except (FileNotFoundError, UserError):
+        return False
+    return True
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
-    """Trains stage one in `workdir` (resuming from its checkpoint); returns the test retrieval report."""
+    """Trains stage one in `workdir` (resuming from its checkpoint); returns the test retrieval report
+    ({} when the dataset has no test split: a note says so before step 1)."""
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
 
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.rules_dict(config.sharding_rules)
-    tokenizer = make_tokenizer(config, workdir)
-    if is_main:
-        tokenizer.save(workdir)
 
-    # Data.
+    # Data, and the tokenizer that must know its words.
     spec = audio_spec(config)
+    split = cache_lib.split_names(config)  # role -> split of data.name (data.train_split, ...)
     if jax.process_count() > 1:  # one process generates a missing built-in dataset, the others wait
         if is_main:
-            sources.open_split(config.data.name, config.data.data_dir, "train")
+            sources.open_split(config.data.name, config.data.data_dir, split["train"])
         multihost_utils.sync_global_devices("slit: dataset ready")
-    train_source = sources.open_split(config.data.name, config.data.data_dir, "train")
+    train_source = sources.open_split(config.data.name, config.data.data_dir, split["train"])
+    tokenizer = make_tokenizer(config, workdir, lambda: _captions(train_source))
+    check_vocabulary(config, tokenizer, train_source, log=is_main)
+    if is_main:
+        tokenizer.save(workdir)
+    has_validation, has_test = (_has_split(config, split[role]) for role in ("validation", "test"))
+    if is_main:  # known before step 1, said before step 1
+        if config.eval_every_steps and not has_validation:
+            print(
+                f"note: {config.data.name} has no {split['validation']!r} split, so it is not evaluated "
+                f"during training (eval_every_steps={config.eval_every_steps}); name one with "
+                "data.validation_split (the test split is not used for choosing)",
+                file=sys.stderr,
+            )
+        if not has_test:
+            print(
+                f"note: {config.data.name} has no {split['test']!r} split, so retrieval is not evaluated "
+                "after the last step; name one with data.test_split",
+                file=sys.stderr,
+            )
 
     # Model, optimizer, state, and the jitted step.
     setup = build_training(config, tokenizer, mesh, rules)
     parts = setup.parts
     cache = None
     if config.get("features", "compute") == "cached":  # refused here if missing or stale
-        from slit.train import feature_cache as cache_lib
-
         cache = cache_lib.open_for_training(config, setup.model_config, parts.frozen)
         if is_main:
             print(f"reading frozen features from {cache.directory}")
@@ -144,12 +203,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     embedders = make_embedders(parts.graphdef, mesh, rules, parts)
     writer = MetricWriter(workdir)
 
-    def cached_split(split: str) -> CachedFeatures | None:
-        return None if cache is None else cache.splits[split]
+    def cached_split(role: str) -> CachedFeatures | None:
+        return None if cache is None else cache.splits.get(role)
 
     def evaluate(step: int, state: dict, should_stop: Callable[[], bool]) -> dict | None:
         report = evaluate_retrieval(
-            "validation",
+            split["validation"],
             config,
             tokenizer,
             spec,
@@ -171,7 +230,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
         frozen=parts.frozen,
         next_batch=harness.global_batches(train_iter, setup.batch_shardings, global_shapes),
         key=jax.random.key(config.seed),
-        evaluate=evaluate,
+        evaluate=evaluate if has_validation else None,
         postfix=("loss", "itm_accuracy"),
     )
     test_progress = eval_progress(
@@ -185,8 +244,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     )
 
     def evaluate_test(state: dict, should_stop: Callable[[], bool]) -> dict | None:
+        if not has_test:
+            return {}
         return evaluate_retrieval(
-            "test",
+            split["test"],
             config,
             tokenizer,
             spec,
@@ -202,9 +263,16 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     report = harness.train_then_evaluate(
         config, workdir, mesh, start, fns, ckpt, writer, train_iter, evaluate_test, test_progress.describe
     )
+    if not report:  # no test split (said before step 1)
+        writer.close()
+        test_progress.clear()
+        return report
     scalars = flatten_report("test", report["contrastive"])
     if "reranked" in report:
         scalars.update(flatten_report("test_reranked", report["reranked"]))
+        scalars.update(
+            {f"test_matching/{k}": v for k, v in report["matching"].items() if isinstance(v, float)}
+        )
     writer.write(config.total_steps, scalars)
     writer.close()
     if is_main:
@@ -215,12 +283,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
         # text_to_audio R@1/5/10 and mAP@10, num_audio, num_text), the re-ranked ones under "reranked".
         summary = dict(report["contrastive"], step=int(config.total_steps))
         if "reranked" in report:
-            summary.update(reranked=report["reranked"], rerank_k=report["rerank_k"])
+            summary.update(
+                reranked=report["reranked"], rerank_k=report["rerank_k"], matching=report["matching"]
+            )
         (workdir / "eval" / "retrieval.json").write_text(json.dumps(summary, indent=2) + "\n")
         print(f"\nTest-split retrieval ({paths['json']}), by contrastive similarity:")
         print(retrieval.format_table(report["contrastive"]))
         if "reranked" in report:
             print(f"after re-ranking each query's top {report['rerank_k']} by the matching head:")
             print(retrieval.format_table(report["reranked"]))
+            print(retrieval.describe_matching(report["matching"]))
     test_progress.clear()
     return report

@@ -7,12 +7,13 @@ and the frozen models' sources. Used by the stage-one trainer and by whatever op
 from __future__ import annotations
 
 import pathlib
+from collections.abc import Callable, Iterable
 
 import jax
 import ml_collections
 from flax import nnx
 
-from slit.data.tokenizer import TextTokenizer, word_level_tokenizer
+from slit.data.tokenizer import TextTokenizer, training_vocabulary, word_level_tokenizer
 from slit.models.layers import Frozen
 from slit.models.stage1 import Stage1Config, Stage1Model
 from slit.train import pretrained, sharding
@@ -22,9 +23,14 @@ from slit.train.pretrained import audio_spec
 __all__ = ["ModelParts", "audio_spec", "create_model", "frozen_sources", "make_tokenizer", "model_config"]
 
 
-def make_tokenizer(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> TextTokenizer:
+def make_tokenizer(
+    config: ml_collections.ConfigDict,
+    workdir: pathlib.Path,
+    train_captions: Callable[[], Iterable[str]] | None = None,
+) -> TextTokenizer:
     """The run's tokenizer: the one saved in the workdir if resuming, else from the config (the BERT
-    directory's, plus [DEC], when the Q-Former is initialised from BERT)."""
+    directory's, plus [DEC], when the Q-Former is initialised from BERT; with tokenizer.kind=train_words,
+    the words of `train_captions()`, the training split's captions)."""
     if (workdir / "tokenizer.json").is_file():
         return TextTokenizer.from_directory(workdir)
     if config.qformer.get("init", ""):
@@ -35,7 +41,14 @@ def make_tokenizer(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> 
         return TextTokenizer(word_level_tokenizer(CAPTION_VOCABULARY))
     if config.tokenizer.kind == "directory":
         return TextTokenizer.from_directory(config.tokenizer.path)
-    raise ValueError(f"tokenizer.kind={config.tokenizer.kind!r}: use 'synthetic_words' or 'directory'")
+    if config.tokenizer.kind == "train_words":
+        if train_captions is None:
+            raise ValueError("tokenizer.kind=train_words needs the training captions")
+        vocabulary = training_vocabulary(train_captions(), int(config.tokenizer.get("min_count", 1)))
+        return TextTokenizer(word_level_tokenizer(vocabulary))
+    raise ValueError(
+        f"tokenizer.kind={config.tokenizer.kind!r}: use 'synthetic_words', 'train_words' or 'directory'"
+    )
 
 
 def model_config(config: ml_collections.ConfigDict, tokenizer: TextTokenizer) -> Stage1Config:
