@@ -345,3 +345,25 @@ def test_score_command_missing_file(tmp_path, capsys):
     missing = tmp_path / "nope.json"
     code = slit_main(["score", "--predictions", str(missing), "--references", _write(tmp_path, "r.json", {})])
     assert code == 2 and "nope.json" in capsys.readouterr().err
+
+
+def test_constant_caption_baseline_is_the_best_training_caption_scored_by_pycocoevalcap():
+    rng = np.random.default_rng(3)
+    words = ["dog", "barks", "loudly", "a", "car", "passes", "rain", "falls", "softly", "bird", "sings"]
+    # The consensus caption is in half of the clips' references (an n-gram in all of them has idf 0).
+    common = "a dog barks loudly"
+
+    def refs(i: int, n: int) -> list[str]:
+        return ([common] if i % 2 else []) + [" ".join(rng.choice(words, 5)) for _ in range(n)]
+
+    train = [refs(i, 3) for i in range(40)]
+    test = {f"t{i}": refs(i, 2) for i in range(10)}
+    base = captioning.constant_caption_baseline(
+        train, test, tokenizer="native", num_candidates=20, num_selection_clips=20
+    )
+    assert base["num_candidates"] == 20 and base["num_selection_clips"] == 20
+    assert base["caption"] == common
+    gts = {k: [captioning.native_ptb_tokenize(c) for c in refs] for k, refs in test.items()}
+    expected, _ = Cider().compute_score(gts, {k: [captioning.native_ptb_tokenize(common)] for k in test})
+    assert base["CIDEr-D"] == pytest.approx(expected, abs=1e-12)
+    assert captioning.constant_caption_baseline([["only one clip"]], test) == {}

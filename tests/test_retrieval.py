@@ -213,3 +213,32 @@ def test_recall_curve_matches_recall_at_k():
     assert curve[-1] == 1.0 and all(a <= b for a, b in zip(curve, curve[1:], strict=False))
     for k in (1, 5, 10):
         assert curve[k - 1] == recall_at_k(sim, owner)["text_to_audio"][f"R@{k}"]
+
+
+def test_matching_report_against_sklearn_and_a_direct_count():
+    """The matching head's accuracy on the re-scored true pairs and hard negatives, and the ROC AUCs
+    (sklearn's roc_auc_score on the same pairs), from a head that gives [no-match, match] logits."""
+    from sklearn.metrics import roc_auc_score
+
+    sim, owner = random_problem(8, num_audio=15, captions_per_clip=3, signal=1.0)
+    rng = np.random.default_rng(9)
+    itm = rng.normal(size=sim.shape + (2,))
+    itm[owner, np.arange(len(owner)), 1] += 1.0
+    report = retrieval_report(sim, owner, lambda a, t: itm[a, t], k=5, batch_size=16)
+    m = report["matching"]
+    pairs = {(a, t) for a in range(15) for t in np.argsort(-sim[a], kind="stable")[:5]}
+    pairs |= {(a, t) for t in range(45) for a in np.argsort(-sim[:, t], kind="stable")[:5]}
+    pairs = sorted(pairs)
+    positive = np.array([owner[t] == a for a, t in pairs])
+    match = np.array([itm[a, t, 1] for a, t in pairs])
+    says = np.array([itm[a, t, 1] > itm[a, t, 0] for a, t in pairs])
+    s = np.array([sim[a, t] for a, t in pairs])
+    assert (m["positives"], m["hard_negatives"]) == (positive.sum(), (~positive).sum())
+    assert m["positive_accuracy"] == pytest.approx(says[positive].mean())
+    assert m["hard_negative_accuracy"] == pytest.approx((~says[~positive]).mean())
+    assert m["auc_matching_head"] == pytest.approx(roc_auc_score(positive, match))
+    assert m["auc_contrastive"] == pytest.approx(roc_auc_score(positive, s))
+    assert m["auc_combined"] == pytest.approx(roc_auc_score(positive, match + s))
+    # With (pairs,) "match" logits only, the ranking is the same and accuracy is not reported.
+    only_match = retrieval_report(sim, owner, lambda a, t: itm[a, t, 1], k=5, batch_size=16)
+    assert only_match["reranked"] == report["reranked"] and "positive_accuracy" not in only_match["matching"]

@@ -117,6 +117,7 @@ def run(args: argparse.Namespace, extra: Sequence[str]) -> int:
         if "reranked" in report:
             print(f"after re-ranking each query's top {report['rerank_k']} by the matching head:")
             print(retrieval.format_table(report["reranked"]))
+            print(retrieval.describe_matching(report["matching"]))
     else:
         prompt = args.prompt or classification.DEFAULT_PROMPT
         report, paths = stage1.evaluate_classification_run(

@@ -587,6 +587,64 @@ def score_captions(
         return scorer.score(predictions, references)
 
 
+def constant_caption_baseline(
+    train_captions: Sequence[Sequence[str]],
+    references: Mapping[str, Sequence[str]],
+    tokenizer: str = "auto",
+    num_candidates: int = 64,
+    num_selection_clips: int = 128,
+    seed: int = 0,
+) -> dict:
+    """The audio-blind captioning baseline: one training caption given for every clip.
+
+    The caption is chosen on the training split alone (`train_captions`: each training clip's captions,
+    read only for the clips drawn): of `num_candidates` training captions (seeded draw), the one with
+    the best mean CIDEr-D over `num_selection_clips` other training clips. It is then
+    scored on `references` ({id: [captions]}, the evaluated clips) with the same tokenisation and CIDEr-D
+    as the predictions. A captioner that does not beat it has not used the audio.
+
+    Returns {"caption", "CIDEr-D", "num_candidates", "num_selection_clips"}; {} without enough training
+    captions (fewer than two clips)."""
+    rng = np.random.default_rng(seed)
+    clips = []  # only the drawn clips are read (`train_captions` may read lazily)
+    for i in rng.permutation(len(train_captions)):
+        captions = list(train_captions[int(i)])
+        if captions:
+            clips.append(captions)
+        if len(clips) == num_candidates + num_selection_clips:
+            break
+    if len(clips) < 2 or not references:
+        return {}
+    num_candidates = min(num_candidates, len(clips) // 2)
+    candidates = [c[int(rng.integers(len(c)))] for c in clips[:num_candidates]]
+    selection = clips[num_candidates:]
+    ids = list(references)
+    flat = candidates + [c for refs in selection for c in refs] + [c for i in ids for c in references[i]]
+    tokens, _ = ptb_tokenize(flat, tokenizer)
+    cursor = len(candidates)
+
+    def take(groups: Sequence[Sequence[str]]) -> list[list[str]]:
+        nonlocal cursor
+        out = []
+        for group in groups:
+            out.append(tokens[cursor : cursor + len(group)])
+            cursor += len(group)
+        return out
+
+    selection_refs, test_refs = take(selection), take([references[i] for i in ids])
+    scores = [
+        float(np.mean(cider_d([tokens[k]] * len(selection_refs), selection_refs)))
+        for k in range(len(candidates))
+    ]
+    best = int(np.argmax(scores))
+    return {
+        "caption": candidates[best],
+        "CIDEr-D": float(np.mean(cider_d([tokens[best]] * len(test_refs), test_refs))),
+        "num_candidates": len(candidates),
+        "num_selection_clips": len(selection_refs),
+    }
+
+
 CAPTION_TABLE_ORDER = (
     "BLEU-1",
     "BLEU-2",

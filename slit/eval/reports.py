@@ -89,7 +89,12 @@ def _retrieval_lines(metrics: Mapping) -> list[str]:
             rows.append([name, direction.replace("_", " "), *(_pct(part[direction].get(c)) for c in columns)])
     first = metrics[rankings[0]] if rankings[0] else metrics
     lines = _table(["ranking", "direction", *(f"{c} (%)" for c in columns)], rows)
-    return [*lines, "", f"{first['num_audio']} clips, {first['num_text']} captions."]
+    lines += ["", f"{first['num_audio']} clips, {first['num_text']} captions."]
+    if metrics.get("matching"):
+        from slit.eval.retrieval import describe_matching
+
+        lines.append(describe_matching(metrics["matching"]).capitalize() + ".")
+    return lines
 
 
 def _captioning_lines(metrics: Mapping) -> list[str]:
@@ -98,6 +103,14 @@ def _captioning_lines(metrics: Mapping) -> list[str]:
     names = [n for n in CAPTION_TABLE_ORDER if n in metrics]
     lines = _table(names, [[_num(metrics[n]) for n in names]])
     lines += ["", f"{metrics.get('num_items', '?')} clips; tokenizer: {metrics.get('tokenizer', '?')}."]
+    base = metrics.get("constant_baseline")
+    if base:
+        lines.append(
+            "Audio-blind baseline (one training caption for every clip, the best of "
+            f"{base['num_candidates']} "
+            f"on {base['num_selection_clips']} training clips): CIDEr-D {_num(base['CIDEr-D'])}, "
+            f'"{base["caption"]}".'
+        )
     for name, reason in metrics.get("unavailable", {}).items():
         lines.append(f"- {name} unavailable: {reason}")
     return lines

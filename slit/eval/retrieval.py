@@ -22,7 +22,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-# Scores (audio index, text index) pairs: (pairs,) int arrays in, (pairs,) ITM logits out.
+# Scores (audio index, text index) pairs: (pairs,) int arrays in; out (pairs,) ITM "match" logits, or
+# (pairs, 2) [no-match, match] logits (then the head's own accuracy is reported too).
 PairScorer = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
@@ -116,18 +117,21 @@ def _score_in_batches(
     score_pairs: PairScorer, audio: np.ndarray, text: np.ndarray, batch_size: int
 ) -> np.ndarray:
     """Calls score_pairs on fixed-size batches (the last one padded by repeating its final pair, so a
-    jitted scorer compiles once); returns (pairs,) float64."""
-    out = np.empty(len(audio))
+    jitted scorer compiles once); returns (pairs, 1) or (pairs, 2) float64 (as score_pairs gives)."""
+    out = None
     for start in range(0, len(audio), batch_size):
         a, t = audio[start : start + batch_size], text[start : start + batch_size]
         pad = batch_size - len(a)
         if pad:
             a, t = np.concatenate([a, np.repeat(a[-1:], pad)]), np.concatenate([t, np.repeat(t[-1:], pad)])
-        scores = np.asarray(score_pairs(a, t), dtype=np.float64).reshape(-1)
-        if scores.shape != (batch_size,):
+        scores = np.asarray(score_pairs(a, t), dtype=np.float64)
+        scores = scores.reshape(batch_size, -1) if scores.shape[:1] == (batch_size,) else scores
+        if scores.shape not in ((batch_size, 1), (batch_size, 2)):
             raise ValueError(f"score_pairs returned shape {scores.shape} for {batch_size} pairs")
+        if out is None:
+            out = np.empty((len(audio), scores.shape[1]))
         out[start : start + batch_size] = scores[: batch_size - pad]
-    return out
+    return np.empty((0, 1)) if out is None else out
 
 
 def _rerank_rows(
@@ -149,6 +153,38 @@ def _rerank_rows(
     return ranking
 
 
+def candidate_pairs(sim_at: np.ndarray, k: int) -> np.ndarray:
+    """(pairs, 2) unique (audio, text) index pairs: every audio query's top k texts and every text
+    query's top k clips by contrastive similarity (what re-ranking scores, each pair once)."""
+    sim_at = np.asarray(sim_at, dtype=np.float64)
+    num_audio, num_text = sim_at.shape
+    k_at, k_ta = min(k, num_text), min(k, num_audio)
+    top_at = np.argsort(-sim_at, axis=1, kind="stable")[:, :k_at]
+    top_ta = np.argsort(-sim_at.T, axis=1, kind="stable")[:, :k_ta]
+    pairs = np.concatenate(
+        [
+            np.stack([np.repeat(np.arange(num_audio), k_at), top_at.ravel()], 1),
+            np.stack([top_ta.ravel(), np.repeat(np.arange(num_text), k_ta)], 1),
+        ]
+    )
+    return np.unique(pairs, axis=0)
+
+
+def rerank_with_logits(
+    sim_at: np.ndarray, pairs: np.ndarray, match_logits: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """`rerank_top_k` from the "match" logits (pairs,) of `candidate_pairs(sim_at, k)`."""
+    sim_at = np.asarray(sim_at, dtype=np.float64)
+    lookup = dict(zip(map(tuple, pairs.tolist()), np.asarray(match_logits).tolist(), strict=True))
+
+    def logit_at(audio: np.ndarray, text: np.ndarray) -> np.ndarray:
+        return np.array([lookup[(a, t)] for a, t in zip(audio.tolist(), text.tolist(), strict=True)])
+
+    scores_at = _rerank_rows(sim_at, logit_at, k)
+    scores_ta = _rerank_rows(sim_at.T, lambda text, audio: logit_at(audio, text), k)
+    return scores_at, scores_ta
+
+
 def rerank_top_k(
     sim_at: np.ndarray, score_pairs: PairScorer, k: int = 128, batch_size: int = 256
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -158,7 +194,8 @@ def rerank_top_k(
     Args:
       sim_at: (num_audio, num_text) contrastive similarities (cosine; not divided by the temperature).
       score_pairs: (audio indices, text indices), each (batch_size,) int64 -> (batch_size,) ITM logits
-        for "match". Called with fixed-size batches (the last padded), so it may be a jitted function.
+        for "match" (or (batch_size, 2) [no-match, match]). Called with fixed-size batches (the last
+        padded), so it may be a jitted function.
       k: candidates re-scored per query (LAVIS k_test: 128 by default).
       batch_size: pairs per score_pairs call.
 
@@ -167,28 +204,53 @@ def rerank_top_k(
       text->audio ranking): higher ranks first (they encode the order, not the logits); pass them to
       retrieval_metrics(scores_at, owner, sim_ta=scores_ta).
     """
-    sim_at = np.asarray(sim_at, dtype=np.float64)
-    num_audio, num_text = sim_at.shape
-    k_at, k_ta = min(k, num_text), min(k, num_audio)
-    top_at = np.argsort(-sim_at, axis=1, kind="stable")[:, :k_at]
-    top_ta = np.argsort(-sim_at.T, axis=1, kind="stable")[:, :k_ta]
-    # Every pair either direction needs, scored once.
-    pairs = np.concatenate(
-        [
-            np.stack([np.repeat(np.arange(num_audio), k_at), top_at.ravel()], 1),
-            np.stack([top_ta.ravel(), np.repeat(np.arange(num_text), k_ta)], 1),
-        ]
-    )
-    pairs = np.unique(pairs, axis=0)
+    pairs = candidate_pairs(sim_at, k)
     logits = _score_in_batches(score_pairs, pairs[:, 0], pairs[:, 1], batch_size)
-    lookup = dict(zip(map(tuple, pairs.tolist()), logits.tolist(), strict=True))
+    return rerank_with_logits(sim_at, pairs, logits[:, -1], k)
 
-    def logit_at(audio: np.ndarray, text: np.ndarray) -> np.ndarray:
-        return np.array([lookup[(a, t)] for a, t in zip(audio.tolist(), text.tolist(), strict=True)])
 
-    scores_at = _rerank_rows(sim_at, logit_at, k)
-    scores_ta = _rerank_rows(sim_at.T, lambda text, audio: logit_at(audio, text), k)
-    return scores_at, scores_ta
+def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float | None:
+    """The probability that a random positive scores above a random negative (ties count half);
+    None without both kinds."""
+    scores, positive = np.asarray(scores, np.float64), np.asarray(positive, bool)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if not n_pos or not n_neg:
+        return None
+    order = np.argsort(scores, kind="stable")
+    ranks = np.empty(len(scores))
+    sorted_scores = scores[order]
+    # Average ranks over ties (1-based), then the Mann-Whitney U statistic.
+    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
+    for start, count in zip(first, counts, strict=True):
+        ranks[order[start : start + count]] = start + (count + 1) / 2
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def matching_report(
+    sim_at: np.ndarray, text_owner: np.ndarray, pairs: np.ndarray, logits: np.ndarray
+) -> dict:
+    """How well the matching head separates the re-scored pairs: the true (clip, caption) pairs among
+    them (positives) from the others (hard negatives: the contrastive top k's mistakes).
+
+    {"positives", "hard_negatives": counts; "positive_accuracy", "hard_negative_accuracy": the fraction
+    the head classifies right (match logit above no-match; only with (pairs, 2) logits); "auc_matching_head",
+    "auc_contrastive", "auc_combined": ROC AUC of the match logit, of the similarity, and of their sum
+    (the re-ranking score) on those pairs}. Re-ranking pays when auc_combined > auc_contrastive."""
+    positive = np.asarray(text_owner)[pairs[:, 1]] == pairs[:, 0]
+    sim = np.asarray(sim_at, np.float64)[pairs[:, 0], pairs[:, 1]]
+    match = logits[:, -1]
+    out = {
+        "positives": int(positive.sum()),
+        "hard_negatives": int((~positive).sum()),
+        "auc_matching_head": roc_auc(match, positive),
+        "auc_contrastive": roc_auc(sim, positive),
+        "auc_combined": roc_auc(match + sim, positive),
+    }
+    if logits.shape[1] == 2:
+        says_match = logits[:, 1] > logits[:, 0]
+        out["positive_accuracy"] = float(says_match[positive].mean()) if positive.any() else None
+        out["hard_negative_accuracy"] = float((~says_match[~positive]).mean()) if (~positive).any() else None
+    return out
 
 
 def retrieval_report(
@@ -199,8 +261,9 @@ def retrieval_report(
     batch_size: int = 256,
     curve_max_k: int = 50,
 ) -> dict:
-    """Both sets of numbers: {"contrastive": retrieval_metrics, "reranked": retrieval_metrics (when
-    score_pairs is given), "rerank_k": k, "curves": {ranking: {direction: [R@1, ..., R@curve_max_k]}}}."""
+    """Both sets of numbers: {"contrastive": retrieval_metrics, "reranked": retrieval_metrics and
+    "matching": matching_report (when score_pairs is given), "rerank_k": k, "curves": {ranking:
+    {direction: [R@1, ..., R@curve_max_k]}}}."""
     relevant_at = relevance(text_owner, np.shape(sim_at)[0])
     report = {"contrastive": retrieval_metrics(sim_at, text_owner)}
     report["curves"] = {
@@ -210,9 +273,12 @@ def retrieval_report(
         }
     }
     if score_pairs is not None:
-        scores_at, scores_ta = rerank_top_k(sim_at, score_pairs, k, batch_size)
+        pairs = candidate_pairs(sim_at, k)
+        logits = _score_in_batches(score_pairs, pairs[:, 0], pairs[:, 1], batch_size)
+        scores_at, scores_ta = rerank_with_logits(sim_at, pairs, logits[:, -1], k)
         report["reranked"] = retrieval_metrics(scores_at, text_owner, sim_ta=scores_ta)
         report["rerank_k"] = int(k)
+        report["matching"] = matching_report(sim_at, text_owner, pairs, logits)
         report["curves"]["reranked"] = {
             "audio_to_text": recall_curve(scores_at, relevant_at, curve_max_k),
             "text_to_audio": recall_curve(scores_ta, relevant_at.T, curve_max_k),
@@ -231,3 +297,28 @@ def format_table(report: dict) -> str:
         f"chance text_to_audio R@1 = {100 / report['num_audio']:.2f}%)"
     )
     return "\n".join(lines)
+
+
+def describe_matching(matching: dict) -> str:
+    """One sentence of `matching_report`: the head's accuracy and the three AUCs."""
+
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{100 * v:.1f}%"
+
+    def num(v: float | None) -> str:
+        return "-" if v is None else f"{v:.3f}"
+
+    text = (
+        f"matching head on the {matching['positives']} true and {matching['hard_negatives']} hard-negative "
+        "re-scored pairs"
+    )
+    if "positive_accuracy" in matching:
+        text += (
+            f": right on {pct(matching['positive_accuracy'])} of the true pairs and "
+            f"{pct(matching['hard_negative_accuracy'])} of the hard negatives"
+        )
+    return text + (
+        f"; ROC AUC: head {num(matching['auc_matching_head'])}, "
+        f"contrastive {num(matching['auc_contrastive'])}, "
+        f"head + contrastive (the re-ranking score) {num(matching['auc_combined'])}"
+    )

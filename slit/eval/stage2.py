@@ -46,12 +46,14 @@ def evaluate_split(
     the config's single dataset).
 
     Captioning (when clips have captions): each such clip is captioned with the first captioning
-    template. AQA (when clips have questions): each such clip is asked one question (its questions in
-    turn by clip index, so every type is asked), with the first QA template. Classification (when clips
-    have labels, and eval.tasks asks for it): zero-shot by the LLM's loss of each label of the split
-    (slit.eval.generative). Returns {"captioning": CaptionScorer metrics + "examples", "aqa":
-    aqa_accuracy + "majority_baseline" + "examples", "classification": ..., "skipped": {evaluation:
-    why}} with only the evaluations that ran, or None if stopped for preemption.
+    template; beside it, the audio-blind baseline (one training caption for every clip:
+    slit.eval.captioning.constant_caption_baseline). AQA (when clips have questions): each such clip is
+    asked one question (its questions in turn by clip index, so every type is asked), with the first QA
+    template. Classification (when clips have labels, and eval.tasks asks for it): zero-shot by the LLM's
+    loss of each label of the split (slit.eval.generative). Returns {"captioning": CaptionScorer metrics
+    + "examples" + "constant_baseline", "aqa": aqa_accuracy + "majority_baseline" + "examples",
+    "classification": ..., "skipped": {evaluation: why}} with only the evaluations that ran, or None if
+    stopped for preemption.
     """
     from slit import runs
     from slit.eval import aqa, captioning, generative
@@ -116,6 +118,11 @@ def evaluate_split(
         caption_metrics["examples"] = {
             k: {"predicted": captions[k], "references": references[k]} for k in list(captions)[:10]
         }
+        train = sources.open_split(dataset.name, dataset.data_dir, dataset.train_split)
+        train_captions = _Texts(train, "captions")
+        baseline = captioning.constant_caption_baseline(train_captions, references, scorer.tokenizer)
+        if baseline:
+            caption_metrics["constant_baseline"] = baseline
         reports["captioning"] = caption_metrics
     if "aqa" in run:
         types = qa_types if len(qa_types) == len(qa_references) else None
@@ -129,6 +136,19 @@ def evaluate_split(
             runs.TrainedRun(config, params, answerer, 0, spec), labelled, templates["classify"][0]
         )
     return reports
+
+
+class _Texts(Sequence):
+    """One text field (a list of str) of each example of a source, read when indexed."""
+
+    def __init__(self, source: Sequence[dict], field: str):
+        self.source, self.field = source, field
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int) -> list[str]:  # type: ignore[override]
+        return example_texts(self.source[i], self.field)
 
 
 class _FirstClips(Sequence):
@@ -191,7 +211,11 @@ def headline(reports: dict, prefix: str = "") -> str:
     """One line of the headline numbers of `evaluate_split`'s reports, naming the skipped evaluations."""
     parts = []
     if "captioning" in reports:
-        parts.append(f"{prefix}captioning CIDEr-D {reports['captioning']['CIDEr-D']:.3f}")
+        caption = reports["captioning"]
+        text = f"{prefix}captioning CIDEr-D {caption['CIDEr-D']:.3f}"
+        if caption.get("constant_baseline"):
+            text += f" (one training caption for all: {caption['constant_baseline']['CIDEr-D']:.3f})"
+        parts.append(text)
     if "aqa" in reports:
         qa = reports["aqa"]
         text = f"{prefix}QA accuracy {100 * qa['accuracy']:.1f}%"
@@ -221,6 +245,8 @@ def scalars(prefix: str, reports: dict) -> dict[str, float]:
         out |= {
             f"{prefix}/{k}": float(v) for k, v in caption.items() if k in _CAPTION_SCALARS and v is not None
         }
+        if caption.get("constant_baseline"):
+            out[f"{prefix}/CIDEr-D_constant_baseline"] = float(caption["constant_baseline"]["CIDEr-D"])
     if qa is not None:
         out[f"{prefix}/qa_accuracy"] = float(qa["accuracy"])
         if qa.get("majority_baseline"):

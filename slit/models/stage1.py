@@ -136,10 +136,11 @@ class Stage1Model(nnx.Module):
         return l2_normalize(self.text_projection(hidden[:, 0]))
 
     def match_logits(self, encoder_kv: list, frame_mask_bf: jax.Array, text_ids_bl: jax.Array) -> jax.Array:
-        """The matching head's "match" logit for (clip, text) pairs, averaged over queries: (batch,).
+        """The matching head's [no-match, match] logits for (clip, text) pairs, averaged over queries:
+        (batch, 2).
 
         encoder_kv: `qformer.encoder_kv(features)` of each pair's clip; queries and text see each other.
-        This is BLIP-2's re-ranking score (added to the contrastive similarity).
+        The match logit ([:, 1]) is BLIP-2's re-ranking score (added to the contrastive similarity).
         """
         hidden = self.qformer(
             text_ids_bl=text_ids_bl,
@@ -150,7 +151,7 @@ class Stage1Model(nnx.Module):
             encoder_mask_bf=frame_mask_bf,
             rngs=None,
         )
-        return self.itm_head(hidden[:, : self.config.qformer.num_queries])[..., 1].mean(axis=1)
+        return self.itm_head(hidden[:, : self.config.qformer.num_queries]).mean(axis=1)
 
     def __call__(
         self, batch: Stage1Batch, *, rngs: nnx.Rngs | None, negatives_key: jax.Array
