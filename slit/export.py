@@ -375,17 +375,41 @@ def stage2_model_card(run: runs.Run, info: dict) -> str:
 
     c = run.config
     q, a = c.qformer, c.audio_encoder
-    qformer = run.params["bridge"]["qformer"]
     width, llm_width = (int(n) for n in np.shape(run.params["bridge"]["projection"]["kernel"]))
-    queries = int(np.shape(qformer["query_tokens"])[-2])
     llm_source = info["frozen_models"].get("llm", {}).get("source", f"{c.llm.kind} {c.llm.path}")
-    if q.get("instruction", True):
-        bridge = (
-            "The instruction enters the Q-Former (InstructBLIP): its Q-Former tokens join the queries in "
-            "self-attention, so the soft prompt depends on what is asked."
+    kind = c.get("bridge", {}).get("kind", "qformer")
+    if kind == "qformer":
+        qformer = run.params["bridge"]["qformer"]
+        queries = int(np.shape(qformer["query_tokens"])[-2])
+        title = "a Q-Former soft prompt for a frozen LLM"
+        description = (
+            f"A BLIP-2 Q-Former ({qformer_description(qformer, q.cross_attention_freq)}) over a frozen "
+            f"{a.kind} audio encoder, and a linear projection from width {width} to the frozen LLM's width "
+            f"{llm_width}: its {queries} projected query outputs are a soft prompt"
         )
+        if q.get("instruction", True):
+            bridge = (
+                "The instruction enters the Q-Former (InstructBLIP): its Q-Former tokens join the queries in "
+                "self-attention, so the soft prompt depends on what is asked."
+            )
+        else:
+            bridge = (
+                "The Q-Former reads the audio only (BLIP-2): the soft prompt is the same whatever is asked."
+            )
+        trained_parts = "the Q-Former (with its query tokens and embeddings) and the projection are"
+        names = "bridge.qformer.* and bridge.projection.{kernel,bias}"
     else:
-        bridge = "The Q-Former reads the audio only (BLIP-2): the soft prompt is the same whatever is asked."
+        b = c.bridge
+        mlp = f"an MLP (hidden width {b.hidden})" if b.get("hidden", 0) else "a linear map"
+        title = f"a {kind} bridge's soft prompt for a frozen LLM"
+        description = (
+            f"A {kind} bridge over a frozen {a.kind} audio encoder: each clip's frames averaged over "
+            f"{b.num_tokens} equal segments, normalised and mapped by {mlp} to the frozen LLM's width "
+            f"{llm_width}: {b.num_tokens} soft-prompt tokens"
+        )
+        bridge = "The bridge reads the audio only; the instruction goes to the LLM."
+        trained_parts = "the bridge's weights are"
+        names = "bridge.*"
     try:
         weights = tasks_lib.task_weights(c.tasks.weights)
         tasks = ", ".join(f"{name} {weight:g}" for name, weight in weights.items())
@@ -393,12 +417,9 @@ def stage2_model_card(run: runs.Run, info: dict) -> str:
         tasks = ""
     prompt = llm_prompt_text("<instruction>").replace("\n", "\\n")
     lines = [
-        "# slit stage-two audio-language model: a Q-Former soft prompt for a frozen LLM",
+        f"# slit stage-two audio-language model: {title}",
         "",
-        f"A BLIP-2 Q-Former ({qformer_description(qformer, q.cross_attention_freq)}) over a frozen "
-        f"{a.kind} audio encoder, and a linear projection from width {width} to the frozen LLM's width "
-        f"{llm_width}: its {queries} projected query outputs are a soft prompt in front of the frozen LLM "
-        f"({llm_source}). "
+        f"{description} in front of the frozen LLM ({llm_source}). "
         f"Trained by slit {slit.__version__} for {run.step} steps on the answer tokens only. {bridge}",
         "",
         f"The LLM sees `[soft prompt; {prompt}]` and generates the answer after it.",
@@ -408,15 +429,15 @@ def stage2_model_card(run: runs.Run, info: dict) -> str:
         + (f"; Q-Former from stage-one run `{pathlib.Path(c.init_from).name}`" if c.get("init_from") else "")
         + ").",
         *_frozen_lines(info),
-        "- Only the Q-Former (with its query tokens and embeddings) and the projection are in "
-        "`model.safetensors`; the frozen audio encoder and LLM are named above with content fingerprints.",
+        f"- Only {trained_parts} in `model.safetensors`; the frozen audio encoder and LLM are named above "
+        "with content fingerprints.",
         "",
         *_results(run),
         "## Loading",
         "",
         "```python",
         "from safetensors.numpy import load_file",
-        'weights = load_file("model.safetensors")  # bridge.qformer.* and bridge.projection.{kernel,bias}',
+        f'weights = load_file("model.safetensors")  # {names}',
         "```",
         "",
         "`config.json` holds the hyperparameters (`model`) and the frozen models' identities;",

@@ -88,9 +88,19 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
         problems.append(f"features={features!r}: use 'compute' (run the encoder) or 'cached'")
     elif features == "cached" and list(config.data.get("mixture", None) or []):
         problems.append("features=cached reads one dataset's cache; with data.mixture use features=compute")
-    bridge_kind = config.get("bridge", {}).get("kind", "qformer")
+    bridge = config.get("bridge", {})
+    bridge_kind = bridge.get("kind", "qformer")
     if bridge_kind not in BRIDGES:
         problems.append(f"bridge.kind={bridge_kind!r}: choose one of {', '.join(BRIDGES)}")
+    elif bridge_kind != "qformer":
+        if config.init_from:
+            problems.append(
+                f"init_from={config.init_from}: it copies a stage-one Q-Former, and "
+                f"bridge.kind={bridge_kind} has none (stage one does not apply to it); train it from "
+                "scratch (init_from='')"
+            )
+        if bridge_kind == "linear" and (bridge.get("num_tokens", 8) < 1 or bridge.get("hidden", 0) < 0):
+            problems.append("bridge.num_tokens must be at least 1 and bridge.hidden >= 0 (0: one linear map)")
     d = config.data
     for key in ("max_instruction_length", "max_answer_length"):
         if d[key] < 1:
@@ -153,11 +163,6 @@ def with_cached_features(
     from slit.train import feature_cache as cache_lib
 
     ((spec, source, contents),) = training_data  # validate() refuses a mixture with features=cached
-    if spec.train_split != "train":
-        raise UserError(
-            f"features=cached reads the cache's train split; data.train_split={spec.train_split!r} is not "
-            "cached (use features=compute)"
-        )
     cache = cache_lib.open_for_training(config, cfg, frozen)
     return [(spec, WithFeatures(source, cache.splits["train"]), contents)], cache
 

@@ -25,6 +25,7 @@ from slit.data.text_encoders import (
 from slit.data.tokenizer import TextTokenizer, word_level_tokenizer
 from slit.errors import UserError
 from slit.models.bridges import BRIDGES
+from slit.models.bridges.linear import LinearBridgeConfig
 from slit.models.bridges.qformer import QFormerBridgeConfig
 from slit.models.layers import Frozen
 from slit.models.stage2 import Stage2Config, Stage2Model
@@ -136,12 +137,14 @@ def model_config(config: ml_collections.ConfigDict, tokenizer: TextTokenizer) ->
     """Translates the config file's groups into the model's dataclasses: the audio encoder and the
     Q-Former as stage one builds them (slit.train.pretrained), the bridge by `bridge.kind`."""
     audio = pretrained.audio_encoder_config(config)
+    bridge = bridge_config(config, tokenizer, audio.width)
     return Stage2Config(
         audio=audio,
-        bridge=bridge_config(config, tokenizer, audio.width),
+        bridge=bridge,
         remat_policy=config.llm.remat_policy,
         loss_average=config.get("loss_average", "tokens"),
-        qformer_init=config.qformer.get("init", ""),
+        # (BERT's text weights are for a Q-Former bridge; another bridge has no Q-Former to fill)
+        qformer_init=config.qformer.get("init", "") if bridge.kind == "qformer" else "",
     )
 
 
@@ -153,6 +156,14 @@ def bridge_config(config: ml_collections.ConfigDict, tokenizer: TextTokenizer, e
             qformer=pretrained.qformer_component_config(config, tokenizer.vocab_size, encoder_width),
             instruction_in_qformer=config.qformer.instruction,
             pad_id=tokenizer.pad_id,
+        )
+    if kind == "linear":
+        b = config.bridge
+        return LinearBridgeConfig(
+            encoder_width=encoder_width,
+            num_tokens=int(b.get("num_tokens", 8)),
+            hidden=int(b.get("hidden", 0)),
+            initializer_range=float(config.qformer.initializer_range),
         )
     raise UserError(f"bridge.kind={kind!r}: choose one of {', '.join(BRIDGES)}")
 

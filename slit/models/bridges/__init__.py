@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import jax
 from flax import nnx
 
+from slit.models.bridges.linear import LinearBridge, LinearBridgeConfig
 from slit.models.bridges.qformer import QFormerBridge, QFormerBridgeConfig
 
 
@@ -40,6 +41,7 @@ class Bridge(Protocol):
 
 BRIDGES: dict[str, tuple[type, type]] = {
     "qformer": (QFormerBridgeConfig, QFormerBridge),
+    "linear": (LinearBridgeConfig, LinearBridge),
 }
 """kind -> (config dataclass, module)."""
 
