@@ -69,7 +69,7 @@ def test_segment_start_and_end_are_read_exactly(tmp_path):
     path = tmp_path / "ramp.wav"
     sf.write(path, ramp, 16000, subtype="PCM_16")
     clip = audio_io.read_clip(path, CHECKS, start_s=0.5, end_s=1.25)
-    np.testing.assert_array_equal(audio_io.to_pcm16(clip.samples), ramp[8000:20000].clip(-32767, 32767))
+    np.testing.assert_array_equal(audio_io.to_pcm16(clip.samples), ramp[8000:20000])  # bit-exact
     tail = audio_io.read_clip(path, CHECKS, start_s=2.0, end_s=9.0)  # end past the file: cut there
     assert len(tail.samples) == 16000 and [r for r, _ in tail.repairs] == ["bad_segment"]
     with pytest.raises(audio_io.BadAudio) as bad:
@@ -80,8 +80,10 @@ def test_segment_start_and_end_are_read_exactly(tmp_path):
 def test_pcm16_round_trip():
     x = np.array([-1.0, -0.5, 0.0, 0.25, 1.0, 1.5], np.float32)
     pcm = audio_io.to_pcm16(x)
-    assert pcm.dtype == np.int16 and list(pcm[[0, 4, 5]]) == [-32767, 32767, 32767]
-    np.testing.assert_allclose(audio_io.from_pcm16(pcm)[:5], x[:5], atol=1 / 32767)
+    assert pcm.dtype == np.int16 and list(pcm[[0, 4, 5]]) == [-32768, 32767, 32767]
+    np.testing.assert_array_equal(audio_io.from_pcm16(pcm)[:4], x[:4])  # one scale both ways: exact
+    every_value = np.arange(-32768, 32768).astype(np.int16)
+    np.testing.assert_array_equal(audio_io.to_pcm16(audio_io.from_pcm16(every_value)), every_value)
 
 
 def test_crop_or_pad_with_mask_deterministic_for_eval_seeded_for_training():

@@ -92,8 +92,10 @@ def to_mono(audio: np.ndarray) -> np.ndarray:
 
 
 def to_pcm16(audio: np.ndarray) -> np.ndarray:
-    """float audio in [-1, 1] (n,) -> int16 (n,), rounded, clipped to +-32767."""
-    return np.clip(np.round(np.asarray(audio, np.float64) * 32767.0), -32767, 32767).astype(np.int16)
+    """float audio in [-1, 1] (n,) -> int16 (n,): round(x * 32768) clipped to [-32768, 32767], the
+    inverse of `from_pcm16` (libsndfile's scale), so a clip read from 16-bit PCM is stored bit-exactly."""
+    scaled = np.round(np.asarray(audio, np.float64) * INT16_SCALE)
+    return np.clip(scaled, -INT16_SCALE, INT16_SCALE - 1).astype(np.int16)
 
 
 def from_pcm16(pcm: np.ndarray) -> np.ndarray:

@@ -7,7 +7,7 @@ so ``tfds.data_source("slit_synthetic_sounds/tiny", data_dir=...)`` finds it by 
 Each example:
 
 - ``audio``: int16 PCM, shape ``(num_samples,)``, mono at ``SAMPLE_RATE`` (16 kHz; also in
-  ``info.metadata["sample_rate"]``). ``slit.data.synthetic.from_pcm16`` turns it into float32.
+  ``info.metadata["sample_rate"]``). ``slit.data.audio_io.from_pcm16`` turns it into float32.
 - ``captions``: ``NUM_CAPTIONS`` distinct captions (read back as a list of bytes).
 - ``id``: e.g. ``"train-000042"``; example ``i`` of a split has id ``f"{split}-{i:06d}"`` (kept in order).
 - ``attributes``: JSON of ``SyntheticClip.attributes`` (events with kind, quality, count, loudness, ...).

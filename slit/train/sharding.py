@@ -115,11 +115,6 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def data_parallel_size(mesh: Mesh, rules: Rules) -> int:
-    """How many ways the batch axis is split."""
-    return _mesh_axis_size(mesh, rules.get("batch"))
-
-
 def replicated_to_global(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
     """A global jax.Array from a numpy array that every process holds in full (e.g. an eval batch)."""
     if jax.process_count() == 1:
