@@ -5,21 +5,67 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import textwrap
 from collections.abc import Sequence
 
 from slit.commands import COMMANDS
 from slit.errors import UserError
 
+OVERRIDES_HELP = textwrap.fill(
+    "Any field of the config file can be overridden with --config.a.b=value, e.g. --config.batch_size=64 "
+    "--config.optimizer.learning_rate=3e-4 (README: Training). With --config FILE, --help lists every "
+    "field with its value.",
+    width=100,
+)
+
+
+def config_fields(argv: Sequence[str]) -> str:
+    """The fields of the config file named in `argv` (--config FILE) with their values, one per line as
+    `--config.a.b=value`; "" when there is none or it cannot be read."""
+    from slit import config as config_lib
+
+    args = list(argv)
+    path = next((a.split("=", 1)[1] for a in args if a.startswith("--config=")), None)
+    if path is None and "--config" in args[:-1]:
+        path = args[args.index("--config") + 1]
+    if not path:
+        return ""
+    try:
+        config = config_lib.load_config_file(path)
+    except Exception:  # noqa: BLE001 (help still prints without the fields)
+        return ""
+
+    def walk(node: object, prefix: str) -> list[str]:
+        if hasattr(node, "items"):
+            return [line for k, v in node.items() for line in walk(v, f"{prefix}.{k}")]
+        return [f"  {prefix}={node!r}"]
+
+    return f"fields of {path} (their defaults):\n" + "\n".join(walk(config, "--config"))
+
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(
         prog="slit", description="Audio-language models from frozen pretrained models."
     )
     subparsers = parser.add_subparsers(dest="command", required=True)
     modules = {}
+    asks_help = "-h" in argv or "--help" in argv
     for name, module_name in COMMANDS.items():
         module = modules[name] = importlib.import_module(module_name)
-        module.add_arguments(subparsers.add_parser(name, help=module.HELP, description=module.HELP))
+        epilog = None
+        if getattr(module, "ACCEPTS_CONFIG_OVERRIDES", False):
+            fields = config_fields(argv) if asks_help and argv[:1] == [name] else ""
+            epilog = OVERRIDES_HELP + ("\n\n" + fields if fields else "")
+        module.add_arguments(
+            subparsers.add_parser(
+                name,
+                help=module.HELP,
+                description=module.HELP,
+                epilog=epilog,
+                formatter_class=_Formatter,
+            )
+        )
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(modules[args.command], "ACCEPTS_CONFIG_OVERRIDES", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -35,6 +81,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"slit {args.command}: {e}", file=sys.stderr)
             return e.exit_code
         raise
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default (when it has one), and the epilog's lines as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if (
+            action.default is None
+            or action.default == []
+            or action.required
+            or "default" in (action.help or "")
+        ):
+            return action.help or ""
+        return super()._get_help_string(action)
 
 
 if __name__ == "__main__":

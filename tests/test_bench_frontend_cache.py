@@ -29,15 +29,20 @@ def test_bench_frontend_compares_with_whisper_feature_extractor():
     json.dumps(result)  # JSON-serialisable
 
 
-def test_bench_cache_runs_an_epoch_both_ways(tiny_data_dir):
-    from slit.bench import cache
+def test_bench_cache_runs_an_epoch_both_ways(tiny_data_dir, tmp_path):
+    import json
+
+    from slit import cli
 
     overrides = tiny_overrides(tiny_data_dir)
     for key in ("total_steps", "log_every_steps", "eval_every_steps", "checkpoint_every_steps"):
         overrides.pop(key)
-    sets = [f"{k}={v}" for k, v in overrides.items()]
     config = str(ROOT / "configs" / "stage1_synthetic.py")
-    report = cache.run(argparse.Namespace(config=config, set=sets, steps=4, features_dir=None))
+    out = tmp_path / "cache.json"
+    args = ["bench", "cache", "--config", config, "--steps", "4", "--out", str(out)]
+    # The overrides are --config.a.b=value, as for slit train.
+    assert cli.main([*args, *(f"--config.{k}={v}" for k, v in overrides.items())]) == 0
+    report = json.loads(out.read_text())
     assert report["steps_per_epoch"] == 64 // 8
     assert report["cache"]["written"] and report["cache"]["bytes"] > 0 and report["cache"]["clips"] == 96
     assert report["cache"]["seconds"] > 0

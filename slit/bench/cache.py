@@ -33,17 +33,11 @@ if TYPE_CHECKING:
     import ml_collections
 
 HELP = "a stage-one epoch computing the frozen features vs reading them from the cache"
+READS_CONFIG = True  # takes --config.a.b=value overrides of --config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="configs/stage1_synthetic.py", help="a stage-one config file")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a config override (repeatable), e.g. --set data.name=slit_synthetic_sounds/tiny",
-    )
     parser.add_argument(
         "--features-dir",
         default=None,
@@ -102,20 +96,14 @@ def run(args: argparse.Namespace) -> dict:
     from slit.data import sources
     from slit.train import feature_cache, stage1
 
-    pairs = []
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise config_lib.ConfigError(f"--set {item!r}: use KEY=VALUE, e.g. --set batch_size=8")
-        pairs.append((key, value))
     config = config_lib.load_config_file(args.config)
-    config_lib.apply_overrides(config, pairs)
+    config_lib.apply_overrides(config, args.config_overrides)  # --config.a.b=value, as slit train
     with config.unlocked():
         config.trainer = "stage1"
     stage1.validate(config, jax.device_count(), jax.process_count())
     epoch = len(sources.open_split(config.data.name, config.data.data_dir, "train")) // config.batch_size
     steps = args.steps or epoch
-    result: dict = {"config": args.config, "overrides": dict(pairs), "steps_per_epoch": epoch}
+    result: dict = {"config": args.config, "overrides": dict(args.config_overrides), "steps_per_epoch": epoch}
     with tempfile.TemporaryDirectory(prefix="slit_bench_cache_") as tmp:
         root = args.features_dir or str(pathlib.Path(tmp) / "features")
         config_lib.apply_overrides(config, [("features_dir", root)])

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from slit.bench import BENCHES
 
 HELP = "measure speed or memory against a reference, in the same run; prints JSON"
+ACCEPTS_CONFIG_OVERRIDES = True  # --config.a.b=value, for the benchmarks that read a config file
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,9 +25,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from slit import config as config_lib
     from slit.bench import common
 
     module = importlib.import_module(BENCHES[args.bench])
+    if extra and not getattr(module, "READS_CONFIG", False):
+        raise config_lib.ConfigError(
+            f"slit bench {args.bench} reads no config file: {' '.join(extra)} not used"
+        )
+    args.config_overrides = config_lib.parse_override_args(extra)
     result = {"bench": args.bench, **module.run(args), "machine": common.machine()}
     text = json.dumps(result, indent=2)
     print(text)

@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--data", required=True, help="a built TFDS dataset name, e.g. slit_synthetic_sounds")
     parser.add_argument("--data-dir", default=None, help="TFDS data directory (default: the run's)")
-    parser.add_argument("--split", default="test")
+    parser.add_argument("--split", default="test", help="the split to evaluate")
     parser.add_argument("--step", type=int, default=None, help="which checkpoint (default: the newest)")
     parser.add_argument(
         "--rerank-k",

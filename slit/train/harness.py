@@ -174,8 +174,13 @@ def common_problems(config: ml_collections.ConfigDict, num_devices: int, num_pro
     if config.max_consecutive_nonfinite < 1:
         problems.append(f"max_consecutive_nonfinite={config.max_consecutive_nonfinite} must be at least 1")
     opt = config.optimizer
-    if not 0 <= opt.warmup_steps <= config.total_steps:
-        problems.append(f"optimizer.warmup_steps={opt.warmup_steps} must be within [0, total_steps]")
+    if opt.warmup_steps < 0:
+        problems.append(f"optimizer.warmup_steps={opt.warmup_steps} must be >= 0")
+    elif opt.warmup_steps > config.total_steps > 0:
+        problems.append(
+            f"optimizer.warmup_steps={opt.warmup_steps} is more than total_steps={config.total_steps}; "
+            f"for a short run add --config.optimizer.warmup_steps={config.total_steps // 10}"
+        )
     if opt.learning_rate <= 0 or not 0 <= opt.min_learning_rate <= opt.learning_rate:
         problems.append("optimizer: need learning_rate > 0 and 0 <= min_learning_rate <= learning_rate")
     try:
