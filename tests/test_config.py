@@ -127,3 +127,14 @@ def test_cli_reports_config_errors_without_a_traceback(tmp_path):
 def test_resolved_config_roundtrips_to_json():
     c = load()
     assert json.loads(config_lib.to_json(c))["qformer"]["num_queries"] == c.qformer.num_queries
+
+
+def test_every_shipped_config_validates():
+    """Every config in configs/ passes its trainer's checks as shipped (the public-set recipes too)."""
+    import importlib
+
+    from slit.commands.train import TRAINERS
+
+    for path in sorted((ROOT / "configs").glob("*.py")):
+        config = config_lib.load_config_file(path)
+        importlib.import_module(TRAINERS[config.trainer]).validate(config, 1, 1)
