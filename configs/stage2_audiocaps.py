@@ -35,15 +35,7 @@ STAGE_TWO = pathlib.Path(__file__).with_name("stage2_synthetic.py")
 
 def get_config() -> ml_collections.ConfigDict:
     c = config_lib.load_config_file(STAGE_TWO)
-    stage_one = config_lib.load_config_file(STAGE_ONE)
-    # The data, the frozen encoder and the Q-Former exactly as stage one had them (init_from checks).
-    c.data.name = stage_one.data.name
-    c.data.max_seconds = stage_one.data.max_seconds
-    c.audio_encoder = stage_one.audio_encoder
-    for key in ("init", "num_queries", "cross_attention_freq", "dropout", "initializer_range"):
-        c.qformer[key] = stage_one.qformer[key]
-    c.features = "cached"
-    c.features_dir = stage_one.features_dir
+    config_lib.continue_stage_one(c, STAGE_ONE)  # its data, frozen encoder, Q-Former and feature cache
     c.data.max_qformer_instruction_length = 32  # WordPiece tokens of the instruction
     c.data.max_answer_length = 40  # LLM tokens of a caption, EOS included
     c.tasks.weights = ml_collections.ConfigDict({"caption": 1.0, "qa": 0.0, "classify": 0.0})

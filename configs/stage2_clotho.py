@@ -27,10 +27,7 @@ STAGE_TWO = pathlib.Path(__file__).with_name("stage2_audiocaps.py")
 
 def get_config() -> ml_collections.ConfigDict:
     c = config_lib.load_config_file(STAGE_TWO)
-    stage_one = config_lib.load_config_file(STAGE_ONE)
-    c.data.name = stage_one.data.name
-    c.data.max_seconds = stage_one.data.max_seconds
-    c.audio_encoder = stage_one.audio_encoder
+    config_lib.continue_stage_one(c, STAGE_ONE)  # its data, frozen encoder, Q-Former and feature cache
     c.data.max_answer_length = 48
     c.batch_size = 32
     c.total_steps = 2400

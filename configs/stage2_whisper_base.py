@@ -36,13 +36,7 @@ STAGE_TWO = pathlib.Path(__file__).with_name("stage2_synthetic.py")
 
 def get_config() -> ml_collections.ConfigDict:
     c = config_lib.load_config_file(STAGE_TWO)
-    stage_one = config_lib.load_config_file(STAGE_ONE)
-    # The frozen encoder and the Q-Former exactly as stage one had them.
-    c.audio_encoder = stage_one.audio_encoder
-    for key in ("init", "num_queries", "cross_attention_freq", "dropout", "initializer_range"):
-        c.qformer[key] = stage_one.qformer[key]
-    c.features = "cached"
-    c.features_dir = stage_one.features_dir
+    config_lib.continue_stage_one(c, STAGE_ONE)  # its data, frozen encoder, Q-Former and feature cache
     c.data.max_qformer_instruction_length = 32  # WordPiece tokens of the instruction
     c.eval.batch_size = 16
     return c

@@ -114,6 +114,20 @@ def parse_override_args(args: Sequence[str]) -> list[tuple[str, str]]:
     return overrides
 
 
+def continue_stage_one(stage_two: ml_collections.ConfigDict, stage_one_file: str | pathlib.Path) -> None:
+    """Sets a stage-two config's data, frozen audio encoder, Q-Former shape and feature cache to those of
+    the stage-one config file (what `init_from` a run of it checks), with features=cached: the two
+    stages read the same cache."""
+    stage_one = load_config_file(stage_one_file)
+    for key in ("name", "data_dir", "sample_rate", "max_seconds"):
+        stage_two.data[key] = stage_one.data[key]
+    stage_two.audio_encoder = stage_one.audio_encoder
+    for key in ("init", "num_queries", "cross_attention_freq", "dropout", "initializer_range"):
+        stage_two.qformer[key] = stage_one.qformer[key]
+    stage_two.features = "cached"
+    stage_two.features_dir = stage_one.features_dir
+
+
 def to_json(config: ml_collections.ConfigDict) -> str:
     return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
 
