@@ -93,7 +93,8 @@ def _retrieval_lines(metrics: Mapping) -> list[str]:
     if metrics.get("matching"):
         from slit.eval.retrieval import describe_matching
 
-        lines.append(describe_matching(metrics["matching"]).capitalize() + ".")
+        text = describe_matching(metrics["matching"])
+        lines.append(text[0].upper() + text[1:] + ".")
     return lines
 
 
