@@ -1,6 +1,6 @@
 """Stage one on the built-in synthetic sounds: a tiny Q-Former learns audio-text retrieval.
 
-Command (the dataset is generated on first use, ~1 min; nothing is downloaded):
+Command (the dataset is generated on first use, about 25 s; nothing is downloaded):
 
     slit train --config configs/stage1_synthetic.py --workdir runs/stage1_synthetic
 
