@@ -47,6 +47,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.checkpoint_every_steps = 500
     c.optimizer.learning_rate = 1e-4
     c.optimizer.min_learning_rate = 1e-5
+    # BLIP-2: one learning rate; configs/stage2_synthetic.py measured the Q-Former at 0.1 to pay at CPU scale.
+    c.optimizer.lr_multipliers = ""
     c.optimizer.warmup_steps = 2000
     c.eval.tasks = ("captioning",)
     c.eval.num_beams = 5

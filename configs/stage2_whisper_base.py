@@ -37,6 +37,9 @@ STAGE_TWO = pathlib.Path(__file__).with_name("stage2_synthetic.py")
 def get_config() -> ml_collections.ConfigDict:
     c = config_lib.load_config_file(STAGE_TWO)
     config_lib.continue_stage_one(c, STAGE_ONE)  # its data, frozen encoder, Q-Former and feature cache
+    # As measured below (the synthetic config's Q-Former multiplier and 1,000 steps are not yet tried here).
+    c.total_steps = 400
+    c.optimizer.lr_multipliers = ""
     c.data.max_qformer_instruction_length = 32  # WordPiece tokens of the instruction
     c.eval.batch_size = 16
     return c
