@@ -9,7 +9,8 @@ Commands (after configs/stage1_whisper_base.py; nothing is downloaded, the weigh
         --config.init_from=runs/stage1_whisper_base
 
 Everything else is configs/stage2_synthetic.py (task mixture, templates, LLM, optimizer, evaluation)
-but for what was measured here: 400 steps, one learning rate for the Q-Former and the projection; with the audio encoder and the Q-Former of configs/stage1_whisper_base.py: `init_from` copies its
+but for what was measured here (400 steps, one learning rate for the Q-Former and the projection),
+with the audio encoder and the Q-Former of configs/stage1_whisper_base.py: `init_from` copies its
 Q-Former (MiniLM's WordPiece vocabulary on both sides) and refuses a run whose encoder, hidden layer or
 windows differ. The features come from the same cache as stage one's (`features=cached`, same
 `audio_encoder` and `data` groups); the test evaluation runs the encoder on the 250 test clips.
