@@ -8,6 +8,7 @@ Nothing here imports a trainer.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import pathlib
 import sys
 from collections.abc import Callable, Sequence
@@ -70,6 +71,11 @@ def evaluate_split(
             indices={k: tuple(i for i in v if i < limit) for k, v in contents.indices.items()},
         )
     run, skipped = tasks_lib.eval_plan(contents, eval_tasks(config))
+
+    @functools.cache
+    def open_train() -> Sequence[dict]:  # for the baselines; opened once, when one is needed
+        return sources.open_split(dataset.name, dataset.data_dir, dataset.train_split)
+
     reports: dict[str, Any] = {"skipped": skipped}
     templates = tasks_lib.templates(config.tasks.get("templates"))
     caption_instruction, question_template = templates["caption"][0], templates["qa"][0]
@@ -118,7 +124,7 @@ def evaluate_split(
         caption_metrics["examples"] = {
             k: {"predicted": captions[k], "references": references[k]} for k in list(captions)[:10]
         }
-        train = sources.open_split(dataset.name, dataset.data_dir, dataset.train_split)
+        train = open_train()
         train_captions = _Texts(train, "captions")
         baseline = captioning.constant_caption_baseline(train_captions, references, scorer.tokenizer)
         if baseline:
@@ -126,8 +132,7 @@ def evaluate_split(
         reports["captioning"] = caption_metrics
     if "aqa" in run:
         types = qa_types if len(qa_types) == len(qa_references) else None
-        train = sources.open_split(dataset.name, dataset.data_dir, dataset.train_split)
-        reports["aqa"] = aqa.qa_report(qa_predictions, qa_references, questions, types, train)
+        reports["aqa"] = aqa.qa_report(qa_predictions, qa_references, questions, types, open_train())
     if "classification" in run:
         if should_stop():
             return None

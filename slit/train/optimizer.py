@@ -15,6 +15,8 @@ import jax
 import ml_collections
 import optax
 
+from slit.train.checkpoint import path_name  # the checkpoints' "a/b/c" names
+
 
 def learning_rate_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
     """Linear warmup from 0 to `learning_rate`, then cosine decay to `min_learning_rate`."""
@@ -32,17 +34,12 @@ def decay_mask(params: dict) -> dict:
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def param_path(path: tuple) -> str:
-    """A params-tree key path as "a/b/c" (the names checkpoints and `lr_multipliers` use)."""
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-
-
 def multiplier_tree(params: dict, multipliers: Mapping[str, float]) -> dict:
     """Each weight's learning-rate multiplier: that of the longest key of `multipliers` that is its path
     or a folder of it ("bridge" covers "bridge/qformer/..."), else 1.
 
     Raises ValueError naming a key that matches no weight, with the top-level parts there are."""
-    paths = [param_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    paths = [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
     for key in multipliers:
         if not any(p == key or p.startswith(key.rstrip("/") + "/") for p in paths):
             parts = sorted({"/".join(p.split("/")[:2]) for p in paths})
@@ -52,7 +49,7 @@ def multiplier_tree(params: dict, multipliers: Mapping[str, float]) -> dict:
             )
 
     def multiplier(path: tuple, _: jax.Array) -> float:
-        name = param_path(path)
+        name = path_name(path)
         matches = [k for k in multipliers if name == k or name.startswith(k.rstrip("/") + "/")]
         return float(multipliers[max(matches, key=len)]) if matches else 1.0
 
