@@ -514,7 +514,8 @@ def test_manifest_qa_field_errors_are_per_line(tmp_path):
         {"audio": "c.wav", "qa": ["q?"]},
         {"audio": "d.wav", "qa": [{"question": "q?"}]},
         {"audio": "e.wav", "qa": [{"question": "q?", "answer": 3}]},
-        {"audio": "f.wav", "qa": [{"question": "q?", "answer": "a", "type": "count"}]},
+        {"audio": "f.wav", "qa": [{"question": "q?", "answer": "a", "kind": "count"}]},
+        {"audio": "t.wav", "qa": [{"question": "how many?", "answer": "two", "type": "count"}]},
         {
             "audio": "g.wav",
             "question": "first?",
@@ -526,9 +527,10 @@ def test_manifest_qa_field_errors_are_per_line(tmp_path):
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     report = BuildReport()
     records = manifest.read_manifest(path, report)
-    assert [(r.id, r.questions, r.answers) for r in records] == [
-        ("a.wav", ["q?"], ["a"]),
-        ("g.wav", ["first?", "second?"], ["1", "2"]),
+    assert [(r.id, r.questions, r.answers, r.question_types) for r in records] == [
+        ("a.wav", ["q?"], ["a"], []),
+        ("t.wav", ["how many?"], ["two"], ["count"]),  # typed: every question has a type
+        ("g.wav", ["first?", "second?"], ["1", "2"], []),  # one untyped question: no types kept
     ]
     messages = {p.origin: p.message for p in report.problems}
     assert set(messages) == {f"m.jsonl:{n}" for n in range(2, 7)}
@@ -536,7 +538,7 @@ def test_manifest_qa_field_errors_are_per_line(tmp_path):
     assert "`qa` item 0 must be an object" in messages["m.jsonl:3"]
     assert "missing answer" in messages["m.jsonl:4"]
     assert "`answer` must be a string" in messages["m.jsonl:5"]
-    assert "unknown key(s) type" in messages["m.jsonl:6"]
+    assert "unknown key(s) kind" in messages["m.jsonl:6"]
     assert all(p.reason == "bad_field" for p in report.problems)
 
 

@@ -11,8 +11,10 @@ A line is a JSON object:
   libsndfile reads (wav, flac, ogg, mp3, ...).
 - Text, at least one of: `caption` (string), `captions` (list of strings), `question` + `answer`
   (strings; or `questions` + `answers`, lists of equal length), `qa` (a list of
-  `{"question": "...", "answer": "..."}` objects, added after any `question(s)`), `label` / `labels`
-  (string or number, or a list of them).
+  `{"question": "...", "answer": "..."}` objects, added after any `question(s)`; an item may add
+  `"type": "..."`, the question's type, by which answers are scored and the majority baseline is
+  taken), `label` / `labels` (string or number, or a list of them). Question types are kept when
+  every question of the line has one.
 - `id` (optional, string or number): unique in the manifest. Default: the `audio` value as written,
   plus `@start-end` when a segment is given.
 - `split` (optional): letters, digits and `_`; default "train".
@@ -52,6 +54,7 @@ class Record:
     captions: list[str] = dataclasses.field(default_factory=list)
     questions: list[str] = dataclasses.field(default_factory=list)
     answers: list[str] = dataclasses.field(default_factory=list)
+    question_types: list[str] = dataclasses.field(default_factory=list)  # [] or one per question
     labels: list[str] = dataclasses.field(default_factory=list)
     start_s: float | None = None
     end_s: float | None = None
@@ -103,31 +106,35 @@ def _strings(value: Any, key: str, allow_numbers: bool = False) -> list[str]:  #
     return out
 
 
-def _qa_pairs(value: Any) -> tuple[list[str], list[str]]:  # noqa: ANN401
-    """`qa`: a list of {"question": str, "answer": str} objects -> (questions, answers)."""
+def _qa_pairs(value: Any) -> tuple[list[str], list[str], list[str]]:  # noqa: ANN401
+    """`qa`: a list of {"question": str, "answer": str[, "type": str]} objects -> (questions, answers,
+    types; "" where an item has no type)."""
     example = '[{"question": "...", "answer": "..."}]'
     if not isinstance(value, list):
         raise FieldError(f"`qa` must be a list like {example}, got {json.dumps(value)[:60]}")
-    questions, answers = [], []
+    questions, answers, types = [], [], []
     for n, item in enumerate(value):
         if not isinstance(item, dict):
             raise FieldError(
                 f"`qa` item {n} must be an object like {example[1:-1]}, got {json.dumps(item)[:60]}"
             )
-        unknown = sorted(set(item) - {"question", "answer"})
+        unknown = sorted(set(item) - {"question", "answer", "type"})
         missing = [k for k in ("question", "answer") if k not in item]
         if unknown or missing:
             what = "; ".join(
                 ([f"missing {', '.join(missing)}"] if missing else [])
                 + ([f"unknown key(s) {', '.join(unknown)}"] if unknown else [])
             )
-            raise FieldError(f"`qa` item {n}: {what} (each item has exactly `question` and `answer`)")
-        for key in ("question", "answer"):
-            if not isinstance(item[key], str):
+            raise FieldError(
+                f"`qa` item {n}: {what} (each item has `question` and `answer`, and may have `type`)"
+            )
+        for key in ("question", "answer", "type"):
+            if key in item and not isinstance(item[key], str):
                 raise FieldError(f"`qa` item {n}: `{key}` must be a string, got {json.dumps(item[key])[:60]}")
         questions.append(item["question"])
         answers.append(item["answer"])
-    return questions, answers
+        types.append(item.get("type", "").strip())
+    return questions, answers, types
 
 
 def _seconds(value: Any, key: str) -> float | None:  # noqa: ANN401
@@ -158,9 +165,10 @@ def parse_line(obj: Any, base_dir: pathlib.Path) -> tuple[Record, int]:  # noqa:
     answers = _strings(obj.get("answer", []), "answer") + _strings(obj.get("answers", []), "answers")
     if len(questions) != len(answers):
         raise FieldError(f"{len(questions)} question(s) but {len(answers)} answer(s): give one answer each")
+    types = [""] * len(questions)
     if "qa" in obj:
-        qa_questions, qa_answers = _qa_pairs(obj["qa"])
-        questions, answers = questions + qa_questions, answers + qa_answers
+        qa_questions, qa_answers, qa_types = _qa_pairs(obj["qa"])
+        questions, answers, types = questions + qa_questions, answers + qa_answers, types + qa_types
     labels = _strings(obj.get("label", []), "label", True) + _strings(obj.get("labels", []), "labels", True)
     if len(questions) != len(answers):
         raise FieldError(f"{len(questions)} question(s) but {len(answers)} answer(s): give one answer each")
@@ -172,8 +180,8 @@ def parse_line(obj: Any, base_dir: pathlib.Path) -> tuple[Record, int]:  # noqa:
 
     captions, dropped = clean_texts(captions)
     labels, dropped_labels = clean_texts(labels)
-    pairs = [(q.strip(), a.strip()) for q, a in zip(questions, answers, strict=True)]
-    good_pairs = [(q, a) for q, a in pairs if q and a]
+    pairs = [(q.strip(), a.strip(), t) for q, a, t in zip(questions, answers, types, strict=True)]
+    good_pairs = [(q, a, t) for q, a, t in pairs if q and a]
     dropped += dropped_labels + len(pairs) - len(good_pairs)
 
     split = obj.get("split", "train")
@@ -201,8 +209,9 @@ def parse_line(obj: Any, base_dir: pathlib.Path) -> tuple[Record, int]:  # noqa:
         audio=path if path.is_absolute() else base_dir / path,
         split=split,
         captions=captions,
-        questions=[q for q, _ in good_pairs],
-        answers=[a for _, a in good_pairs],
+        questions=[q for q, _, _ in good_pairs],
+        answers=[a for _, a, _ in good_pairs],
+        question_types=[t for _, _, t in good_pairs] if all(t for _, _, t in good_pairs) else [],
         labels=labels,
         start_s=start_s,
         end_s=end_s,

@@ -13,6 +13,7 @@ Each example:
 - `num_samples`: int32;
 - `id`: unique in the dataset;
 - `captions`, `questions`, `answers` (aligned with questions), `labels`: lists of strings (maybe empty);
+- `question_types`: one type per question, or empty (untyped questions);
 - `audio_path`: the audio file as listed (relative to the manifest or the manual directory);
 - `start_s`: where the stored audio starts in that file, seconds;
 - `metadata`: JSON of anything else the source gives (folds, keywords, sources, licences...).
@@ -61,6 +62,7 @@ def features() -> tfds.features.FeaturesDict:
             "captions": text_list,
             "questions": text_list,
             "answers": text_list,
+            "question_types": text_list,
             "labels": text_list,
             "audio_path": tfds.features.Text(),
             "start_s": tfds.features.Scalar(dtype=np.float32),
@@ -187,6 +189,7 @@ def example_dict(record: Record, samples: np.ndarray) -> dict[str, Any]:
         "captions": record.captions,
         "questions": record.questions,
         "answers": record.answers,
+        "question_types": record.question_types,
         "labels": record.labels,
         "audio_path": record.audio_name or record.audio.name,
         "start_s": float(record.start_s or 0.0),
