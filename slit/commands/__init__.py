@@ -7,6 +7,7 @@ import cheaply: jax and friends are imported inside `run`, so `slit --help` stay
 
 # name -> module; the order is the order of `slit --help`.
 COMMANDS: dict[str, str] = {
+    "demo": "slit.commands.demo",
     "train": "slit.commands.train",
     "eval": "slit.commands.eval",
     "generate": "slit.commands.generate",

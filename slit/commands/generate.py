@@ -1,8 +1,10 @@
 """`slit generate --workdir DIR --audio FILE.wav --prompt "Describe the sound."`: a stage-two run answers.
 
-Loads the run's newest checkpoint (or `--step`), decodes the audio file as the data pipeline does
-(mono, resampled to the run's sample rate, the first `data.max_seconds` seconds, zero-padded), and
-prints the model's answer to the prompt on stdout. Decoding follows the run's `eval` settings; any of
+Loads the run's newest checkpoint (or `--step`), or an exported bundle (`--bundle DIR`, from
+`slit export --format bundle`), decodes the audio file as the data pipeline does (mono, resampled to
+the run's sample rate, the first `data.max_seconds` seconds, zero-padded), and prints the model's answer
+to the prompt on stdout. Several `--audio` files and several `--prompt`s are answered pair by pair with
+one load (a block per file); `--json OUT` also writes them as [{"audio", "answers": {prompt: answer}}]. Decoding follows the run's `eval` settings; any of
 `--max-new-tokens`, `--num-beams` (alias `--beams`), `--temperature`, `--top-k`, `--top-p`,
 `--repetition-penalty`, `--length-penalty` overrides them (temperature / top-k / top-p turn sampling on;
 `--seed` fixes its draws).
@@ -21,9 +23,19 @@ HELP = "answer a prompt about an audio file with a trained stage-two run"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--workdir", required=True, help="the stage-two run's directory")
-    parser.add_argument("--audio", required=True, help="an audio file (wav, flac, ogg, mp3...)")
-    parser.add_argument("--prompt", default="describe the sound.", help="the instruction or question")
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--workdir", help="the stage-two run's directory")
+    model.add_argument("--bundle", help="a stage-two bundle directory (slit export --format bundle)")
+    parser.add_argument(
+        "--audio", required=True, action="append", help="an audio file (wav, flac, ogg, mp3...); repeatable"
+    )
+    parser.add_argument(
+        "--prompt",
+        action="append",
+        default=None,
+        help='the instruction or question (default "describe the sound."); repeatable',
+    )
+    parser.add_argument("--json", default=None, help="also write the answers to this JSON file")
     parser.add_argument("--step", type=int, default=None, help="which checkpoint (default: the newest)")
     parser.add_argument("--max-new-tokens", type=int, default=None)
     parser.add_argument("--num-beams", "--beams", dest="num_beams", type=int, default=None)
@@ -38,6 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def check_inputs(workdir: str, audio: str) -> tuple[pathlib.Path, pathlib.Path]:
     """Fails fast, before anything heavy loads, on a missing workdir, config, checkpoint or audio file."""
     run, clip = pathlib.Path(workdir), pathlib.Path(audio)
+    check_audio(clip)
     if not run.is_dir():
         raise UserError(
             f"--workdir {run}: no such directory; give the workdir of a stage-two `slit train` run"
@@ -47,9 +60,12 @@ def check_inputs(workdir: str, audio: str) -> tuple[pathlib.Path, pathlib.Path]:
     checkpoints = run / "checkpoints"
     if not checkpoints.is_dir() or not any(p.name.isdigit() for p in checkpoints.iterdir()):
         raise UserError(f"--workdir {run}: no checkpoint in {checkpoints} yet; train the run first")
+    return run, clip
+
+
+def check_audio(clip: pathlib.Path) -> None:
     if not clip.is_file():
         raise UserError(f"--audio {clip}: no such file")
-    return run, clip
 
 
 def read_audio(path: pathlib.Path, sample_rate: int, max_samples: int) -> tuple[object, int, float]:
@@ -67,16 +83,28 @@ def read_audio(path: pathlib.Path, sample_rate: int, max_samples: int) -> tuple[
 
 
 def run(args: argparse.Namespace, extra: Sequence[str]) -> int:
-    workdir, audio_path = check_inputs(args.workdir, args.audio)
-    if not args.prompt.strip():
-        raise UserError("--prompt is empty; ask something, e.g. --prompt 'describe the sound.'")
+    prompts = args.prompt or ["describe the sound."]
+    if any(not p.strip() for p in prompts):
+        raise UserError("a --prompt is empty; ask something, e.g. --prompt 'describe the sound.'")
+    clips = [pathlib.Path(a) for a in args.audio]
+    if args.workdir:
+        workdir, _ = check_inputs(args.workdir, args.audio[0])
+    for clip in clips:
+        check_audio(clip)
+
+    import json
 
     import numpy as np
 
-    from slit import runs
+    from slit import export, runs
     from slit.generate.answerer import generation_config
 
-    trained = runs.load_trained(workdir, args.step)
+    if args.workdir:
+        trained, source = runs.load_trained(workdir, args.step), str(workdir)
+    else:
+        trained, source = export.load_bundle(args.bundle).model, str(args.bundle)
+        if not isinstance(trained, runs.TrainedRun):
+            raise UserError(f"--bundle {args.bundle} is a stage-one bundle; generate needs a stage-two one")
     spec = trained.spec
     gen = generation_config(
         trained.config,
@@ -89,14 +117,26 @@ def run(args: argparse.Namespace, extra: Sequence[str]) -> int:
         length_penalty=args.length_penalty,
         seed=args.seed,
     )
-    audio, num_samples, seconds = read_audio(audio_path, spec.sample_rate, spec.max_samples)
-    if seconds > spec.max_samples / spec.sample_rate:
-        print(
-            f"note: {audio_path} lasts {seconds:.1f} s; the run listens to its first "
-            f"{spec.max_samples / spec.sample_rate:g} s (data.max_seconds)",
-            file=sys.stderr,
-        )
-    answers = trained.answer(np.asarray(audio)[None], np.asarray([num_samples], np.int32), [args.prompt], gen)
-    print(f"(checkpoint step {trained.step} of {workdir})", file=sys.stderr)
-    print(answers[0])
+    results = []
+    for clip in clips:
+        audio, num_samples, seconds = read_audio(clip, spec.sample_rate, spec.max_samples)
+        if seconds > spec.max_samples / spec.sample_rate:
+            print(
+                f"note: {clip} lasts {seconds:.1f} s; the run listens to its first "
+                f"{spec.max_samples / spec.sample_rate:g} s (data.max_seconds)",
+                file=sys.stderr,
+            )
+        batch = np.repeat(np.asarray(audio)[None], len(prompts), axis=0)
+        answers = trained.answer(batch, np.full((len(prompts),), num_samples, np.int32), list(prompts), gen)
+        results.append({"audio": str(clip), "answers": dict(zip(prompts, answers, strict=True))})
+    print(f"(checkpoint step {trained.step} of {source})", file=sys.stderr)
+    if len(clips) == 1 and len(prompts) == 1:
+        print(results[0]["answers"][prompts[0]])
+    else:
+        for item in results:
+            print(item["audio"])
+            for prompt, answer in item["answers"].items():
+                print(f"  {prompt} -> {answer}")
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     return 0

@@ -13,6 +13,10 @@ A prediction is correct when its normalised form equals the normalised form of a
 (datasets such as ClothoAQA have several annotators per question). A question is yes/no when all its
 reference answers normalise to "yes" or "no" (or when question_types says so); for those, a prediction
 whose first word is "yes" or "no" is reduced to that word, so that "Yes, a dog barks." counts as "yes".
+
+Question types whose reference answers average TRANSCRIPT_WORDS words or more ("what is said?") are
+also scored by word error rate (jiwer, on the normalised forms), next to the WER of the type's majority
+training answer; an empty answer's WER is 100%.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ _NUMBER_WORDS = {word: n for n, word in enumerate(_UNITS.split())}
 _TENS_WORDS = "twenty thirty forty fifty sixty seventy eighty ninety".split()
 _TENS = {word: 10 * n for n, word in enumerate(_TENS_WORDS, start=2)}
 _ARTICLES = {"a", "an", "the"}
+TRANSCRIPT_WORDS = 3.0
+"""A question type whose references average this many words or more is also scored by word error rate."""
 _PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}\u2018\u2019\u201c\u201d\u2013\u2014\u2026]")
 
 
@@ -173,8 +179,49 @@ def qa_report(
     baseline = majority_baseline(train, references, types or None) if train is not None else None
     if baseline is not None:
         metrics["majority_baseline"] = baseline
+    if types:
+        wer = word_error_rates(predictions, references, types, (baseline or {}).get("answers_per_type", {}))
+        if wer:
+            metrics["wer_by_type"] = wer
     metrics["examples"] = {
         k: {"question": questions[k], "answer": references[k], "predicted": predictions[k]}
         for k in list(predictions)[:10]
     }
+    metrics["predictions"] = dict(predictions)
     return metrics
+
+
+def word_error_rates(
+    predictions: Mapping[str, str],
+    references: Mapping[str, str],
+    types: Mapping[str, str],
+    majority: Mapping[str, str],
+) -> dict[str, dict]:
+    """Word error rate per question type whose references average TRANSCRIPT_WORDS words or more:
+    {type: {"wer", "num_items", "majority_answer_wer" (when the type has a majority training answer)}},
+    over the normalised answers (`normalize_answer`); WER sums the edits over all items of the type and
+    divides by the reference words (jiwer's corpus WER)."""
+    import jiwer
+
+    out = {}
+    for qtype in sorted(set(types.values())):
+        keys = [k for k in references if types.get(k) == qtype]
+        refs = [normalize_answer(references[k]) for k in keys]
+        if not keys or sum(len(r.split()) for r in refs) / len(refs) < TRANSCRIPT_WORDS:
+            continue
+        kept = [(r, normalize_answer(predictions.get(k, ""))) for r, k in zip(refs, keys, strict=True) if r]
+        refs, preds = [r for r, _ in kept], [p for _, p in kept]
+        entry = {"wer": _corpus_wer(refs, preds, jiwer), "num_items": len(refs)}
+        if qtype in majority:
+            entry["majority_answer_wer"] = _corpus_wer(refs, [majority[qtype]] * len(refs), jiwer)
+        out[qtype] = entry
+    return out
+
+
+def _corpus_wer(refs: list[str], preds: list[str], jiwer: object) -> float:
+    """jiwer's WER over the lists; an empty prediction counts every reference word as deleted."""
+    edits = sum(
+        len(r.split()) if not p.strip() else jiwer.process_words(r, p).wer * len(r.split())  # type: ignore[attr-defined]
+        for r, p in zip(refs, preds, strict=True)
+    )
+    return edits / max(1, sum(len(r.split()) for r in refs))

@@ -259,14 +259,20 @@ def _train_split(data_name: str, data_dir: str, split: str) -> Sequence[dict] | 
         return None
 
 
-def class_names_and_labels(source: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
-    """(the split's labels sorted, each clip's labels); UserError if a clip has none."""
-    labels = [
+def class_names_and_labels(source: Sequence[dict]) -> tuple[list[str], list[list[str]], list[int]]:
+    """(the split's labels sorted, the labels of each labelled clip, the indices of those clips). Clips
+    without labels are left out (the caller reports how many); UserError if no clip has one."""
+    every = [
         example_texts(source[i], "labels") or example_texts(source[i], "label") for i in range(len(source))
     ]
-    if not all(labels):
-        raise UserError(f"{sum(not x for x in labels)} of {len(labels)} clips have no label")
-    return sorted({name for item in labels for name in item}), labels
+    indices = [i for i, item in enumerate(every) if item]
+    if not indices:
+        raise UserError(
+            f"none of the {len(every)} clips has a label: classification needs `labels` in the data "
+            "(README: Data)"
+        )
+    labels = [every[i] for i in indices]
+    return sorted({name for item in labels for name in item}), labels, indices
 
 
 def llm_class_losses(
@@ -314,9 +320,13 @@ def classify_by_llm_loss(run: Any, source: Sequence[dict], template: str) -> dic
     """Zero-shot classification by the LLM's loss; see the module docstring."""
     from slit.eval import classification
 
-    classes, labels = class_names_and_labels(source)
+    from slit.data.tasks import Subset
+
+    classes, labels, indices = class_names_and_labels(source)
     instruction = template.format(choices=", ".join(c.replace("_", " ") for c in classes))
-    losses = llm_class_losses(run, source, instruction, classes)
+    labelled = source if len(indices) == len(source) else Subset(source, indices)
+    losses = llm_class_losses(run, labelled, instruction, classes)
     metrics = classification.zero_shot_report(-losses, labels, classes)
     metrics.update(method="zero-shot by LLM summed token loss", instruction=instruction, classes=classes)
+    metrics["clips_without_labels"] = len(source) - len(indices)
     return metrics

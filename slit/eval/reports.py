@@ -126,6 +126,8 @@ def _classification_lines(metrics: Mapping) -> list[str]:
         header.insert(1, "mAP (%)")
         row.insert(1, _pct(metrics["mAP"]))
     lines = _table(header, [row])
+    if metrics.get("clips_without_labels"):
+        lines += ["", f"{metrics['clips_without_labels']} clips of the split have no label and are left out."]
     per_class = metrics.get("per_class_accuracy")
     if per_class:
         lines += ["", *_table(["class", "accuracy (%)"], [[name, _pct(v)] for name, v in per_class.items()])]
@@ -151,7 +153,15 @@ def _aqa_lines(metrics: Mapping) -> list[str]:
     header = ["questions", "accuracy (%)", "items"]
     if base:
         header.insert(2, "majority answer (%)")
-    return _table(header, rows)
+    lines = _table(header, rows)
+    wer = metrics.get("wer_by_type") or {}
+    if wer:
+        wer_rows = [
+            [kind, _pct(v["wer"]), _pct(v.get("majority_answer_wer")), str(v["num_items"])] for kind, v in wer.items()
+        ]
+        header = ["questions", "word error rate (%)", "majority answer's (%)", "items"]
+        lines += ["", *_table(header, wer_rows), "(an empty answer's word error rate is 100%)"]
+    return lines
 
 
 def _scalar_lines(metrics: Mapping) -> list[str]:

@@ -387,7 +387,7 @@ def evaluate_classification_run(
 
     run = load_run(workdir, data_name, data_dir, step)
     source = sources.open_split(run.config.data.name, run.config.data.data_dir, split)
-    classes, labels = class_names_and_labels(source)
+    classes, labels, labelled = class_names_and_labels(source)
     cached, progress = _eval_inputs(workdir, run, task="classification", data=data_name, split=split)
     with jax.set_mesh(run.mesh), PreemptionWatcher() as watcher:
         clips = embed_clips(run, source, functools.partial(watcher.should_stop, run.step), progress, cached)
@@ -397,9 +397,10 @@ def evaluate_classification_run(
             classification.label_prompts(classes, prompt), run.config.data.max_text_length
         )
         prompts = embed_text_ids(run.fns, run.params, run.frozen, prompt_ids, run.config.batch_size)
-    scores = classification.similarity_scores(clips, prompts)  # (N, C)
+    scores = classification.similarity_scores(clips, prompts)[labelled]  # (N labelled, C)
     metrics = classification.zero_shot_report(scores, labels, classes)
     metrics.update(method="zero-shot contrastive", prompt=prompt, classes=classes)
+    metrics["clips_without_labels"] = len(source) - len(labelled)
     paths = {}
     if jax.process_index() == 0:
         paths = reports.write_report(

@@ -1,0 +1,1 @@
+"""The real demo: real audio sources, the recipe run end to end (slit demo)."""

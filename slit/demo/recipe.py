@@ -1,0 +1,226 @@
+"""`slit demo`: the whole recipe on real pretrained models and real sounds, end to end.
+
+Phases, each a `slit` command a user can run alone (printed before it runs):
+1. gather: the real sounds (slit/demo/sources.py, slit/demo/midi.py) into DIR/data/manifest.jsonl;
+2. build: `slit data build` -> the TFDS dataset `slit_demo` in DIR/tfds (bad clips reported);
+3. cache: `slit cache-features` -> the frozen Whisper tiny.en encoder's outputs, once;
+4. stage one: `slit train --config configs/demo_stage1.py` (MiniLM-initialised Q-Former), and
+   `slit eval --task classification` (zero-shot by contrastive similarity);
+5. stage two: `slit train --config configs/demo_stage2.py` (frozen SmolLM2), evaluated on the test
+   split: captioning, question answering (with word error rate on speech), classification;
+6. export: `slit export --format bundle`;
+7. generate: `slit generate --bundle` answering several instructions about held-out clips.
+Then DIR/summary.json: every held-out metric next to its trivial baseline, and a printed table.
+
+A second run reuses what the first built (the manifest, the dataset, the cache, finished training)
+and resumes an interrupted training from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import shlex
+import time
+from collections.abc import Callable, Sequence
+
+from slit.errors import UserError
+
+DATA_NAME = "slit_demo"
+SEED = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Size:
+    """How much of everything a demo run makes and trains."""
+
+    name: str
+    speech: int | None  # recorded prompts (None: all that qualify)
+    animal_variants: int  # per animal recording (10 recordings)
+    event_variants: int  # per desktop event sound (35 sounds)
+    instruments: int  # General MIDI phrases
+    synthetic: int  # procedural clips
+    stage1_steps: int
+    stage2_steps: int
+    eval_clips: int  # stage two's test evaluation: the first N test clips (0: all)
+
+
+FULL = Size("full", None, 30, 8, 600, 500, 500, 600, 0)
+QUICK = Size("quick", 60, 3, 1, 40, 40, 30, 20, 24)
+
+
+def configs_dir() -> pathlib.Path:
+    """The repository's configs/ (slit is installed from its checkout)."""
+    here = pathlib.Path(__file__).resolve().parents[2] / "configs"
+    if not (here / "demo_stage1.py").is_file():
+        raise UserError(
+            f"{here / 'demo_stage1.py'} is missing: slit demo runs from a checkout of the repository "
+            "(pip install -e .)"
+        )
+    return here
+
+
+@dataclasses.dataclass
+class Phase:
+    number: int
+    total: int
+    title: str
+    started: float = 0.0
+
+    def __enter__(self) -> Phase:
+        self.started = time.time()
+        print(f"\n=== [{self.number}/{self.total}] {self.title}", flush=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if exc[0] is None:
+            print(
+                f"=== [{self.number}/{self.total}] done in {_duration(time.time() - self.started)}",
+                flush=True,
+            )
+
+
+def _duration(seconds: float) -> str:
+    return f"{int(seconds // 60)} min {int(seconds % 60)} s" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+def slit_command(argv: Sequence[str]) -> None:
+    """Runs one `slit` command in this process, printing it first; a non-zero exit is an error."""
+    from slit import cli
+
+    print("$ slit " + " ".join(shlex.quote(a) for a in argv), flush=True)
+    code = cli.main(list(argv))
+    if code:
+        raise UserError(f"`slit {' '.join(argv[:1])}` exited with {code}; its message is above")
+
+
+def gather(data_dir: pathlib.Path, size: Size, progress: Callable[[str, int], None] | None = None) -> dict:
+    """Writes DIR/data/manifest.jsonl (+ the varied and rendered audio) unless the one there was made for
+    the same size; returns {"clips": by source and split, "reused": bool}."""
+    from slit.demo import midi, sources
+
+    manifest = data_dir / "manifest.jsonl"
+    stamp = data_dir / "manifest.size.json"
+    wanted = dataclasses.asdict(size)
+    if manifest.is_file() and stamp.is_file() and json.loads(stamp.read_text()).get("size") == wanted:
+        lines = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
+        return {"clips": _counts(lines), "reused": True}
+    data_dir.mkdir(parents=True, exist_ok=True)
+    lines: list[dict] = []
+    steps: list[tuple[str, Callable[[], list[dict]]]] = [
+        ("speech", lambda: sources.speech_clips(SEED, size.speech)),
+        ("animals", lambda: sources.animal_clips(data_dir, size.animal_variants, SEED)),
+        ("events", lambda: sources.event_clips(data_dir, size.event_variants, SEED)),
+        ("instruments", lambda: midi.make_instrument_clips(data_dir, size.instruments, SEED)),
+        ("synthetic", lambda: sources.synthetic_clips(data_dir, size.synthetic, SEED)),
+    ]
+    for name, make in steps:
+        started = time.time()
+        made = make()
+        lines += made
+        print(f"  {name}: {len(made)} clips ({_duration(time.time() - started)})", flush=True)
+        if progress:
+            progress(name, len(made))
+    manifest.write_text("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
+    stamp.write_text(json.dumps({"size": wanted}) + "\n")
+    return {"clips": _counts(lines), "reused": False}
+
+
+def _counts(lines: list[dict]) -> dict:
+    table: dict[str, dict[str, int]] = {}
+    for line in lines:
+        table.setdefault(line["source"], {}).setdefault(line["split"], 0)
+        table[line["source"]][line["split"]] += 1
+    return table
+
+
+def run(workdir: str | pathlib.Path, quick: bool = False) -> dict:
+    """Runs the demo into `workdir`; returns (and writes to workdir/summary.json) the summary."""
+    from slit.demo import summary as summary_lib
+
+    size = QUICK if quick else FULL
+    root = pathlib.Path(workdir)
+    configs = configs_dir()
+    data_dir, tfds_dir = root / "data", root / "tfds"
+    stage1, stage2, export = root / "stage1", root / "stage2", root / "export"
+    data = [f"--config.data.data_dir={tfds_dir}"]
+    started = time.time()
+    total = 7
+    print(f"slit demo ({size.name}) into {root}", flush=True)
+
+    with Phase(1, total, "gather real sounds: speech, animals, desktop events, instruments, procedural"):
+        gathered = gather(data_dir, size)
+        if gathered["reused"]:
+            print(f"  reusing {data_dir / 'manifest.jsonl'}")
+    with Phase(2, total, f"build the TFDS dataset {DATA_NAME}"):
+        rebuild = [] if gathered["reused"] else ["--overwrite"]
+        slit_command(
+            ["data", "build", "--manifest", str(data_dir / "manifest.jsonl"), "--name", DATA_NAME]
+            + ["--data-dir", str(tfds_dir), "--max-seconds", "8", "--truncate-long", *rebuild]
+        )
+    stage1_config = str(configs / "demo_stage1.py")
+    with Phase(3, total, "cache the frozen Whisper tiny.en encoder's outputs"):
+        slit_command(["cache-features", "--config", stage1_config, *data])
+    with Phase(
+        4, total, "stage one: the Q-Former against the frozen encoder (contrastive, matching, generation)"
+    ):
+        steps = [f"--config.total_steps={size.stage1_steps}"]
+        if quick:
+            steps += ["--config.eval_every_steps=0", f"--config.checkpoint_every_steps={size.stage1_steps}"]
+            steps += ["--config.optimizer.warmup_steps=3"]
+        slit_command(["train", "--config", stage1_config, "--workdir", str(stage1), *data, *steps])
+        slit_command(
+            ["eval", "--workdir", str(stage1), "--task", "classification", "--data", DATA_NAME]
+            + ["--data-dir", str(tfds_dir)]
+        )
+    with Phase(5, total, "stage two: the frozen SmolLM2 answers, instruction-tuned on the task mix"):
+        steps = [f"--config.total_steps={size.stage2_steps}", f"--config.eval.max_clips={size.eval_clips}"]
+        if quick:
+            steps += [
+                f"--config.checkpoint_every_steps={size.stage2_steps}",
+                "--config.optimizer.warmup_steps=5",
+            ]
+        slit_command(
+            ["train", "--config", str(configs / "demo_stage2.py"), "--workdir", str(stage2), *data]
+            + [f"--config.init_from={stage1}", *steps]
+        )
+    with Phase(6, total, "export a bundle others can load"):
+        if (export / "config.json").is_file() and _bundle_step(export) == _newest_step(stage2):
+            print(f"  reusing {export} (step {_bundle_step(export)})")
+        else:
+            _clear(export)
+            slit_command(["export", "--workdir", str(stage2), "--format", "bundle", "--out", str(export)])
+    with Phase(7, total, "ask the exported model about held-out clips"):
+        clips = summary_lib.pick_clips(data_dir / "manifest.jsonl")
+        argv = ["generate", "--bundle", str(export), "--json", str(root / "answers.json")]
+        for clip in clips:
+            argv += ["--audio", str(clip["path"])]
+        for prompt in summary_lib.PROMPTS:
+            argv += ["--prompt", prompt]
+        slit_command(argv)
+
+    summary = summary_lib.collect(root, size, gathered["clips"], time.time() - started)
+    (root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(summary_lib.table(summary))
+    print(summary_lib.next_steps(root))
+    return summary
+
+
+def _newest_step(workdir: pathlib.Path) -> int | None:
+    from slit import runs
+
+    steps = runs.checkpoint_steps(workdir)
+    return steps[-1] if steps else None
+
+
+def _bundle_step(export: pathlib.Path) -> int | None:
+    info = json.loads((export / "config.json").read_text())
+    return info.get("step")
+
+
+def _clear(directory: pathlib.Path) -> None:
+    import shutil
+
+    if directory.exists():
+        shutil.rmtree(directory)
