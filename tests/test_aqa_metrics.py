@@ -1,5 +1,6 @@
 """AQA accuracy: each normalisation rule, and accuracy split by question type against a direct count."""
 
+import numpy as np
 import pytest
 
 from slit.errors import UserError
@@ -68,3 +69,47 @@ def test_explicit_question_types_and_bad_input():
         aqa_accuracy({"a": "yes"}, {"b": "yes"})
     with pytest.raises(UserError, match="id 'a'"):
         aqa_accuracy({"a": "yes"}, {"a": [1]})
+
+
+def _edit_distance(ref: list[str], hyp: list[str]) -> int:
+    """Word-level Levenshtein distance by the textbook dynamic programme (NumPy table)."""
+    table = np.zeros((len(ref) + 1, len(hyp) + 1), dtype=int)
+    table[:, 0], table[0, :] = np.arange(len(ref) + 1), np.arange(len(hyp) + 1)
+    for i in range(1, len(ref) + 1):
+        for j in range(1, len(hyp) + 1):
+            table[i, j] = min(
+                table[i - 1, j] + 1, table[i, j - 1] + 1, table[i - 1, j - 1] + (ref[i - 1] != hyp[j - 1])
+            )
+    return int(table[-1, -1])
+
+
+def test_word_error_rate_of_transcript_questions_matches_edit_distance():
+    from slit.eval import aqa
+
+    references = {
+        "a": "please hold while I try that extension",
+        "b": "goodbye",
+        "c": "the party you are calling is busy",
+        "d": "yes",
+    }
+    predictions = {
+        "a": "please hold while try the extension now",
+        "b": "",
+        "c": "party you are calling is busy",
+        "d": "no",
+    }
+    types = {"a": "speech", "b": "speech", "c": "speech", "d": "presence"}
+    wer = aqa.word_error_rates(predictions, references, types, {"speech": "goodbye", "presence": "yes"})
+    assert set(wer) == {"speech"}  # "presence" answers are single words: accuracy only
+    norm = {k: aqa.normalize_answer(v).split() for k, v in references.items()}
+    hyp = {k: aqa.normalize_answer(v).split() for k, v in predictions.items()}
+    keys = ("a", "b", "c")
+    words = sum(len(norm[k]) for k in keys)
+    expected = sum(_edit_distance(norm[k], hyp[k]) for k in keys) / words
+    assert wer["speech"]["wer"] == pytest.approx(expected)
+    majority = sum(_edit_distance(norm[k], ["goodbye"]) for k in keys) / words
+    assert wer["speech"]["majority_answer_wer"] == pytest.approx(majority)
+    assert wer["speech"]["num_items"] == 3
+    report = aqa.qa_report(predictions, references, {k: "?" for k in references}, types, None)
+    assert report["wer_by_type"]["speech"]["wer"] == pytest.approx(expected)
+    assert report["predictions"] == predictions

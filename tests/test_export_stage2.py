@@ -122,6 +122,37 @@ def test_bundle_generates_the_greedy_tokens_of_the_run(trained, bundle_dir, test
     assert np.abs(caption_soft - question_soft).max() > 1e-3
 
 
+def test_generate_from_a_bundle_answers_every_clip_and_prompt(trained, bundle_dir, test_clips, tmp_path):
+    """`slit generate --bundle` with two clips and two prompts: one block per clip, and each answer is the
+    run's own greedy answer to that (clip, prompt) pair."""
+    import soundfile as sf
+
+    wavs = []
+    for i in range(2):
+        n = int(test_clips["num_samples"][i])
+        wavs.append(tmp_path / f"clip{i}.wav")
+        sf.write(str(wavs[-1]), np.asarray(test_clips["audio"][i, :n]), 16000, subtype="PCM_16")
+    prompts = [test_clips["instructions"][0][0], test_clips["instructions"][1][0]]
+    out = tmp_path / "answers.json"
+    args = ["generate", "--bundle", str(bundle_dir), "--json", str(out), "--max-new-tokens", "8"]
+    for wav in wavs:
+        args += ["--audio", str(wav)]
+    for prompt in prompts:
+        args += ["--prompt", prompt]
+    result = run_slit(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    answers = json.loads(out.read_text())
+    assert [item["audio"] for item in answers] == [str(w) for w in wavs]
+    gen = answerer.generation_config(trained.config, max_new_tokens=8)
+    for i, item in enumerate(answers):
+        audio = np.repeat(test_clips["audio"][i : i + 1], 2, axis=0)
+        num_samples = np.repeat(test_clips["num_samples"][i : i + 1], 2)
+        assert list(item["answers"].values()) == trained.answer(audio, num_samples, prompts, gen)
+        assert f"{wavs[i]}\n  {prompts[0]} -> " in result.stdout
+    missing = run_slit("generate", "--bundle", str(tmp_path / "nowhere"), "--audio", str(wavs[0]))
+    assert missing.returncode == 2 and "nowhere" in missing.stderr
+
+
 def test_bundle_holds_the_model_config_tokenizers_and_frozen_identities(run_dir, bundle_dir):
     info = json.loads((bundle_dir / "config.json").read_text())
     config = json.loads((run_dir / "config.json").read_text())

@@ -4,7 +4,8 @@ Loads the run's newest checkpoint (or `--step`), or an exported bundle (`--bundl
 `slit export --format bundle`), decodes the audio file as the data pipeline does (mono, resampled to
 the run's sample rate, the first `data.max_seconds` seconds, zero-padded), and prints the model's answer
 to the prompt on stdout. Several `--audio` files and several `--prompt`s are answered pair by pair with
-one load (a block per file); `--json OUT` also writes them as [{"audio", "answers": {prompt: answer}}]. Decoding follows the run's `eval` settings; any of
+one load (a block per file); `--json OUT` also writes them as [{"audio", "answers": {prompt: answer}}].
+Decoding follows the run's `eval` settings; any of
 `--max-new-tokens`, `--num-beams` (alias `--beams`), `--temperature`, `--top-k`, `--top-p`,
 `--repetition-penalty`, `--length-penalty` overrides them (temperature / top-k / top-p turn sampling on;
 `--seed` fixes its draws).
@@ -50,7 +51,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def check_inputs(workdir: str, audio: str) -> tuple[pathlib.Path, pathlib.Path]:
     """Fails fast, before anything heavy loads, on a missing workdir, config, checkpoint or audio file."""
     run, clip = pathlib.Path(workdir), pathlib.Path(audio)
-    check_audio(clip)
     if not run.is_dir():
         raise UserError(
             f"--workdir {run}: no such directory; give the workdir of a stage-two `slit train` run"
@@ -60,6 +60,7 @@ def check_inputs(workdir: str, audio: str) -> tuple[pathlib.Path, pathlib.Path]:
     checkpoints = run / "checkpoints"
     if not checkpoints.is_dir() or not any(p.name.isdigit() for p in checkpoints.iterdir()):
         raise UserError(f"--workdir {run}: no checkpoint in {checkpoints} yet; train the run first")
+    check_audio(clip)
     return run, clip
 
 

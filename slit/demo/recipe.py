@@ -44,10 +44,11 @@ class Size:
     stage1_steps: int
     stage2_steps: int
     eval_clips: int  # stage two's test evaluation: the first N test clips (0: all)
+    validate: bool  # stage one validates half-way
 
 
-FULL = Size("full", None, 30, 8, 600, 500, 500, 600, 0)
-QUICK = Size("quick", 60, 3, 1, 40, 40, 30, 20, 24)
+FULL = Size("full", None, 24, 6, 400, 300, 100, 300, 0, True)
+QUICK = Size("quick", 60, 3, 1, 40, 40, 10, 10, 24, False)
 
 
 def configs_dir() -> pathlib.Path:
@@ -135,11 +136,12 @@ def _counts(lines: list[dict]) -> dict:
     return table
 
 
-def run(workdir: str | pathlib.Path, quick: bool = False) -> dict:
-    """Runs the demo into `workdir`; returns (and writes to workdir/summary.json) the summary."""
+def run(workdir: str | pathlib.Path, quick: bool = False, size: Size | None = None) -> dict:
+    """Runs the demo into `workdir` (FULL, QUICK with `quick`, or the `size` given); returns (and writes
+    to workdir/summary.json) the summary."""
     from slit.demo import summary as summary_lib
 
-    size = QUICK if quick else FULL
+    size = size or (QUICK if quick else FULL)
     root = pathlib.Path(workdir)
     configs = configs_dir()
     data_dir, tfds_dir = root / "data", root / "tfds"
@@ -165,26 +167,28 @@ def run(workdir: str | pathlib.Path, quick: bool = False) -> dict:
     with Phase(
         4, total, "stage one: the Q-Former against the frozen encoder (contrastive, matching, generation)"
     ):
-        steps = [f"--config.total_steps={size.stage1_steps}"]
-        if quick:
-            steps += ["--config.eval_every_steps=0", f"--config.checkpoint_every_steps={size.stage1_steps}"]
-            steps += ["--config.optimizer.warmup_steps=3"]
-        slit_command(["train", "--config", stage1_config, "--workdir", str(stage1), *data, *steps])
-        slit_command(
-            ["eval", "--workdir", str(stage1), "--task", "classification", "--data", DATA_NAME]
-            + ["--data-dir", str(tfds_dir)]
-        )
+        steps = _schedule(size.stage1_steps)
+        steps += [f"--config.eval_every_steps={size.stage1_steps // 2 if size.validate else 0}"]
+        if _finished(stage1, size.stage1_steps, "retrieval.json"):
+            print(f"  reusing {stage1} (trained and evaluated to step {size.stage1_steps})")
+        else:
+            slit_command(["train", "--config", stage1_config, "--workdir", str(stage1), *data, *steps])
+        if _finished(stage1, size.stage1_steps, f"classification-{DATA_NAME}-test.json"):
+            print("  reusing its zero-shot classification report")
+        else:
+            slit_command(
+                ["eval", "--workdir", str(stage1), "--task", "classification", "--data", DATA_NAME]
+                + ["--data-dir", str(tfds_dir)]
+            )
     with Phase(5, total, "stage two: the frozen SmolLM2 answers, instruction-tuned on the task mix"):
-        steps = [f"--config.total_steps={size.stage2_steps}", f"--config.eval.max_clips={size.eval_clips}"]
-        if quick:
-            steps += [
-                f"--config.checkpoint_every_steps={size.stage2_steps}",
-                "--config.optimizer.warmup_steps=5",
-            ]
-        slit_command(
-            ["train", "--config", str(configs / "demo_stage2.py"), "--workdir", str(stage2), *data]
-            + [f"--config.init_from={stage1}", *steps]
-        )
+        steps = _schedule(size.stage2_steps) + [f"--config.eval.max_clips={size.eval_clips}"]
+        if _finished(stage2, size.stage2_steps, f"aqa-{DATA_NAME}-test.json"):
+            print(f"  reusing {stage2} (trained and evaluated to step {size.stage2_steps})")
+        else:
+            slit_command(
+                ["train", "--config", str(configs / "demo_stage2.py"), "--workdir", str(stage2), *data]
+                + [f"--config.init_from={stage1}", *steps]
+            )
     with Phase(6, total, "export a bundle others can load"):
         if (export / "config.json").is_file() and _bundle_step(export) == _newest_step(stage2):
             print(f"  reusing {export} (step {_bundle_step(export)})")
@@ -205,6 +209,24 @@ def run(workdir: str | pathlib.Path, quick: bool = False) -> dict:
     print(summary_lib.table(summary))
     print(summary_lib.next_steps(root))
     return summary
+
+
+def _schedule(steps: int) -> list[str]:
+    """The step count's overrides: warmup a tenth of it, a checkpoint every 100 steps or at the end."""
+    return [
+        f"--config.total_steps={steps}",
+        f"--config.optimizer.warmup_steps={max(1, steps // 10)}",
+        f"--config.checkpoint_every_steps={min(100, steps)}",
+    ]
+
+
+def _finished(workdir: pathlib.Path, steps: int, report: str) -> bool:
+    """Whether `workdir` trained to `steps` and wrote eval/`report` for that step."""
+    path = workdir / "eval" / report
+    if _newest_step(workdir) != steps or not path.is_file():
+        return False
+    written = json.loads(path.read_text())
+    return written.get("checkpoint_step", written.get("step")) == steps
 
 
 def _newest_step(workdir: pathlib.Path) -> int | None:

@@ -144,6 +144,9 @@ def collect(root: pathlib.Path, size: Size, clips: dict, seconds: float) -> dict
         )
 
     answers = _load(root / "answers.json") or []
+    reference = {str(c["path"]): c["captions"][0] for c in pick_clips(root / "data" / "manifest.jsonl")}
+    for item in answers:
+        item["reference"] = reference.get(item["audio"], "")
     return {
         "size": size.name,
         "seconds": round(seconds, 1),
@@ -174,9 +177,8 @@ def table(summary: dict) -> str:
         "clips (train / validation / test):",
     ]
     for source, splits in summary["clips"].items():
-        out.append(
-            f"  {source:<12} {splits.get('train', 0):>5} / {splits.get('validation', 0):>4} / {splits.get('test', 0):>4}"
-        )
+        counts = " / ".join(f"{splits.get(split, 0):>5}" for split in ("train", "validation", "test"))
+        out.append(f"  {source:<12} {counts}")
     out += ["", f"{'held-out (test split)':<44} {'metric':<22} {'slit':>8} {'baseline':>9}  baseline is"]
     for r in summary["metrics"]:
         better = ""
@@ -194,7 +196,7 @@ def table(summary: dict) -> str:
         for item in summary["answers"]:
             out.append(f"  {pathlib.Path(item['audio']).name}  [{item.get('reference', '')}]")
             for prompt, answer in item["answers"].items():
-                out.append(f"    {prompt:<30} -> {answer}")
+                out.append(f"    {prompt:<30} -> {' / '.join(answer.split(chr(10)))}")
     return "\n".join(out)
 
 
@@ -202,11 +204,11 @@ def next_steps(root: pathlib.Path) -> str:
     return "\n".join(
         [
             "",
-            f"everything is in {root}: summary.json, stage1/ and stage2/ (checkpoints, eval/ reports and plots),",
-            "export/ (the bundle), tfds/ (the dataset), data/ (its manifest and audio). Next:",
+            f"everything is in {root}: summary.json, stage1/ and stage2/ (checkpoints, eval/ reports and",
+            "plots), export/ (the bundle), tfds/ (the dataset), data/ (its manifest and audio). Next:",
             f"  slit generate --bundle {root / 'export'} --audio YOUR.wav --prompt 'describe the sound.'",
             f"  slit eval --workdir {root / 'stage2'} --data {DATA_NAME} --data-dir {root / 'tfds'}",
             f"  slit data inspect {DATA_NAME} --data-dir {root / 'tfds'}",
-            "  your own data: write a manifest (README: Data), `slit data build`, then the configs in configs/.",
+            "  your own data: a manifest (README: Data), `slit data build`, then the configs in configs/.",
         ]
     )
