@@ -27,9 +27,9 @@ HERE = pathlib.Path(__file__).parent
 def get_config() -> ml_collections.ConfigDict:
     c = config_lib.load_config_file(HERE / "stage2_synthetic.py")
     config_lib.continue_stage_one(c, HERE / "demo_stage1.py")  # data, frozen encoder, Q-Former, cache
-    c.total_steps = 300  # ~2 s a step on 2 CPU cores
+    c.total_steps = 500  # ~2 s a step on 2 CPU cores
     c.checkpoint_every_steps = 100
-    c.optimizer.warmup_steps = 30
+    c.optimizer.warmup_steps = 50
     c.tasks.weights = ml_collections.ConfigDict({"caption": 0.3, "qa": 0.7, "classify": 0.0})
     c.data.max_qformer_instruction_length = 32  # WordPiece tokens of the instruction
     c.data.max_answer_length = 24  # LLM tokens: transcripts have up to 14 words

@@ -703,7 +703,7 @@ def test_eval_classification_ranks_labels_by_the_training_loss(cli_run, tiny_dat
 
     run = runs.load_trained(workdir)
     test = sources.open_split(TINY_DATA, tiny_data_dir, "test")
-    classes, labels = generative.class_names_and_labels(test)
+    classes, labels, _ = generative.class_names_and_labels(test)
     assert metrics["classes"] == classes and metrics["num_items"] == len(test)
     instruction = TASK_INSTRUCTIONS["classify"][0].format(
         choices=", ".join(c.replace("_", " ") for c in classes)

@@ -15,10 +15,14 @@ HELP = "the real demo: real sounds, Whisper + Q-Former + SmolLM2, both stages, e
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--quick", action="store_true", help="a small subset and few steps (minutes; shows the path, not quality)"
+        "--quick",
+        action="store_true",
+        help="a small subset and few steps (minutes; shows the path, not quality)",
     )
     parser.add_argument(
-        "--workdir", default=None, help="where everything is written (default runs/demo, --quick: runs/demo-quick)"
+        "--workdir",
+        default=None,
+        help="where everything is written (default runs/demo, --quick: runs/demo-quick)",
     )
 
 

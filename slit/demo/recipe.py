@@ -47,7 +47,7 @@ class Size:
     validate: bool  # stage one validates half-way
 
 
-FULL = Size("full", None, 24, 6, 400, 300, 100, 300, 0, True)
+FULL = Size("full", None, 24, 6, 400, 300, 100, 500, 0, True)
 QUICK = Size("quick", 60, 3, 1, 40, 40, 10, 10, 24, False)
 
 

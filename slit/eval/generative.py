@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from slit.data import pipeline, sources
@@ -279,48 +280,64 @@ def llm_class_losses(
     run: Any, source: Sequence[dict], instruction: str, classes: Sequence[str]
 ) -> np.ndarray:  # noqa: ANN401
     """(N, C) summed answer-token losses (-log p of the class name's tokens and EOS) of each class name
-    as the answer to `instruction` about each clip, in jitted batches of the run's eval.batch_size."""
+    as the answer to `instruction` about each clip, in jitted batches of the run's eval.batch_size: the
+    audio, Q-Former and prompt once per batch, then the LLM once per class (on the device)."""
+    import tqdm
     from flax import nnx
 
-    from slit.eval import classification
     from slit.models.stage2 import Stage2Batch
 
     answerer, d = run.answerer, run.config.data
     graphdef, frozen = answerer.graphdef, answerer.frozen
 
     @jax.jit
-    def answer_logits(params: dict, frozen: dict, batch: Stage2Batch) -> jax.Array:
+    def class_losses(params: dict, frozen: dict, batch: Stage2Batch, answers: jax.Array) -> jax.Array:
         # The frozen weights are an argument, not constants folded into the program (a 135M LLM
-        # closed over took minutes of constant folding to compile).
-        return nnx.merge(graphdef, params, frozen).answer_logits(batch, None)
+        # closed over took minutes of constant folding to compile). answers: (C, B, La) -> (B, C).
+        model = nnx.merge(graphdef, params, frozen)
+        soft = model.soft_prompt(batch.audio, batch.num_samples, batch.qformer_ids, None)
+        prompt_embeds, prompt_mask, _ = model.prompt(soft, batch.instruction_ids)
+
+        def one(answer_ids: jax.Array) -> jax.Array:
+            logits = model.logits_after_prompt(prompt_embeds, prompt_mask, answer_ids).astype(jnp.float32)
+            log_p = jax.nn.log_softmax(logits, axis=-1)
+            picked = jnp.take_along_axis(log_p, jnp.maximum(answer_ids, 0)[..., None], axis=-1)[..., 0]
+            return -(picked * (answer_ids >= 0)).sum(axis=-1)
+
+        return jax.lax.map(one, answers).T
 
     out = []
+    bar = tqdm.tqdm(
+        total=len(source),
+        desc=f"classifying ({len(classes)} classes)",
+        unit="clip",
+        dynamic_ncols=True,
+        disable=jax.process_index() != 0,
+    )
+    names = [name.replace("_", " ") for name in classes]
     for batch in pipeline.eval_audio_batches(source, run.spec, run.config.eval.batch_size):
         rows = len(batch["index"])
-        qformer_ids = answerer.encoders.qformer.encode([instruction] * rows)
-        instruction_ids = answerer.encoders.instruction.encode([instruction] * rows, d.max_instruction_length)
-        losses = np.zeros((rows, len(classes)))
-        for c, name in enumerate(classes):
-            answer_ids = answerer.encoders.answer.encode([name.replace("_", " ")] * rows, d.max_answer_length)
-            inputs = Stage2Batch(
-                qformer_ids=qformer_ids,
-                instruction_ids=instruction_ids,
-                answer_ids=answer_ids,
-                audio=batch["audio"],
-                num_samples=batch["num_samples"],
-            )
-            logits = np.asarray(answer_logits(run.params, frozen, inputs))
-            nll = classification.token_losses(logits, np.maximum(answer_ids, 0))
-            losses[:, c] = (nll * (answer_ids >= 0)).sum(axis=1)
+        inputs = Stage2Batch(
+            qformer_ids=answerer.encoders.qformer.encode([instruction] * rows),
+            instruction_ids=answerer.encoders.instruction.encode(
+                [instruction] * rows, d.max_instruction_length
+            ),
+            answer_ids=None,
+            audio=batch["audio"],
+            num_samples=batch["num_samples"],
+        )
+        answers = np.stack([answerer.encoders.answer.encode([n] * rows, d.max_answer_length) for n in names])
+        losses = np.asarray(class_losses(run.params, frozen, inputs, answers), dtype=np.float64)
         out.append(losses[batch["valid"]])
+        bar.update(int(batch["valid"].sum()))
+    bar.close()
     return np.concatenate(out)
 
 
 def classify_by_llm_loss(run: Any, source: Sequence[dict], template: str) -> dict:  # noqa: ANN401
     """Zero-shot classification by the LLM's loss; see the module docstring."""
-    from slit.eval import classification
-
     from slit.data.tasks import Subset
+    from slit.eval import classification
 
     classes, labels, indices = class_names_and_labels(source)
     instruction = template.format(choices=", ".join(c.replace("_", " ") for c in classes))

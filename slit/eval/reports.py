@@ -157,7 +157,8 @@ def _aqa_lines(metrics: Mapping) -> list[str]:
     wer = metrics.get("wer_by_type") or {}
     if wer:
         wer_rows = [
-            [kind, _pct(v["wer"]), _pct(v.get("majority_answer_wer")), str(v["num_items"])] for kind, v in wer.items()
+            [kind, _pct(v["wer"]), _pct(v.get("majority_answer_wer")), str(v["num_items"])]
+            for kind, v in wer.items()
         ]
         header = ["questions", "word error rate (%)", "majority answer's (%)", "items"]
         lines += ["", *_table(header, wer_rows), "(an empty answer's word error rate is 100%)"]

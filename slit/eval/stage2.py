@@ -82,9 +82,12 @@ def evaluate_split(
     gen = generation_config(config)
     captions, references, qa_predictions, qa_references, qa_types, questions = {}, {}, {}, {}, {}, {}
     if "captioning" in run or "aqa" in run:
+        bar = _bar(limit, "answering (captions, questions)")
         for batch in pipeline.eval_audio_batches(_FirstClips(source, limit), spec, config.eval.batch_size):
             if should_stop():
+                bar.close()
                 return None
+            bar.update(int(batch["valid"].sum()))
             examples = [source[int(i)] for i in batch["index"]]
             asks_caption, instructions = [], []
             for i, valid, ex in zip(batch["index"], batch["valid"], examples, strict=True):
@@ -118,6 +121,7 @@ def evaluate_split(
                 for n, (valid, ex) in enumerate(zip(batch["valid"], examples, strict=True)):
                     if valid and instructions[n]:
                         qa_predictions[_text(ex["id"])] = answers[n]
+        bar.close()
     if "captioning" in run:
         with captioning.CaptionScorer(metrics=tuple(config.eval.caption_metrics), tokenizer="auto") as scorer:
             caption_metrics = scorer.score(captions, references)
@@ -297,3 +301,13 @@ def write_reports(
             f"  {key}: {example['predicted']!r} (reference: {example['references'][0]!r})", file=sys.stdout
         )
     return paths
+
+
+def _bar(total: int, what: str) -> Any:  # noqa: ANN401 (a tqdm bar)
+    """A progress bar with ETA on the main process (clips)."""
+    import jax
+    import tqdm
+
+    return tqdm.tqdm(
+        total=total, desc=what, unit="clip", dynamic_ncols=True, disable=jax.process_index() != 0
+    )

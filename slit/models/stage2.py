@@ -218,8 +218,15 @@ class Stage2Model(nnx.Module):
             batch.audio, batch.num_samples, batch.qformer_ids, rngs, batch.features, batch.frame_mask
         )
         prompt_embeds, prompt_mask, _ = self.prompt(soft, batch.instruction_ids)
-        answer_valid = batch.answer_ids >= 0
-        answer_ids = jnp.maximum(batch.answer_ids, 0)
+        return self.logits_after_prompt(prompt_embeds, prompt_mask, batch.answer_ids)
+
+    def logits_after_prompt(
+        self, prompt_embeds: jax.Array, prompt_mask: jax.Array, answer_ids: jax.Array
+    ) -> jax.Array:
+        """Logits (B, La, V) predicting answer_ids (B, La; -1 = padding) after a prompt (B, P, D) with its
+        mask (B, P): the LLM part of `answer_logits`, so that several answers can follow one prompt."""
+        answer_valid = answer_ids >= 0
+        answer_ids = jnp.maximum(answer_ids, 0)
         if is_encoder_decoder(self.llm):
             encoder_out = self.llm.encode(prompt_embeds, prompt_mask)
             start = self.llm.token_ids.decoder_start
