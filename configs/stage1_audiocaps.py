@@ -25,7 +25,7 @@ Expected result: not measured here (the dataset cannot be fetched on the develop
 paper's result tables could not be read, so there is no SLIT number to quote for this recipe. On the
 built-in synthetic sounds the same encoder and Q-Former reach text->audio R@1 41% after 120 steps
 (configs/stage1_whisper_base.py). At this scale, check the matching head's report before trusting the
-re-ranked table (README: What the demo does and what to expect).
+re-ranked table (README: Stage one on the synthetic sounds).
 """
 
 import pathlib

@@ -232,6 +232,8 @@ def _finished(workdir: pathlib.Path, steps: int, report: str) -> bool:
 def _newest_step(workdir: pathlib.Path) -> int | None:
     from slit import runs
 
+    if not (workdir / "checkpoints").is_dir():
+        return None
     steps = runs.checkpoint_steps(workdir)
     return steps[-1] if steps else None
 
