@@ -327,6 +327,8 @@ def llm_class_losses(
             num_samples=batch["num_samples"],
         )
         answers = np.stack([answerer.encoders.answer.encode([n] * rows, d.max_answer_length) for n in names])
+        # Right padding past the longest class name changes no loss (causal attention): cut it.
+        answers = answers[..., : max(1, int((answers >= 0).sum(axis=-1).max()))]
         losses = np.asarray(class_losses(run.params, frozen, inputs, answers), dtype=np.float64)
         out.append(losses[batch["valid"]])
         bar.update(int(batch["valid"].sum()))
