@@ -99,7 +99,7 @@ def slit_command(argv: Sequence[str]) -> None:
 def gather(data_dir: pathlib.Path, size: Size, progress: Callable[[str, int], None] | None = None) -> dict:
     """Writes DIR/data/manifest.jsonl (+ the varied and rendered audio) unless the one there was made for
     the same size; returns {"clips": by source and split, "reused": bool}."""
-    from slit.demo import midi, sources
+    from slit.demo import sources
 
     manifest = data_dir / "manifest.jsonl"
     stamp = data_dir / "manifest.size.json"
@@ -113,7 +113,7 @@ def gather(data_dir: pathlib.Path, size: Size, progress: Callable[[str, int], No
         ("speech", lambda: sources.speech_clips(SEED, size.speech)),
         ("animals", lambda: sources.animal_clips(data_dir, size.animal_variants, SEED)),
         ("events", lambda: sources.event_clips(data_dir, size.event_variants, SEED)),
-        ("instruments", lambda: midi.make_instrument_clips(data_dir, size.instruments, SEED)),
+        ("instruments", lambda: _instruments(data_dir, size.instruments)),
         ("synthetic", lambda: sources.synthetic_clips(data_dir, size.synthetic, SEED)),
     ]
     for name, make in steps:
@@ -126,6 +126,16 @@ def gather(data_dir: pathlib.Path, size: Size, progress: Callable[[str, int], No
     manifest.write_text("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
     stamp.write_text(json.dumps({"size": wanted}) + "\n")
     return {"clips": _counts(lines), "reused": False}
+
+
+def _instruments(data_dir: pathlib.Path, count: int) -> list[dict]:
+    """The MIDI phrases, rendered with a progress bar (ETA): the slowest source to gather."""
+    import tqdm
+
+    from slit.demo import midi
+
+    with tqdm.tqdm(total=count, desc="  rendering instruments", unit="clip", dynamic_ncols=True) as bar:
+        return midi.make_instrument_clips(data_dir, count, SEED, progress=bar.update)
 
 
 def _counts(lines: list[dict]) -> dict:
