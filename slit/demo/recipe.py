@@ -47,6 +47,9 @@ class Size:
     validate: bool  # stage one validates half-way
 
 
+DATA_FIELDS = ("speech", "animal_variants", "event_variants", "instruments", "synthetic")
+"""The fields of a Size that decide the data: a manifest made for the same values is reused."""
+
 FULL = Size("full", None, 24, 6, 400, 300, 100, 500, 0, True)
 QUICK = Size("quick", 60, 3, 1, 40, 40, 10, 10, 24, False)
 
@@ -103,7 +106,7 @@ def gather(data_dir: pathlib.Path, size: Size, progress: Callable[[str, int], No
 
     manifest = data_dir / "manifest.jsonl"
     stamp = data_dir / "manifest.size.json"
-    wanted = dataclasses.asdict(size)
+    wanted = {k: v for k, v in dataclasses.asdict(size).items() if k in DATA_FIELDS}
     if manifest.is_file() and stamp.is_file() and json.loads(stamp.read_text()).get("size") == wanted:
         lines = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
         return {"clips": _counts(lines), "reused": True}
