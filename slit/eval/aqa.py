@@ -211,17 +211,8 @@ def word_error_rates(
             continue
         kept = [(r, normalize_answer(predictions.get(k, ""))) for r, k in zip(refs, keys, strict=True) if r]
         refs, preds = [r for r, _ in kept], [p for _, p in kept]
-        entry = {"wer": _corpus_wer(refs, preds, jiwer), "num_items": len(refs)}
+        entry = {"wer": jiwer.wer(refs, preds), "num_items": len(refs)}
         if qtype in majority:
-            entry["majority_answer_wer"] = _corpus_wer(refs, [majority[qtype]] * len(refs), jiwer)
+            entry["majority_answer_wer"] = jiwer.wer(refs, [majority[qtype]] * len(refs))
         out[qtype] = entry
     return out
-
-
-def _corpus_wer(refs: list[str], preds: list[str], jiwer: object) -> float:
-    """jiwer's WER over the lists; an empty prediction counts every reference word as deleted."""
-    edits = sum(
-        len(r.split()) if not p.strip() else jiwer.process_words(r, p).wer * len(r.split())  # type: ignore[attr-defined]
-        for r, p in zip(refs, preds, strict=True)
-    )
-    return edits / max(1, sum(len(r.split()) for r in refs))

@@ -282,9 +282,9 @@ def llm_class_losses(
     """(N, C) summed answer-token losses (-log p of the class name's tokens and EOS) of each class name
     as the answer to `instruction` about each clip, in jitted batches of the run's eval.batch_size: the
     audio, Q-Former and prompt once per batch, then the LLM once per class (on the device)."""
-    import tqdm
     from flax import nnx
 
+    from slit.eval.progress import clip_bar
     from slit.models.stage2 import Stage2Batch
 
     answerer, d = run.answerer, run.config.data
@@ -307,13 +307,7 @@ def llm_class_losses(
         return jax.lax.map(one, answers).T
 
     out = []
-    bar = tqdm.tqdm(
-        total=len(source),
-        desc=f"classifying ({len(classes)} classes)",
-        unit="clip",
-        dynamic_ncols=True,
-        disable=jax.process_index() != 0,
-    )
+    bar = clip_bar(len(source), f"classifying ({len(classes)} classes)")
     names = [name.replace("_", " ") for name in classes]
     for batch in pipeline.eval_audio_batches(source, run.spec, run.config.eval.batch_size):
         rows = len(batch["index"])

@@ -119,3 +119,13 @@ def load_or_compute(
     if progress is not None:
         progress.save(index, results, group)
     return results
+
+
+def clip_bar(total: int, what: str) -> Any:  # noqa: ANN401 (a tqdm bar)
+    """A progress bar with ETA over `total` clips, shown on the main process only."""
+    import jax
+    import tqdm
+
+    return tqdm.tqdm(
+        total=total, desc=what, unit="clip", dynamic_ncols=True, disable=jax.process_index() != 0
+    )

@@ -21,6 +21,7 @@ from slit.data import pipeline, sources
 from slit.data import tasks as tasks_lib
 from slit.data.pipeline import example_texts
 from slit.errors import UserError
+from slit.eval.progress import clip_bar
 from slit.generate.answerer import Answerer, generation_config
 
 
@@ -82,7 +83,7 @@ def evaluate_split(
     gen = generation_config(config)
     captions, references, qa_predictions, qa_references, qa_types, questions = {}, {}, {}, {}, {}, {}
     if "captioning" in run or "aqa" in run:
-        bar = _bar(limit, "answering (captions, questions)")
+        bar = clip_bar(limit, "answering (captions, questions)")
         for batch in pipeline.eval_audio_batches(_FirstClips(source, limit), spec, config.eval.batch_size):
             if should_stop():
                 bar.close()
@@ -301,13 +302,3 @@ def write_reports(
             f"  {key}: {example['predicted']!r} (reference: {example['references'][0]!r})", file=sys.stdout
         )
     return paths
-
-
-def _bar(total: int, what: str) -> Any:  # noqa: ANN401 (a tqdm bar)
-    """A progress bar with ETA on the main process (clips)."""
-    import jax
-    import tqdm
-
-    return tqdm.tqdm(
-        total=total, desc=what, unit="clip", dynamic_ncols=True, disable=jax.process_index() != 0
-    )
