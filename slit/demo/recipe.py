@@ -99,7 +99,7 @@ def slit_command(argv: Sequence[str]) -> None:
         raise UserError(f"`slit {' '.join(argv[:1])}` exited with {code}; its message is above")
 
 
-def gather(data_dir: pathlib.Path, size: Size, progress: Callable[[str, int], None] | None = None) -> dict:
+def gather(data_dir: pathlib.Path, size: Size) -> dict:
     """Writes DIR/data/manifest.jsonl (+ the varied and rendered audio) unless the one there was made for
     the same size; returns {"clips": by source and split, "reused": bool}."""
     from slit.demo import sources
@@ -124,8 +124,6 @@ def gather(data_dir: pathlib.Path, size: Size, progress: Callable[[str, int], No
         made = make()
         lines += made
         print(f"  {name}: {len(made)} clips ({_duration(time.time() - started)})", flush=True)
-        if progress:
-            progress(name, len(made))
     manifest.write_text("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
     stamp.write_text(json.dumps({"size": wanted}) + "\n")
     return {"clips": _counts(lines), "reused": False}
