@@ -24,6 +24,17 @@ class ConfigError(UserError):
     """A config that cannot work. The message lists every problem and what to do about it."""
 
 
+def configs_dir(needed: str = "stage1_synthetic.py") -> pathlib.Path:
+    """The repository's configs/ (slit is installed from its checkout), checked to hold `needed`."""
+    here = pathlib.Path(__file__).resolve().parents[1] / "configs"
+    if not (here / needed).is_file():
+        raise UserError(
+            f"{here / needed} is missing: this command reads the configs of a checkout of the repository "
+            "(pip install -e .)"
+        )
+    return here
+
+
 def load_config_file(path: str | pathlib.Path) -> ml_collections.ConfigDict:
     """Imports `path` and returns its `get_config()`, locked so that unknown keys cannot be added."""
     path = pathlib.Path(path)

@@ -7,4 +7,6 @@ BENCHES: dict[str, str] = {
     "generate": "slit.bench.generate",
     "frontend": "slit.bench.frontend",
     "cache": "slit.bench.cache",
+    "stage1": "slit.bench.stage1",
+    "stage2": "slit.bench.stage2",
 }

@@ -25,6 +25,7 @@ import shlex
 import time
 from collections.abc import Callable, Sequence
 
+from slit import config as config_lib
 from slit.errors import UserError
 
 DATA_NAME = "slit_demo"
@@ -52,17 +53,6 @@ DATA_FIELDS = ("speech", "animal_variants", "event_variants", "instruments", "sy
 
 FULL = Size("full", None, 24, 6, 400, 300, 100, 500, 0, True)
 QUICK = Size("quick", 60, 3, 1, 40, 40, 10, 10, 24, False)
-
-
-def configs_dir() -> pathlib.Path:
-    """The repository's configs/ (slit is installed from its checkout)."""
-    here = pathlib.Path(__file__).resolve().parents[2] / "configs"
-    if not (here / "demo_stage1.py").is_file():
-        raise UserError(
-            f"{here / 'demo_stage1.py'} is missing: slit demo runs from a checkout of the repository "
-            "(pip install -e .)"
-        )
-    return here
 
 
 @dataclasses.dataclass
@@ -154,7 +144,7 @@ def run(workdir: str | pathlib.Path, quick: bool = False, size: Size | None = No
 
     size = size or (QUICK if quick else FULL)
     root = pathlib.Path(workdir)
-    configs = configs_dir()
+    configs = config_lib.configs_dir("demo_stage1.py")
     data_dir, tfds_dir = root / "data", root / "tfds"
     stage1, stage2, export = root / "stage1", root / "stage2", root / "export"
     data = [f"--config.data.data_dir={tfds_dir}"]

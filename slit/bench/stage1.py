@@ -1,0 +1,132 @@
+"""`slit bench stage1`: the stage-one train step, slit vs a PyTorch reference, same shapes, same machine.
+
+The step is BLIP-2's (contrastive + matching with hard negatives + grounded generation, AdamW) on cached
+encoder features, at the size of `--size` (base: a BERT-base Q-Former, 12 layers, 768 wide, 32 queries,
+batch 8, 500 frames x 512 of Whisper base for 10 s, captions of 32 tokens; slit/bench/shapes.py).
+slit's step is the one `slit train --config configs/stage1_synthetic.py --config.features=cached` jits,
+resized to that shape (`--config.a.b=value` overrides apply on top, e.g. `--config.mesh.data=1`); the
+reference is transformers' InstructBlipQFormerModel with BLIP-2's heads and losses in float32
+(slit/bench/torch_reference.py). Both run float32 with dropout `--dropout` on the same random batch.
+
+Reported (JSON): seconds per step (best, median, spread, every timed step) and slit's compile time;
+`speedup` (the reference's median / slit's median); `mfu` (slit's model FLOPs per second over the f32
+matmul peak measured in the run); the model FLOPs by kind (slit/bench/flops.py); XLA's own FLOP count of
+the compiled step; memory (the train state's bytes: params, optimizer state, frozen weights; peak host
+RSS after slit's warm-up and after the reference's; device memory on GPU/TPU).
+
+    slit bench stage1 --out runs/bench/stage1.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+from collections.abc import Callable
+
+from slit.bench import flops, train_step
+from slit.bench.shapes import SIZES, Stage1Shape
+
+HELP = "the stage-one train step (BERT-base Q-Former, cached features): slit vs PyTorch, speedup and MFU"
+READS_CONFIG = True  # --config.a.b=value overrides of configs/stage1_synthetic.py
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    train_step.add_common_arguments(parser)
+    parser.add_argument("--text-length", type=int, default=0, help="caption tokens (0: the size's)")
+
+
+def slit_setup(shape: Stage1Shape, dropout: float, overrides: list[tuple[str, str]]) -> tuple:
+    """(TrainingSetup, mesh, pad id): slit's stage-one training at `shape`, as `slit train` builds it."""
+    from slit import config as config_lib
+    from slit.data.synthetic import CAPTION_VOCABULARY
+    from slit.data.tokenizer import TextTokenizer, word_level_tokenizer
+    from slit.train import harness, sharding, stage1
+    from slit.train.stage1_model import create_model, model_config
+
+    config = config_lib.load_config_file(config_lib.configs_dir() / "stage1_synthetic.py")
+    q = shape.qformer
+    sized = {
+        "features": "cached",
+        "batch_size": shape.batch,
+        "total_steps": 1000,
+        "optimizer.warmup_steps": 10,
+        "audio_encoder.width": shape.encoder_width,  # (a random tower; cached features bypass it)
+        "qformer.num_queries": q.num_queries,
+        "qformer.layers": q.num_layers,
+        "qformer.width": q.width,
+        "qformer.heads": q.num_heads,
+        "qformer.mlp_dim": q.mlp_dim,
+        "qformer.cross_attention_freq": q.cross_attention_freq,
+        "qformer.max_text_positions": q.max_text_positions,
+        "qformer.embed_dim": shape.embed_dim,
+        "qformer.dropout": dropout,
+        "qformer.initializer_range": 0.02,
+    }
+    config_lib.apply_overrides(config, [(k, str(v)) for k, v in sized.items()] + overrides)
+    config_lib.validate_stage1(config, _num_devices())
+    tokenizer = TextTokenizer(word_level_tokenizer(CAPTION_VOCABULARY))
+    cfg = model_config(config, tokenizer)
+    cfg = dataclasses.replace(cfg, qformer=dataclasses.replace(cfg.qformer, vocab_size=q.vocab_size))
+    mesh = sharding.make_mesh(config.mesh)
+    rules = sharding.rules_dict(config.sharding_rules)
+    parts = create_model(cfg, config.seed, config.audio_encoder.init_seed, mesh, rules)
+    make_step = functools.partial(stage1.make_train_step, dropout=dropout > 0)
+    ranks = {k: stage1.BATCH_RANKS[k] for k in stage1.CACHED_BATCH_KEYS}
+    setup = harness.build_training(config, parts, mesh, rules, ranks, make_step, model_config=cfg)
+    return setup, mesh, tokenizer.pad_id
+
+
+def _num_devices() -> int:
+    import jax
+
+    return jax.device_count()
+
+
+def run(args: argparse.Namespace) -> dict:
+    from slit.bench import common
+
+    shape = train_step.resized(SIZES[args.size][0], args)
+    if args.text_length:
+        shape = dataclasses.replace(shape, text_length=args.text_length)
+    log = train_step.log_to_stderr
+    peaks = [common.matmul_peak_flops()]
+    setup, mesh, pad_id = slit_setup(shape, args.dropout, args.config_overrides)
+    batch = train_step.stage1_batch(shape, pad_id=pad_id)
+    slit = train_step.slit_step(setup, batch, mesh)
+    log(f"slit: step compiled in {slit.compile_s:.1f} s")
+    memory = {"slit_state": train_step.state_memory(setup)}
+    threads, made = [], {}
+
+    def make_reference() -> Callable[[], float]:
+        from slit.bench import torch_reference
+
+        made["ref"] = torch_reference.stage1_reference(shape, batch, dropout=args.dropout)
+        return made["ref"].step
+
+    if not args.skip_reference:
+        threads = train_step.torch_threads(args.torch_threads)
+    timings = train_step.time_interleaved(
+        slit.step, None if args.skip_reference else make_reference, threads, args.repeats, log
+    )
+    peaks.append(common.matmul_peak_flops())
+    result = train_step.compare(
+        "transformers InstructBlipQFormerModel + BLIP-2 heads and losses (PyTorch)",
+        timings,
+        flops.stage1(shape),
+        flops.stage1(shape, share_encoder_kv=False),
+        peaks,
+    )
+    memory |= {"peak_host_rss_bytes": timings.peak_rss_bytes, "device": train_step.device_memory()}
+    if "ref" in made:
+        memory["reference_trainable_parameters"] = made["ref"].trainable_parameters
+    return {
+        "step": "stage one: contrastive + matching + grounded generation, AdamW, cached features, float32",
+        "shape": dataclasses.asdict(shape),
+        "dropout": args.dropout,
+        **result,
+        "slit_compile_s": slit.compile_s,
+        "xla_flops_per_step": slit.xla_flops,
+        "reference_description": made["ref"].description if "ref" in made else None,
+        "memory": memory,
+    }

