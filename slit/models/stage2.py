@@ -239,9 +239,9 @@ class Stage2Model(nnx.Module):
         embeds = jnp.concatenate([prompt_embeds, self.llm.embed(answer_ids).astype(jnp.float32)], axis=1)
         mask = jnp.concatenate([prompt_mask, answer_valid], axis=1)
         positions = jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
-        logits, _ = self.llm(embeds, positions, mask)
         p, a = prompt_mask.shape[1], answer_ids.shape[1]
-        return logits[:, p - 1 : p + a - 1]
+        logits, _ = self.llm(embeds, positions, mask, logits_span=(p - 1, p + a - 1))
+        return logits
 
     def __call__(
         self, batch: Stage2Batch, *, rngs: nnx.Rngs | None

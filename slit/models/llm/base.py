@@ -85,10 +85,14 @@ class DecoderOnlyLM(Protocol):
         positions: jax.Array,
         token_mask: jax.Array,
         cache: KVCache | None = None,
+        logits_span: tuple[int, int] | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """inputs_embeds [B, T, D], positions int32 [B, T], token_mask bool [B, T] (False = padding).
 
-        Returns float32 logits [B, T, V] and the updated cache (None when called without one).
+        Returns float32 logits [B, T, V] and the updated cache (None when called without one); with
+        `logits_span=(start, stop)`, logits of positions start..stop-1 only, [B, stop - start, V] (the
+        output layer is the largest product of a small LLM: a loss on a few positions need not pay it
+        on every position).
         Without a cache, attention is causal among the T inputs and ignores padded keys.
         """
         ...

@@ -439,10 +439,12 @@ class Llama(nnx.Module):
         positions: jax.Array,
         token_mask: jax.Array,
         cache: KVCache | None = None,
+        logits_span: tuple[int, int] | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """inputs_embeds [B, T, D], positions int32 [B, T], token_mask bool [B, T] -> logits [B, T, V].
 
-        Logits are float32; the cache (when given) comes back with the T inputs written.
+        Logits are float32; the cache (when given) comes back with the T inputs written. With
+        `logits_span=(start, stop)` only positions start..stop-1 get logits: [B, stop - start, V].
         """
         c = self.config
         windows = {c.window_of(i) for i in range(c.num_layers)}
@@ -455,6 +457,8 @@ class Llama(nnx.Module):
             if new_kv is not None:
                 keys.append(new_kv[0])
                 values.append(new_kv[1])
+        if logits_span is not None:
+            x = x[:, logits_span[0] : logits_span[1]]
         x = self.final_norm(x)
         if self.lm_head is None:
             table = self.embedding[...].astype(self.dtype)
