@@ -23,10 +23,11 @@ F, E, T, B, D = 3, 5, 3, 2, 6
 QF = QFormerShape(num_queries=Q, num_layers=LAYERS, width=W, num_heads=2, mlp_dim=M, vocab_size=V)
 
 
-def _layer(rows: int, query_rows: int, cross: bool) -> int:
-    """One Q-Former layer's products for one example, written out one by one."""
+def _layer(rows: int, query_rows: int, cross: bool, prefix: int = 0) -> int:
+    """One Q-Former layer's products for one example, written out one by one (`prefix`: keys and values
+    of an earlier pass that the rows also attend to)."""
     total = 4 * mm(rows, W, W)  # self-attention q, k, v, o
-    total += mm(rows, W, rows) + mm(rows, rows, W)  # scores, context (all heads together)
+    total += mm(rows, W, prefix + rows) + mm(rows, prefix + rows, W)  # scores, context (all heads)
     if cross and query_rows:
         total += 2 * mm(query_rows, W, W)  # cross-attention q, o
         total += mm(query_rows, W, F) + mm(query_rows, F, W)  # scores, context over the frames
@@ -34,19 +35,18 @@ def _layer(rows: int, query_rows: int, cross: bool) -> int:
     return total
 
 
-def _pass(query_rows: int, text_rows: int) -> int:
+def _pass(query_rows: int, text_rows: int, prefix: int = 0) -> int:
     rows = query_rows + text_rows
-    return _layer(rows, query_rows, cross=True) + _layer(rows, query_rows, cross=False)
+    return _layer(rows, query_rows, True, prefix) + _layer(rows, query_rows, False, prefix)
 
 
 def test_stage1_flops_match_the_products_written_out():
     shape = Stage1Shape(QF, batch=B, frames=F, encoder_width=E, text_length=T, embed_dim=D)
     kv = 2 * mm(F, E, W)  # keys and values of the frames, the one cross-attention layer
-    per_example = (
+    heads_and_passes = (
         _pass(Q, 0)  # contrastive, queries
         + _pass(0, T)  # contrastive, text
         + 3 * _pass(Q, T)  # matching: positive, negative text, negative clip
-        + _pass(Q, T)  # grounded generation
         + mm(Q, W, D)  # audio projection
         + mm(1, W, D)  # text projection
         + mm(Q, D, B)  # similarity of each query to each text
@@ -54,12 +54,15 @@ def test_stage1_flops_match_the_products_written_out():
         + mm(T - 1, W, W)  # MLM head transform
         + mm(T - 1, W, V)  # tied output layer
     )
+    reusing = heads_and_passes + _pass(0, T, prefix=Q)  # generation: text after the query pass's keys
     shared = flops.stage1(shape)
-    assert shared.trainable_forward == B * (per_example + kv)
+    assert shared.trainable_forward == B * (reusing + kv)
     assert shared.trainable_backward == 2 * shared.trainable_forward
     assert shared.frozen_forward == shared.frozen_backward == 0
-    unshared = flops.stage1(shape, share_encoder_kv=False)  # once per pass: query, 3 matching, generation
-    assert unshared.trainable_forward == B * (per_example + 5 * kv)
+    # The PyTorch reference: a joint generation pass; keys and values of the frames in every pass.
+    joint = heads_and_passes + _pass(Q, T)
+    unshared = flops.stage1(shape, share_encoder_kv=False, generation_reuses_queries=False)
+    assert unshared.trainable_forward == B * (joint + 5 * kv)
 
 
 def test_stage2_flops_match_the_products_written_out():
@@ -108,7 +111,8 @@ def test_reference_flops_match_torch_flop_counter():
 
     stage1, stage2 = SIZES["tiny"]
     ref1 = torch_reference.stage1_reference(stage1, train_step.stage1_batch(stage1), dropout=0.0)
-    assert _counted_by_torch(ref1) == flops.stage1(stage1, share_encoder_kv=False).total
+    counted = flops.stage1(stage1, share_encoder_kv=False, generation_reuses_queries=False)
+    assert _counted_by_torch(ref1) == counted.total
     llm = torch_reference.random_llama(stage2.llm)
     ref2 = torch_reference.stage2_reference(stage2, llm, train_step.stage2_batch(stage2), dropout=0.0)
     assert _counted_by_torch(ref2) == flops.stage2(stage2, logits_positions="all").total

@@ -178,6 +178,8 @@ def tiny_qformer():
         m = nnx.merge(graphdef, state)
         return m(text_ids_bl=ids, attention_mask_bll=mask, encoder_bfd=features, encoder_mask_bf=feature_mask)
 
+    run.model = model
+    run.features, run.feature_mask = features, feature_mask
     return run
 
 
@@ -248,3 +250,24 @@ def test_qformer_padding_tokens_are_invisible(tiny_qformer, mask_fn):
     for n in range(2):
         np.testing.assert_allclose(out[n][keep[n]], base[n][keep[n]], atol=ATOL, rtol=0)
     assert np.all(np.isfinite(out))
+
+
+def test_generation_from_the_query_pass_equals_the_joint_pass(tiny_qformer):
+    """Grounded generation as stage one computes it (a text-only pass attending to the keys and values
+    of the queries-only pass, as LAVIS reuses `past_key_values`) gives the text rows of the joint
+    [queries; text] pass under the grounded-generation mask, padding included."""
+    model = tiny_qformer.model
+    valid = np.ones((2, TEXT_LEN), bool)
+    valid[1, 4:] = False
+    ids = jnp.asarray(np.where(valid, _ids(), 0))
+    joint = np.asarray(tiny_qformer(ids, masks.grounded_generation_mask(NUM_QUERIES, jnp.asarray(valid))))
+    f, fm = tiny_qformer.features, tiny_qformer.feature_mask
+    queries, query_kv = model(encoder_bfd=f, encoder_mask_bf=fm, return_self_kv=True)
+    text = model(
+        text_ids_bl=ids,
+        with_queries=False,
+        attention_mask_bll=masks.grounded_generation_text_mask(NUM_QUERIES, jnp.asarray(valid)),
+        prefix_kv=query_kv,
+    )
+    np.testing.assert_allclose(np.asarray(queries), joint[:, :NUM_QUERIES], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(text)[valid], joint[:, NUM_QUERIES:][valid], atol=1e-5, rtol=0)

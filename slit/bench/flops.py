@@ -12,15 +12,17 @@ needs a gradient:
 - frozen parts off the path (a frozen encoder's forward) are counted forward only; the step
   benchmarks read cached encoder features, so they have none.
 
-Two choices are parameters, since implementations differ in them and the PyTorch reference's counts are
+Three choices are parameters, since implementations differ in them and the PyTorch reference's counts are
 checked against torch's FlopCounterMode in tests:
 - `share_encoder_kv`: the cross-attention keys and values of a clip's frames are projected once per
   clip and shared by every pass over that clip (slit), rather than once per pass (transformers'
   Q-Former: five times per clip in stage one, where the matching pass sees 3 pairs per clip);
+- `generation_reuses_queries`: stage one's grounded-generation pass runs the text alone, attending to
+  the query pass's self-attention keys and values (LAVIS, slit), or runs [queries; text] again;
 - `logits_positions`: stage two's LLM output layer applied to the answer positions only (the useful
   work, and what slit computes) or to every position (transformers' CausalLM).
 The model FLOPs that utilisation is reported against are the useful ones: shared keys and values,
-output layer on answer positions.
+generation after the query pass, output layer on answer positions.
 """
 
 from __future__ import annotations
@@ -51,17 +53,20 @@ def _trainable(forward: float) -> StepFlops:
     return StepFlops(trainable_forward=forward, trainable_backward=2 * forward)
 
 
-def qformer_pass(q: QFormerShape, query_rows: int, text_rows: int, frames: int) -> float:
+def qformer_pass(
+    q: QFormerShape, query_rows: int, text_rows: int, frames: int, prefix_keys: int = 0
+) -> float:
     """Forward FLOPs of one Q-Former pass for one example over [queries (query_rows: 0 or Q); text],
-    without the frames' key/value projections (`encoder_kv`).
+    without the frames' key/value projections (`encoder_kv`). `prefix_keys`: keys and values of an
+    earlier pass that every row also attends to (stage one's generation pass reusing the query pass).
 
     Per layer: self-attention's q, k, v, o projections (8 R W^2 for R rows), scores and context
-    (4 R^2 W), the feed-forward blocks (4 R W M, query and text rows each through their own); per
-    cross-attention layer: the queries' q and o projections (4 Q W^2), scores and context over the frames
-    (4 Q F W).
+    (4 R (P + R) W with P prefix keys), the feed-forward blocks (4 R W M, query and text rows each
+    through their own); per cross-attention layer: the queries' q and o projections (4 Q W^2), scores
+    and context over the frames (4 Q F W).
     """
     rows, w, m = query_rows + text_rows, q.width, q.mlp_dim
-    per_layer = 8 * rows * w * w + 4 * rows * rows * w + 4 * rows * w * m
+    per_layer = 8 * rows * w * w + 4 * rows * (prefix_keys + rows) * w + 4 * rows * w * m
     cross = 4 * query_rows * w * w + 4 * query_rows * frames * w if query_rows else 0
     return q.num_layers * per_layer + q.cross_attention_layers * cross
 
@@ -71,19 +76,31 @@ def encoder_kv(q: QFormerShape, frames: int, encoder_width: int) -> float:
     return q.cross_attention_layers * 4 * frames * encoder_width * q.width
 
 
-def stage1(shape: Stage1Shape, share_encoder_kv: bool = True) -> StepFlops:
+def stage1(
+    shape: Stage1Shape, share_encoder_kv: bool = True, generation_reuses_queries: bool = True
+) -> StepFlops:
     """One stage-one step (BLIP-2's contrastive, matching and grounded-generation losses) on `batch`
     clips: the query pass and the text pass (contrastive), 3 matching pairs per clip (the positive, a
-    negative text, a negative clip), the generation pass; the projections, similarities and heads."""
+    negative text, a negative clip), the generation pass; the projections, similarities and heads.
+
+    `generation_reuses_queries`: the generation pass runs the text only, attending to the query pass's
+    keys and values (slit, LAVIS), rather than [queries; text] again (the PyTorch reference)."""
     q, b, t, f = shape.qformer, shape.batch, shape.text_length, shape.frames
     nq, w, d = q.num_queries, q.width, shape.embed_dim
     passes = (
         qformer_pass(q, nq, 0, f)  # contrastive: queries
         + qformer_pass(q, 0, t, f)  # contrastive: text
         + 3 * qformer_pass(q, nq, t, f)  # matching
-        + qformer_pass(q, nq, t, f)  # generation
+        + (
+            qformer_pass(q, 0, t, f, prefix_keys=nq)
+            if generation_reuses_queries
+            else qformer_pass(q, nq, t, f)
+        )
     )
-    kv = encoder_kv(q, f, shape.encoder_width) * (1 if share_encoder_kv else 5)  # query, 3 matching, ITG
+    # Per clip once, or per pass over it: the query pass, 3 matching pairs, and a joint generation pass.
+    kv = encoder_kv(q, f, shape.encoder_width) * (
+        1 if share_encoder_kv else 4 + (not generation_reuses_queries)
+    )
     heads = (
         2 * nq * w * d  # audio projection of each query
         + 2 * w * d  # text projection of [CLS]

@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> dict:
         "transformers InstructBlipQFormerModel + BLIP-2 heads and losses (PyTorch)",
         timings,
         flops.stage1(shape),
-        flops.stage1(shape, share_encoder_kv=False),
+        flops.stage1(shape, share_encoder_kv=False, generation_reuses_queries=False),
         peaks,
     )
     memory |= {"peak_host_rss_bytes": timings.peak_rss_bytes, "device": train_step.device_memory()}

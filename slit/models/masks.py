@@ -37,3 +37,10 @@ def grounded_generation_mask(num_queries: int, text_valid_bl: jax.Array) -> jax.
     pattern = jnp.concatenate([query_rows, text_rows], axis=0)
     keys_valid = jnp.concatenate([jnp.ones((b, q), bool), text_valid_bl.astype(bool)], axis=1)
     return pattern[None] & keys_valid[:, None, :]
+
+
+def grounded_generation_text_mask(num_queries: int, text_valid_bl: jax.Array) -> jax.Array:
+    """The text rows of `grounded_generation_mask`, for a text-only pass that attends to the queries'
+    keys and values of an earlier queries-only pass (their rows are that pass's outputs: queries see only
+    queries). Returns (B, T, Q+T): every query, and earlier-or-same non-padding text."""
+    return grounded_generation_mask(num_queries, text_valid_bl)[:, num_queries:]

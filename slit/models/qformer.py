@@ -141,12 +141,20 @@ class QFormerLayer(nnx.Module):
         encoder_kv: tuple[jax.Array, jax.Array] | None,
         encoder_mask_bf: jax.Array | None,
         rngs: nnx.Rngs | None,
-    ) -> jax.Array:
+        prefix_kv: tuple[jax.Array, jax.Array] | None = None,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """hidden (batch, num_queries + text_len, width); the first `num_queries` rows are queries.
 
         `encoder_kv`: this layer's cross-attention keys and values (see `QFormer.encoder_kv`).
+        `prefix_kv`: self-attention keys and values (batch, P, heads, head_dim) x 2 that lead this pass's
+        own (the queries' of an earlier queries-only pass; `mask_bll` is then (batch, L, P + L)).
+        Returns the hidden states and this pass's own self-attention keys and values.
         """
-        hidden_bld = self.self_attention(hidden_bld, hidden_bld, mask_bll, rngs)
+        own_kv = self.self_attention.project_kv(hidden_bld)
+        kv = own_kv
+        if prefix_kv is not None:
+            kv = tuple(jnp.concatenate([p, o], axis=1) for p, o in zip(prefix_kv, own_kv, strict=True))
+        hidden_bld = self.self_attention(hidden_bld, kv, mask_bll, rngs)
         queries, text = hidden_bld[:, :num_queries], hidden_bld[:, num_queries:]
         parts = []
         if num_queries:
@@ -162,7 +170,7 @@ class QFormerLayer(nnx.Module):
             parts.append(self.ffn_query(queries, rngs))
         if text.shape[1]:
             parts.append(self.ffn_text(text, rngs))
-        return jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+        return (jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]), own_kv
 
 
 class QFormer(nnx.Module):
@@ -221,7 +229,9 @@ class QFormer(nnx.Module):
         encoder_mask_bf: jax.Array | None = None,
         encoder_kv: list[tuple[jax.Array, jax.Array] | None] | None = None,
         rngs: nnx.Rngs | None = None,
-    ) -> jax.Array:
+        prefix_kv: list[tuple[jax.Array, jax.Array]] | None = None,
+        return_self_kv: bool = False,
+    ) -> jax.Array | tuple[jax.Array, list[tuple[jax.Array, jax.Array]]]:
         """Runs the Q-Former.
 
         Args:
@@ -233,9 +243,15 @@ class QFormer(nnx.Module):
           encoder_mask_bf: bool (batch, frames), True for frames that hold real audio.
           encoder_kv: instead of `encoder_bfd`, its per-layer keys/values from `encoder_kv`.
           rngs: dropout randomness, or None for deterministic evaluation.
+          prefix_kv: per layer, self-attention keys and values (batch, P, heads, head_dim) x 2 that every
+            position may also attend to, before its own (an earlier pass's `return_self_kv`, e.g. the
+            queries' for a text-only pass: LAVIS's grounded generation reuses the query pass this way);
+            `attention_mask_bll` is then (batch, L, P + L).
+          return_self_kv: also return each layer's self-attention keys and values.
 
         Returns:
-          Hidden states (batch, L, width); the first `num_queries` rows are the query outputs.
+          Hidden states (batch, L, width); the first `num_queries` rows are the query outputs. With
+          `return_self_kv`, (hidden states, [(keys, values) per layer]).
         """
         if text_ids_bl is None and not with_queries:
             raise ValueError("a Q-Former pass needs queries, text or both")
@@ -247,7 +263,12 @@ class QFormer(nnx.Module):
         else:
             batch_size = next(kv[0].shape[0] for kv in encoder_kv if kv is not None)
         hidden = self.embed(text_ids_bl, with_queries, batch_size, rngs)
+        self_kv = []
         for i, layer in enumerate(self.layers):
             layer_kv = encoder_kv[i] if (with_queries and encoder_kv is not None) else None
-            hidden = layer(hidden, attention_mask_bll, num_queries, layer_kv, encoder_mask_bf, rngs)
-        return hidden
+            prefix = prefix_kv[i] if prefix_kv is not None else None
+            hidden, own_kv = layer(
+                hidden, attention_mask_bll, num_queries, layer_kv, encoder_mask_bf, rngs, prefix
+            )
+            self_kv.append(own_kv)
+        return (hidden, self_kv) if return_self_kv else hidden

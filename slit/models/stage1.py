@@ -113,11 +113,22 @@ class Stage1Model(nnx.Module):
         return self.encode_audio(batch.audio, batch.num_samples)
 
     def query_outputs(
-        self, features: jax.Array, mask: jax.Array, rngs: nnx.Rngs | None, encoder_kv: list | None = None
-    ) -> jax.Array:
-        """Queries-only Q-Former pass -> (batch, num_queries, width)."""
+        self,
+        features: jax.Array,
+        mask: jax.Array,
+        rngs: nnx.Rngs | None,
+        encoder_kv: list | None = None,
+        return_self_kv: bool = False,
+    ) -> jax.Array | tuple[jax.Array, list]:
+        """Queries-only Q-Former pass -> (batch, num_queries, width) (and, with `return_self_kv`, each
+        layer's self-attention keys and values, for a grounded-generation pass to reuse)."""
         return self.qformer(
-            with_queries=True, encoder_bfd=features, encoder_mask_bf=mask, encoder_kv=encoder_kv, rngs=rngs
+            with_queries=True,
+            encoder_bfd=features,
+            encoder_mask_bf=mask,
+            encoder_kv=encoder_kv,
+            rngs=rngs,
+            return_self_kv=return_self_kv,
         )
 
     def audio_embeddings(self, query_outputs_bqw: jax.Array) -> jax.Array:
@@ -166,7 +177,7 @@ class Stage1Model(nnx.Module):
         encoder_kv = self.qformer.encoder_kv(features)
 
         # Contrastive: queries and text in two separate passes.
-        query_out = self.query_outputs(features, frame_mask, rngs, encoder_kv)
+        query_out, query_self_kv = self.query_outputs(features, frame_mask, rngs, encoder_kv, True)
         audio_emb = self.audio_embeddings(query_out)
         text_emb = self.text_embeddings(text_ids, rngs)
         temperature = self.clamped_temperature()
@@ -191,16 +202,18 @@ class Stage1Model(nnx.Module):
         itm_labels = jnp.concatenate([jnp.ones(b, jnp.int32), jnp.zeros(2 * b, jnp.int32)])
         itm_loss, itm_accuracy = losses.matching_loss(itm_logits, itm_labels)
 
-        # Grounded generation: [DEC] replaces [CLS]; text is causal and sees every query.
+        # Grounded generation: [DEC] replaces [CLS]; text is causal and sees every query. The queries'
+        # rows would see only queries, so they are the contrastive query pass's: the text attends to that
+        # pass's keys and values (LAVIS passes its `past_key_values`) instead of recomputing them.
         decoder_ids = text_ids.at[:, 0].set(c.dec_token_id)
         itg_hidden = self.qformer(
             text_ids_bl=decoder_ids,
-            attention_mask_bll=masks.grounded_generation_mask(num_queries, text_valid),
-            encoder_kv=encoder_kv,
-            encoder_mask_bf=frame_mask,
+            with_queries=False,
+            attention_mask_bll=masks.grounded_generation_text_mask(num_queries, text_valid),
+            prefix_kv=query_self_kv,
             rngs=rngs,
         )
-        logits = self.lm_head(itg_hidden[:, num_queries:-1], self.qformer.word_embeddings)
+        logits = self.lm_head(itg_hidden[:, :-1], self.qformer.word_embeddings)
         itg_loss = losses.language_modeling_loss(
             logits, text_ids[:, 1:], text_valid[:, 1:], c.label_smoothing
         )
