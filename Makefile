@@ -18,7 +18,7 @@ PYTEST_MARKERS ?= not slow
 DEMO_PACKAGES := asterisk-core-sounds-en-wav asterisk-core-sounds-en sound-theme-freedesktop \
 	fluid-soundfont-gm fluidsynth
 
-.PHONY: demo test lint clean-venv demo-packages
+.PHONY: demo test lint clean-venv demo-packages benchmarks
 
 $(STAMP): setup.py
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,14 @@ demo-packages:
 test: $(STAMP) demo-packages
 	@$(VENV)/bin/python -m pytest -n 2 --durations=15 -m "$(PYTEST_MARKERS)" $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+# The training-step benchmarks against their PyTorch references (README: Benchmarks), then BENCHMARKS.md.
+BENCH_ARGS ?=
+benchmarks: $(STAMP)
+	@mkdir -p runs/bench
+	$(VENV)/bin/slit bench stage1 --out runs/bench/stage1.json $(BENCH_ARGS)
+	$(VENV)/bin/slit bench stage2 --out runs/bench/stage2.json $(BENCH_ARGS)
+	$(VENV)/bin/python -m slit.bench.tables runs/bench/stage1.json runs/bench/stage2.json --out BENCHMARKS.md
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check slit configs tests launch

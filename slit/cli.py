@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from slit.commands import COMMANDS
 from slit.errors import UserError
+from slit.train import host_memory
 
 OVERRIDES_HELP = textwrap.fill(
     "Any field of the config file can be overridden with --config.a.b=value, e.g. --config.batch_size=64 "
@@ -45,6 +46,9 @@ def config_fields(argv: Sequence[str]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    # Before JAX starts its threads: each step's freed temporaries stay in the process rather than being
+    # faulted in again page by page (slit/train/host_memory.py).
+    host_memory.keep_freed_memory()
     parser = argparse.ArgumentParser(
         prog="slit", description="Audio-language models from frozen pretrained models."
     )

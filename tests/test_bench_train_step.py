@@ -165,3 +165,12 @@ def test_bench_runs_both_sides_at_tiny_size(name, tmp_path):
     expected = (flops.stage1(shape) if name == "stage1" else flops.stage2(shape)).total
     assert result["model_flops_per_step"]["total"] == expected
     assert all(np.isfinite(result["slit_losses"])) and all(np.isfinite(result["reference_losses"]))
+    # No more optimizer state than Adam's two moments (and a few scalar counters).
+    assert 0 <= result["memory"]["slit_state"]["opt_state_beyond_adam_moments_bytes"] <= 64
+
+    from slit.bench import tables
+
+    page = tables.render([out], ["make benchmarks"])
+    slit_row = next(line for line in page.splitlines() if line.startswith("| slit (JAX)"))
+    assert f"{result['slit']['median_s']:.2f}" in slit_row and f"{result['speedup']:.2f}x" in slit_row
+    assert f"{100 * result['mfu']:.0f}%" in page and "make benchmarks" in page

@@ -185,7 +185,7 @@ def run(args: argparse.Namespace) -> dict:
         threads = train_step.torch_threads(args.torch_threads)
     else:
         del hf
-    timings = train_step.time_interleaved(
+    timings = train_step.time_in_turns(
         slit.step, None if args.skip_reference else make_reference, threads, args.repeats, log
     )
     peaks.append(common.matmul_peak_flops())

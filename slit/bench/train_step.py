@@ -1,12 +1,13 @@
 """What `slit bench stage1` and `slit bench stage2` share: random batches in slit's conventions, slit's
 jitted train step built as `slit train` builds it, the timing of slit and the PyTorch reference
-interleaved, utilisation against the measured matmul peak, and memory.
+in turns, utilisation against the measured matmul peak, and memory.
 
 Timing: slit's step is compiled ahead of time (`compile_s`) and its first step timed apart; the
-reference warms up with two steps per PyTorch thread count. Then `repeats` rounds each time one slit
-step and one reference step per thread count still in the race (a count over twice as slow as the best
-in the warm-up is dropped), so that both sides see the same load on a shared machine. Each step ends by
-reading its loss on the host (the sync point on both sides). Utilisation (MFU) divides the model FLOPs
+reference's first step is timed with each PyTorch thread count (a count over twice as slow as the best
+is dropped). Then the two sides take turns in blocks of steps (`time_in_turns`: two rounds, each block
+after one untimed step), so that both see the same conditions on a shared machine without one side's
+memory traffic landing in the other's step. Each step ends by reading its loss on the host (the sync
+point on both sides). Utilisation (MFU) divides the model FLOPs
 (slit/bench/flops.py: the useful work) by a step's seconds and by the best f32 matmul rate measured in
 the same run (before and after the timings; the higher is used), for the best and the median step.
 """
@@ -33,7 +34,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--batch", type=int, default=0, help="clips per step (0: the size's)")
     parser.add_argument("--frames", type=int, default=0, help="encoder frames per clip (0: the size's)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed steps per side")
+    parser.add_argument("--repeats", type=int, default=6, help="timed steps per side (in two rounds)")
     parser.add_argument(
         "--dropout", type=float, default=0.1, help="Q-Former dropout on both sides (BLIP-2: 0.1)"
     )
@@ -211,16 +212,20 @@ class Timings:
     peak_rss_bytes: dict[str, int]  # after slit's first step (before the reference exists), at the end
 
 
-def time_interleaved(
+def time_in_turns(
     slit: Callable[[], float],
     make_reference: Callable[[], Callable[[], float]] | None,
     threads: list[int],
     repeats: int,
     log: Callable[[str], None],
+    rounds: int = 2,
 ) -> Timings:
-    """slit's first step, then the reference is made (`make_reference()` -> its step) and
-    warmed up, then `repeats` rounds of one slit step and one reference step per thread count (see the
-    module docstring). The peak host memory is read after slit's first step, so that figure is slit's."""
+    """slit's first step; then the reference is made (`make_reference()` -> its step) and warmed up,
+    one step per thread count (a count over twice as slow as the fastest is not timed); then `rounds`
+    rounds, each a block of slit's steps and a block of the reference's per thread count, `repeats` timed
+    steps per side in all. Each block starts with one untimed step: on a shared or virtual machine, the
+    first step after the other side ran pays for memory the other side took. The peak host memory is
+    read after slit's first step (before the reference exists), so that figure is slit's."""
     loss, first = _timed(slit)
     rss = {"after_slit_first_step": peak_rss_bytes()}
     log(f"slit: first step {first:.2f} s, loss {loss:.3f}")
@@ -229,6 +234,7 @@ def time_interleaved(
     ref_losses: list[float] = []
     warmup: dict[int, float] = {}
     times: dict[int, list[float]] = {}
+    initial = 0
     if reference is not None:
         import torch
 
@@ -236,26 +242,34 @@ def time_interleaved(
         for t in threads:
             if t:
                 torch.set_num_threads(t)
-            results = [_timed(reference) for _ in range(2)]
-            ref_losses += [r[0] for r in results]
-            warmup[t] = min(r[1] for r in results)
-            log(f"reference: warm-up step with {t or 'default'} torch threads {warmup[t]:.2f} s")
+            loss, warmup[t] = _timed(reference)
+            ref_losses.append(loss)
+            log(f"reference: first step with {t or 'default'} torch threads {warmup[t]:.2f} s")
         times = {t: [] for t in threads if warmup[t] <= 2 * min(warmup.values())}
     slit_times: list[float] = []
+
+    def block(step: Callable[[], float], n: int, losses: list[float], timed: list[float]) -> list[float]:
+        losses.append(step())  # the untimed first step of the block
+        for _ in range(n):
+            loss, seconds = _timed(step)
+            losses.append(loss)
+            timed.append(seconds)
+        return timed[-n:]
+
     try:
-        for i in range(repeats):
-            loss, seconds = _timed(slit)
-            slit_losses.append(loss)
-            slit_times.append(seconds)
-            line = f"round {i + 1}/{repeats}: slit {seconds:.2f} s"
+        for i in range(rounds):
+            n = repeats // rounds + (i < repeats % rounds)
+            if not n:
+                continue
+            line = f"round {i + 1}/{rounds}: slit " + ", ".join(
+                f"{x:.2f}" for x in block(slit, n, slit_losses, slit_times)
+            )
             for t, ts in times.items():
                 if t:
                     torch.set_num_threads(t)
-                loss, seconds = _timed(reference)
-                ref_losses.append(loss)
-                ts.append(seconds)
-                line += f", reference ({t} threads) {seconds:.2f} s"
-            log(line)
+                got = block(reference, n, ref_losses, ts)
+                line += f" s; reference ({t or 'default'} threads) " + ", ".join(f"{x:.2f}" for x in got)
+            log(line + " s")
     finally:
         if reference is not None:
             torch.set_num_threads(initial)
