@@ -221,11 +221,12 @@ def time_in_turns(
     rounds: int = 2,
 ) -> Timings:
     """slit's first step; then the reference is made (`make_reference()` -> its step) and warmed up,
-    one step per thread count (a count over twice as slow as the fastest is not timed); then `rounds`
-    rounds, each a block of slit's steps and a block of the reference's per thread count, `repeats` timed
-    steps per side in all. Each block starts with one untimed step: on a shared or virtual machine, the
-    first step after the other side ran pays for memory the other side took. The peak host memory is
-    read after slit's first step (before the reference exists), so that figure is slit's."""
+    one step per thread count (a count over twice as slow as the fastest is not timed, nor, after the
+    first round, one over 1.2x the fastest's median); then `rounds` rounds, each a block of slit's
+    steps and a block of the reference's per thread count, `repeats` timed steps per side in all. Each
+    block starts with one untimed step: on a shared or virtual machine, the first step after the other
+    side ran pays for memory the other side took. The peak host memory is read after slit's first step
+    (before the reference exists), so that figure is slit's."""
     loss, first = _timed(slit)
     rss = {"after_slit_first_step": peak_rss_bytes()}
     log(f"slit: first step {first:.2f} s, loss {loss:.3f}")
@@ -247,6 +248,7 @@ def time_in_turns(
             log(f"reference: first step with {t or 'default'} torch threads {warmup[t]:.2f} s")
         times = {t: [] for t in threads if warmup[t] <= 2 * min(warmup.values())}
     slit_times: list[float] = []
+    timed_refs, dropped = dict(times), {}
 
     def block(step: Callable[[], float], n: int, losses: list[float], timed: list[float]) -> list[float]:
         losses.append(step())  # the untimed first step of the block
@@ -270,11 +272,15 @@ def time_in_turns(
                 got = block(reference, n, ref_losses, ts)
                 line += f" s; reference ({t or 'default'} threads) " + ", ".join(f"{x:.2f}" for x in got)
             log(line + " s")
+            if len(times) > 1:  # after a round, only the thread counts within 20% of the fastest go on
+                medians = {t: float(np.median(ts)) for t, ts in times.items()}
+                times = {t: ts for t, ts in times.items() if medians[t] <= 1.2 * min(medians.values())}
+                dropped.update({t: ts for t, ts in timed_refs.items() if t not in times})
     finally:
         if reference is not None:
             torch.set_num_threads(initial)
     rss["end"] = peak_rss_bytes()
-    return Timings(slit_times, first, slit_losses, times, warmup, ref_losses, rss)
+    return Timings(slit_times, first, slit_losses, times | dropped, warmup, ref_losses, rss)
 
 
 def summary(times: list[float], model_flops: float, peak: float) -> dict:
