@@ -101,7 +101,9 @@ def run(args: argparse.Namespace) -> dict:
     def make_reference() -> Callable[[], float]:
         from slit.bench import torch_reference
 
-        made["ref"] = torch_reference.stage1_reference(shape, batch, dropout=args.dropout)
+        made["ref"] = torch_reference.stage1_reference(
+            shape, batch, dropout=args.dropout, device=train_step.torch_device()
+        )
         return made["ref"].step
 
     if not args.skip_reference:

@@ -48,7 +48,7 @@ def bench_section(result: dict, source: str) -> str:
         f"batch {shape['batch']}, {shape['frames']} frames x {shape['encoder_width']} of cached features"
     )
     if "llm" in result:
-        what += f"; frozen LLM {result['llm']} ({result.get('llm_param_dtype', 'float32')})"
+        what += f"; frozen LLM {result['llm']}, held in {result.get('llm_param_dtype', 'float32')}"
     lines += [what + f"; dropout {result['dropout']}.", ""]
     lines += [
         "| side | median s/step | best s/step | spread s | model GFLOP/s | MFU | speedup |",

@@ -176,6 +176,13 @@ def state_memory(setup: Any) -> dict:  # noqa: ANN401
 # --- timing ------------------------------------------------------------------------------------------
 
 
+def torch_device() -> str:
+    """Where the PyTorch reference runs: the GPU when torch sees one (as JAX would), else the CPU."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def torch_threads(requested: str) -> list[int]:
     """The PyTorch thread counts to try: --torch-threads, or 1 and all cores (0: leave torch's, on GPU)."""
     import torch
