@@ -45,10 +45,13 @@ def config_fields(argv: Sequence[str]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """`slit ARGS...`. Run as the process itself (argv None: the `slit` command), it first sets the
+    process's malloc so that each step's freed temporaries stay in the process rather than being faulted
+    in again page by page (slit/train/host_memory.py); called with `argv` from another program (tests),
+    it leaves that program's allocator alone."""
+    if argv is None:
+        host_memory.keep_freed_memory()  # before JAX starts its threads
     argv = sys.argv[1:] if argv is None else list(argv)
-    # Before JAX starts its threads: each step's freed temporaries stay in the process rather than being
-    # faulted in again page by page (slit/train/host_memory.py).
-    host_memory.keep_freed_memory()
     parser = argparse.ArgumentParser(
         prog="slit", description="Audio-language models from frozen pretrained models."
     )

@@ -49,12 +49,25 @@ def weight(
     return param_type(init(rngs.params(), tuple(shape), dtype), out_sharding=tuple(axes))
 
 
+DROPOUT_LEVELS = 1 << 16  # keep-probability resolution: each 32 random bits decide two elements
+
+
 def dropout(x: jax.Array, rate: float, rngs: nnx.Rngs | None) -> jax.Array:
-    """Inverted dropout; the identity when `rngs` is None (evaluation) or `rate` is 0."""
+    """Inverted dropout; the identity when `rngs` is None (evaluation) or `rate` is 0.
+
+    Each element is kept when a 16-bit random draw falls below round((1 - rate) * 2^16), so the keep
+    probability is within 2^-17 of 1 - rate, and kept elements are scaled by its inverse (the output's
+    expectation is x exactly). Two elements per 32-bit draw halve the random-bit generation, which on
+    CPU costs more than the dropout's arithmetic (threefry: ~10 ns per draw on a 2-core machine).
+    """
     if rngs is None or rate == 0.0:
         return x
-    keep = jax.random.bernoulli(rngs.dropout(), 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+    threshold = round((1.0 - rate) * DROPOUT_LEVELS)
+    n = x.size
+    bits = jax.random.bits(rngs.dropout(), ((n + 1) // 2,), jnp.uint32)
+    halves = jnp.stack([bits & 0xFFFF, bits >> 16], axis=-1).reshape(-1)[:n].reshape(x.shape)
+    keep = halves < threshold
+    return jnp.where(keep, x * (DROPOUT_LEVELS / threshold), 0.0).astype(x.dtype)
 
 
 def gelu(x: jax.Array) -> jax.Array:

@@ -11,7 +11,10 @@ exist: no mmap for large blocks (M_MMAP_MAX=0: they come from the heap, where a 
 no returning of the heap's top to the kernel (M_TRIM_THRESHOLD), one arena for all threads
 (M_ARENA_MAX=1: other threads' arenas would still mmap blocks larger than their 64 MiB heaps). The
 process then keeps its peak host memory until it exits, which a training or benchmark process reaches
-in its first step anyway. `SLIT_KEEP_FREED_MEMORY=0` turns it off; elsewhere than glibc it does nothing.
+in its first step anyway; with one arena, XLA's (multithreaded, malloc-heavy) compilation takes ~20%
+longer (stage-one bench: 52 -> 63 s), once per run. The `slit` command sets this when it starts (not
+when `slit.cli.main` is called from another program). `SLIT_KEEP_FREED_MEMORY=0` turns it off;
+elsewhere than glibc it does nothing.
 """
 
 from __future__ import annotations
