@@ -38,7 +38,6 @@ and each fed-back token; the output layer only where a next token is chosen) plu
 from __future__ import annotations
 
 import argparse
-import os
 import pathlib
 import time
 from collections.abc import Callable
@@ -254,19 +253,10 @@ def _summary(times: list[float], new_tokens: int, flops: float, peak: float) -> 
 
 
 def _torch_threads(requested: str, device: str) -> list[int]:
-    from slit.errors import UserError
+    """The PyTorch thread counts to try (slit.bench.train_step.torch_threads); [0] on a GPU."""
+    from slit.bench.train_step import torch_threads
 
-    if device != "cpu":
-        return [0]  # 0: leave torch's setting alone
-    if not requested:
-        return sorted({1, os.cpu_count() or 1})
-    try:
-        threads = [int(t) for t in requested.split(",")]
-    except ValueError:
-        threads = [0]
-    if min(threads) < 1:
-        raise UserError(f"--torch-threads {requested!r}: expected comma-separated integers >= 1")
-    return threads
+    return torch_threads(requested) if device == "cpu" else [0]
 
 
 def _bench_batch(

@@ -44,26 +44,10 @@ def slit_setup(shape: Stage1Shape, dropout: float, overrides: list[tuple[str, st
     from slit.train import harness, sharding, stage1
     from slit.train.stage1_model import create_model, model_config
 
-    config = config_lib.load_config_file(config_lib.configs_dir() / "stage1_synthetic.py")
+    config = train_step.sized_config(
+        "stage1_synthetic.py", shape, dropout, [("qformer.embed_dim", str(shape.embed_dim)), *overrides]
+    )
     q = shape.qformer
-    sized = {
-        "features": "cached",
-        "batch_size": shape.batch,
-        "total_steps": 1000,
-        "optimizer.warmup_steps": 10,
-        "audio_encoder.width": shape.encoder_width,  # (a random tower; cached features bypass it)
-        "qformer.num_queries": q.num_queries,
-        "qformer.layers": q.num_layers,
-        "qformer.width": q.width,
-        "qformer.heads": q.num_heads,
-        "qformer.mlp_dim": q.mlp_dim,
-        "qformer.cross_attention_freq": q.cross_attention_freq,
-        "qformer.max_text_positions": q.max_text_positions,
-        "qformer.embed_dim": shape.embed_dim,
-        "qformer.dropout": dropout,
-        "qformer.initializer_range": 0.02,
-    }
-    config_lib.apply_overrides(config, [(k, str(v)) for k, v in sized.items()] + overrides)
     config_lib.validate_stage1(config, _num_devices())
     tokenizer = TextTokenizer(word_level_tokenizer(CAPTION_VOCABULARY))
     cfg = model_config(config, tokenizer)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import pathlib
 from collections.abc import Callable
 from typing import Any
 
@@ -39,33 +40,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def reference_llm(size: str, gguf: str | None) -> tuple[Any, str]:  # noqa: ANN401
     """(transformers LlamaForCausalLM in float32 eval mode, description): the GGUF's for `base`, a random
     one of the tiny shape for `tiny`."""
-    import pathlib
-
     import torch
     import transformers
 
     from slit.bench import torch_reference
-    from slit.errors import UserError
-    from slit.models.llm import gguf as gguf_lib
 
     if size == "tiny":
         return torch_reference.random_llama(SIZES["tiny"][1].llm), "a random tiny Llama made by transformers"
-    try:
-        path = pathlib.Path(gguf) if gguf else gguf_lib.smollm2_gguf_path()
-    except FileNotFoundError as e:
-        raise UserError(f"{e}; or pass --gguf FILE (a Llama-architecture GGUF)") from None
-    if not path.is_file():
-        raise UserError(f"--gguf {path}: no such file")
+    path = gguf_path(gguf)
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         path.parent, gguf_file=path.name, dtype=torch.float32
     )
     return hf.eval(), f"{path.name} (dequantized to float32 by transformers)"
 
 
-def _slit_gguf(gguf: str | None, param_dtype: Any) -> tuple[Any, str]:  # noqa: ANN401
-    """(slit's Llama of the GGUF file, description), dequantized by slit."""
-    import pathlib
-
+def gguf_path(gguf: str | None) -> pathlib.Path:
+    """--gguf, or the installed SmolLM2-135M-Instruct; a UserError saying what to do when missing."""
     from slit.errors import UserError
     from slit.models.llm import gguf as gguf_lib
 
@@ -75,6 +65,14 @@ def _slit_gguf(gguf: str | None, param_dtype: Any) -> tuple[Any, str]:  # noqa: 
         raise UserError(f"{e}; or pass --gguf FILE (a Llama-architecture GGUF)") from None
     if not path.is_file():
         raise UserError(f"--gguf {path}: no such file")
+    return path
+
+
+def _slit_gguf(gguf: str | None, param_dtype: Any) -> tuple[Any, str]:  # noqa: ANN401
+    """(slit's Llama of the GGUF file, description), dequantized by slit."""
+    from slit.models.llm import gguf as gguf_lib
+
+    path = gguf_path(gguf)
     lm = gguf_lib.llama_from_gguf(path, param_dtype=param_dtype)
     return lm, f"{path.name} (dequantized to float32 by slit)"
 
@@ -101,34 +99,15 @@ def slit_setup(
     LLM module), as `slit train` builds it."""
     import jax
 
-    from slit import config as config_lib
     from slit.data.synthetic import TOKENIZER_VOCABULARY
     from slit.data.tokenizer import TextTokenizer, word_level_tokenizer
     from slit.train import sharding, stage2
     from slit.train.stage2_model import model_config
 
-    config = config_lib.load_config_file(
-        config_lib.configs_dir("stage2_synthetic.py") / "stage2_synthetic.py"
+    config = train_step.sized_config(
+        "stage2_synthetic.py", shape, dropout, [("qformer.instruction", "true"), *overrides]
     )
     q = shape.qformer
-    sized = {
-        "features": "cached",
-        "batch_size": shape.batch,
-        "total_steps": 1000,
-        "optimizer.warmup_steps": 10,
-        "audio_encoder.width": shape.encoder_width,  # (a random tower; cached features bypass it)
-        "qformer.num_queries": q.num_queries,
-        "qformer.layers": q.num_layers,
-        "qformer.width": q.width,
-        "qformer.heads": q.num_heads,
-        "qformer.mlp_dim": q.mlp_dim,
-        "qformer.cross_attention_freq": q.cross_attention_freq,
-        "qformer.max_text_positions": q.max_text_positions,
-        "qformer.instruction": True,
-        "qformer.dropout": dropout,
-        "qformer.initializer_range": 0.02,
-    }
-    config_lib.apply_overrides(config, [(k, str(v)) for k, v in sized.items()] + overrides)
     stage2.validate(config, jax.device_count())
     tokenizer = TextTokenizer(word_level_tokenizer(TOKENIZER_VOCABULARY))
     cfg = model_config(config, tokenizer)

@@ -113,6 +113,39 @@ def stage2_batch(shape: Stage2Shape, pad_id: int = 0, seed: int = 0) -> dict[str
 # --- slit's step -------------------------------------------------------------------------------------
 
 
+def sized_config(
+    file: str,
+    shape: Any,
+    dropout: float,
+    overrides: list[tuple[str, str]],  # noqa: ANN401
+) -> Any:  # noqa: ANN401 (an ml_collections.ConfigDict)
+    """The config file of configs/ (`file`) resized to `shape` (a Stage1Shape or Stage2Shape: the
+    Q-Former, batch, the width of the cached features), training from cached features, BERT's init
+    std, `dropout`; then the user's `--config.a.b=value` overrides."""
+    from slit import config as config_lib
+
+    config = config_lib.load_config_file(config_lib.configs_dir(file) / file)
+    q = shape.qformer
+    sized = {
+        "features": "cached",
+        "batch_size": shape.batch,
+        "total_steps": 1000,
+        "optimizer.warmup_steps": 10,
+        "audio_encoder.width": shape.encoder_width,  # (a random tower; cached features bypass it)
+        "qformer.num_queries": q.num_queries,
+        "qformer.layers": q.num_layers,
+        "qformer.width": q.width,
+        "qformer.heads": q.num_heads,
+        "qformer.mlp_dim": q.mlp_dim,
+        "qformer.cross_attention_freq": q.cross_attention_freq,
+        "qformer.max_text_positions": q.max_text_positions,
+        "qformer.dropout": dropout,
+        "qformer.initializer_range": 0.02,
+    }
+    config_lib.apply_overrides(config, [(k, str(v)) for k, v in sized.items()] + list(overrides))
+    return config
+
+
 @dataclasses.dataclass
 class SlitStep:
     """slit's compiled train step on a fixed batch: `step()` runs one and returns its loss."""
