@@ -174,3 +174,15 @@ def test_bench_runs_both_sides_at_tiny_size(name, tmp_path):
     slit_row = next(line for line in page.splitlines() if line.startswith("| slit (JAX)"))
     assert f"{result['slit']['median_s']:.2f}" in slit_row and f"{result['speedup']:.2f}x" in slit_row
     assert f"{100 * result['mfu']:.0f}%" in page and "make benchmarks" in page
+
+
+def test_overrides_may_not_change_the_benchmarked_shape():
+    """The reference and the FLOP counts follow the shape: an override of a shaped field is refused."""
+    from slit.bench import train_step
+    from slit.errors import UserError
+
+    shape = SIZES["tiny"][0]
+    with pytest.raises(UserError, match="qformer.layers.*--size"):
+        train_step.sized_config("stage1_synthetic.py", shape, 0.1, {}, [("qformer.layers", "6")])
+    config = train_step.sized_config("stage1_synthetic.py", shape, 0.1, {}, [("optimizer.b2", "0.99")])
+    assert config.qformer.layers == shape.qformer.num_layers and config.optimizer.b2 == 0.99

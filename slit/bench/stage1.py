@@ -45,7 +45,7 @@ def slit_setup(shape: Stage1Shape, dropout: float, overrides: list[tuple[str, st
     from slit.train.stage1_model import create_model, model_config
 
     config = train_step.sized_config(
-        "stage1_synthetic.py", shape, dropout, [("qformer.embed_dim", str(shape.embed_dim)), *overrides]
+        "stage1_synthetic.py", shape, dropout, {"qformer.embed_dim": shape.embed_dim}, overrides
     )
     q = shape.qformer
     config_lib.validate_stage1(config, _num_devices())

@@ -105,7 +105,7 @@ def slit_setup(
     from slit.train.stage2_model import model_config
 
     config = train_step.sized_config(
-        "stage2_synthetic.py", shape, dropout, [("qformer.instruction", "true"), *overrides]
+        "stage2_synthetic.py", shape, dropout, {"qformer.instruction": True}, overrides
     )
     q = shape.qformer
     stage2.validate(config, jax.device_count())

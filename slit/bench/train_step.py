@@ -115,14 +115,18 @@ def stage2_batch(shape: Stage2Shape, pad_id: int = 0, seed: int = 0) -> dict[str
 
 def sized_config(
     file: str,
-    shape: Any,
+    shape: Any,  # noqa: ANN401 (a Stage1Shape or Stage2Shape)
     dropout: float,
-    overrides: list[tuple[str, str]],  # noqa: ANN401
+    own: dict[str, Any],
+    overrides: list[tuple[str, str]],
 ) -> Any:  # noqa: ANN401 (an ml_collections.ConfigDict)
-    """The config file of configs/ (`file`) resized to `shape` (a Stage1Shape or Stage2Shape: the
-    Q-Former, batch, the width of the cached features), training from cached features, BERT's init
-    std, `dropout`; then the user's `--config.a.b=value` overrides."""
+    """The config file of configs/ (`file`) resized to `shape` (the Q-Former, batch, the width of the
+    cached features), training from cached features, BERT's init std, `dropout`, the benchmark's `own`
+    settings; then the user's `--config.a.b=value` overrides, which may not change any of those (the
+    reference and the FLOP counts follow the shape, not the config: a UserError says to use --size,
+    --batch, --frames or --dropout)."""
     from slit import config as config_lib
+    from slit.errors import UserError
 
     config = config_lib.load_config_file(config_lib.configs_dir(file) / file)
     q = shape.qformer
@@ -142,6 +146,14 @@ def sized_config(
         "qformer.dropout": dropout,
         "qformer.initializer_range": 0.02,
     }
+    sized |= own
+    fixed = sorted(k for k, _ in overrides if k in sized)
+    if fixed:
+        raise UserError(
+            f"--config.{fixed[0]}: the benchmark sets {', '.join(fixed)} from its shape, so that the "
+            "PyTorch reference and the FLOP counts match slit's step; use --size, --batch, --frames or "
+            "--dropout"
+        )
     config_lib.apply_overrides(config, [(k, str(v)) for k, v in sized.items()] + list(overrides))
     return config
 
