@@ -39,7 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def reference_llm(size: str, gguf: str | None) -> tuple[Any, str]:  # noqa: ANN401
     """(transformers LlamaForCausalLM in float32 eval mode, description): the GGUF's for `base`, a random
-    one of the tiny shape for `tiny`."""
+    one of the tiny shape for `tiny` (which needs torch even with --skip-reference)."""
+    train_step.require_torch()
     import torch
     import transformers
 

@@ -221,6 +221,19 @@ def state_memory(setup: Any) -> dict:  # noqa: ANN401
 # --- timing ------------------------------------------------------------------------------------------
 
 
+def require_torch() -> None:
+    """Raises a UserError saying how to get the PyTorch reference when torch is not installed."""
+    import importlib.util
+
+    from slit.errors import UserError
+
+    if importlib.util.find_spec("torch") is None or importlib.util.find_spec("transformers") is None:
+        raise UserError(
+            "the PyTorch reference needs torch and transformers: pip install -e '.[parity]' "
+            "(torch==2.13.0), or run slit alone with --skip-reference"
+        )
+
+
 def torch_device() -> str:
     """Where the PyTorch reference runs: the GPU when torch sees one (as JAX would), else the CPU."""
     import torch
@@ -230,6 +243,7 @@ def torch_device() -> str:
 
 def torch_threads(requested: str) -> list[int]:
     """The PyTorch thread counts to try: --torch-threads, or 1 and all cores (0: leave torch's, on GPU)."""
+    require_torch()
     import torch
 
     from slit.errors import UserError
