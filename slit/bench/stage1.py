@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-from collections.abc import Callable
 
 from slit.bench import flops, train_step
 from slit.bench.shapes import SIZES, Stage1Shape
@@ -68,51 +67,31 @@ def _num_devices() -> int:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from slit.bench import common
-
     shape = train_step.resized(SIZES[args.size][0], args)
     if args.text_length:
         shape = dataclasses.replace(shape, text_length=args.text_length)
-    log = train_step.log_to_stderr
-    peaks = [common.matmul_peak_flops()]
     setup, mesh, pad_id = slit_setup(shape, args.dropout, args.config_overrides)
     batch = train_step.stage1_batch(shape, pad_id=pad_id)
-    slit = train_step.slit_step(setup, batch, mesh)
-    log(f"slit: step compiled in {slit.compile_s:.1f} s")
-    memory = {"slit_state": train_step.state_memory(setup)}
-    threads, made = [], {}
 
-    def make_reference() -> Callable[[], float]:
+    def make_reference() -> object:
         from slit.bench import torch_reference
 
-        made["ref"] = torch_reference.stage1_reference(
-            shape, batch, dropout=args.dropout, device=train_step.torch_device()
-        )
-        return made["ref"].step
+        device = train_step.torch_device()
+        return torch_reference.stage1_reference(shape, batch, dropout=args.dropout, device=device)
 
-    if not args.skip_reference:
-        threads = train_step.torch_threads(args.torch_threads)
-    timings = train_step.time_in_turns(
-        slit.step, None if args.skip_reference else make_reference, threads, args.repeats, log
-    )
-    peaks.append(common.matmul_peak_flops())
-    result = train_step.compare(
+    measured = train_step.measure(
+        args,
+        setup,
+        batch,
+        mesh,
+        make_reference,
         "transformers InstructBlipQFormerModel + BLIP-2 heads and losses (PyTorch)",
-        timings,
         flops.stage1(shape),
         flops.stage1(shape, share_encoder_kv=False, generation_reuses_queries=False),
-        peaks,
     )
-    memory |= {"peak_host_rss_bytes": timings.peak_rss_bytes, "device": train_step.device_memory()}
-    if "ref" in made:
-        memory["reference_trainable_parameters"] = made["ref"].trainable_parameters
     return {
         "step": "stage one: contrastive + matching + grounded generation, AdamW, cached features, float32",
         "shape": dataclasses.asdict(shape),
         "dropout": args.dropout,
-        **result,
-        "slit_compile_s": slit.compile_s,
-        "xla_flops_per_step": slit.xla_flops,
-        "reference_description": made["ref"].description if "ref" in made else None,
-        "memory": memory,
+        **measured,
     }

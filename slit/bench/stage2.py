@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import pathlib
-from collections.abc import Callable
 from typing import Any
 
 from slit.bench import flops, train_step
@@ -129,11 +128,9 @@ def slit_setup(
 def run(args: argparse.Namespace) -> dict:
     import numpy as np
 
-    from slit.bench import common
     from slit.models.llm import llama
 
     base = SIZES[args.size][1]
-    log = train_step.log_to_stderr
     dtype = dict(args.config_overrides).get("llm.param_dtype", "float32")
     param_dtype = {"float32": np.float32, "bfloat16": "bfloat16"}.get(dtype, np.float32)
     if args.skip_reference and args.size == "base":  # no PyTorch needed: slit reads the GGUF itself
@@ -147,40 +144,25 @@ def run(args: argparse.Namespace) -> dict:
         lm = llama.llama_from_tensors(tensors, config, llm_description, param_dtype=param_dtype)
         del tensors
     shape = train_step.resized(dataclasses.replace(base, llm=llm), args)
-    peaks = [common.matmul_peak_flops()]
     setup, mesh, pad_id, llm_dtype = slit_setup(shape, lm, args.dropout, args.config_overrides)
     batch = train_step.stage2_batch(shape, pad_id=pad_id)
-    slit = train_step.slit_step(setup, batch, mesh)
-    log(f"slit: step compiled in {slit.compile_s:.1f} s")
-    memory = {"slit_state": train_step.state_memory(setup)}
-    threads, made = [], {}
 
-    def make_reference() -> Callable[[], float]:
+    def make_reference() -> object:
         from slit.bench import torch_reference
 
-        made["ref"] = torch_reference.stage2_reference(
-            shape, hf, batch, dropout=args.dropout, device=train_step.torch_device()
-        )
-        return made["ref"].step
+        device = train_step.torch_device()
+        return torch_reference.stage2_reference(shape, hf, batch, dropout=args.dropout, device=device)
 
-    if not args.skip_reference:
-        threads = train_step.torch_threads(args.torch_threads)
-    else:
-        del hf
-    timings = train_step.time_in_turns(
-        slit.step, None if args.skip_reference else make_reference, threads, args.repeats, log
-    )
-    peaks.append(common.matmul_peak_flops())
-    result = train_step.compare(
+    measured = train_step.measure(
+        args,
+        setup,
+        batch,
+        mesh,
+        make_reference,
         "transformers InstructBlipQFormerModel + LlamaForCausalLM(inputs_embeds) (PyTorch)",
-        timings,
         flops.stage2(shape),
         flops.stage2(shape, logits_positions="all"),
-        peaks,
     )
-    memory |= {"peak_host_rss_bytes": timings.peak_rss_bytes, "device": train_step.device_memory()}
-    if "ref" in made:
-        memory["reference_trainable_parameters"] = made["ref"].trainable_parameters
     return {
         "step": "stage two: instruction-aware Q-Former soft prompt, frozen LLM, answer loss, AdamW, "
         "cached features",
@@ -188,9 +170,5 @@ def run(args: argparse.Namespace) -> dict:
         "llm_param_dtype": llm_dtype,
         "shape": dataclasses.asdict(shape),
         "dropout": args.dropout,
-        **result,
-        "slit_compile_s": slit.compile_s,
-        "xla_flops_per_step": slit.xla_flops,
-        "reference_description": made["ref"].description if "ref" in made else None,
-        "memory": memory,
+        **measured,
     }

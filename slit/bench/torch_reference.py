@@ -92,13 +92,11 @@ class ReferenceStep:
 
     step: zero grads, forward, loss, backward, AdamW update; returns the loss (its `.item()`, after
       `torch.cuda.synchronize()` on cuda, is the sync point).
-    modules: every module the step runs (for torch.utils.flop_counter.FlopCounterMode around `step()`).
     trainable_parameters: number of trainable scalars (those the optimizer updates).
     description: one line saying what this reference is.
     """
 
     step: Callable[[], float]
-    modules: list[torch.nn.Module]
     trainable_parameters: int
     description: str
 
@@ -433,7 +431,7 @@ def stage1_reference(
         f"{model.qformer.config._attn_implementation} attention; ITC+ITM+ITG), float32, fused AdamW, "
         f"on {device}"
     )
-    return ReferenceStep(step, [model], _trainable(model), description)
+    return ReferenceStep(step, _trainable(model), description)
 
 
 def stage2_reference(
@@ -480,7 +478,7 @@ def stage2_reference(
         f"{c.num_hidden_layers}x{c.hidden_size}, {c._attn_implementation} attention), float32, fused AdamW, "
         f"on {device}"
     )
-    return ReferenceStep(step, [bridge, llm], _trainable(bridge), description)
+    return ReferenceStep(step, _trainable(bridge), description)
 
 
 def random_llama(shape: LlamaShape, seed: int = 0) -> transformers.LlamaForCausalLM:

@@ -418,3 +418,47 @@ def compare(
             "speedup_best": ref["best_s"] / slit["best_s"],
         }
     return result
+
+
+def measure(
+    args: Any,  # noqa: ANN401 (the benchmark's argparse.Namespace: repeats, torch_threads, skip_reference)
+    setup: Any,  # noqa: ANN401 (slit's TrainingSetup)
+    batch: dict[str, np.ndarray],
+    mesh: Any,  # noqa: ANN401
+    make_reference: Callable[[], Any],
+    reference_name: str,
+    model_flops: Any,  # noqa: ANN401 (flops.StepFlops: the useful work)
+    reference_flops: Any,  # noqa: ANN401 (flops.StepFlops: counted the way the reference computes)
+) -> dict:
+    """What both training-step benchmarks do once their sides are built: the matmul peak, slit's step
+    compiled on `batch`, the reference made by `make_reference()` (a torch_reference.ReferenceStep;
+    not with --skip-reference), the two timed in turns, the peak again; returns the result's timing,
+    FLOP, compile and memory parts."""
+    from slit.bench import common
+
+    peaks = [common.matmul_peak_flops()]
+    slit = slit_step(setup, batch, mesh)
+    log_to_stderr(f"slit: step compiled in {slit.compile_s:.1f} s")
+    memory: dict[str, Any] = {"slit_state": state_memory(setup)}
+    made = {}
+
+    def reference_step() -> Callable[[], float]:
+        made["ref"] = make_reference()
+        return made["ref"].step
+
+    threads = [] if args.skip_reference else torch_threads(args.torch_threads)
+    timings = time_in_turns(
+        slit.step, None if args.skip_reference else reference_step, threads, args.repeats, log_to_stderr
+    )
+    peaks.append(common.matmul_peak_flops())
+    result = compare(reference_name, timings, model_flops, reference_flops, peaks)
+    memory |= {"peak_host_rss_bytes": timings.peak_rss_bytes, "device": device_memory()}
+    if "ref" in made:
+        memory["reference_trainable_parameters"] = made["ref"].trainable_parameters
+    return {
+        **result,
+        "slit_compile_s": slit.compile_s,
+        "xla_flops_per_step": slit.xla_flops,
+        "reference_description": made["ref"].description if "ref" in made else None,
+        "memory": memory,
+    }
