@@ -132,11 +132,11 @@ def llama_backward_to_inputs(llm: LlamaShape, length: int, logits_positions: int
     return _llama_weight_products(llm, length, logits_positions) + 2 * _llama_attention(llm, length)
 
 
-def stage2(shape: Stage2Shape, share_encoder_kv: bool = True, logits_positions: str = "answer") -> StepFlops:
+def stage2(shape: Stage2Shape, logits_positions: str = "answer") -> StepFlops:
     """One stage-two step on `batch` clips: the instruction-aware Q-Former pass ([queries;
     instruction]), the projection to the LLM width, the frozen LLM over [soft prompt; instruction;
-    answer] forward and back to the soft prompt. `share_encoder_kv` changes nothing here (one pass)."""
-    del share_encoder_kv
+    answer] forward and back to the soft prompt (one Q-Former pass: the frames' keys and values are
+    projected once either way)."""
     q, b, llm = shape.qformer, shape.batch, shape.llm
     if logits_positions not in ("answer", "all"):
         raise ValueError(f"logits_positions={logits_positions!r}: 'answer' or 'all'")

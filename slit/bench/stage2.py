@@ -77,18 +77,6 @@ def _slit_gguf(gguf: str | None, param_dtype: Any) -> tuple[Any, str]:  # noqa: 
     return lm, f"{path.name} (dequantized to float32 by slit)"
 
 
-def llama_shape(hf_config: Any) -> LlamaShape:  # noqa: ANN401
-    """The LlamaShape of a transformers LlamaConfig."""
-    return LlamaShape(
-        hidden_size=hf_config.hidden_size,
-        intermediate_size=hf_config.intermediate_size,
-        num_layers=hf_config.num_hidden_layers,
-        num_heads=hf_config.num_attention_heads,
-        num_kv_heads=hf_config.num_key_value_heads,
-        vocab_size=hf_config.vocab_size,
-    )
-
-
 def slit_setup(
     shape: Stage2Shape,
     llm: Any,
@@ -135,14 +123,13 @@ def run(args: argparse.Namespace) -> dict:
     param_dtype = {"float32": np.float32, "bfloat16": "bfloat16"}.get(dtype, np.float32)
     if args.skip_reference and args.size == "base":  # no PyTorch needed: slit reads the GGUF itself
         hf, (lm, llm_description) = None, _slit_gguf(args.gguf, param_dtype)
-        llm = LlamaShape(**{f.name: getattr(lm.config, f.name) for f in dataclasses.fields(LlamaShape)})
     else:
         hf, llm_description = reference_llm(args.size, args.gguf)
-        llm = llama_shape(hf.config)
         tensors = {name: t.detach().cpu().numpy() for name, t in hf.state_dict().items()}
         config = llama.llama_config_from_hf(hf.config.to_dict())
         lm = llama.llama_from_tensors(tensors, config, llm_description, param_dtype=param_dtype)
         del tensors
+    llm = LlamaShape(**{f.name: getattr(lm.config, f.name) for f in dataclasses.fields(LlamaShape)})
     shape = train_step.resized(dataclasses.replace(base, llm=llm), args)
     setup, mesh, pad_id, llm_dtype = slit_setup(shape, lm, args.dropout, args.config_overrides)
     batch = train_step.stage2_batch(shape, pad_id=pad_id)

@@ -162,8 +162,7 @@ def sized_config(
 class SlitStep:
     """slit's compiled train step on a fixed batch: `step()` runs one and returns its loss."""
 
-    step: Callable[[], float]
-    setup: Any  # slit.train.harness.TrainingSetup (its state is updated by every step)
+    step: Callable[[], float]  # updates the TrainingSetup's state
     compile_s: float  # lowering and compiling the step, ahead of time
     xla_flops: float | None  # XLA's own count of the compiled step's FLOPs (cost analysis)
 
@@ -191,7 +190,7 @@ def slit_step(setup: Any, batch: dict[str, np.ndarray], mesh: Any) -> SlitStep: 
         xla_flops = float(cost["flops"]) if cost and "flops" in cost else None
     except Exception:  # noqa: BLE001 (a backend without cost analysis)
         xla_flops = None
-    return SlitStep(step, setup, compile_s, xla_flops)
+    return SlitStep(step, compile_s, xla_flops)
 
 
 def _nbytes(tree: Any) -> int:  # noqa: ANN401
@@ -314,7 +313,7 @@ def time_in_turns(
             log(f"reference: first step with {t or 'default'} torch threads {warmup[t]:.2f} s")
         times = {t: [] for t in threads if warmup[t] <= 2 * min(warmup.values())}
     slit_times: list[float] = []
-    timed_refs, dropped = dict(times), {}
+    every_timed = dict(times)  # the lists are shared: a count dropped from `times` keeps its timings
 
     def block(step: Callable[[], float], n: int, losses: list[float], timed: list[float]) -> list[float]:
         losses.append(step())  # the untimed first step of the block
@@ -341,12 +340,11 @@ def time_in_turns(
             if len(times) > 1:  # after a round, only the thread counts within 20% of the fastest go on
                 medians = {t: float(np.median(ts)) for t, ts in times.items()}
                 times = {t: ts for t, ts in times.items() if medians[t] <= 1.2 * min(medians.values())}
-                dropped.update({t: ts for t, ts in timed_refs.items() if t not in times})
     finally:
         if reference is not None:
             torch.set_num_threads(initial)
     rss["end"] = peak_rss_bytes()
-    return Timings(slit_times, first, slit_losses, times | dropped, warmup, ref_losses, rss)
+    return Timings(slit_times, first, slit_losses, every_timed, warmup, ref_losses, rss)
 
 
 def summary(times: list[float], model_flops: float, peak: float) -> dict:
