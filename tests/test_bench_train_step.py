@@ -145,7 +145,7 @@ def test_train_state_holds_adam_moments_once_and_frozen_weights_in_their_dtype()
 
 
 @pytest.mark.parametrize("name", ["stage1", "stage2"])
-def test_bench_runs_both_sides_at_tiny_size(name, tmp_path):
+def test_bench_runs_both_sides_at_tiny_size(name, tmp_path, capsys):
     pytest.importorskip("torch")
     from slit import cli
 
@@ -155,6 +155,9 @@ def test_bench_runs_both_sides_at_tiny_size(name, tmp_path):
     )
     assert code == 0
     result = json.loads(out.read_text())
+    printed = capsys.readouterr()
+    assert json.loads(printed.out) == result  # the JSON on stdout, the readable table on stderr
+    assert "| slit (JAX) |" in printed.err and "| PyTorch reference" in printed.err
     for key in ("speedup", "mfu", "peak_flops"):
         assert np.isfinite(result[key]) and result[key] > 0, key
     assert len(result["slit"]["times_s"]) == len(result["reference"]["times_s"]) == 2

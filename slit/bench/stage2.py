@@ -159,3 +159,10 @@ def run(args: argparse.Namespace) -> dict:
         "dropout": args.dropout,
         **measured,
     }
+
+
+def table(result: dict, source: str) -> str:
+    """The result as BENCHMARKS.md shows it (slit.bench.tables), for the terminal."""
+    from slit.bench import tables
+
+    return tables.bench_section(result, source)

@@ -40,4 +40,6 @@ def run(args: argparse.Namespace, extra: Sequence[str]) -> int:
     if args.out:
         pathlib.Path(args.out).write_text(text + "\n")
         print(f"wrote {args.out}", file=sys.stderr)
+    if hasattr(module, "table"):  # the readable summary, after the JSON
+        print("\n" + module.table(result, args.out or "not written (--out FILE)"), file=sys.stderr)
     return 0
