@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 import subprocess
 import sys
@@ -13,6 +14,11 @@ from slit import config as config_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY_DATA = "slit_synthetic_sounds/tiny"
+
+# The `slit` commands the tests start run a few tiny steps each, so their time is XLA compilation, which
+# the malloc settings of slit/train/host_memory.py make ~20% slower (they pay back only in long steps).
+# tests/test_host_memory.py tests those settings with this variable removed.
+os.environ.setdefault("SLIT_KEEP_FREED_MEMORY", "0")
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,6 @@
 """keep_freed_memory: a large block freed and allocated again is not faulted in again (glibc, Linux)."""
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -28,7 +29,10 @@ SCRIPT = textwrap.dedent(
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 def test_freed_blocks_are_reused_without_page_faults():
     def faults(mode: str) -> int:
-        out = subprocess.run([sys.executable, "-c", SCRIPT, mode], capture_output=True, text=True, check=True)
+        env = {k: v for k, v in os.environ.items() if k != "SLIT_KEEP_FREED_MEMORY"}  # conftest sets it
+        out = subprocess.run(
+            [sys.executable, "-c", SCRIPT, mode], capture_output=True, text=True, check=True, env=env
+        )
         return int(out.stdout.split()[-1])
 
     # A fresh mmap each time: every page faulted in again (128 with numpy's 2 MiB transparent huge pages,
