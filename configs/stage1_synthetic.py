@@ -75,6 +75,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.audio_encoder.path = ""
     c.audio_encoder.hidden_layer = -1  # hidden state for the Q-Former: -1 the output, -2 BLIP-2's choice
     c.audio_encoder.window_seconds = 0.0  # > 0: encode longer audio in windows of this length (0: off)
+    # Frozen (the default: no gradient, no optimizer state, fingerprinted in checkpoints) or trained with the
+    # bridge (its weights then in the checkpoints; needs features=compute).
+    c.audio_encoder.trainable = False
     c.audio_encoder.num_mel_bins = 80
     c.audio_encoder.width = 64
     c.audio_encoder.layers = 1

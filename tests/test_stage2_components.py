@@ -148,7 +148,9 @@ def test_init_from_a_stage_one_run_on_a_pretrained_encoder(wav2vec2_stage_one, t
     identity = checkpoint.frozen_identity(
         built.setup.parts.frozen, stage2_model.frozen_sources(config, built.llm_source)
     )
-    init_from.check_init_from_audio_tower(config.init_from, identity, config)  # the same encoder: accepted
+    init_from.check_init_from_audio_tower(
+        config.init_from, identity["audio_tower"], config
+    )  # the same encoder: accepted
     start = init_from.init_from_stage_one(
         config.init_from, built.setup.state, built.setup.state_shardings, built.qformer_tok
     )
@@ -162,7 +164,7 @@ def test_init_from_a_stage_one_run_on_a_pretrained_encoder(wav2vec2_stage_one, t
         tiny_data_dir, llm_dir, **{**overrides, "audio_encoder.hidden_layer": -1}, init_from=str(workdir)
     )
     with pytest.raises(UserError, match=r"audio_encoder\.hidden_layer=-1 here, -2 in stage one"):
-        init_from.check_init_from_audio_tower(workdir, identity, other_layer)
+        init_from.check_init_from_audio_tower(workdir, identity["audio_tower"], other_layer)
     # Another encoder altogether (the random Whisper of the config): refused by fingerprint.
     random_config = stage2_config(tiny_data_dir, llm_dir, init_from=str(workdir))
     random_built = Built(random_config, num_batches=1)
@@ -170,7 +172,7 @@ def test_init_from_a_stage_one_run_on_a_pretrained_encoder(wav2vec2_stage_one, t
         random_built.setup.parts.frozen, stage2_model.frozen_sources(random_config, random_built.llm_source)
     )
     with pytest.raises(UserError, match="another audio tower"):
-        init_from.check_init_from_audio_tower(workdir, random_identity, random_config)
+        init_from.check_init_from_audio_tower(workdir, random_identity["audio_tower"], random_config)
     assert pretrained.audio_settings(random_config).kind == "random"
 
 

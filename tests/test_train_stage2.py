@@ -418,7 +418,9 @@ def test_init_from_copies_the_stage_one_qformer(tmp_path, trained_run, built, ca
     identity = checkpoint.frozen_identity(
         setup.parts.frozen, stage2_model.frozen_sources(config, built.llm_source)
     )
-    init_from.check_init_from_audio_tower(config.init_from, identity, config)  # same tower as stage one
+    init_from.check_init_from_audio_tower(
+        config.init_from, identity["audio_tower"], config
+    )  # same tower as stage one
     ckpt = checkpoint.Checkpointer(tmp_path, config, identity)
     try:
         start = init_from.resolve_start(

@@ -26,6 +26,18 @@ class Frozen(nnx.Variable):
     """
 
 
+def unfreeze(module: nnx.Module) -> nnx.Module:
+    """Makes every `Frozen` weight under `module` an `nnx.Param` (same value and sharding metadata), in
+    place: the component then trains (`audio_encoder.trainable`, `llm.trainable`). Returns `module`."""
+    for _, node in nnx.iter_graph(module):
+        if not isinstance(node, nnx.Module):
+            continue
+        for name, value in list(vars(node).items()):
+            if isinstance(value, Frozen):
+                setattr(node, name, nnx.Param(value.get_value(), **value.get_metadata()))
+    return module
+
+
 def normal(stddev: float = 0.02) -> Initializer:
     """BERT-style truncated-free normal initialiser."""
     return jax.nn.initializers.normal(stddev)

@@ -102,9 +102,13 @@ class Stage1Model(nnx.Module):
         return t + jax.lax.stop_gradient(clamped - t)
 
     def encode_audio(self, audio_bs: jax.Array, num_samples_b: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Frozen encoder features (batch, frames, enc_width) and their mask; no gradient flows back
-        (window by window when `audio.window_samples` is set: slit.models.audio.encoder.encode_audio)."""
-        return encode_audio(self.audio_tower, self.config.audio.window_samples, audio_bs, num_samples_b)
+        """Encoder features (batch, frames, enc_width) and their mask; no gradient flows back unless the
+        encoder trains (window by window when `audio.window_samples` is set:
+        slit.models.audio.encoder.encode_audio)."""
+        a = self.config.audio
+        return encode_audio(
+            self.audio_tower, a.window_samples, audio_bs, num_samples_b, trainable=a.trainable
+        )
 
     def batch_features(self, batch: Stage1Batch) -> tuple[jax.Array, jax.Array]:
         """The batch's frozen features and frame mask: given (a feature cache), or encoded from its audio."""

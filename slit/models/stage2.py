@@ -31,6 +31,7 @@ from flax import nnx
 
 from slit.models.audio.encoder import AudioEncoderConfig, encode_audio, make_audio_tower
 from slit.models.bridges import make_bridge
+from slit.models.layers import unfreeze
 
 REMAT_POLICIES = ("none", "dots_saveable", "everything")
 """none: keep every activation (no rematerialisation); dots_saveable: keep matmul outputs, recompute
@@ -43,7 +44,8 @@ LOSS_AVERAGES = ("tokens", "examples")
 class Stage2Config:
     """Everything that shapes a stage-two model besides the LLM itself.
 
-    audio: the frozen audio encoder; bridge: a registered bridge's config (slit.models.bridges);
+    audio: the audio encoder (frozen unless `audio.trainable`); bridge: a registered bridge's config
+    (slit.models.bridges);
     qformer_init: where a Q-Former bridge's pretrained text weights come from (`qformer.init`; "":
     random), read by slit.train.stage2_model.create_model.
     """
@@ -56,6 +58,7 @@ class Stage2Config:
     # examples, so the task mixture's weights are the tasks' shares of the loss.
     loss_average: str = "tokens"
     qformer_init: str = ""
+    llm_trainable: bool = False  # the LLM's weights are `nnx.Param`s and train (`llm.trainable`)
 
     def __post_init__(self):
         if self.remat_policy not in REMAT_POLICIES:
@@ -158,7 +161,8 @@ def masked_cross_entropy(logits_btv: jax.Array, labels_bt: jax.Array, weights_bt
 
 
 class Stage2Model(nnx.Module):
-    """Frozen audio encoder + trainable bridge + frozen LLM."""
+    """Audio encoder + trainable bridge + LLM; the encoder and the LLM are frozen unless the config
+    trains them (`audio.trainable`, `llm_trainable`)."""
 
     def __init__(
         self,
@@ -168,17 +172,22 @@ class Stage2Model(nnx.Module):
         rngs: nnx.Rngs,
         audio_rngs: nnx.Rngs | None = None,
     ):
-        """`llm`: a frozen DecoderOnlyLM or EncoderDecoderLM (slit/models/llm/base.py), weights loaded."""
+        """`llm`: a DecoderOnlyLM or EncoderDecoderLM (slit/models/llm/base.py), weights loaded, `Frozen`
+        (made trainable here with `config.llm_trainable`)."""
         self.config = config
         self.audio_tower = make_audio_tower(config.audio, audio_rngs or rngs)
         self.bridge = make_bridge(config.bridge, llm.hidden_size, rngs)
-        self.llm = llm
+        self.llm = unfreeze(llm) if config.llm_trainable else llm
 
     # --- the soft prompt ----------------------------------------------------------------------------
 
     def encode_audio(self, audio_bs: jax.Array, num_samples_b: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Frozen encoder features (B, frames, enc_width) and their mask; no gradient flows back."""
-        return encode_audio(self.audio_tower, self.config.audio.window_samples, audio_bs, num_samples_b)
+        """Encoder features (B, frames, enc_width) and their mask; no gradient flows back unless the
+        encoder trains (`audio.trainable`)."""
+        a = self.config.audio
+        return encode_audio(
+            self.audio_tower, a.window_samples, audio_bs, num_samples_b, trainable=a.trainable
+        )
 
     def soft_prompt(
         self,

@@ -24,9 +24,11 @@ STAGE_ONE_QFORMER = "qformer/"  # where a stage-one run keeps its Q-Former; a Q-
 BRIDGE_QFORMER = "bridge/qformer/"  # the bridge
 
 
-def check_init_from_audio_tower(path: str, identity: dict, config: ml_collections.ConfigDict) -> None:
-    """Refuses a stage-one checkpoint whose Q-Former learned against another frozen audio encoder: other
-    weights (fingerprint), or the same weights read at another hidden layer or in other windows."""
+def check_init_from_audio_tower(path: str, tower: dict, config: ml_collections.ConfigDict) -> None:
+    """Refuses a stage-one checkpoint whose Q-Former learned against another audio encoder than the one
+    this run starts from (`tower`: its {"source", "fingerprint"}): other weights (fingerprint), the same
+    weights read at another hidden layer or in other windows, or an encoder stage one trained while this
+    run holds the pretrained one frozen (a trained encoder is copied only into a trainable one)."""
     directory, step = checkpoint.locate(path)
     steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
     if not steps:
@@ -36,16 +38,24 @@ def check_init_from_audio_tower(path: str, identity: dict, config: ml_collection
         return
     meta = json.loads(meta_file.read_text())
     saved = meta.get("frozen_models", {}).get("audio_tower")
-    if saved and saved["fingerprint"] != identity["audio_tower"]["fingerprint"]:
+    if saved and saved["fingerprint"] != tower["fingerprint"]:
         raise UserError(
             f"init_from={path}: its Q-Former was trained against another audio tower ({saved['source']}, "
-            f"fingerprint {saved['fingerprint']}); this run builds {identity['audio_tower']['source']} "
-            f"(fingerprint {identity['audio_tower']['fingerprint']}). Use stage one's audio_encoder settings."
+            f"fingerprint {saved['fingerprint']}); this run builds {tower['source']} "
+            f"(fingerprint {tower['fingerprint']}). Use stage one's audio_encoder settings."
         )
     if not meta.get("config"):
         return
     theirs = pretrained.audio_settings(ml_collections.ConfigDict(meta["config"]))
     ours = pretrained.audio_settings(config)
+    if theirs.trainable and not ours.trainable:
+        raise UserError(
+            f"init_from={path}: stage one trained its audio encoder (audio_encoder.trainable=true), and its "
+            "Q-Former learned against that trained encoder, which this run would replace with the "
+            "pretrained one. Set --config.audio_encoder.trainable=true (the encoder is then copied too; "
+            "--config.optimizer.lr_multipliers=audio_tower=0 holds it where stage one left it) and "
+            "--config.features=compute."
+        )
     differ = [
         f"audio_encoder.{field}={_setting(ours, field)} here, {_setting(theirs, field)} in stage one"
         for field in ("hidden_layer", "window_seconds")

@@ -60,6 +60,7 @@ class AudioSettings:
     path: str
     hidden_layer: int | None  # None: the encoder's output (config value -1)
     window_seconds: float
+    trainable: bool = False  # the encoder's weights train with the bridge
 
     @property
     def weights_key(self) -> str:
@@ -78,6 +79,7 @@ def audio_settings(config: ml_collections.ConfigDict) -> AudioSettings:
         path=str(a.get("path", "")),
         hidden_layer=None if hidden_layer == -1 else hidden_layer,
         window_seconds=float(a.get("window_seconds", 0.0)),
+        trainable=bool(a.get("trainable", False)),
     )
 
 
@@ -172,6 +174,7 @@ def audio_encoder_config(config: ml_collections.ConfigDict) -> AudioEncoderConfi
         normalize=loaded.normalize if loaded else True,
         mask_padding=loaded.mask_padding if loaded else True,
         weights=settings.weights_key,
+        trainable=settings.trainable,
     )
 
 
@@ -275,6 +278,13 @@ def bert_params(init: str, qformer: QFormerConfig, fresh: dict) -> dict:
     return traverse_util.unflatten_dict(flat)
 
 
+def put_tower(abstract: nnx.State, tower: dict, shardings: dict) -> dict:
+    """A loaded audio tower's host params (`LoadedTower.params`) as the global arrays of the model's
+    `audio_tower` (frozen, or trainable) in `abstract` (a model's split state), with `shardings` (its)."""
+    want = {"audio_tower": nnx.to_pure_dict(abstract)["audio_tower"]}
+    return put_like(want, {"audio_tower": tower}, {"audio_tower": shardings["audio_tower"]})["audio_tower"]
+
+
 def put_like(abstract: nnx.State | dict, values: dict, shardings: dict) -> dict:
     """Host arrays `values` (a pure dict with the variables of `abstract`) as global arrays with
     `shardings`, in the abstract state's dtypes. Raises ValueError naming any variable that is missing,
@@ -334,6 +344,11 @@ def audio_problems(config: ml_collections.ConfigDict) -> list[str]:
         return [f"audio_encoder.kind={settings.kind!r}: use one of {', '.join(map(repr, AUDIO_KINDS))}"]
     if settings.window_seconds < 0:
         problems.append(f"audio_encoder.window_seconds={settings.window_seconds} must be >= 0 (0: off)")
+    if settings.trainable and config.get("features", "compute") == "cached":
+        problems.append(
+            "audio_encoder.trainable=true with features=cached: the cache holds the frozen encoder's "
+            "outputs, which a trained encoder changes every step; use --config.features=compute"
+        )
     window_samples = settings.window_seconds * config.data.sample_rate
     if abs(window_samples - round(window_samples)) > 1e-6:
         problems.append(

@@ -75,9 +75,10 @@ def create_model(
 ) -> ModelParts:
     """Initialises the model directly into its shardings (no unsharded copy on one device).
 
-    A pretrained audio encoder (`cfg.audio.weights`) is read on the host and placed into the frozen
-    shardings (its random initialisation is never computed); with `cfg.qformer_init`, the Q-Former's
-    text weights are BERT's (slit.train.pretrained.bert_params).
+    A pretrained audio encoder (`cfg.audio.weights`) is read on the host and placed into its shardings
+    (its random initialisation is never computed): with the frozen weights, or with the trainable ones
+    when `cfg.audio.trainable`. With `cfg.qformer_init`, the Q-Former's text weights are BERT's
+    (slit.train.pretrained.bert_params).
     """
 
     def build() -> Stage1Model:
@@ -87,19 +88,21 @@ def create_model(
     graphdef, abs_params, abs_frozen = nnx.split(abstract, nnx.Param, Frozen)
     param_sh = sharding.state_shardings(abs_params, rules, mesh)
     frozen_sh = sharding.state_shardings(abs_frozen, rules, mesh)
-    random_frozen = not cfg.audio.weights
+    random_tower = not cfg.audio.weights
 
     @jax.jit
-    def init() -> tuple[dict, dict | None]:
+    def init() -> tuple[dict, dict]:
         _, params, frozen = nnx.split(build(), nnx.Param, Frozen)
-        return nnx.to_pure_dict(params), (nnx.to_pure_dict(frozen) if random_frozen else None)
+        return nnx.to_pure_dict(params), (nnx.to_pure_dict(frozen) if random_tower else {})
 
     with jax.set_mesh(mesh):
-        params, frozen = jax.jit(init, out_shardings=(param_sh, frozen_sh if random_frozen else None))()
-    if not random_frozen:
-        frozen = pretrained.put_like(
-            abs_frozen, {"audio_tower": pretrained.load_tower(cfg.audio.weights).params}, frozen_sh
-        )
+        params, frozen = jax.jit(init, out_shardings=(param_sh, frozen_sh if random_tower else {}))()
+    if not random_tower:
+        tower = pretrained.load_tower(cfg.audio.weights).params
+        if cfg.audio.trainable:
+            params["audio_tower"] = pretrained.put_tower(abs_params, tower, param_sh)
+        else:
+            frozen["audio_tower"] = pretrained.put_tower(abs_frozen, tower, frozen_sh)
     if cfg.qformer_init:
         host = pretrained.bert_params(cfg.qformer_init, cfg.qformer, jax.device_get(params))
         params = pretrained.put_like(abs_params, host, param_sh)
@@ -107,5 +110,10 @@ def create_model(
 
 
 def frozen_sources(config: ml_collections.ConfigDict) -> dict[str, str]:
-    """Where each frozen model comes from, in words (recorded in every checkpoint)."""
-    return {"audio_tower": pretrained.audio_source(config)}
+    """Where each frozen model comes from, in words (recorded in every checkpoint; a trained encoder's
+    weights are in the checkpoint instead)."""
+    return (
+        {}
+        if pretrained.audio_settings(config).trainable
+        else {"audio_tower": pretrained.audio_source(config)}
+    )

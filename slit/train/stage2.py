@@ -117,6 +117,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
         problems.append(f"llm.path={llm.path}: no such GGUF file")
     if llm.param_dtype not in ("float32", "bfloat16"):
         problems.append(f"llm.param_dtype={llm.param_dtype!r}: use 'float32' or 'bfloat16'")
+    elif llm.get("trainable", False) and llm.param_dtype != "float32":
+        problems.append(
+            f"llm.trainable=true with llm.param_dtype={llm.param_dtype}: Adam's updates vanish in 16-bit "
+            "weights; train the LLM in float32 (--config.llm.param_dtype=float32)"
+        )
     if llm.remat_policy not in REMAT_POLICIES:
         problems.append(f"llm.remat_policy={llm.remat_policy!r}: use one of {', '.join(REMAT_POLICIES)}")
     if config.get("loss_average", "tokens") not in LOSS_AVERAGES:
@@ -308,8 +313,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     setup = build_training(config, cfg, llm, mesh, rules)
     parts = setup.parts
     identity = checkpoint.frozen_identity(parts.frozen, frozen_sources(config, llm_source))
-    if config.init_from:
-        check_init_from_audio_tower(config.init_from, identity, config)
+    if config.init_from:  # against the encoder this run starts from, frozen or trainable
+        tower = (
+            identity.get("audio_tower")
+            or checkpoint.frozen_identity(
+                {"audio_tower": setup.state["params"]["audio_tower"]},
+                {"audio_tower": pretrained.audio_source(config)},
+            )["audio_tower"]
+        )
+        check_init_from_audio_tower(config.init_from, tower, config)
 
     # Data: the task mixture, made from what the datasets hold; what is left out is said before step 1.
     spec = audio_spec(config)

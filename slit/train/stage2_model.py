@@ -145,6 +145,7 @@ def model_config(config: ml_collections.ConfigDict, tokenizer: TextTokenizer) ->
         loss_average=config.get("loss_average", "tokens"),
         # (BERT's text weights are for a Q-Former bridge; another bridge has no Q-Former to fill)
         qformer_init=config.qformer.get("init", "") if bridge.kind == "qformer" else "",
+        llm_trainable=bool(config.llm.get("trainable", False)),
     )
 
 
@@ -205,6 +206,7 @@ def create_model(
     frozen_sh = sharding.state_shardings(abs_frozen, rules, mesh)
     random_audio = not cfg.audio.weights
     init_frozen_sh = {k: v for k, v in frozen_sh.items() if k == "audio_tower" and random_audio}
+    # (a trainable LLM's loaded weights pass through `init` into the params untouched)
 
     def init(llm_state: Any) -> tuple[dict, dict]:  # noqa: ANN401
         model = build(llm_state)
@@ -218,18 +220,23 @@ def create_model(
     with jax.set_mesh(mesh):
         params, frozen = jax.jit(init, out_shardings=(param_sh, init_frozen_sh))(llm_state)
     if not random_audio:
-        tower = {"audio_tower": pretrained.load_tower(cfg.audio.weights).params}
-        abs_tower = {"audio_tower": nnx.to_pure_dict(abs_frozen)["audio_tower"]}
-        frozen.update(pretrained.put_like(abs_tower, tower, {"audio_tower": frozen_sh["audio_tower"]}))
+        tower = pretrained.load_tower(cfg.audio.weights).params
+        if cfg.audio.trainable:
+            params["audio_tower"] = pretrained.put_tower(abs_params, tower, param_sh)
+        else:
+            frozen["audio_tower"] = pretrained.put_tower(abs_frozen, tower, frozen_sh)
     if cfg.qformer_init:
         host = jax.device_get(params)
         host["bridge"] = pretrained.bert_params(cfg.qformer_init, cfg.bridge.qformer, host["bridge"])
         params = pretrained.put_like(abs_params, host, param_sh)
-    _, llm_frozen = nnx.split(llm, Frozen, ...)[:2]
-    frozen["llm"] = jax.device_put(nnx.to_pure_dict(llm_frozen), frozen_sh["llm"])
+    if not cfg.llm_trainable:
+        _, llm_frozen = nnx.split(llm, Frozen, ...)[:2]
+        frozen["llm"] = jax.device_put(nnx.to_pure_dict(llm_frozen), frozen_sh["llm"])
     return ModelParts(graphdef, params, frozen, param_sh, frozen_sh)
 
 
 def frozen_sources(config: ml_collections.ConfigDict, llm_source: str) -> dict[str, str]:
     """Where each frozen model's weights come from, in words (recorded in checkpoints)."""
-    return {"audio_tower": pretrained.audio_source(config), "llm": llm_source}
+    sources = {"audio_tower": pretrained.audio_source(config), "llm": llm_source}
+    trained = {"audio_tower": pretrained.audio_settings(config).trainable, "llm": config.llm.get("trainable")}
+    return {name: source for name, source in sources.items() if not trained[name]}

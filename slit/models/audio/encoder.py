@@ -1,4 +1,4 @@
-"""The frozen audio encoder component, the same in both stages.
+"""The audio encoder component (frozen unless the config trains it), the same in both stages.
 
 `AudioEncoderConfig` says everything that shapes the encoder: its architecture (Whisper or a
 wav2vec2-family model, chosen by the type of `arch`), which hidden state feeds the bridge, windowed
@@ -17,6 +17,7 @@ from flax import nnx
 
 from slit.models.audio.wav2vec2 import Wav2Vec2AudioTower, Wav2Vec2Config
 from slit.models.audio.whisper import WhisperAudioTower, WhisperEncoderConfig
+from slit.models.layers import unfreeze
 
 AudioTower = WhisperAudioTower | Wav2Vec2AudioTower
 
@@ -31,6 +32,8 @@ class AudioEncoderConfig:
     normalize, mask_padding: wav2vec2-family options (see `Wav2Vec2AudioTower`).
     weights: where pretrained weights come from (`kind:path`, slit.train.pretrained; "": random, made
       from the run's seed). The model never reads it; it keys the frozen weights' identity.
+    trainable: the encoder's weights are `nnx.Param`s and train with the bridge (`audio_encoder.trainable`);
+      by default they are `Frozen` and no gradient reaches them.
     """
 
     arch: WhisperEncoderConfig | Wav2Vec2Config
@@ -39,6 +42,7 @@ class AudioEncoderConfig:
     normalize: bool = True
     mask_padding: bool = True
     weights: str = ""
+    trainable: bool = False
 
     @property
     def width(self) -> int:
@@ -47,16 +51,19 @@ class AudioEncoderConfig:
 
 
 def make_audio_tower(config: AudioEncoderConfig, rngs: nnx.Rngs) -> AudioTower:
-    """The tower `config.arch` describes: waveform (B, S) -> features (B, F, D), mask (B, F)."""
+    """The tower `config.arch` describes: waveform (B, S) -> features (B, F, D), mask (B, F); its weights
+    are `Frozen`, or `nnx.Param`s with `config.trainable`."""
     if isinstance(config.arch, Wav2Vec2Config):
-        return Wav2Vec2AudioTower(
+        tower = Wav2Vec2AudioTower(
             config.arch,
             rngs=rngs,
             hidden_layer=config.hidden_layer,
             normalize=config.normalize,
             mask_padding=config.mask_padding,
         )
-    return WhisperAudioTower(config.arch, rngs=rngs, hidden_layer=config.hidden_layer)
+    else:
+        tower = WhisperAudioTower(config.arch, rngs=rngs, hidden_layer=config.hidden_layer)
+    return unfreeze(tower) if config.trainable else tower
 
 
 def window_lengths(num_samples_b: jax.Array, num_windows: int, window: int) -> jax.Array:
@@ -66,9 +73,10 @@ def window_lengths(num_samples_b: jax.Array, num_windows: int, window: int) -> j
 
 
 def encode_audio(
-    tower: AudioTower, window: int, audio_bs: jax.Array, num_samples_b: jax.Array
+    tower: AudioTower, window: int, audio_bs: jax.Array, num_samples_b: jax.Array, trainable: bool = False
 ) -> tuple[jax.Array, jax.Array]:
-    """Frozen encoder features (B, frames, D) and their mask (B, frames); no gradient flows back.
+    """Encoder features (B, frames, D) and their mask (B, frames); no gradient flows back unless
+    `trainable` (the tower's weights are then `nnx.Param`s).
 
     With `window` = W > 0 and S > W samples, the audio is zero-padded to K = ceil(S / W) windows; each
     window is encoded as a clip of its own (its length: the clip's samples inside it, possibly 0), and
@@ -77,10 +85,10 @@ def encode_audio(
     batch, samples = audio_bs.shape
     if not window or samples <= window:
         features, mask = tower(audio_bs, num_samples_b)
-        return jax.lax.stop_gradient(features), mask
+        return (features if trainable else jax.lax.stop_gradient(features)), mask
     count = -(-samples // window)
     padded = jnp.pad(audio_bs, ((0, 0), (0, count * window - samples)))
     lengths = window_lengths(num_samples_b, count, window)
     features, mask = tower(padded.reshape(batch * count, window), lengths.reshape(-1))
     features = features.reshape(batch, count * features.shape[1], features.shape[2])
-    return jax.lax.stop_gradient(features), mask.reshape(batch, -1)
+    return (features if trainable else jax.lax.stop_gradient(features)), mask.reshape(batch, -1)
