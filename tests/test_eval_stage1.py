@@ -45,10 +45,14 @@ def test_zero_shot_classification_equals_sklearn_on_the_rebuilt_model(trained_ru
     from sklearn.metrics import average_precision_score
 
     workdir, config = own_copy(trained_run, tmp_path)
-    result = run_slit(
-        "eval", "--workdir", str(workdir), "--task", "classification", "--data", config.data.name
-    )
+    # --task all (the default): every stage-one evaluation the split can answer (it has captions and
+    # labels: retrieval and classification), each with its report.
+    result = run_slit("eval", "--workdir", str(workdir), "--data", config.data.name, "--rerank-k", "0")
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "by contrastive similarity" in result.stdout and "skipped" not in result.stdout
+    assert (
+        workdir / "eval" / (reports.report_stem("retrieval", config.data.name, "test") + ".json")
+    ).is_file()
     stem = workdir / "eval" / reports.report_stem("classification", config.data.name, "test")
     document = json.loads(stem.with_suffix(".json").read_text())
     assert stem.with_suffix(".md").is_file() and document["checkpoint_step"] == 2
@@ -124,6 +128,10 @@ def test_eval_refuses_bad_requests(trained_run, tmp_path):
         "eval", "--workdir", str(workdir), "--task", "classification", "--data", "no_such_dataset"
     )
     assert nodata.returncode != 0 and "no_such_dataset" in nodata.stderr
+    other_stage = run_slit("eval", "--workdir", str(workdir), "--task", "aqa", "--data", config.data.name)
+    assert other_stage.returncode == 2, other_stage.stderr[-2000:]
+    assert "--task aqa evaluates stage2 runs" in other_stage.stderr
+    assert "use retrieval or classification" in other_stage.stderr
 
 
 def test_a_stopped_retrieval_eval_resumes_from_its_saved_batches(trained_run, tmp_path):

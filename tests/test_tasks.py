@@ -625,3 +625,25 @@ def test_stage_one_on_a_dataset_without_validation_split_notes_it_and_trains_fro
     assert report["num_audio"] == 6
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert not any(k.startswith("validation/") for r in rows for k in r)
+
+
+def test_the_evaluator_table_plans_each_stage_from_what_a_split_holds():
+    from slit.eval import registry
+
+    # Stage two's evaluations are those its task kinds permit (tasks_lib.EVAL_TASKS), in one table.
+    assert registry.needs("stage2") == {task: kind for kind, task in tasks_lib.EVAL_TASKS.items()}
+    assert registry.needs("stage1") == {"retrieval": "caption", "classification": "classify"}
+    captions_only = tasks_lib.SplitContents(
+        "the test split of mine", 3, {"caption": (0, 1, 2), "qa": (), "classify": ()}, ()
+    )
+    run, skipped = tasks_lib.eval_plan(
+        captions_only, ("retrieval", "classification"), registry.needs("stage1")
+    )
+    assert run == ["retrieval"] and skipped == {"classification": "the test split of mine has no labels"}
+    run, skipped = tasks_lib.eval_plan(captions_only, ("captioning",))
+    assert run == ["captioning"]
+    assert skipped == {"aqa": "not asked for (eval.tasks)", "classification": "not asked for (eval.tasks)"}
+    with pytest.raises(
+        UserError, match=r"--task retrieval evaluates stage1 runs; stage2 runs: use captioning"
+    ):
+        registry.find("stage2", "retrieval")

@@ -1,32 +1,34 @@
 """`slit eval --workdir DIR [--task T] --data NAME [--split test]`: evaluates a run's checkpoint.
 
-Stage-one runs: `retrieval` (R@1/5/10 and mAP@10 both ways, by contrastive similarity and after BLIP-2's
-re-ranking of the top k by the matching head) and `classification` (zero-shot by contrastive similarity
-against one prompt per label). Stage-two runs: `captioning` and `aqa` by generation (resumable after
-preemption), and `classification` zero-shot by the LLM's summed token loss of each class name; `all`
-(the default for them) runs each of those the split can answer (captions, questions, labels) and names
-the ones it skips, with why.
-Each writes <workdir>/eval/<task>-<data>-<split>.{json,md,png}.
+The evaluations of each stage are the table of slit.eval.registry (stage one: `retrieval`,
+`classification` by contrastive similarity; stage two: `captioning`, `aqa` by generation, resumable
+after preemption, and `classification` by the LLM's loss of each class name). `--task all`, the
+default, runs each evaluation of the run's stage that the split can answer (captions, questions,
+labels) and names the ones it skips, with why. Each writes <workdir>/eval/<task>-<data>-<split>.*.
 """
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from slit.eval.registry import Result
 
 HELP = "evaluate a run's checkpoint on a dataset split; writes <workdir>/eval/<task>-<data>-<split>.*"
-STAGE1_TASKS = ("retrieval", "classification")
-STAGE2_TASKS = ("captioning", "aqa", "classification")  # classification: by the LLM's token loss
-TASKS = ("retrieval", "captioning", "classification", "aqa", "all")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from slit.eval import registry
+
+    parser.description = "Evaluations (--task, by the run's stage):\n" + registry.describe()
     parser.add_argument("--workdir", required=True, help="the run's directory")
     parser.add_argument(
         "--task",
-        default=None,
-        choices=TASKS,
-        help="stage two: default all (every evaluation the split can answer); stage one: required",
+        default="all",
+        choices=(*registry.task_names(), "all"),
+        help="default all: every evaluation of the run's stage that the split can answer",
     )
     parser.add_argument("--data", required=True, help="a built TFDS dataset name, e.g. slit_synthetic_sounds")
     parser.add_argument("--data-dir", default=None, help="TFDS data directory (default: the run's)")
@@ -49,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--prompt",
         default=None,
-        help='classification: the prompt template (default "this is a sound of {label}")',
+        help='stage-one classification: the prompt template (default "this is a sound of {label}")',
     )
 
 
@@ -59,71 +61,57 @@ def _trainer(workdir: str) -> str:
     return checkpoint.run_config(workdir).get("trainer", "stage1")
 
 
+def _print(result: Result) -> None:
+    print(result.text)
+    for kind, path in result.paths.items():
+        print(f"{kind}: {path}")
+
+
 def run(args: argparse.Namespace, extra: Sequence[str]) -> int:
     from slit.errors import UserError
+    from slit.eval import registry
 
     trainer = _trainer(args.workdir)
-    if trainer == "stage2" and args.task in (None, "all"):
+    request = registry.Request(
+        workdir=args.workdir,
+        data=args.data,
+        split=args.split,
+        data_dir=args.data_dir,
+        step=args.step,
+        rerank_k=args.rerank_k,
+        instruction=args.instruction,
+        max_clips=args.max_clips,
+        prompt=args.prompt,
+    )
+    if args.task != "all":
+        _print(registry.find(trainer, args.task, args.workdir).evaluate(request))
+        return 0
+    if trainer == "stage2":  # one loaded checkpoint for all of them
         from slit.eval import generative, reports
 
         results, skipped = generative.evaluate_stage2_tasks(
             args.workdir, args.data, args.split, args.data_dir, args.step, args.max_clips
         )
         for task, (metrics, paths) in results.items():
-            print(reports.markdown(task, args.data, args.split, metrics))
-            for kind, path in paths.items():
-                print(f"{kind}: {path}")
-        for task, why in skipped.items():
-            print(f"skipped {task}: {why}")
-        if not results:
-            raise UserError(
-                f"{args.data} ({args.split}): nothing to evaluate ({'; '.join(skipped.values())})"
-            )
-        return 0
-    if args.task is None:
-        raise UserError(f"--task is required for a {trainer} run: {' or '.join(STAGE1_TASKS)}")
-    if trainer == "stage2":
-        if args.task not in STAGE2_TASKS:
-            raise UserError(f"--task {args.task} evaluates stage-one runs; {args.workdir} is a stage-two run")
-        from slit.eval import generative, reports
-
-        metrics, paths = generative.evaluate_stage2_run(
-            args.workdir,
-            args.task,
-            args.data,
-            args.split,
-            args.data_dir,
-            args.step,
-            args.instruction,
-            args.max_clips,
-        )
-        print(reports.markdown(args.task, args.data, args.split, metrics))
-        for kind, path in paths.items():
-            print(f"{kind}: {path}")
-        return 0
-    if args.task not in STAGE1_TASKS:
-        raise UserError(
-            f"--task {args.task} evaluates stage-two runs; {args.workdir} is a {trainer} run (use "
-            f"{' or '.join(STAGE1_TASKS)})"
-        )
-    from slit.eval import classification, reports, retrieval, stage1
-
-    if args.task == "retrieval":
-        report, paths = stage1.evaluate_run(
-            args.workdir, args.data, args.split, args.data_dir, args.rerank_k, args.step
-        )
-        print("by contrastive similarity:")
-        print(retrieval.format_table(report["contrastive"]))
-        if "reranked" in report:
-            print(f"after re-ranking each query's top {report['rerank_k']} by the matching head:")
-            print(retrieval.format_table(report["reranked"]))
-            print(retrieval.describe_matching(report["matching"]))
+            _print(registry.Result(metrics, paths, reports.markdown(task, args.data, args.split, metrics)))
     else:
-        prompt = args.prompt or classification.DEFAULT_PROMPT
-        report, paths = stage1.evaluate_classification_run(
-            args.workdir, args.data, args.split, args.data_dir, prompt, args.step
-        )
-        print(reports.markdown("classification", args.data, args.split, report))
-    for kind, path in paths.items():
-        print(f"{kind}: {path}")
+        from slit.data import sources
+        from slit.data import tasks as tasks_lib
+        from slit.train import checkpoint
+
+        data_dir = args.data_dir
+        if data_dir is None:
+            data_dir = checkpoint.run_config(args.workdir).get("data", {}).get("data_dir", "")
+        source = sources.open_split(args.data, data_dir, args.split)
+        contents = tasks_lib.split_contents(source, f"the {args.split} split of {args.data}")
+        evaluations = registry.needs(trainer)
+        names, skipped = tasks_lib.eval_plan(contents, tuple(evaluations), evaluations)
+        results = {}
+        for task in names:
+            results[task] = registry.find(trainer, task).evaluate(request)
+            _print(results[task])
+    for task, why in skipped.items():
+        print(f"skipped {task}: {why}")
+    if not results:
+        raise UserError(f"{args.data} ({args.split}): nothing to evaluate ({'; '.join(skipped.values())})")
     return 0

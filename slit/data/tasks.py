@@ -367,12 +367,17 @@ def build_mixture(
 
 
 def eval_plan(
-    contents: SplitContents, wanted: Sequence[str] = tuple(EVAL_TASKS.values())
+    contents: SplitContents,
+    wanted: Sequence[str] = tuple(EVAL_TASKS.values()),
+    evaluations: Mapping[str, str] | None = None,
 ) -> tuple[list[str], dict[str, str]]:
     """(the evaluations among `wanted` that the split can answer, {skipped evaluation: why}), in the
-    order captioning, aqa, classification."""
+    order of `evaluations` ({evaluation: the task kind its clips hold}; default stage two's: captioning,
+    aqa, classification; slit.eval.registry.needs(trainer) for any trainer's)."""
+    if evaluations is None:
+        evaluations = {task: kind for kind, task in EVAL_TASKS.items()}
     run, skipped = [], {}
-    for kind, task in EVAL_TASKS.items():
+    for task, kind in evaluations.items():
         if task not in wanted:
             skipped[task] = "not asked for (eval.tasks)"
         elif not contents.holds(kind):

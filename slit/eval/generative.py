@@ -35,9 +35,10 @@ from slit.data import pipeline, sources
 from slit.data import tasks as tasks_lib
 from slit.data.pipeline import example_texts
 from slit.errors import UserError
+from slit.eval import registry
 from slit.eval.progress import BatchProgress, progress_key
 
-GENERATIVE_TASKS = ("captioning", "aqa", "classification")
+GENERATIVE_TASKS = tuple(registry.evaluators("stage2"))  # captioning, aqa, classification
 
 
 def _text(value: Any) -> str:  # noqa: ANN401
