@@ -319,11 +319,27 @@ def _results(run: runs.Run) -> list[str]:
     return lines
 
 
-def _frozen_lines(info: dict) -> list[str]:
-    return [
+def _frozen_lines(info: dict, config: ml_collections.ConfigDict) -> list[str]:
+    """The frozen models with their fingerprints, then the pretrained components the run trained too."""
+    lines = [
         f"- Frozen `{name}`: {frozen['source']} (fingerprint `{frozen['fingerprint']}`)."
         for name, frozen in info["frozen_models"].items()
     ]
+    encoder, llm = config.audio_encoder, config.get("llm", {})
+    trained = {
+        "audio_tower": f"the {encoder.kind} audio encoder" if encoder.get("trainable", False) else "",
+        "llm": f"the LLM ({llm.kind} {llm.path})".replace(" )", ")") if llm.get("trainable", False) else "",
+    }
+    return lines + [
+        f"- Trained too, from where it started (in this file as `{name}.*`): {what}."
+        for name, what in trained.items()
+        if what
+    ]
+
+
+def _encoder_held(config: ml_collections.ConfigDict) -> str:
+    """'frozen' or 'fine-tuned': how the run held its audio encoder (`audio_encoder.trainable`)."""
+    return "fine-tuned" if config.audio_encoder.get("trainable", False) else "frozen"
 
 
 def qformer_description(qformer: dict, cross_attention_freq: int) -> str:
@@ -344,12 +360,13 @@ def model_card(run: runs.Run, info: dict) -> str:
         "",
         f"A BLIP-2 Q-Former ({qformer_description(run.params['qformer'], q.cross_attention_freq)}) "
         f"trained by slit {slit.__version__} "
-        f"for {run.step} steps against a frozen {a.kind} audio encoder, with audio-text contrastive, "
+        f"for {run.step} steps against a {_encoder_held(run.config)} {a.kind} audio encoder, with "
+        "audio-text contrastive, "
         "matching and grounded-generation losses.",
         "",
         f"- Trained on: `{run.config.data.name}` (batch {run.config.batch_size}, "
         f"learning rate {run.config.optimizer.learning_rate}).",
-        *_frozen_lines(info),
+        *_frozen_lines(info, run.config),
         "",
         *_results(run),
         "## Loading",
@@ -383,7 +400,8 @@ def stage2_model_card(run: runs.Run, info: dict) -> str:
         queries = int(np.shape(qformer["query_tokens"])[-2])
         title = "a Q-Former soft prompt for a frozen LLM"
         description = (
-            f"A BLIP-2 Q-Former ({qformer_description(qformer, q.cross_attention_freq)}) over a frozen "
+            f"A BLIP-2 Q-Former ({qformer_description(qformer, q.cross_attention_freq)}) over a "
+            f"{_encoder_held(c)} "
             f"{a.kind} audio encoder, and a linear projection from width {width} to the frozen LLM's width "
             f"{llm_width}: its {queries} projected query outputs are a soft prompt"
         )
@@ -403,9 +421,9 @@ def stage2_model_card(run: runs.Run, info: dict) -> str:
         mlp = f"an MLP (hidden width {b.hidden})" if b.get("hidden", 0) else "a linear map"
         title = f"a {kind} bridge's soft prompt for a frozen LLM"
         description = (
-            f"A {kind} bridge over a frozen {a.kind} audio encoder: each clip's frames averaged over "
-            f"{b.num_tokens} equal segments, normalised and mapped by {mlp} to the frozen LLM's width "
-            f"{llm_width}: {b.num_tokens} soft-prompt tokens"
+            f"A {kind} bridge over a {_encoder_held(c)} {a.kind} audio encoder: each clip's frames "
+            f"averaged over {b.num_tokens} equal segments, normalised and mapped by {mlp} to the frozen "
+            f"LLM's width {llm_width}: {b.num_tokens} soft-prompt tokens"
         )
         bridge = "The bridge reads the audio only; the instruction goes to the LLM."
         trained_parts = "the bridge's weights are"
@@ -428,7 +446,7 @@ def stage2_model_card(run: runs.Run, info: dict) -> str:
         f"rate {c.optimizer.learning_rate}"
         + (f"; Q-Former from stage-one run `{pathlib.Path(c.init_from).name}`" if c.get("init_from") else "")
         + ").",
-        *_frozen_lines(info),
+        *_frozen_lines(info, run.config),
         f"- Only {trained_parts} in `model.safetensors`; the frozen audio encoder and LLM are named above "
         "with content fingerprints.",
         "",

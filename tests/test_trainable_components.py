@@ -17,6 +17,7 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from slit import config as config_lib  # noqa: E402
+from slit import export  # noqa: E402
 from slit.config import ConfigError  # noqa: E402
 from slit.errors import UserError  # noqa: E402
 from slit.train import checkpoint, init_from, stage1, stage2, stage2_model  # noqa: E402
@@ -100,6 +101,15 @@ def test_a_stage_one_trained_encoder_goes_on_only_into_a_trainable_one(tiny_data
     saved = flat(init_from.read_params(workdir)[0])
     metadata = json.loads((workdir / "checkpoints" / "2" / "metadata" / "metadata").read_text())
     assert "audio_tower" not in metadata["frozen_models"]  # its weights are in the checkpoint instead
+
+    # Exported, the trained encoder goes with the Q-Former, the card says so, and the bundle rebuilds it.
+    export.export(workdir, "safetensors", tmp_path / "safetensors")
+    card = (tmp_path / "safetensors" / "README.md").read_text()
+    assert "against a fine-tuned random audio encoder" in card and "as `audio_tower.*`" in card
+    export.export(workdir, "bundle", tmp_path / "bundle")
+    model = export.load_bundle(tmp_path / "bundle").model
+    kernel = "audio_tower/encoder/conv1/kernel"
+    np.testing.assert_array_equal(np.asarray(model.audio_tower.encoder.conv1.kernel[...]), saved[kernel])
 
     # The random encoder stage one started from: the trained one differs from it.
     held = Built(stage2_config(tiny_data_dir, llm_dir, init_from=str(workdir)), num_batches=1)
