@@ -138,3 +138,14 @@ def test_a_stage_one_trained_encoder_goes_on_only_into_a_trainable_one(tiny_data
     got = flat(jax.device_get(begun.state["params"]))
     for name in start:
         np.testing.assert_array_equal(got[f"audio_tower/{name}"], saved[f"audio_tower/{name}"], err_msg=name)
+
+
+def test_the_run_says_what_trains_and_what_is_frozen():
+    from slit.train.harness import describe_parameters
+
+    params = {"bridge": {"w": np.zeros((300, 100)), "b": np.zeros(100)}, "audio_tower": np.zeros((3, 4))}
+    frozen = {"llm": {"embedding": np.zeros((1000, 135))}}
+    assert describe_parameters(params, frozen) == (
+        "Parameters: trained 30.11 k (bridge 30.10 k, audio_tower 12); frozen 0.14 M (llm 0.14 M)"
+    )
+    assert describe_parameters(params, {}).endswith("; frozen nothing")

@@ -16,12 +16,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import pathlib
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from slit.errors import UserError
@@ -100,6 +102,8 @@ def build_training(
             lambda p: {"step": jnp.zeros((), jnp.int32), "params": p, "opt_state": tx.init(p)},
             out_shardings=state_shardings,
         )(parts.params)
+    if jax.process_index() == 0:
+        print(describe_parameters(parts.params, parts.frozen), file=sys.stderr)
     parts.params = None  # the state owns them now (and donates them every step)
     batch_shardings = {k: sharding.batch_sharding(mesh, rules, n) for k, n in batch_ranks.items()}
     step_fn = jax.jit(
@@ -109,6 +113,30 @@ def build_training(
         donate_argnums=(0,),
     )
     return TrainingSetup(parts, state, state_shardings, batch_shardings, step_fn, model_config)
+
+
+def _count(tree: Any) -> int:  # noqa: ANN401
+    return sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(tree))
+
+
+def _millions(count: int) -> str:
+    if count >= 100_000:
+        return f"{count / 1e6:.2f} M"
+    return f"{count / 1e3:.2f} k" if count >= 10_000 else f"{count:,}"
+
+
+def describe_parameters(params: Mapping[str, Any], frozen: Mapping[str, Any]) -> str:
+    """One line: what trains and what is frozen, by top-level component, largest first, e.g.
+    "Parameters: trained 1.23 M (qformer 1.10 M, audio_tower 0.12 M, ...); frozen 134.52 M (llm)"."""
+
+    def listing(tree: Mapping[str, Any]) -> str:
+        counts = sorted(((_count(v), k) for k, v in tree.items()), reverse=True)
+        total = sum(c for c, _ in counts)
+        return f"{_millions(total)} (" + ", ".join(f"{k} {_millions(c)}" for c, k in counts) + ")"
+
+    trained = listing(params) if params else "nothing"
+    held = listing(frozen) if frozen else "nothing"
+    return f"Parameters: trained {trained}; frozen {held}"
 
 
 def data_parallel_size(config: ml_collections.ConfigDict, num_devices: int) -> int | None:
