@@ -45,7 +45,7 @@ demo-packages:
 
 # pytest exits 5 when it collected no test: that is a failure here.
 test: $(STAMP) demo-packages
-	@$(VENV)/bin/python -m pytest -n 2 --durations=15 -m "$(PYTEST_MARKERS)" $(PYTEST_ARGS); rc=$$?; \
+	@$(VENV)/bin/python -m pytest -n 2 --durations=30 -m "$(PYTEST_MARKERS)" $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 # The training-step benchmarks against their PyTorch references (README: Benchmarks), then BENCHMARKS.md.
