@@ -133,3 +133,14 @@ def get_config() -> ml_collections.ConfigDict:
         ("queries", None),
     )
     return c
+
+
+def get_sweep() -> list[dict[str, object]]:
+    """An ablation of the number of Q-Former queries (8, 16, 32), each with two seeds (the seed changes the
+    Q-Former's initialisation and the data order; the frozen encoder stays the same, init_seed): six runs of
+    this config, one after another. Run, then compare:
+
+        python launch/sweep.py configs/stage1_synthetic.py --root runs/sweep_queries
+        slit report runs/sweep_queries --out runs/sweep_queries/report --metric text_to_audio_R@1
+    """
+    return [{"qformer.num_queries": q, "seed": s} for q in (8, 16, 32) for s in (0, 1)]

@@ -15,5 +15,6 @@ COMMANDS: dict[str, str] = {
     "bench": "slit.commands.bench",
     "data": "slit.commands.data",
     "score": "slit.commands.score",
+    "report": "slit.commands.report",
     "cache-features": "slit.commands.cache_features",
 }

@@ -11,7 +11,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 
-def _figure(width: float, height: float) -> object:
+def new_figure(width: float, height: float) -> object:
+    """A matplotlib Figure (width x height inches, 100 dpi) drawn off-screen (Agg), without pyplot."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -20,7 +21,8 @@ def _figure(width: float, height: float) -> object:
     return figure
 
 
-def _save(figure: object, path: str | pathlib.Path) -> pathlib.Path:
+def save_figure(figure: object, path: str | pathlib.Path) -> pathlib.Path:
+    """Writes `figure` as a PNG at `path` (parent folders created); returns the path."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, format="png")
@@ -35,7 +37,7 @@ def recall_curves(
     curves: {ranking ("contrastive", "reranked"): {direction: [R@1, R@2, ...]}} (retrieval_report's "curves").
     """
     directions = sorted({d for per_ranking in curves.values() for d in per_ranking})
-    figure = _figure(4.5 * len(directions), 3.6)
+    figure = new_figure(4.5 * len(directions), 3.6)
     axes = figure.subplots(1, len(directions), squeeze=False)[0]
     for ax, direction in zip(axes, directions, strict=True):
         for ranking, per_direction in curves.items():
@@ -49,7 +51,7 @@ def recall_curves(
         ax.legend()
     if title:
         figure.suptitle(title)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def confusion_matrix(
@@ -60,7 +62,7 @@ def confusion_matrix(
     matrix = np.asarray(matrix, dtype=np.float64)
     rows = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
     size = max(4.0, 0.35 * len(class_names) + 2.5)
-    figure = _figure(size + 1, size)
+    figure = new_figure(size + 1, size)
     ax = figure.subplots()
     image = ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
     figure.colorbar(image, ax=ax, label="fraction of the true class")
@@ -73,7 +75,7 @@ def confusion_matrix(
             if count:
                 color = "white" if rows[i, j] > 0.5 else "black"
                 ax.text(j, i, str(int(count)), ha="center", va="center", fontsize=7, color=color)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def accuracy_by_type(
@@ -81,7 +83,7 @@ def accuracy_by_type(
 ) -> pathlib.Path:
     """Bar chart of accuracy per question type; by_type: {type: {"accuracy", "num_items"}}."""
     names = list(by_type)
-    figure = _figure(max(4.0, 1.2 * len(names) + 2), 3.6)
+    figure = new_figure(max(4.0, 1.2 * len(names) + 2), 3.6)
     ax = figure.subplots()
     values = [100 * by_type[n]["accuracy"] for n in names]
     bars = ax.bar(names, values, color="tab:blue")
@@ -94,7 +96,7 @@ def accuracy_by_type(
             fontsize=8,
         )
     ax.set(ylabel="accuracy (%)", ylim=(0, 115), title=title or "accuracy by question type")
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def caption_scores(report: Mapping, path: str | pathlib.Path, title: str = "") -> pathlib.Path:
@@ -104,7 +106,7 @@ def caption_scores(report: Mapping, path: str | pathlib.Path, title: str = "") -
 
     names = [n for n in CAPTION_TABLE_ORDER if n in report]
     per_item = report.get("per_item", {}).get("CIDEr-D")
-    figure = _figure(9 if per_item else 5.5, 3.6)
+    figure = new_figure(9 if per_item else 5.5, 3.6)
     axes = figure.subplots(1, 2 if per_item else 1, squeeze=False)[0]
     values = [report[n] if report[n] is not None else 0.0 for n in names]
     bars = axes[0].bar(
@@ -121,4 +123,4 @@ def caption_scores(report: Mapping, path: str | pathlib.Path, title: str = "") -
         scores = np.asarray(list(per_item.values()), dtype=np.float64)
         axes[1].hist(scores, bins=max(5, min(40, int(math.sqrt(len(scores))) + 1)), color="tab:orange")
         axes[1].set(xlabel="CIDEr-D per clip", ylabel="clips", title=f"CIDEr-D over {len(scores)} clips")
-    return _save(figure, path)
+    return save_figure(figure, path)
