@@ -368,3 +368,12 @@ def test_final_loss_counts_a_resumed_step_once_and_reads_non_finite_values(tmp_p
     (tmp_path / "metrics.jsonl").write_text('{"step": 5, "loss": "nan"}\n{"step": 6, "test/x": "inf"}\n')
     lines = compare.read_metrics(tmp_path)
     assert math.isnan(lines[0]["loss"]) and compare.final_test(lines) == (6, {"x": math.inf})
+
+
+def test_a_key_an_older_run_lacks_counts_as_swept_and_shows_empty(tmp_path):
+    write_run(tmp_path / "new", 8, 0, scores=SCORES[(8, 0)], optimizer__lr_multipliers="bridge/qformer=0.1")
+    write_run(tmp_path / "old", 8, 0, scores=SCORES[(8, 1)])
+    report = compare.build_report([tmp_path / "new", tmp_path / "old"], tmp_path / "out")
+    assert report.swept == ["optimizer.lr_multipliers"]
+    rows = {r["run"]: r for r in csv.DictReader((tmp_path / "out" / "report.csv").open())}
+    assert [rows[n]["optimizer.lr_multipliers"] for n in sorted(rows)] == ["bridge/qformer=0.1", ""]

@@ -257,6 +257,13 @@ def _common_parent(workdirs: Sequence[pathlib.Path]) -> pathlib.Path:
     return pathlib.Path(os.path.commonpath(parents))
 
 
+def _name(workdir: pathlib.Path, parent: pathlib.Path) -> str:
+    """A run's name: its path from the current directory when it is below it, else from `parent` (the
+    runs' common parent)."""
+    here = os.path.relpath(os.path.abspath(workdir))
+    return here if not here.startswith("..") else os.path.relpath(os.path.abspath(workdir), parent)
+
+
 def collect(paths: Iterable[str | pathlib.Path]) -> list[RunRecord]:
     """A RunRecord per run named by `paths` (expand_paths), in the order given; UserError when none."""
     sources = expand_paths(paths)
@@ -272,7 +279,7 @@ def collect(paths: Iterable[str | pathlib.Path]) -> list[RunRecord]:
         records.append(
             RunRecord(
                 workdir=source.workdir,
-                name=os.path.relpath(os.path.abspath(source.workdir), parent),
+                name=_name(source.workdir, parent),
                 values=values,
                 status=status,
                 step=step,
@@ -301,12 +308,23 @@ def _canonical(value: Any) -> tuple:
 
 
 def swept_keys(runs: Sequence[RunRecord]) -> list[str]:
-    """The config keys whose values differ among the runs that have them; seed last, the others in the
-    order the runs list them."""
+    """The config keys whose values differ among the runs (or that some runs lack); seed last, the others
+    in the order the runs list them."""
     order: dict[str, None] = {}
     for run in runs:
         order.update(dict.fromkeys(run.values))
-    keys = [k for k in order if len({_canonical(r.values[k]) for r in runs if k in r.values}) > 1]
+
+    # A key that some runs' configs lack (an older slit's) differs too: those runs show it empty. (A sweep
+    # point not started has its overrides only, and lacks nothing.)
+    def value(run: RunRecord, key: str) -> tuple | None:
+        return _canonical(run.values[key]) if key in run.values else None
+
+    full = [r for r in runs if "total_steps" in r.values]
+    keys = [
+        k
+        for k in order
+        if len({value(r, k) for r in runs if k in r.values} | {value(r, k) for r in full}) > 1
+    ]
     return [k for k in keys if k != SEED] + [k for k in keys if k == SEED]
 
 
