@@ -16,14 +16,14 @@ come from the same cache as stage one's (`features=cached`, same `audio_encoder`
 test evaluation runs the encoder on the 250 test clips.
 
 Expected (measured on the 2-core CPU machine, no GPU, 2026-12-05, from a stage-one run with test
-text->audio R@1 43.1%; tests and other jobs ran beside it): 1,000 steps in 48 min (2.2-3.7 s a step from the
-cache, by what ran beside it), the test evaluation 4 min more; loss 6.0 -> 1.15 (mean of the last 10 logged). On the 250
-test clips: question answering 71.6% against 48.0% for each question type's most common training answer
-(every type above its own: first sound's kind 79% vs 23%, number of sounds 82% vs 55%, loudness 75% vs
-51%, repeat count 58% vs 46%); captioning CIDEr-D 0.528 against 0.513 for the audio-blind baseline (one
-training caption for every clip): above it, but only just; zero-shot classification by the LLM's loss
-30.8% (5 classes). With one learning rate for the Q-Former and the projection and 400 steps (this
-config before 2026-12-05) the captions collapsed to one sentence (CIDEr-D 0.004-0.012) and QA stayed
+text->audio R@1 43.1%; tests and other jobs ran beside it): 1,000 steps in 48 min (2.2-3.7 s a step from
+the cache, by what ran beside it), the test evaluation 4 min more; loss 6.0 -> 1.15 (mean of the last 10
+logged). On the 250 test clips: question answering 71.6% against 48.0% for each question type's most
+common training answer (every type above its own: first sound's kind 79% vs 23%, number of sounds 82% vs
+55%, loudness 75% vs 51%, repeat count 58% vs 46%); captioning CIDEr-D 0.528 against 0.513 for the audio-
+blind baseline (one training caption for every clip): above it, but only just; zero-shot classification by
+the LLM's loss 30.8% (5 classes). With one learning rate for the Q-Former and the projection and 400 steps
+(this config before 2026-12-05) the captions collapsed to one sentence (CIDEr-D 0.004-0.012) and QA stayed
 under the majority (45-47%): README, "Stage two on real encoders".
 """
 
