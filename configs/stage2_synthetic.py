@@ -123,9 +123,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.bridge = ml_collections.ConfigDict()
     c.bridge.kind = "qformer"  # the Q-Former's query outputs, projected, are the LLM's soft prompt;
     # "linear": the encoder's frames pooled into bridge.num_tokens segments, each mapped to one soft-prompt
-    # token by a linear map (bridge.hidden=0) or an MLP (no stage one: init_from must be empty)
+    # token by a linear map (bridge.hidden=0) or an MLP (no stage one: init_from must be empty);
+    # "window_qformer" (SALMONN): one Q-Former pass (qformer.num_queries queries) per bridge.window_frames
+    # encoder frames, all windows' outputs in time order (init_from a stage-one run with as many queries)
     c.bridge.num_tokens = 8  # linear
     c.bridge.hidden = 0  # linear
+    c.bridge.window_frames = 17  # window_qformer: ~0.33 s of Whisper frames, as SALMONN
 
     c.qformer = ml_collections.ConfigDict()  # as configs/stage1_synthetic.py
     c.qformer.init = ""  # "minilm" or a HF BERT directory: BERT's sizes and text weights (stage one's)

@@ -395,15 +395,22 @@ def stage2_model_card(run: runs.Run, info: dict) -> str:
     width, llm_width = (int(n) for n in np.shape(run.params["bridge"]["projection"]["kernel"]))
     llm_source = info["frozen_models"].get("llm", {}).get("source", f"{c.llm.kind} {c.llm.path}")
     kind = c.get("bridge", {}).get("kind", "qformer")
-    if kind == "qformer":
+    if kind in ("qformer", "window_qformer"):
         qformer = run.params["bridge"]["qformer"]
         queries = int(np.shape(qformer["query_tokens"])[-2])
         title = "a Q-Former soft prompt for a frozen LLM"
+        outputs = f"its {queries} projected query outputs are a soft prompt"
+        if kind == "window_qformer":
+            title = "a windowed Q-Former soft prompt for a frozen LLM"
+            outputs = (
+                f"one pass per window of {c.bridge.window_frames} encoder frames, whose {queries} projected "
+                "query outputs, window after window, are a soft prompt (SALMONN's window-level Q-Former)"
+            )
         description = (
             f"A BLIP-2 Q-Former ({qformer_description(qformer, q.cross_attention_freq)}) over a "
             f"{_encoder_held(c)} "
             f"{a.kind} audio encoder, and a linear projection from width {width} to the frozen LLM's width "
-            f"{llm_width}: its {queries} projected query outputs are a soft prompt"
+            f"{llm_width}: {outputs}"
         )
         if q.get("instruction", True):
             bridge = (

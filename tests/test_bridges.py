@@ -106,3 +106,78 @@ def test_a_bridge_without_stage_one_refuses_init_from(tiny_data_dir, tmp_path):
     config.init_from = str(tmp_path)
     with pytest.raises(config_lib.ConfigError, match="bridge.kind=linear has none"):
         stage2.validate(config, num_devices=1)
+
+
+@pytest.mark.parametrize("with_instruction", [False, True])
+def test_window_qformer_is_the_qformer_on_each_window_alone(with_instruction):
+    """SALMONN's window-level Q-Former: soft-prompt tokens k*Q .. (k+1)*Q-1 are the Q-Former bridge's
+    output on window k's frames alone (the last window zero-padded and masked), clip by clip."""
+    from flax import nnx
+
+    from slit.models.bridges.qformer import QFormerBridge, QFormerBridgeConfig
+    from slit.models.bridges.window_qformer import WindowQFormerBridge, WindowQFormerBridgeConfig
+    from slit.models.qformer import QFormerConfig
+
+    q = QFormerConfig(
+        vocab_size=50, num_queries=2, num_layers=2, width=32, num_heads=4, mlp_dim=64, encoder_width=12,
+        max_text_positions=32, dropout_rate=0.0, initializer_range=0.2,
+    )  # fmt: skip
+    window, frames_count, llm_width = 3, 8, 24
+    bridge = WindowQFormerBridge(
+        WindowQFormerBridgeConfig(q, window_frames=window, instruction_in_qformer=with_instruction),
+        llm_width,
+        rngs=nnx.Rngs(0),
+    )
+    plain = QFormerBridge(
+        QFormerBridgeConfig(q, instruction_in_qformer=with_instruction), llm_width, rngs=nnx.Rngs(1)
+    )
+    nnx.update(plain, nnx.state(bridge))  # the same weights
+    rng = np.random.default_rng(0)
+    frames = rng.normal(size=(2, frames_count, 12)).astype(np.float32)
+    mask = np.arange(frames_count)[None] < np.array([[8], [5]])  # clip 1 ends inside window 1
+    instruction = np.array([[5, 6, 7, 0], [8, 9, 0, 0]]) if with_instruction else None
+    got = np.asarray(bridge(jnp.asarray(frames), jnp.asarray(mask), instruction, None))
+    windows = -(-frames_count // window)
+    assert got.shape == (2, windows * q.num_queries, llm_width)
+    for b in range(2):
+        for k in range(windows):
+            part = np.zeros((1, window, 12), np.float32)
+            part_mask = np.zeros((1, window), bool)
+            taken = frames[b, k * window : (k + 1) * window]
+            part[0, : len(taken)], part_mask[0, : len(taken)] = taken, mask[b, k * window : (k + 1) * window]
+            ids = None if instruction is None else instruction[b : b + 1]
+            want = np.asarray(plain(jnp.asarray(part), jnp.asarray(part_mask), ids, None))[0]
+            np.testing.assert_allclose(
+                got[b, k * 2 : (k + 1) * 2], want, atol=1e-5, err_msg=f"clip {b} window {k}"
+            )
+
+
+def test_window_qformer_continues_a_stage_one_qformer_and_trains(tiny_data_dir, trained_run, tmp_path):
+    import jax
+
+    from slit.train import init_from
+    from tests.test_train_stage2 import Built, flat
+
+    stage1_dir, _ = trained_run
+    overrides = {"bridge.kind": "window_qformer", "bridge.window_frames": 50}
+    config = stage2_config(tiny_data_dir, write_tiny_llama(tmp_path / "llm"), **overrides)
+    config.init_from = str(stage1_dir)
+    stage2.validate(config, num_devices=1)
+    built = Built(config, num_batches=1)
+    start = init_from.init_from_stage_one(
+        config.init_from, built.setup.state, built.setup.state_shardings, built.qformer_tok
+    )
+    saved = flat(init_from.read_params(stage1_dir)[0])
+    got = flat(jax.device_get(start.state["params"]))
+    for name in ("qformer/query_tokens", "qformer/layers/0/cross_attention/key/kernel"):
+        np.testing.assert_array_equal(got["bridge/" + name], saved[name], err_msg=name)
+
+    # The soft prompt: one window's queries per 50 encoder frames, in front of the instruction.
+    model = built.model(start.state["params"])
+    batch = built.batches[0]
+    frames, mask = model.encode_audio(jnp.asarray(batch["audio"]), jnp.asarray(batch["num_samples"]))
+    prompt = model.bridge(frames, mask, None, None)
+    windows = -(-frames.shape[1] // 50)
+    assert prompt.shape[1] == windows * config.qformer.num_queries and windows > 1
+    state, metrics = built.setup.step_fn(start.state, built.setup.parts.frozen, batch, jax.random.key(0))
+    assert np.isfinite(float(metrics["loss"]))

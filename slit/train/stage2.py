@@ -39,7 +39,7 @@ from slit.errors import UserError
 from slit.eval import stage2 as evals
 from slit.eval.stage2 import evaluate_split, evaluation_sets, headline, write_reports
 from slit.generate.answerer import Answerer
-from slit.models.bridges import BRIDGES
+from slit.models.bridges import BRIDGES, QFORMER_BRIDGES
 from slit.models.stage2 import LOSS_AVERAGES, REMAT_POLICIES, Stage2Batch, Stage2Config
 from slit.train import checkpoint, harness, loop, pretrained, sharding
 from slit.train.harness import TrainingSetup
@@ -92,7 +92,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
     bridge_kind = bridge.get("kind", "qformer")
     if bridge_kind not in BRIDGES:
         problems.append(f"bridge.kind={bridge_kind!r}: choose one of {', '.join(BRIDGES)}")
-    elif bridge_kind != "qformer":
+    elif bridge_kind == "window_qformer" and int(bridge.get("window_frames", 17)) < 1:
+        problems.append(f"bridge.window_frames={bridge.window_frames} must be at least 1 (encoder frames)")
+    elif bridge_kind not in QFORMER_BRIDGES:
         if config.init_from:
             problems.append(
                 f"init_from={config.init_from}: it copies a stage-one Q-Former, and "

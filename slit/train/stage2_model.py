@@ -24,9 +24,10 @@ from slit.data.text_encoders import (
 )
 from slit.data.tokenizer import TextTokenizer, word_level_tokenizer
 from slit.errors import UserError
-from slit.models.bridges import BRIDGES
+from slit.models.bridges import BRIDGES, QFORMER_BRIDGES
 from slit.models.bridges.linear import LinearBridgeConfig
 from slit.models.bridges.qformer import QFormerBridgeConfig
+from slit.models.bridges.window_qformer import WindowQFormerBridgeConfig
 from slit.models.layers import Frozen
 from slit.models.stage2 import Stage2Config, Stage2Model
 from slit.train import pretrained, sharding
@@ -144,7 +145,7 @@ def model_config(config: ml_collections.ConfigDict, tokenizer: TextTokenizer) ->
         remat_policy=config.llm.remat_policy,
         loss_average=config.get("loss_average", "tokens"),
         # (BERT's text weights are for a Q-Former bridge; another bridge has no Q-Former to fill)
-        qformer_init=config.qformer.get("init", "") if bridge.kind == "qformer" else "",
+        qformer_init=config.qformer.get("init", "") if bridge.kind in QFORMER_BRIDGES else "",
         llm_trainable=bool(config.llm.get("trainable", False)),
     )
 
@@ -155,6 +156,13 @@ def bridge_config(config: ml_collections.ConfigDict, tokenizer: TextTokenizer, e
     if kind == "qformer":
         return QFormerBridgeConfig(
             qformer=pretrained.qformer_component_config(config, tokenizer.vocab_size, encoder_width),
+            instruction_in_qformer=config.qformer.instruction,
+            pad_id=tokenizer.pad_id,
+        )
+    if kind == "window_qformer":
+        return WindowQFormerBridgeConfig(
+            qformer=pretrained.qformer_component_config(config, tokenizer.vocab_size, encoder_width),
+            window_frames=int(config.bridge.get("window_frames", 17)),
             instruction_in_qformer=config.qformer.instruction,
             pad_id=tokenizer.pad_id,
         )

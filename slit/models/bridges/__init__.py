@@ -23,6 +23,7 @@ from flax import nnx
 
 from slit.models.bridges.linear import LinearBridge, LinearBridgeConfig
 from slit.models.bridges.qformer import QFormerBridge, QFormerBridgeConfig
+from slit.models.bridges.window_qformer import WindowQFormerBridge, WindowQFormerBridgeConfig
 
 
 class Bridge(Protocol):
@@ -42,8 +43,13 @@ class Bridge(Protocol):
 BRIDGES: dict[str, tuple[type, type]] = {
     "qformer": (QFormerBridgeConfig, QFormerBridge),
     "linear": (LinearBridgeConfig, LinearBridge),
+    "window_qformer": (WindowQFormerBridgeConfig, WindowQFormerBridge),
 }
 """kind -> (config dataclass, module)."""
+
+QFORMER_BRIDGES = ("qformer", "window_qformer")
+"""The bridges built around a Q-Former (its weights under `qformer/`): stage one applies to them, and
+`init_from` and `qformer.init` fill their Q-Former."""
 
 
 def make_bridge(config: Any, llm_width: int, rngs: nnx.Rngs) -> Bridge:  # noqa: ANN401 (a bridge config)
