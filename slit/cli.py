@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from slit.commands import COMMANDS
 from slit.errors import UserError
-from slit.train import host_memory
+from slit.train import compile_cache, host_memory
 
 OVERRIDES_HELP = textwrap.fill(
     "Any field of the config file can be overridden with --config.a.b=value, e.g. --config.batch_size=64 "
@@ -48,9 +48,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`slit ARGS...`. Run as the process itself (argv None: the `slit` command), it first sets the
     process's malloc so that each step's freed temporaries stay in the process rather than being faulted
     in again page by page (slit/train/host_memory.py); called with `argv` from another program (tests),
-    it leaves that program's allocator alone."""
+    it leaves that program's allocator alone. As the process, it also turns on JAX's persistent
+    compilation cache (slit/train/compile_cache.py: a rerun or a sweep point with the same shapes loads
+    its compiled steps instead of compiling them)."""
     if argv is None:
         host_memory.keep_freed_memory()  # before JAX starts its threads
+        compile_cache.enable_compilation_cache()
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(
         prog="slit", description="Audio-language models from frozen pretrained models."

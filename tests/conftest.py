@@ -20,6 +20,17 @@ TINY_DATA = "slit_synthetic_sounds/tiny"
 # tests/test_host_memory.py tests those settings with this variable removed.
 os.environ.setdefault("SLIT_KEEP_FREED_MEMORY", "0")
 
+# Most tests compile the same tiny steps: one persistent compilation cache for the whole session (both
+# xdist workers and every `slit` command they start) loads them instead (slit/train/compile_cache.py).
+# It lives in the checkout (gitignored), so a CI run on a clean clone starts empty.
+os.environ.setdefault("SLIT_COMPILATION_CACHE", str(ROOT / ".jax_cache"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    from slit.train import compile_cache
+
+    compile_cache.enable_compilation_cache()
+
 
 @pytest.fixture(scope="session")
 def tiny_data_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
