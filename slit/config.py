@@ -12,6 +12,7 @@ import difflib
 import importlib.util
 import json
 import pathlib
+import types
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -35,14 +36,20 @@ def configs_dir(needed: str = "stage1_synthetic.py") -> pathlib.Path:
     return here
 
 
-def load_config_file(path: str | pathlib.Path) -> ml_collections.ConfigDict:
-    """Imports `path` and returns its `get_config()`, locked so that unknown keys cannot be added."""
+def config_module(path: str | pathlib.Path) -> types.ModuleType:
+    """The config file `path` imported as a module (its get_config(), and get_sweep() where it has one)."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; the shipped configs are in configs/")
     spec = importlib.util.spec_from_file_location(f"slit_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def load_config_file(path: str | pathlib.Path) -> ml_collections.ConfigDict:
+    """Imports `path` and returns its `get_config()`, locked so that unknown keys cannot be added."""
+    module = config_module(path)
     if not hasattr(module, "get_config"):
         raise ConfigError(f"config file {path} has no get_config() function")
     config = module.get_config()

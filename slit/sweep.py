@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import importlib.util
 import json
 import os
 import pathlib
@@ -65,11 +64,7 @@ def load_sweep(config_path: str | pathlib.Path) -> list[dict[str, Any]]:
     """The override sets of `config_path`'s get_sweep(); UserError when the file has none or it returns
     something other than a non-empty list of {dotted key: value} dicts."""
     path = pathlib.Path(config_path)
-    if not path.is_file():
-        raise UserError(f"config file {path} does not exist")
-    spec = importlib.util.spec_from_file_location(f"slit_sweep_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = config_lib.config_module(path)
     if not hasattr(module, "get_sweep"):
         raise UserError(
             f"{path} has no get_sweep(); add `def get_sweep() -> list[dict[str, object]]` returning override "
