@@ -278,11 +278,24 @@ def bert_params(init: str, qformer: QFormerConfig, fresh: dict) -> dict:
     return traverse_util.unflatten_dict(flat)
 
 
-def put_tower(abstract: nnx.State, tower: dict, shardings: dict) -> dict:
-    """A loaded audio tower's host params (`LoadedTower.params`) as the global arrays of the model's
-    `audio_tower` (frozen, or trainable) in `abstract` (a model's split state), with `shardings` (its)."""
-    want = {"audio_tower": nnx.to_pure_dict(abstract)["audio_tower"]}
-    return put_like(want, {"audio_tower": tower}, {"audio_tower": shardings["audio_tower"]})["audio_tower"]
+def place_audio_tower(
+    audio: AudioEncoderConfig,
+    params: dict,
+    frozen: dict,
+    abstract: tuple[nnx.State, nnx.State],
+    shardings: tuple[dict, dict],
+) -> None:
+    """Reads the pretrained encoder `audio.weights` on the host and puts it, as global arrays in their
+    shardings, under `audio_tower` of the trainable `params` (with `audio.trainable`) or of the `frozen`
+    weights, in place. `abstract` and `shardings`: (params, frozen) of the model's split state."""
+    which = 0 if audio.trainable else 1
+    want = {"audio_tower": nnx.to_pure_dict(abstract[which])["audio_tower"]}
+    placed = put_like(
+        want,
+        {"audio_tower": load_tower(audio.weights).params},
+        {"audio_tower": shardings[which]["audio_tower"]},
+    )
+    (params, frozen)[which]["audio_tower"] = placed["audio_tower"]
 
 
 def put_like(abstract: nnx.State | dict, values: dict, shardings: dict) -> dict:

@@ -228,11 +228,9 @@ def create_model(
     with jax.set_mesh(mesh):
         params, frozen = jax.jit(init, out_shardings=(param_sh, init_frozen_sh))(llm_state)
     if not random_audio:
-        tower = pretrained.load_tower(cfg.audio.weights).params
-        if cfg.audio.trainable:
-            params["audio_tower"] = pretrained.put_tower(abs_params, tower, param_sh)
-        else:
-            frozen["audio_tower"] = pretrained.put_tower(abs_frozen, tower, frozen_sh)
+        pretrained.place_audio_tower(
+            cfg.audio, params, frozen, (abs_params, abs_frozen), (param_sh, frozen_sh)
+        )
     if cfg.qformer_init:
         host = jax.device_get(params)
         host["bridge"] = pretrained.bert_params(cfg.qformer_init, cfg.bridge.qformer, host["bridge"])
