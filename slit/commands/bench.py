@@ -25,9 +25,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    import jax
+
     from slit import config as config_lib
     from slit.bench import common
 
+    # Compile times are part of every benchmark's result: measured, not loaded from the `slit` command's
+    # persistent compilation cache (slit/train/compile_cache.py).
+    jax.config.update("jax_enable_compilation_cache", False)
     module = importlib.import_module(BENCHES[args.bench])
     if extra and not getattr(module, "READS_CONFIG", False):
         raise config_lib.ConfigError(
