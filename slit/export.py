@@ -223,6 +223,13 @@ def export_hf_blip2(run: runs.Run, out: pathlib.Path) -> None:
     """
     from slit.interop import hf_convert
 
+    trained = _trained_components(run.config)
+    if trained:
+        raise UserError(
+            f"--format hf-blip2 writes the Q-Former only, and {run.workdir} also trained its "
+            f"{' and '.join(trained)} (their weights would be lost): use safetensors or bundle"
+        )
+
     if run.stage == "stage1":
         params, cfg = typed_params(run)
         hf_convert.export_qformer(out, params, cfg.qformer, layout="blip2-retrieval", embed_dim=cfg.embed_dim)
@@ -325,16 +332,34 @@ def _frozen_lines(info: dict, config: ml_collections.ConfigDict) -> list[str]:
         f"- Frozen `{name}`: {frozen['source']} (fingerprint `{frozen['fingerprint']}`)."
         for name, frozen in info["frozen_models"].items()
     ]
-    encoder, llm = config.audio_encoder, config.get("llm", {})
-    trained = {
-        "audio_tower": f"the {encoder.kind} audio encoder" if encoder.get("trainable", False) else "",
-        "llm": f"the LLM ({llm.kind} {llm.path})".replace(" )", ")") if llm.get("trainable", False) else "",
-    }
+    what = {"audio_tower": f"the {config.audio_encoder.kind} audio encoder", "llm": "the LLM"}
     return lines + [
-        f"- Trained too, from where it started (in this file as `{name}.*`): {what}."
-        for name, what in trained.items()
-        if what
+        f"- Trained too, from where it started (in this file as `{name}.*`): {what[name]}."
+        for name in _trained_components(config)
     ]
+
+
+def _trained_components(config: ml_collections.ConfigDict) -> list[str]:
+    """The pretrained components the run trained too ("audio_tower", "llm"), by their config fields."""
+    return [
+        name
+        for name, group in (("audio_tower", "audio_encoder"), ("llm", "llm"))
+        if config.get(group, {}).get("trainable", False)
+    ]
+
+
+def _stored_line(trained_parts: str, config: ml_collections.ConfigDict) -> str:
+    """What `model.safetensors` holds, for a stage-two card."""
+    trained = _trained_components(config)
+    if not trained:
+        return (
+            f"Only {trained_parts} in `model.safetensors`; the frozen audio encoder and LLM are named above "
+            "with content fingerprints."
+        )
+    held = [what for name, what in (("audio_tower", "audio encoder"), ("llm", "LLM")) if name not in trained]
+    return f"`model.safetensors` holds the bridge and the trained {' and '.join(trained)} weights" + (
+        f"; the frozen {' and '.join(held)} are named above with content fingerprints." if held else "."
+    )
 
 
 def _encoder_held(config: ml_collections.ConfigDict) -> str:
@@ -395,22 +420,22 @@ def stage2_model_card(run: runs.Run, info: dict) -> str:
     width, llm_width = (int(n) for n in np.shape(run.params["bridge"]["projection"]["kernel"]))
     llm_source = info["frozen_models"].get("llm", {}).get("source", f"{c.llm.kind} {c.llm.path}")
     kind = c.get("bridge", {}).get("kind", "qformer")
+    llm_held = "fine-tuned" if "llm" in _trained_components(c) else "frozen"
     if kind in ("qformer", "window_qformer"):
         qformer = run.params["bridge"]["qformer"]
         queries = int(np.shape(qformer["query_tokens"])[-2])
-        title = "a Q-Former soft prompt for a frozen LLM"
+        title = f"a Q-Former soft prompt for a {llm_held} LLM"
         outputs = f"its {queries} projected query outputs are a soft prompt"
         if kind == "window_qformer":
-            title = "a windowed Q-Former soft prompt for a frozen LLM"
+            title = f"a windowed Q-Former soft prompt for a {llm_held} LLM"
             outputs = (
                 f"one pass per window of {c.bridge.window_frames} encoder frames, whose {queries} projected "
                 "query outputs, window after window, are a soft prompt (SALMONN's window-level Q-Former)"
             )
         description = (
             f"A BLIP-2 Q-Former ({qformer_description(qformer, q.cross_attention_freq)}) over a "
-            f"{_encoder_held(c)} "
-            f"{a.kind} audio encoder, and a linear projection from width {width} to the frozen LLM's width "
-            f"{llm_width}: {outputs}"
+            f"{_encoder_held(c)} {a.kind} audio encoder, and a linear projection from width {width} to the "
+            f"{llm_held} LLM's width {llm_width}: {outputs}"
         )
         if q.get("instruction", True):
             bridge = (
@@ -426,7 +451,7 @@ def stage2_model_card(run: runs.Run, info: dict) -> str:
     else:
         b = c.bridge
         mlp = f"an MLP (hidden width {b.hidden})" if b.get("hidden", 0) else "a linear map"
-        title = f"a {kind} bridge's soft prompt for a frozen LLM"
+        title = f"a {kind} bridge's soft prompt for a {llm_held} LLM"
         description = (
             f"A {kind} bridge over a {_encoder_held(c)} {a.kind} audio encoder: each clip's frames "
             f"averaged over {b.num_tokens} equal segments, normalised and mapped by {mlp} to the frozen "
@@ -444,7 +469,7 @@ def stage2_model_card(run: runs.Run, info: dict) -> str:
     lines = [
         f"# slit stage-two audio-language model: {title}",
         "",
-        f"{description} in front of the frozen LLM ({llm_source}). "
+        f"{description} in front of the {llm_held} LLM ({llm_source}). "
         f"Trained by slit {slit.__version__} for {run.step} steps on the answer tokens only. {bridge}",
         "",
         f"The LLM sees `[soft prompt; {prompt}]` and generates the answer after it.",
@@ -454,8 +479,7 @@ def stage2_model_card(run: runs.Run, info: dict) -> str:
         + (f"; Q-Former from stage-one run `{pathlib.Path(c.init_from).name}`" if c.get("init_from") else "")
         + ").",
         *_frozen_lines(info, run.config),
-        f"- Only {trained_parts} in `model.safetensors`; the frozen audio encoder and LLM are named above "
-        "with content fingerprints.",
+        f"- {_stored_line(trained_parts, run.config)}",
         "",
         *_results(run),
         "## Loading",

@@ -377,3 +377,16 @@ def test_a_key_an_older_run_lacks_counts_as_swept_and_shows_empty(tmp_path):
     assert report.swept == ["optimizer.lr_multipliers"]
     rows = {r["run"]: r for r in csv.DictReader((tmp_path / "out" / "report.csv").open())}
     assert [rows[n]["optimizer.lr_multipliers"] for n in sorted(rows)] == ["bridge/qformer=0.1", ""]
+
+
+def test_a_run_without_a_test_split_is_finished_at_its_last_checkpoint(tmp_path):
+    losses = write_run(tmp_path / "no_test", 8, 0)  # final checkpoint, no test scalars
+    write_run(tmp_path / "half", 8, 1, logged_to=150, checkpoints=(150,))
+    report = compare.build_report(
+        [tmp_path / "no_test", tmp_path / "half"], tmp_path / "out", metric="train_loss"
+    )
+    status = {r.name.split("/")[-1]: r.status for r in report.runs}
+    assert status == {"no_test": compare.NO_TEST, "half": "unfinished (step 150 of 300)"}
+    finished = [r for r in report.runs if r.finished]
+    assert [r.name.split("/")[-1] for r in finished] == ["no_test"]
+    assert finished[0].train_loss == pytest.approx(np.mean(losses[-10:]))

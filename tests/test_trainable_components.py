@@ -125,19 +125,25 @@ def test_a_stage_one_trained_encoder_goes_on_only_into_a_trainable_one(tiny_data
     ):
         init_from.check_init_from_audio_tower(str(workdir), identity["audio_tower"], held.config)
 
-    config = stage2_config(tiny_data_dir, llm_dir, init_from=str(workdir), **overrides, features="compute")
-    stage2.validate(config, num_devices=1)
-    built = Built(config, num_batches=1)
-    tower = checkpoint.frozen_identity(
-        {"audio_tower": built.setup.state["params"]["audio_tower"]}, {"audio_tower": "start"}
-    )["audio_tower"]
-    init_from.check_init_from_audio_tower(str(workdir), tower, config)
-    begun = init_from.init_from_stage_one(
-        config.init_from, built.setup.state, built.setup.state_shardings, built.qformer_tok
+    # Trainable here too: the trainer takes stage one's trained encoder along with its Q-Former (one step
+    # at the warmup's learning rate 0, so the checkpoint holds exactly what init_from copied).
+    config = stage2_config(
+        tiny_data_dir,
+        llm_dir,
+        init_from=str(workdir),
+        **overrides,
+        features="compute",
+        total_steps=1,
+        checkpoint_every_steps=1,
+        **{"eval.max_clips": 2, "eval.tasks": ("captioning",)},
     )
-    got = flat(jax.device_get(begun.state["params"]))
+    stage2.train(config, tmp_path / "stage2")
+    got = flat(init_from.read_params(tmp_path / "stage2")[0])
     for name in start:
         np.testing.assert_array_equal(got[f"audio_tower/{name}"], saved[f"audio_tower/{name}"], err_msg=name)
+    np.testing.assert_array_equal(
+        got["bridge/qformer/query_tokens"], saved["qformer/query_tokens"]
+    )  # and the Q-Former
 
 
 def test_the_run_says_what_trains_and_what_is_frozen():
@@ -149,3 +155,15 @@ def test_the_run_says_what_trains_and_what_is_frozen():
         "Parameters: trained 30.11 k (bridge 30.10 k, audio_tower 12); frozen 0.14 M (llm 0.14 M)"
     )
     assert describe_parameters(params, {}).endswith("; frozen nothing")
+
+
+def test_a_run_cannot_switch_a_component_between_frozen_and_trained():
+    from slit.train.checkpoint import check_frozen_identity
+
+    tower = {"source": "whisper base", "fingerprint": "abc"}
+    llm = {"source": "SmolLM2", "fingerprint": "def"}
+    with pytest.raises(UserError, match=r"holds audio_tower frozen, while this run trains it.*init_from"):
+        check_frozen_identity({"audio_tower": tower, "llm": llm}, {"llm": llm}, "run/checkpoints/4", True)
+    with pytest.raises(UserError, match=r"holds llm trained, while this run freezes it"):
+        check_frozen_identity({"audio_tower": tower}, {"audio_tower": tower, "llm": llm}, "run", True)
+    check_frozen_identity({"audio_tower": tower}, {"audio_tower": tower}, "run", False)  # unchanged: fine

@@ -7,10 +7,12 @@ going, never started or failed:
   the end-of-run test evaluation is logged at step `total_steps` with "test/..." keys) and
   `checkpoints/<step>/`;
 - a sweep root (launch/sweep.py): `sweep.json`, whose points name their workdirs (`<root>/<name>`), their
-  overrides and their status ("pending", "running", "finished", "failed (exit N)").
+  overrides and their status ("pending", "running", "finished", "failed (exit N)", "interrupted").
 
-A run is "finished" when its metrics hold test scalars at step == total_steps. The swept values of a run
-are the config keys (flattened with dots) whose values differ among the runs compared.
+A run is "finished" when its metrics hold test scalars at step == total_steps ("finished, no test
+evaluation" when it has its final checkpoint but logged none, e.g. a dataset without a test split). The
+swept values of a run are the config keys (flattened with dots) whose values differ among the runs
+compared.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ TEST_PREFIX = "test/"
 TRAIN_LOSS = "train_loss"  # the report's column: mean of the last LOSS_WINDOW logged "loss" values
 LOSS_WINDOW = 10
 SEED = "seed"
+NO_TEST = "finished, no test evaluation"  # the final checkpoint exists, no test scalars were logged
 MAX_LABEL = 60  # characters of a plot legend entry
 # Default plot metric: the first of these the runs have, else their first non-baseline test metric.
 PREFERRED_METRICS = ("CIDEr-D", "SPIDEr", "text_to_audio_R@1", "qa_accuracy", "classification_accuracy")
@@ -155,7 +158,7 @@ class RunRecord:
     workdir: pathlib.Path
     name: str  # the workdir relative to the runs' common parent
     values: dict[str, Any]  # flattened config (only the sweep's overrides for a run never started)
-    status: str  # "finished", "unfinished (step N of T)", "not started" or "failed (exit N)"
+    status: str  # "finished", NO_TEST, "unfinished (step N of T)", "not started" or "failed (exit N)"
     step: int | None  # the newest step logged or checkpointed (None: nothing yet)
     total_steps: int | None
     train_loss: float | None
@@ -163,7 +166,7 @@ class RunRecord:
 
     @property
     def finished(self) -> bool:
-        return self.status == "finished"
+        return self.status in ("finished", NO_TEST)
 
 
 @dataclasses.dataclass
@@ -242,6 +245,8 @@ def _status(
     test_step, scalars = final_test(lines)
     if scalars and total is not None and test_step == total:
         return "finished", total, total
+    if total is not None and total in steps and not (sweep_status or "").startswith("failed"):
+        return NO_TEST, total, total  # (a dataset without a test split: the run ends at its checkpoint)
     logged = [line["step"] for line in lines]
     step = max(logged + steps) if logged or steps else None
     if sweep_status and sweep_status.startswith("failed"):

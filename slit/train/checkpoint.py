@@ -91,7 +91,22 @@ def frozen_identity(frozen: dict, sources: dict[str, str]) -> dict[str, dict[str
 
 
 def check_frozen_identity(saved: dict, current: dict, where: str, allow_mismatch: bool) -> None:
-    """Refuses to resume with frozen models that differ from the ones the checkpoint was trained with."""
+    """Refuses to resume with frozen models that differ from the ones the checkpoint was trained with.
+
+    A model frozen on one side and trained on the other (`audio_encoder.trainable`, `llm.trainable`
+    changed) is refused even with `allow_mismatch`: the checkpoint's trainable weights would not fit."""
+    switched = sorted(set(saved) ^ set(current)) if saved else []  # (old checkpoints recorded none)
+    if switched:
+        raise UserError(
+            f"{where} holds "
+            + "; ".join(
+                f"{name} {'frozen' if name in saved else 'trained'}, while this run "
+                f"{'trains' if name in saved else 'freezes'} it"
+                for name in switched
+            )
+            + ". A run cannot change what trains: set audio_encoder.trainable / llm.trainable as that "
+            "run did, or start a new workdir with --config.init_from=<that workdir>."
+        )
     problems = []
     for name in sorted(set(saved) | set(current)):
         old, new = saved.get(name), current.get(name)

@@ -8,7 +8,9 @@ different program gets a different key, so the cache never changes a result.
 
 `SLIT_COMPILATION_CACHE` chooses the directory (default `$XDG_CACHE_HOME/slit/jax`, i.e.
 `~/.cache/slit/jax`; any path JAX accepts, such as a `gs://` bucket shared by a pod's hosts), and `0`
-turns it off. Compilations under a second are not written (JAX's own threshold).
+turns it off. Compilations under a second are not written (JAX's own threshold). The directory is not
+pruned; an entry cut short by a killed process makes JAX warn and compile again (delete the directory
+to clear it).
 """
 
 from __future__ import annotations

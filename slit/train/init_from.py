@@ -1,7 +1,7 @@
-"""Starting stage two from a stage-one run (`init_from`): the Q-Former's weights copied into the bridge
-(word embeddings remapped by token), after checking that the stage-one Q-Former learned against the same
-frozen audio encoder, read the same way; and the restore precedence with it (this workdir's checkpoint,
-resume_from, init_from, fresh).
+"""Starting stage two from a stage-one run (`init_from`): the Q-Former's weights copied into the bridge (word
+embeddings remapped by token), after checking that the stage-one Q-Former learned against the same audio
+encoder, read the same way (a trained encoder goes along into a trainable one); and the restore precedence
+with it (this workdir's checkpoint, resume_from, init_from, fresh).
 """
 
 from __future__ import annotations

@@ -75,9 +75,9 @@ def create_model(
 ) -> ModelParts:
     """Initialises the model directly into its shardings (no unsharded copy on one device).
 
-    A pretrained audio encoder (`cfg.audio.weights`) is read on the host and placed into its shardings
-    (its random initialisation is never computed): with the frozen weights, or with the trainable ones
-    when `cfg.audio.trainable`. With `cfg.qformer_init`, the Q-Former's text weights are BERT's
+    A pretrained audio encoder (`cfg.audio.weights`) is read on the host and placed into its shardings:
+    with the frozen weights (its random initialisation is then never computed), or with the trainable
+    ones when `cfg.audio.trainable` (then initialised with the rest, and replaced). With `cfg.qformer_init`, the Q-Former's text weights are BERT's
     (slit.train.pretrained.bert_params).
     """
 
