@@ -107,6 +107,8 @@ def test_a_stage_one_trained_encoder_goes_on_only_into_a_trainable_one(tiny_data
     card = (tmp_path / "safetensors" / "README.md").read_text()
     assert "against a fine-tuned random audio encoder" in card and "as `audio_tower.*`" in card
     export.export(workdir, "bundle", tmp_path / "bundle")
+    with pytest.raises(UserError, match=r"hf-blip2 writes the Q-Former only.*also trained its audio_tower"):
+        export.export(workdir, "hf-blip2", tmp_path / "hf")  # the trained encoder would be lost
     model = export.load_bundle(tmp_path / "bundle").model
     kernel = "audio_tower/encoder/conv1/kernel"
     np.testing.assert_array_equal(np.asarray(model.audio_tower.encoder.conv1.kernel[...]), saved[kernel])
