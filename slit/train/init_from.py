@@ -140,9 +140,12 @@ def init_from_stage_one(
                 )
     params, copied, fresh, mismatched = checkpoint.merge_matching(host_params, source)
     if mismatched:
+        groups = ["audio_encoder" if m.startswith("audio_tower/") else "qformer" for m in mismatched]
         raise UserError(
             f"init_from={path}: these weights exist in both but differ in shape (checkpoint vs this run):\n"
-            "  - " + "\n  - ".join(mismatched) + "\nUse stage one's qformer settings in this config."
+            "  - "
+            + "\n  - ".join(mismatched)
+            + f"\nUse stage one's {' and '.join(sorted(set(groups)))} settings in this config."
         )
     if not any(name.startswith(BRIDGE_QFORMER) for name in copied):
         raise UserError(f"init_from={path}: no Q-Former weight of the checkpoint matches this model by name")
