@@ -55,12 +55,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _trainer(workdir: str) -> str:
-    from slit.train import checkpoint
-
-    return checkpoint.run_config(workdir).get("trainer", "stage1")
-
-
 def _print(result: Result) -> None:
     print(result.text)
     for kind, path in result.paths.items():
@@ -70,8 +64,10 @@ def _print(result: Result) -> None:
 def run(args: argparse.Namespace, extra: Sequence[str]) -> int:
     from slit.errors import UserError
     from slit.eval import registry
+    from slit.train import checkpoint
 
-    trainer = _trainer(args.workdir)
+    run_config = checkpoint.run_config(args.workdir)
+    trainer = run_config.get("trainer", "stage1")
     request = registry.Request(
         workdir=args.workdir,
         data=args.data,
@@ -97,11 +93,10 @@ def run(args: argparse.Namespace, extra: Sequence[str]) -> int:
     else:
         from slit.data import sources
         from slit.data import tasks as tasks_lib
-        from slit.train import checkpoint
 
         data_dir = args.data_dir
         if data_dir is None:
-            data_dir = checkpoint.run_config(args.workdir).get("data", {}).get("data_dir", "")
+            data_dir = run_config.get("data", {}).get("data_dir", "")
         source = sources.open_split(args.data, data_dir, args.split)
         contents = tasks_lib.split_contents(source, f"the {args.split} split of {args.data}")
         evaluations = registry.needs(trainer)
