@@ -129,6 +129,19 @@ def get_config() -> ml_collections.ConfigDict:
     c.bridge.num_tokens = 8  # linear
     c.bridge.hidden = 0  # linear
     c.bridge.window_frames = 17  # window_qformer: ~0.33 s of Whisper frames, as SALMONN
+    # "pengi": the mean frame and the instruction's frozen BERT embedding (qformer.init's BERT, else a random
+    # one of the qformer group's sizes), each projected, L2-normalised and mapped by its own transformer to
+    # bridge.prefix_length tokens: [audio prefix; prompt prefix]. Pengi: 40 + 40 tokens from 40 mapper
+    # inputs, projections to 1024, 4 mapper layers of 8 heads; the LLM reads the instruction only through
+    # the prefix unless bridge.instruction_to_llm (no stage one: init_from must be empty).
+    c.bridge.prefix_length = 8  # pengi (Pengi: 40)
+    c.bridge.clip_length = 8  # pengi: mapper input tokens (Pengi: 40)
+    c.bridge.projection_width = 256  # pengi (Pengi: 1024)
+    c.bridge.mapper_layers = 2  # pengi (Pengi: 4)
+    c.bridge.mapper_heads = 8  # pengi (Pengi: 8)
+    c.bridge.mapper_mlp_ratio = 2.0  # pengi (Pengi: 2)
+    c.bridge.projection_dropout = 0.5  # pengi (Pengi: 0.5)
+    c.bridge.instruction_to_llm = False  # pengi: also give the LLM the instruction's tokens (Pengi: no)
 
     c.qformer = ml_collections.ConfigDict()  # as configs/stage1_synthetic.py
     c.qformer.init = ""  # "minilm" or a HF BERT directory: BERT's sizes and text weights (stage one's)

@@ -417,9 +417,15 @@ def stage2_model_card(run: runs.Run, info: dict) -> str:
 
     c = run.config
     q, a = c.qformer, c.audio_encoder
-    width, llm_width = (int(n) for n in np.shape(run.params["bridge"]["projection"]["kernel"]))
-    llm_source = info["frozen_models"].get("llm", {}).get("source", f"{c.llm.kind} {c.llm.path}")
     kind = c.get("bridge", {}).get("kind", "qformer")
+    if kind == "pengi":  # (no single projection: each mapper ends at the LLM's width)
+        width, llm_width = (
+            int(n) for n in np.shape(run.params["bridge"]["audio_mapper"]["linear"]["kernel"])
+        )
+        llm_width = int(np.shape(run.params["bridge"]["audio_mapper"]["prefix_const"])[-1])
+    else:
+        width, llm_width = (int(n) for n in np.shape(run.params["bridge"]["projection"]["kernel"]))
+    llm_source = info["frozen_models"].get("llm", {}).get("source", f"{c.llm.kind} {c.llm.path}")
     llm_held = "fine-tuned" if "llm" in _trained_components(c) else "frozen"
     if kind in ("qformer", "window_qformer"):
         qformer = run.params["bridge"]["qformer"]
@@ -448,6 +454,22 @@ def stage2_model_card(run: runs.Run, info: dict) -> str:
             )
         trained_parts = "the Q-Former (with its query tokens and embeddings) and the projection are"
         names = "bridge.qformer.* and bridge.projection.{kernel,bias}"
+    elif kind == "pengi":
+        b = c.bridge
+        prefix = int(np.shape(run.params["bridge"]["audio_mapper"]["prefix_const"])[0])
+        prompt_encoder = f"BERT {q.init}" if q.get("init", "") else "a random BERT"
+        title = f"a Pengi prefix for a {llm_held} LLM"
+        description = (
+            f"Pengi's mapping networks over a {_encoder_held(c)} {a.kind} audio encoder: the clip's mean "
+            f"frame and the frozen prompt encoder's ({prompt_encoder}) [CLS] output, each projected to "
+            f"width {width}, L2-normalised and mapped by its own {b.mapper_layers}-layer transformer to "
+            f"{prefix} tokens of the LLM's width {llm_width}: {2 * prefix} prefix tokens, audio then prompt"
+        )
+        bridge = "The instruction reaches the LLM through the prompt prefix" + (
+            " and as its own tokens after it." if b.get("instruction_to_llm", False) else " only (as Pengi)."
+        )
+        trained_parts = "the projections and the two mappers are"
+        names = "bridge.{audio,prompt}_projection.* and bridge.{audio,prompt}_mapper.*"
     else:
         b = c.bridge
         mlp = f"an MLP (hidden width {b.hidden})" if b.get("hidden", 0) else "a linear map"

@@ -38,6 +38,19 @@ def unfreeze(module: nnx.Module) -> nnx.Module:
     return module
 
 
+def freeze(module: nnx.Module) -> nnx.Module:
+    """Makes every `nnx.Param` under `module` a `Frozen` weight (same value and sharding metadata), in
+    place: the counterpart of `unfreeze`, for a pretrained part built from trainable modules (Pengi's
+    prompt encoder is a Q-Former-shaped BERT). Returns `module`."""
+    for _, node in nnx.iter_graph(module):
+        if not isinstance(node, nnx.Module):
+            continue
+        for name, value in list(vars(node).items()):
+            if isinstance(value, nnx.Param):
+                setattr(node, name, Frozen(value.get_value(), **value.get_metadata()))
+    return module
+
+
 def normal(stddev: float = 0.02) -> Initializer:
     """BERT-style truncated-free normal initialiser."""
     return jax.nn.initializers.normal(stddev)

@@ -103,6 +103,15 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
             )
         if bridge_kind == "linear" and (bridge.get("num_tokens", 8) < 1 or bridge.get("hidden", 0) < 0):
             problems.append("bridge.num_tokens must be at least 1 and bridge.hidden >= 0 (0: one linear map)")
+        if bridge_kind == "pengi":
+            sizes = ("prefix_length", "clip_length", "mapper_layers", "mapper_heads", "projection_width")
+            problems += [
+                f"bridge.{key}={bridge[key]} must be at least 1"
+                for key in sizes
+                if key in bridge and bridge[key] < 1
+            ]
+            if not 0.0 <= bridge.get("projection_dropout", 0.5) < 1.0:
+                problems.append(f"bridge.projection_dropout={bridge.projection_dropout} must be in [0, 1)")
     d = config.data
     for key in ("max_instruction_length", "max_answer_length"):
         if d[key] < 1:

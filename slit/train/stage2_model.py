@@ -26,6 +26,7 @@ from slit.data.tokenizer import TextTokenizer, word_level_tokenizer
 from slit.errors import UserError
 from slit.models.bridges import BRIDGES, QFORMER_BRIDGES
 from slit.models.bridges.linear import LinearBridgeConfig
+from slit.models.bridges.pengi import PengiBridgeConfig
 from slit.models.bridges.qformer import QFormerBridgeConfig
 from slit.models.bridges.window_qformer import WindowQFormerBridgeConfig
 from slit.models.layers import Frozen
@@ -144,8 +145,8 @@ def model_config(config: ml_collections.ConfigDict, tokenizer: TextTokenizer) ->
         bridge=bridge,
         remat_policy=config.llm.remat_policy,
         loss_average=config.get("loss_average", "tokens"),
-        # (BERT's text weights are for a Q-Former bridge; another bridge has no Q-Former to fill)
-        qformer_init=config.qformer.get("init", "") if bridge.kind in QFORMER_BRIDGES else "",
+        # (BERT's text weights fill a Q-Former bridge's Q-Former, or Pengi's frozen prompt encoder)
+        qformer_init=config.qformer.get("init", "") if bridge.kind in (*QFORMER_BRIDGES, "pengi") else "",
         llm_trainable=bool(config.llm.get("trainable", False)),
     )
 
@@ -173,6 +174,27 @@ def bridge_config(config: ml_collections.ConfigDict, tokenizer: TextTokenizer, e
             num_tokens=int(b.get("num_tokens", 8)),
             hidden=int(b.get("hidden", 0)),
             initializer_range=float(config.qformer.initializer_range),
+        )
+    if kind == "pengi":
+        b = config.bridge
+        # The frozen prompt encoder: the BERT that `qformer.init` names (else a random one of the qformer
+        # group's sizes), its text path only: one query, cross-attention in its first layer only, unused.
+        prompt = pretrained.qformer_component_config(config, tokenizer.vocab_size, encoder_width)
+        prompt = dataclasses.replace(
+            prompt, num_queries=1, cross_attention_freq=prompt.num_layers, dropout_rate=0.0
+        )
+        return PengiBridgeConfig(
+            encoder_width=encoder_width,
+            prompt_encoder=prompt,
+            pad_id=tokenizer.pad_id,
+            projection_width=int(b.get("projection_width", 1024)),
+            prefix_length=int(b.get("prefix_length", 40)),
+            clip_length=int(b.get("clip_length", 40)),
+            mapper_layers=int(b.get("mapper_layers", 4)),
+            mapper_heads=int(b.get("mapper_heads", 8)),
+            mapper_mlp_ratio=float(b.get("mapper_mlp_ratio", 2.0)),
+            projection_dropout=float(b.get("projection_dropout", 0.5)),
+            instruction_to_llm=bool(b.get("instruction_to_llm", False)),
         )
     raise UserError(f"bridge.kind={kind!r}: choose one of {', '.join(BRIDGES)}")
 
@@ -213,7 +235,10 @@ def create_model(
     param_sh = sharding.state_shardings(abs_params, rules, mesh)
     frozen_sh = sharding.state_shardings(abs_frozen, rules, mesh)
     random_audio = not cfg.audio.weights
-    init_frozen_sh = {k: v for k, v in frozen_sh.items() if k == "audio_tower" and random_audio}
+    # (made inside the jit: a random audio tower, and a bridge's own frozen part: Pengi's prompt encoder)
+    init_frozen_sh = {
+        k: v for k, v in frozen_sh.items() if (k == "audio_tower" and random_audio) or k == "bridge"
+    }
     # (a trainable LLM's loaded weights pass through `init` into the params untouched)
 
     def init(llm_state: Any) -> tuple[dict, dict]:  # noqa: ANN401
@@ -231,7 +256,13 @@ def create_model(
         pretrained.place_audio_tower(
             cfg.audio, params, frozen, (abs_params, abs_frozen), (param_sh, frozen_sh)
         )
-    if cfg.qformer_init:
+    if cfg.qformer_init and cfg.bridge.kind == "pengi":
+        host = jax.device_get(frozen["bridge"])
+        host["prompt_tower"] = pretrained.bert_params(
+            cfg.qformer_init, cfg.bridge.prompt_encoder, host["prompt_tower"]
+        )
+        frozen["bridge"] = pretrained.put_like(abs_frozen["bridge"], host, frozen_sh["bridge"])
+    elif cfg.qformer_init:
         host = jax.device_get(params)
         host["bridge"] = pretrained.bert_params(cfg.qformer_init, cfg.bridge.qformer, host["bridge"])
         params = pretrained.put_like(abs_params, host, param_sh)
@@ -244,5 +275,10 @@ def create_model(
 def frozen_sources(config: ml_collections.ConfigDict, llm_source: str) -> dict[str, str]:
     """Where each frozen model's weights come from, in words (recorded in checkpoints)."""
     sources = {"audio_tower": pretrained.audio_source(config), "llm": llm_source}
+    if config.get("bridge", {}).get("kind") == "pengi":  # its frozen prompt encoder
+        init = config.qformer.get("init", "")
+        sources["bridge"] = (
+            f"prompt encoder: BERT {init}" if init else f"prompt encoder: random (seed {config.seed})"
+        )
     trained = {"audio_tower": pretrained.audio_settings(config).trainable, "llm": config.llm.get("trainable")}
-    return {name: source for name, source in sources.items() if not trained[name]}
+    return {name: source for name, source in sources.items() if not trained.get(name, False)}

@@ -22,6 +22,7 @@ import jax
 from flax import nnx
 
 from slit.models.bridges.linear import LinearBridge, LinearBridgeConfig
+from slit.models.bridges.pengi import PengiBridge, PengiBridgeConfig
 from slit.models.bridges.qformer import QFormerBridge, QFormerBridgeConfig
 from slit.models.bridges.window_qformer import WindowQFormerBridge, WindowQFormerBridgeConfig
 
@@ -44,6 +45,7 @@ BRIDGES: dict[str, tuple[type, type]] = {
     "qformer": (QFormerBridgeConfig, QFormerBridge),
     "linear": (LinearBridgeConfig, LinearBridge),
     "window_qformer": (WindowQFormerBridgeConfig, WindowQFormerBridge),
+    "pengi": (PengiBridgeConfig, PengiBridge),
 }
 """kind -> (config dataclass, module)."""
 
