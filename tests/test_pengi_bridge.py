@@ -256,3 +256,37 @@ def test_pengi_llm_sees_the_instruction_only_through_the_prefix(pengi_run):
     base = logits([[-1, 4, 5], [3, 4, 5]], qformer_ids)
     np.testing.assert_allclose(logits([[-1, 9, 9], [9, 9, 9]], qformer_ids), base, atol=1e-6)
     assert not np.allclose(logits([[-1, 4, 5], [3, 4, 5]], qformer_ids.at[:, 1].set(9)), base, atol=1e-4)
+
+
+def test_the_prompt_encoder_is_qformer_init_s_bert(tiny_data_dir, tmp_path):
+    """With `qformer.init`, the frozen prompt encoder built for a stage-two model is that BERT: its [CLS]
+    output equals transformers' BertModel's on a padded batch."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from tests.test_bert_init import VOCAB, _bert_config, _randomise, _save
+    from tests.test_train_stage2 import Built
+
+    torch.manual_seed(0)
+    bert = transformers.BertModel(_bert_config(), add_pooling_layer=False).eval()
+    _randomise(bert)
+    _save(bert, tmp_path / "bert")
+    overrides = {
+        "qformer.init": str(tmp_path / "bert"),
+        "bridge.kind": "pengi",
+        "optimizer.lr_multipliers": "",
+    }
+    built = Built(
+        stage2_config(tiny_data_dir, write_tiny_llama(tmp_path / "llm"), **overrides), num_batches=1
+    )
+    tower = built.model().bridge.prompt_tower
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(5, len(VOCAB), (2, 9))
+    ids[:, 0] = 2  # [CLS]
+    valid = np.ones(ids.shape, bool)
+    valid[1, 6:] = False
+    ids[~valid] = 0  # [PAD]
+    with torch.no_grad():
+        want = bert(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(valid.astype(np.int64)))
+    got = np.asarray(tower(jnp.asarray(ids, jnp.int32)))
+    np.testing.assert_allclose(got, want.last_hidden_state[:, 0].numpy(), atol=1e-4)
