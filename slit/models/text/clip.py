@@ -174,7 +174,9 @@ class CLIPTextTower(nnx.Module):
         Args:
           ids_bl: (B, L) int token ids, L <= max_positions.
           mask_bl: (B, L) bool / int, True (1) for real tokens (transformers' `attention_mask`); padded
-            keys are never attended to. None: every token is real (causal mask only).
+            keys are never attended to. None: every token is real (causal mask only). Rows are expected
+            right-padded, as `CLIPPromptTokenizer` writes them: a left-padded row's padding positions
+            would have no key to attend to.
         """
         c = self.config
         length = ids_bl.shape[1]
@@ -238,9 +240,9 @@ class CLIPPromptTokenizer:
         tokenizer.no_truncation()
         self.tokenizer = tokenizer
         options = self._options(directory / "tokenizer_config.json")
-        self.bos_id = self._token_id(path, options.get("bos_token", BOS_TOKEN), "bos_token")
-        self.eos_id = self._token_id(path, options.get("eos_token", EOS_TOKEN), "eos_token")
-        self.pad_id = self._token_id(path, options.get("pad_token", EOS_TOKEN), "pad_token")
+        self.bos_id = self._token_id(path, options.get("bos_token") or BOS_TOKEN, "bos_token")
+        self.eos_id = self._token_id(path, options.get("eos_token") or EOS_TOKEN, "eos_token")
+        self.pad_id = self._token_id(path, options.get("pad_token") or EOS_TOKEN, "pad_token")
 
     @staticmethod
     def _options(path: pathlib.Path) -> dict:
