@@ -11,7 +11,12 @@ so that a stage-two run continues the stage-one run it was initialised from.
   (slit.interop.pretrained). Sizes come from the checkpoint; the size fields are not used;
 - `"wav2vec2"`: a Hugging Face wav2vec2 / HuBERT / data2vec-audio directory in `audio_encoder.path`
   (slit.interop.hf_wav2vec2); waveform normalisation and padding masks follow its
-  preprocessor_config.json.
+  preprocessor_config.json;
+- `"htsat"`: CLAP's HTSAT audio encoder (Pengi's), a Hugging Face `ClapModel` / `ClapAudioModel` /
+  `ClapAudioModelWithProjection` directory in `audio_encoder.path` (slit.interop.hf_clap); its
+  preprocessor_config.json sets the log-mel (sample rate, which data.sample_rate must equal, and the
+  `max_length_s` that bounds data.max_seconds / audio_encoder.window_seconds). Only its last hidden state
+  (hidden_layer -1): 64 frames of 768 per clip for the released models.
 Run configs written before `kind` had these values say `"whisper"` without a `path`: that was the
 random encoder, and is read as `"random"`.
 
@@ -42,14 +47,15 @@ from flax import nnx
 
 from slit.errors import UserError
 from slit.models.audio.encoder import AudioEncoderConfig
+from slit.models.audio.htsat import HTSATConfig
 from slit.models.audio.wav2vec2 import Wav2Vec2Config, resolve_hidden_layer
 from slit.models.audio.whisper import WhisperEncoderConfig
 from slit.models.qformer import QFormerConfig
 
-AUDIO_KINDS = ("random", "whisper", "wav2vec2")
+AUDIO_KINDS = ("random", "whisper", "wav2vec2", "htsat")
 PACKAGED_BERT = "minilm"
 
-EncoderConfig = WhisperEncoderConfig | Wav2Vec2Config
+EncoderConfig = WhisperEncoderConfig | Wav2Vec2Config | HTSATConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +146,13 @@ def load_tower(weights_key: str) -> LoadedTower:
         options = hf_wav2vec2.read_preprocessor_options(directory)
         source = f"pretrained {hf_config['model_type']} encoder {path} (Hugging Face)"
         return LoadedTower(config, {"encoder": params}, source, options["normalize"], options["mask_padding"])
+    if kind == "htsat":
+        from slit.interop import hf_clap
+
+        config, params = hf_clap.load_htsat(path)
+        return LoadedTower(
+            config, {"encoder": params}, f"pretrained CLAP HTSAT encoder {path} (Hugging Face)"
+        )
     raise UserError(f"audio_encoder.kind={kind!r}: use one of {', '.join(AUDIO_KINDS)}")
 
 
@@ -381,7 +394,11 @@ def audio_problems(config: ml_collections.ConfigDict) -> list[str]:
         what = (
             "a packaged name ('tiny.en', 'base') or a Whisper directory"
             if settings.kind == "whisper"
-            else ("a Hugging Face wav2vec2 / HuBERT / data2vec-audio directory")
+            else (
+                "a Hugging Face wav2vec2 / HuBERT / data2vec-audio directory"
+                if settings.kind == "wav2vec2"
+                else "a Hugging Face CLAP directory (ClapModel / ClapAudioModel)"
+            )
         )
         problems.append(f"audio_encoder.kind={settings.kind!r} needs audio_encoder.path: {what}")
     else:
@@ -391,6 +408,8 @@ def audio_problems(config: ml_collections.ConfigDict) -> list[str]:
             problems.append(f"audio_encoder.path={settings.path!r} (kind {settings.kind!r}): {e}")
     if encoder is None:
         return problems
+    if isinstance(encoder, HTSATConfig):
+        return problems + _htsat_problems(config, settings, encoder)
     try:
         resolve_hidden_layer(settings.hidden_layer, encoder.num_layers)
     except ValueError as e:
@@ -414,6 +433,35 @@ def audio_problems(config: ml_collections.ConfigDict) -> list[str]:
             )
     elif config.data.sample_rate != 16000:
         problems.append(f"data.sample_rate={config.data.sample_rate}: wav2vec2-family encoders take 16000 Hz")
+    return problems
+
+
+def _htsat_problems(
+    config: ml_collections.ConfigDict, settings: AudioSettings, encoder: HTSATConfig
+) -> list[str]:
+    """The htsat encoder's limits: its sample rate, its `max_length_s` window, only its last hidden state."""
+    problems, frontend = [], encoder.frontend
+    if settings.hidden_layer is not None:
+        problems.append(
+            f"audio_encoder.hidden_layer={settings.hidden_layer}: the htsat encoder feeds only its last "
+            "hidden state; use -1"
+        )
+    if config.data.sample_rate != frontend.sample_rate:
+        problems.append(
+            f"data.sample_rate={config.data.sample_rate}: this htsat encoder takes {frontend.sample_rate} Hz "
+            "audio (sampling_rate of its preprocessor_config.json); build the dataset with `slit data build "
+            f"--sample-rate {frontend.sample_rate}` and set data.sample_rate={frontend.sample_rate}"
+        )
+    if settings.window_seconds > 0:
+        what, seconds = "audio_encoder.window_seconds", settings.window_seconds
+    else:
+        what, seconds = "data.max_seconds", config.data.max_seconds
+    if seconds > frontend.max_length_s:
+        hint = "; set audio_encoder.window_seconds to encode windows" if what == "data.max_seconds" else ""
+        problems.append(
+            f"{what}={seconds}: the htsat encoder takes at most {frontend.max_length_s} s per clip "
+            f"(max_length_s of its preprocessor_config.json){hint}"
+        )
     return problems
 
 

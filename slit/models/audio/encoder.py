@@ -1,8 +1,8 @@
 """The audio encoder component (frozen unless the config trains it), the same in both stages.
 
-`AudioEncoderConfig` says everything that shapes the encoder: its architecture (Whisper or a
-wav2vec2-family model, chosen by the type of `arch`), which hidden state feeds the bridge, windowed
-encoding, and the wav2vec2 options. `make_audio_tower` builds the tower it describes and
+`AudioEncoderConfig` says everything that shapes the encoder: its architecture (Whisper, a
+wav2vec2-family model or CLAP's HTSAT, chosen by the type of `arch`), which hidden state feeds the
+bridge, windowed encoding, and the wav2vec2 options. `make_audio_tower` builds the tower it describes and
 `encode_audio` runs it, window by window when asked (SALMONN-style). Weights are loaded elsewhere
 (slit.train.pretrained); this module reads no files.
 """
@@ -15,18 +15,20 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from slit.models.audio.htsat import HTSATAudioTower, HTSATConfig
 from slit.models.audio.wav2vec2 import Wav2Vec2AudioTower, Wav2Vec2Config
 from slit.models.audio.whisper import WhisperAudioTower, WhisperEncoderConfig
 from slit.models.layers import unfreeze
 
-AudioTower = WhisperAudioTower | Wav2Vec2AudioTower
+AudioTower = WhisperAudioTower | Wav2Vec2AudioTower | HTSATAudioTower
 
 
 @dataclasses.dataclass(frozen=True)
 class AudioEncoderConfig:
     """The frozen audio encoder.
 
-    arch: the encoder's architecture (Whisper or wav2vec2-family: wav2vec2, HuBERT, data2vec-audio).
+    arch: the encoder's architecture (Whisper, wav2vec2-family: wav2vec2, HuBERT, data2vec-audio, or
+      CLAP's HTSAT, which takes no hidden_layer).
     hidden_layer: its hidden state that feeds the bridge (transformers' numbering; None: the output).
     window_samples: > 0: encode audio in windows of this many samples (0: the whole clip at once).
     normalize, mask_padding: wav2vec2-family options (see `Wav2Vec2AudioTower`).
@@ -36,7 +38,7 @@ class AudioEncoderConfig:
       by default they are `Frozen` and no gradient reaches them.
     """
 
-    arch: WhisperEncoderConfig | Wav2Vec2Config
+    arch: WhisperEncoderConfig | Wav2Vec2Config | HTSATConfig
     hidden_layer: int | None = None
     window_samples: int = 0
     normalize: bool = True
@@ -61,6 +63,8 @@ def make_audio_tower(config: AudioEncoderConfig, rngs: nnx.Rngs) -> AudioTower:
             normalize=config.normalize,
             mask_padding=config.mask_padding,
         )
+    elif isinstance(config.arch, HTSATConfig):
+        tower = HTSATAudioTower(config.arch, rngs=rngs, hidden_layer=config.hidden_layer)
     else:
         tower = WhisperAudioTower(config.arch, rngs=rngs, hidden_layer=config.hidden_layer)
     return unfreeze(tower) if config.trainable else tower
