@@ -134,6 +134,10 @@ def get_config() -> ml_collections.ConfigDict:
     # bridge.prefix_length tokens: [audio prefix; prompt prefix]. Pengi: 40 + 40 tokens from 40 mapper
     # inputs, projections to 1024, 4 mapper layers of 8 heads; the LLM reads the instruction only through
     # the prefix unless bridge.instruction_to_llm (no stage one: init_from must be empty).
+    c.bridge.prompt_encoder = "bert"  # pengi: "bert" (as above) or "clip": CLIP's text tower (Pengi's), its
+    # weights and tokenizer from bridge.prompt_encoder_path (a CLIPModel / CLIPTextModel(WithProjection)
+    # save_pretrained directory with tokenizer.json; .pt checkpoints: `slit convert-torch` first)
+    c.bridge.prompt_encoder_path = ""
     c.bridge.prefix_length = 8  # pengi (Pengi: 40)
     c.bridge.clip_length = 8  # pengi: mapper input tokens (Pengi: 40)
     c.bridge.projection_width = 256  # pengi (Pengi: 1024)

@@ -198,6 +198,9 @@ def write_weights(run: runs.Run, fmt: str, out: pathlib.Path) -> None:
 def copy_tokenizers(run: runs.Run, out: pathlib.Path) -> None:
     """The Q-Former's tokenizer.json and (stage two) the LLM's tokenizer directory."""
     shutil.copy(run.qformer_tokenizer, out / runs.QFORMER_TOKENIZER)
+    clip_config = run.workdir / "tokenizer_config.json"  # a CLIP prompt tokenizer's (Pengi)
+    if clip_config.is_file():
+        shutil.copy(clip_config, out / clip_config.name)
     if run.stage == "stage2":
         shutil.copytree(run.llm_tokenizer, out / LLM_TOKENIZER_DIR)
 
@@ -236,7 +239,7 @@ def export_hf_blip2(run: runs.Run, out: pathlib.Path) -> None:
         copy_tokenizers(run, out)
         return
     from slit.data.text_encoders import llm_prompt_text
-    from slit.data.tokenizer import TextTokenizer
+    from slit.data.tokenizer import load_text_tokenizer
     from slit.train import stage2_model
 
     bridge = run.config.get("bridge", {}).get("kind", "qformer")
@@ -245,7 +248,7 @@ def export_hf_blip2(run: runs.Run, out: pathlib.Path) -> None:
             f"--format hf-blip2 writes a Q-Former; {run.workdir}'s bridge is {bridge!r}: use safetensors "
             "or bundle"
         )
-    cfg = stage2_model.model_config(run.config, TextTokenizer.from_directory(run.workdir))
+    cfg = stage2_model.model_config(run.config, load_text_tokenizer(run.workdir))
     params = int_keys(run.params)
     layout = "instructblip-generation" if cfg.bridge.instruction_in_qformer else "blip2-generation"
     hf_convert.export_blip2_generation(
@@ -458,10 +461,12 @@ def stage2_model_card(run: runs.Run, info: dict) -> str:
         b = c.bridge
         prefix = int(np.shape(run.params["bridge"]["audio_mapper"]["prefix_const"])[0])
         prompt_encoder = f"BERT {q.init}" if q.get("init", "") else "a random BERT"
+        if b.get("prompt_encoder", "bert") == "clip":
+            prompt_encoder = f"CLIP's text tower from {pathlib.Path(b.prompt_encoder_path).name}"
         title = f"a Pengi prefix for a {llm_held} LLM"
         description = (
             f"Pengi's mapping networks over a {_encoder_held(c)} {a.kind} audio encoder: the clip's mean "
-            f"frame and the frozen prompt encoder's ({prompt_encoder}) [CLS] output, each projected to "
+            f"frame and the frozen prompt encoder's ({prompt_encoder}) embedding, each projected to "
             f"width {width}, L2-normalised and mapped by its own {b.mapper_layers}-layer transformer to "
             f"{prefix} tokens of the LLM's width {llm_width}: {2 * prefix} prefix tokens, audio then prompt"
         )
@@ -549,7 +554,7 @@ def load_bundle(
     """
     from safetensors.numpy import load_file
 
-    from slit.data.tokenizer import TextTokenizer
+    from slit.data.tokenizer import load_text_tokenizer
 
     directory = pathlib.Path(directory)
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
@@ -561,7 +566,7 @@ def load_bundle(
     if info.get("format") != "bundle":
         raise UserError(f"{directory / 'config.json'} says format {info.get('format')!r}, not 'bundle'")
     config = ml_collections.ConfigDict(info["model"])
-    tokenizer = TextTokenizer.from_directory(directory)
+    tokenizer = load_text_tokenizer(directory)
     weights = load_file(str(directory / "model.safetensors"))
     if config.get("trainer", "stage1") == "stage2":
         return Bundle(

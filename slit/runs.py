@@ -236,7 +236,7 @@ def open_stage2(run: Run, config: ml_collections.ConfigDict | None = None) -> Tr
     """Rebuilds `run`'s stage-two model on the config's mesh (`config`: default the one recorded with the
     checkpoint) with the run's weights and tokenizers. Raises UserError when a frozen model is not the one
     the run was trained with (unless config.allow_frozen_mismatch) or the weights do not fit."""
-    from slit.data.tokenizer import TextTokenizer
+    from slit.data.tokenizer import load_text_tokenizer
     from slit.models.llm import loading
     from slit.train import sharding, stage2_model
 
@@ -245,7 +245,7 @@ def open_stage2(run: Run, config: ml_collections.ConfigDict | None = None) -> Tr
         raise UserError(
             f"{run.workdir} lacks {QFORMER_TOKENIZER} or {LLM_TOKENIZER_DIR}/; was it written by stage two?"
         )
-    qformer_tok = TextTokenizer.from_directory(run.workdir)
+    qformer_tok = load_text_tokenizer(run.workdir)
     llm_tok = loading.load_tokenizer(run.llm_tokenizer)
     parts, answerer, identity = build_stage2(config, qformer_tok, llm_tok, sharding.make_mesh(config.mesh))
     checkpoint.check_frozen_identity(

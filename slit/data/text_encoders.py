@@ -22,6 +22,8 @@ class QFormerInstructionEncoder:
 
     def encode(self, texts: Sequence[str], max_length: int | None = None) -> np.ndarray:
         length = max_length or self.length
+        if getattr(self.tokenizer, "own_truncation", False):  # CLIP's: its own padding and truncation
+            return self.tokenizer.encode(texts, length)
         full = self.tokenizer.encode(texts, 4 * length + 8)
         out = np.full((len(texts), length), self.tokenizer.pad_id, np.int32)
         for i, row in enumerate(full):

@@ -114,3 +114,72 @@ class TextTokenizer:
         raise FileNotFoundError(
             f"no {TOKENIZER_FILE} or vocab.txt in {directory}; point to a tokenizer directory"
         )
+
+
+CLIP_TOKENIZER_CLASS = "CLIPTokenizer"  # tokenizer_config.json's tokenizer_class that marks a CLIP one
+
+
+class CLIPInstructionTokenizer:
+    """CLIP's tokenizer with `TextTokenizer`'s interface, for a bridge whose prompt encoder is CLIP's text
+    tower (Pengi): `<|startoftext|> text <|endoftext|>` padded with the pad id (`<|endoftext|>`), long
+    texts keep their start and the end token (as CLIP's tokenizer truncates; `own_truncation`).
+
+    Built from a directory with CLIP's `tokenizer.json` (and `tokenizer_config.json`), as
+    `CLIPTokenizerFast.save_pretrained` writes; `save` writes both into a run's workdir.
+    """
+
+    own_truncation = True  # QFormerInstructionEncoder uses `encode` as it is
+
+    def __init__(self, directory: str | pathlib.Path):
+        from slit.models.text.clip import CLIPPromptTokenizer
+
+        self.clip = CLIPPromptTokenizer(directory)
+        self.tokenizer = self.clip.tokenizer
+        self.pad_id = self.clip.pad_id
+        self.cls_id, self.sep_id = self.clip.bos_id, self.clip.eos_id
+
+    @property
+    def vocab_size(self) -> int:
+        return self.clip.vocab_size
+
+    def encode(self, texts: Sequence[str], max_length: int) -> np.ndarray:
+        """Texts -> int32 (len(texts), max_length) ids."""
+        return self.clip.encode(list(texts), max_length)[0]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def save(self, directory: str | pathlib.Path) -> pathlib.Path:
+        import json
+
+        path = pathlib.Path(directory) / TOKENIZER_FILE
+        self.tokenizer.save(str(path))
+        special = {
+            "bos_token": self.tokenizer.id_to_token(self.clip.bos_id),
+            "eos_token": self.tokenizer.id_to_token(self.clip.eos_id),
+            "pad_token": self.tokenizer.id_to_token(self.clip.pad_id),
+        }
+        config = {"tokenizer_class": CLIP_TOKENIZER_CLASS, **special}
+        (pathlib.Path(directory) / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        return path
+
+
+def is_clip_tokenizer(directory: str | pathlib.Path) -> bool:
+    """Whether `directory` holds a CLIP tokenizer (tokenizer_config.json says CLIPTokenizer[Fast])."""
+    import json
+
+    path = pathlib.Path(directory) / "tokenizer_config.json"
+    try:
+        config = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        return False
+    return str(config.get("tokenizer_class", "")).startswith(CLIP_TOKENIZER_CLASS)
+
+
+def load_text_tokenizer(directory: str | pathlib.Path) -> TextTokenizer | CLIPInstructionTokenizer:
+    """The bridge-side tokenizer saved in a run's workdir (or a tokenizer directory): CLIP's when the
+    directory's tokenizer_config.json says so (a Pengi bridge with a CLIP prompt encoder), else the
+    Q-Former's BERT-style one."""
+    if is_clip_tokenizer(directory):
+        return CLIPInstructionTokenizer(directory)
+    return TextTokenizer.from_directory(directory)

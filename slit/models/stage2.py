@@ -210,8 +210,9 @@ class Stage2Model(nnx.Module):
         self, soft_bqd: jax.Array, instruction_ids_bl: jax.Array
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """[soft prompt; instruction] as LLM input: embeddings (B, Q + Li, D), mask (B, Q + Li) and the
-        token ids for repetition penalties (-1 on soft-prompt and padding slots). A bridge that carries the
-        instruction itself (`instruction_to_llm` False: Pengi) gives the LLM the soft prompt alone (Li = 0)."""
+        token ids for repetition penalties (-1 on soft-prompt and padding slots). A bridge that carries
+        the instruction itself (`instruction_to_llm` False: Pengi) gives the LLM the soft prompt alone
+        (Li = 0)."""
         b, q, _ = soft_bqd.shape
         if not getattr(self.config.bridge, "instruction_to_llm", True):
             instruction_ids_bl = instruction_ids_bl[:, :0]

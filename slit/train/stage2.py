@@ -110,6 +110,16 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
                 for key in sizes
                 if key in bridge and bridge[key] < 1
             ]
+            encoder, path = bridge.get("prompt_encoder", "bert"), bridge.get("prompt_encoder_path", "")
+            if encoder not in ("bert", "clip"):
+                problems.append(f"bridge.prompt_encoder={encoder!r}: use 'bert' or 'clip'")
+            elif encoder == "clip" and not (pathlib.Path(path) / "config.json").is_file():
+                problems.append(
+                    "bridge.prompt_encoder=clip needs bridge.prompt_encoder_path, a CLIP checkpoint "
+                    f"directory (config.json, model.safetensors, tokenizer.json); {path!r} has no config.json"
+                )
+            elif encoder == "clip" and not (pathlib.Path(path) / "tokenizer.json").is_file():
+                problems.append(f"bridge.prompt_encoder_path={path}: no tokenizer.json (CLIP's tokenizer)")
             if not 0.0 <= bridge.get("projection_dropout", 0.5) < 1.0:
                 problems.append(f"bridge.projection_dropout={bridge.projection_dropout} must be in [0, 1)")
     d = config.data
@@ -362,6 +372,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     ckpt = checkpoint.Checkpointer(workdir, config, identity)
     start = resolve_start(ckpt, config, setup.state, setup.state_shardings, train_iter, qformer_tok)
     writer = MetricWriter(workdir)
+    if start.step == 0:
+        writer.write(0, harness.parameter_scalars(setup.state["params"], setup.parts.frozen))
     b = config.batch_size
     global_shapes = {
         "audio": (b, spec.max_samples),

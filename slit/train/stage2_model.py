@@ -7,6 +7,7 @@ opens a stage-two run (slit.runs, slit.eval, slit.export); it imports no trainer
 from __future__ import annotations
 
 import dataclasses
+import functools
 import pathlib
 from typing import Any
 
@@ -22,7 +23,12 @@ from slit.data.text_encoders import (
     answer_text,
     llm_prompt_text,
 )
-from slit.data.tokenizer import TextTokenizer, word_level_tokenizer
+from slit.data.tokenizer import (
+    CLIPInstructionTokenizer,
+    TextTokenizer,
+    load_text_tokenizer,
+    word_level_tokenizer,
+)
 from slit.errors import UserError
 from slit.models.bridges import BRIDGES, QFORMER_BRIDGES
 from slit.models.bridges.linear import LinearBridgeConfig
@@ -31,6 +37,7 @@ from slit.models.bridges.qformer import QFormerBridgeConfig
 from slit.models.bridges.window_qformer import WindowQFormerBridgeConfig
 from slit.models.layers import Frozen
 from slit.models.stage2 import Stage2Config, Stage2Model
+from slit.models.text.clip import CLIPTextConfig
 from slit.train import pretrained, sharding
 from slit.train.harness import ModelParts
 from slit.train.pretrained import audio_spec
@@ -61,7 +68,10 @@ def make_qformer_tokenizer(config: ml_collections.ConfigDict, workdir: pathlib.P
     (`init_from_stage_one`), so the two vocabularies need not agree.
     """
     if (workdir / "tokenizer.json").is_file():
-        return TextTokenizer.from_directory(workdir)
+        return load_text_tokenizer(workdir)
+    bridge = config.get("bridge", {})
+    if bridge.get("kind") == "pengi" and bridge.get("prompt_encoder", "bert") == "clip":
+        return CLIPInstructionTokenizer(bridge.prompt_encoder_path)
     if config.qformer.get("init", ""):  # as stage one: the BERT directory's, plus [DEC]
         return TextTokenizer.from_directory(pretrained.bert_directory(config.qformer.init))
     if config.tokenizer.kind == "synthetic_words":
@@ -177,15 +187,20 @@ def bridge_config(config: ml_collections.ConfigDict, tokenizer: TextTokenizer, e
         )
     if kind == "pengi":
         b = config.bridge
-        # The frozen prompt encoder: the BERT that `qformer.init` names (else a random one of the qformer
-        # group's sizes), its text path only: one query, cross-attention in its first layer only, unused.
-        prompt = pretrained.qformer_component_config(config, tokenizer.vocab_size, encoder_width)
-        prompt = dataclasses.replace(
-            prompt, num_queries=1, cross_attention_freq=prompt.num_layers, dropout_rate=0.0
-        )
+        weights = ""
+        if b.get("prompt_encoder", "bert") == "clip":  # CLIP's text tower from bridge.prompt_encoder_path
+            prompt, weights = clip_text(b.prompt_encoder_path)[0], str(b.prompt_encoder_path)
+        else:
+            # The BERT that `qformer.init` names (else a random one of the qformer group's sizes), its text
+            # path only: one query, cross-attention in its first layer only, unused.
+            prompt = pretrained.qformer_component_config(config, tokenizer.vocab_size, encoder_width)
+            prompt = dataclasses.replace(
+                prompt, num_queries=1, cross_attention_freq=prompt.num_layers, dropout_rate=0.0
+            )
         return PengiBridgeConfig(
             encoder_width=encoder_width,
             prompt_encoder=prompt,
+            prompt_encoder_weights=weights,
             pad_id=tokenizer.pad_id,
             projection_width=int(b.get("projection_width", 1024)),
             prefix_length=int(b.get("prefix_length", 40)),
@@ -197,6 +212,14 @@ def bridge_config(config: ml_collections.ConfigDict, tokenizer: TextTokenizer, e
             instruction_to_llm=bool(b.get("instruction_to_llm", False)),
         )
     raise UserError(f"bridge.kind={kind!r}: choose one of {', '.join(BRIDGES)}")
+
+
+@functools.lru_cache(maxsize=2)
+def clip_text(path: str) -> tuple[Any, dict]:  # noqa: ANN401
+    """(CLIPTextConfig, tensors) of the CLIP checkpoint directory `path` (read once per process)."""
+    from slit.interop.hf_clip import load_clip_text
+
+    return load_clip_text(path)
 
 
 def create_model(
@@ -256,7 +279,15 @@ def create_model(
         pretrained.place_audio_tower(
             cfg.audio, params, frozen, (abs_params, abs_frozen), (param_sh, frozen_sh)
         )
-    if cfg.qformer_init and cfg.bridge.kind == "pengi":
+    if cfg.bridge.kind == "pengi" and isinstance(cfg.bridge.prompt_encoder, CLIPTextConfig):
+        from slit.interop.hf_clip import clip_text_params
+
+        path = cfg.bridge.prompt_encoder_weights
+        host = clip_text_params(cfg.bridge.prompt_encoder, clip_text(path)[1], source=path)
+        abstract = abs_frozen["bridge"]["prompt_tower"]
+        tower = pretrained.put_like(abstract, host, frozen_sh["bridge"]["prompt_tower"])
+        frozen["bridge"] = {**frozen["bridge"], "prompt_tower": tower}
+    elif cfg.qformer_init and cfg.bridge.kind == "pengi":
         host = jax.device_get(frozen["bridge"])
         host["prompt_tower"] = pretrained.bert_params(
             cfg.qformer_init, cfg.bridge.prompt_encoder, host["prompt_tower"]
@@ -276,9 +307,14 @@ def frozen_sources(config: ml_collections.ConfigDict, llm_source: str) -> dict[s
     """Where each frozen model's weights come from, in words (recorded in checkpoints)."""
     sources = {"audio_tower": pretrained.audio_source(config), "llm": llm_source}
     if config.get("bridge", {}).get("kind") == "pengi":  # its frozen prompt encoder
-        init = config.qformer.get("init", "")
-        sources["bridge"] = (
-            f"prompt encoder: BERT {init}" if init else f"prompt encoder: random (seed {config.seed})"
-        )
+        init, b = config.qformer.get("init", ""), config.bridge
+        if b.get("prompt_encoder", "bert") == "clip":
+            sources["bridge"] = f"prompt encoder: CLIP text {b.prompt_encoder_path}"
+        else:
+            sources["bridge"] = (
+                f"prompt encoder: BERT {init}"
+                if init
+                else f"prompt encoder: random BERT (seed {config.seed})"
+            )
     trained = {"audio_tower": pretrained.audio_settings(config).trainable, "llm": config.llm.get("trainable")}
     return {name: source for name, source in sources.items() if not trained.get(name, False)}

@@ -4,9 +4,9 @@
 For each clip:
 - audio: the encoder's valid frames are averaged into one vector (HTSAT's pooled output is this mean),
   which `audio_projection` maps to `projection_width`;
-- prompt: a frozen text encoder (`prompt_tower`, the Q-Former-shaped BERT/MiniLM that slit loads: its
-  [CLS] output, as Pengi's non-CLIP text encoders) embeds the instruction, and `prompt_projection` maps
-  that to `projection_width`;
+- prompt: a frozen text encoder (`prompt_tower`) embeds the instruction: CLIP's text tower, as Pengi
+  (its projected pooled output), or the Q-Former-shaped BERT/MiniLM that slit loads (its [CLS] output, as
+  Pengi's non-CLIP text encoders); `prompt_projection` maps that to `projection_width`;
 - each projection is Pengi's `Projection`: e1 = x W1, e2 = dropout(GELU(e1) W2), LayerNorm(e1 + e2), no
   biases in W1 and W2;
 - both vectors are L2-normalised (Pengi's `normalize_prefix`) and each is mapped by its own
@@ -40,14 +40,16 @@ from slit.models.layers import (
     weight,
 )
 from slit.models.qformer import QFormer, QFormerConfig
+from slit.models.text.clip import CLIPTextConfig, CLIPTextTower
 
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, which Pengi's projections and mapper use
 
 
 @dataclasses.dataclass(frozen=True)
 class PengiBridgeConfig:
-    """encoder_width: the audio frames' width; prompt_encoder: the frozen BERT-style text encoder's sizes
-    (a `QFormerConfig`: only its text path runs); pad_id: its tokenizer's pad id.
+    """encoder_width: the audio frames' width; prompt_encoder: the frozen text encoder's sizes, CLIP's text
+    tower (`CLIPTextConfig`) or a BERT in the Q-Former's layout (`QFormerConfig`: only its text path
+    runs); pad_id: its tokenizer's pad id.
 
     Pengi's published sizes are the defaults: projections to 1024, 40 prefix tokens per side from
     `clip_length` = 40 mapper inputs, 4 mapper layers (`num_layers` 8 / 2) of 8 heads, MLP ratio 2,
@@ -55,8 +57,9 @@ class PengiBridgeConfig:
     """
 
     encoder_width: int
-    prompt_encoder: QFormerConfig
+    prompt_encoder: CLIPTextConfig | QFormerConfig
     pad_id: int = 0
+    prompt_encoder_weights: str = ""  # where a pretrained CLIP prompt encoder comes from (not read here)
     projection_width: int = 1024
     prefix_length: int = 40
     clip_length: int = 40
@@ -66,6 +69,12 @@ class PengiBridgeConfig:
     projection_dropout: float = 0.5
     instruction_to_llm: bool = False
     kind: str = "pengi"
+
+    @property
+    def prompt_width(self) -> int:
+        """The prompt encoder's embedding width."""
+        p = self.prompt_encoder
+        return p.output_width if isinstance(p, CLIPTextConfig) else p.width
 
     def __post_init__(self):
         if min(self.prefix_length, self.clip_length, self.mapper_layers, self.projection_width) < 1:
@@ -180,12 +189,15 @@ class PengiBridge(nnx.Module):
     def __init__(self, config: PengiBridgeConfig, llm_width: int, *, rngs: nnx.Rngs):
         c = config
         self.config = c
-        self.prompt_tower = PromptTower(c.prompt_encoder, c.pad_id, rngs=rngs)
+        if isinstance(c.prompt_encoder, CLIPTextConfig):  # (its weights are Frozen as built)
+            self.prompt_tower = CLIPTextTower(c.prompt_encoder, rngs=rngs)
+        else:
+            self.prompt_tower = PromptTower(c.prompt_encoder, c.pad_id, rngs=rngs)
         self.audio_projection = Projection(
             c.encoder_width, c.projection_width, c.projection_dropout, rngs=rngs
         )
         self.prompt_projection = Projection(
-            c.prompt_encoder.width, c.projection_width, c.projection_dropout, rngs=rngs
+            c.prompt_width, c.projection_width, c.projection_dropout, rngs=rngs
         )
         self.audio_mapper = PrefixMapper(c, llm_width, rngs=rngs)
         self.prompt_mapper = PrefixMapper(c, llm_width, rngs=rngs)
@@ -202,7 +214,9 @@ class PengiBridge(nnx.Module):
             raise ValueError("the Pengi bridge needs the instruction (its prompt prefix encodes it)")
         pooled = segment_means(frames_bfd, frame_mask_bf, 1)[:, 0]
         audio = l2_normalize(self.audio_projection(pooled, rngs))
-        prompt = l2_normalize(self.prompt_projection(self.prompt_tower(instruction_ids_bl), rngs))
+        # (CLIP: right-padded ids, its causal attention and first-EOS pooling need no mask)
+        prompt_embedding = jax.lax.stop_gradient(self.prompt_tower(instruction_ids_bl))
+        prompt = l2_normalize(self.prompt_projection(prompt_embedding, rngs))
         return jnp.concatenate([self.audio_mapper(audio), self.prompt_mapper(prompt)], axis=1)
 
     def match_output_scale(self, target_rms: jax.Array) -> None:
