@@ -210,6 +210,10 @@ def test_pengi_bridge_trains_evaluates_and_its_bundle_generates_the_same_tokens(
     }
     assert "bridge" in run.frozen_models and "prompt encoder" in run.frozen_models["bridge"]["source"]
     assert {p.name.split("-")[0] for p in (pengi_run / "eval").glob("*.json")} >= {"captioning", "aqa"}
+    # The trainer logs the trained-weight count at step 0 (slit report's trained_params column).
+    first = json.loads((pengi_run / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["step"] == 0
+    assert first["trained_parameters"] == sum(np.size(x) for x in jax.tree.leaves(run.params))
 
     trained = runs.load_trained(pengi_run)
     test = sources.open_split(TINY_DATA, trained.config.data.data_dir, "test")

@@ -171,6 +171,7 @@ def test_csv_holds_every_row_with_raw_values(sweep_root, tmp_path):
         "step",
         "total_steps",
         "train_loss",
+        "trained_params",  # (empty: these fake runs logged no count)
         "CIDEr-D",
         "CIDEr-D_constant_baseline",
         "qa_accuracy",
@@ -390,3 +391,22 @@ def test_a_run_without_a_test_split_is_finished_at_its_last_checkpoint(tmp_path)
     finished = [r for r in report.runs if r.finished]
     assert [r.name.split("/")[-1] for r in finished] == ["no_test"]
     assert finished[0].train_loss == pytest.approx(np.mean(losses[-10:]))
+
+
+def test_trained_parameters_logged_at_step_0_get_a_column(tmp_path):
+    """Runs log their trained-weight count at step 0 (the trainers' metrics.jsonl); the report shows it
+    beside the scores, empty for a run that did not log it (an older run)."""
+    for name, kind, count in (("a", "random", 12_345), ("b", "wav2vec2", 678_901), ("c", "whisper", None)):
+        write_run(tmp_path / name, 16, 0, scores=(0.2, 0.5), audio_encoder__kind=kind)
+        if count is not None:
+            text = (tmp_path / name / "metrics.jsonl").read_text()
+            line = json.dumps({"step": 0, "trained_parameters": count, "frozen_parameters": 5})
+            (tmp_path / name / "metrics.jsonl").write_text(line + "\n" + text)
+    report = compare.build_report([tmp_path / n for n in "abc"], tmp_path / "out")
+    assert [r.trained_parameters for r in report.runs] == [12_345, 678_901, None]
+    header = report.markdown.splitlines()[2]
+    assert "trained_params" in header
+    rows = {line.split("|")[1].strip(): line for line in report.markdown.splitlines()[4:7]}
+    assert "| 12345 |" in rows["a"] and "| 678901 |" in rows["b"]
+    with (tmp_path / "out" / "report.csv").open() as f:
+        assert [row["trained_params"] for row in csv.DictReader(f)] == ["12345", "678901", ""]

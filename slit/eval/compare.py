@@ -36,6 +36,7 @@ METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 TEST_PREFIX = "test/"
 TRAIN_LOSS = "train_loss"  # the report's column: mean of the last LOSS_WINDOW logged "loss" values
+TRAINED = "trained_params"  # the report's column: the trainable weights, as the trainer logs at step 0
 LOSS_WINDOW = 10
 SEED = "seed"
 NO_TEST = "finished, no test evaluation"  # the final checkpoint exists, no test scalars were logged
@@ -106,6 +107,13 @@ def final_loss(lines: Sequence[Mapping[str, Any]], window: int = LOSS_WINDOW) ->
     return float(np.mean(last))
 
 
+def trained_parameters(lines: Sequence[Mapping[str, Any]]) -> int | None:
+    """The number of trained weights the run logged at its start ("trained_parameters"); None if it did
+    not (a run from before slit logged it)."""
+    counts = [line["trained_parameters"] for line in lines if _is_number(line.get("trained_parameters"))]
+    return int(counts[-1]) if counts else None
+
+
 def checkpoint_steps(workdir: str | pathlib.Path) -> list[int]:
     """The steps of `<workdir>/checkpoints/<step>/` (sorted; [] when there are none)."""
     directory = pathlib.Path(workdir) / CHECKPOINTS
@@ -163,6 +171,7 @@ class RunRecord:
     total_steps: int | None
     train_loss: float | None
     metrics: dict[str, float]  # the final test scalars, without "test/" (empty unless finished)
+    trained_parameters: int | None = None
 
     @property
     def finished(self) -> bool:
@@ -290,6 +299,7 @@ def collect(paths: Iterable[str | pathlib.Path]) -> list[RunRecord]:
                 step=step,
                 total_steps=total,
                 train_loss=final_loss(lines),
+                trained_parameters=trained_parameters(lines),
                 metrics=final_test(lines)[1] if status == "finished" else {},
             )
         )
@@ -415,13 +425,15 @@ def _raw(value: Any) -> str:
 
 
 def run_table(runs: Sequence[RunRecord], keys: Sequence[str], metrics: Sequence[str]) -> list[dict]:
-    """One dict per run (keys: run, the swept keys, status, step, total_steps, train_loss, the metrics),
+    """One dict per run (keys: run, the swept keys, status, step, total_steps, train_loss, trained_params,
+    the metrics),
     values raw (None where there is none)."""
     rows = []
     for run in runs:
         row: dict[str, Any] = {"run": run.name}
         row.update({k: run.values.get(k) for k in keys})
         row.update(status=run.status, step=run.step, total_steps=run.total_steps, train_loss=run.train_loss)
+        row[TRAINED] = run.trained_parameters
         row.update({m: run.metrics.get(m) for m in metrics})
         rows.append(row)
     return rows
@@ -671,7 +683,8 @@ def build_report(
     out.mkdir(parents=True, exist_ok=True)
     notes, written = [], []
     table = run_table(runs, keys, metrics)
-    shown = ["run", *keys, "status", TRAIN_LOSS, *metrics]
+    sized = [TRAINED] if any(r.trained_parameters is not None for r in runs) else []
+    shown = ["run", *keys, "status", *sized, TRAIN_LOSS, *metrics]
     sections = [
         f"# Runs ({len(runs)}, {sum(r.finished for r in runs)} finished)",
         "",

@@ -139,6 +139,12 @@ def describe_parameters(params: Mapping[str, Any], frozen: Mapping[str, Any]) ->
     return f"Parameters: trained {trained}; frozen {held}"
 
 
+def parameter_scalars(params: Mapping[str, Any], frozen: Mapping[str, Any]) -> dict[str, int]:
+    """{"trained_parameters": N, "frozen_parameters": M}: logged at step 0 (metrics.jsonl), so that
+    `slit report` can set each run's size beside its scores (shapes only; nothing is fetched)."""
+    return {"trained_parameters": _count(params), "frozen_parameters": _count(frozen)}
+
+
 def data_parallel_size(config: ml_collections.ConfigDict, num_devices: int) -> int | None:
     """How many ways the batch is split (the product of the mesh axes `batch` maps to); None when the
     mesh or the rules cannot be resolved (`common_problems` says why)."""

@@ -202,6 +202,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     start = ckpt.resolve_start(setup.state, setup.state_shardings, train_iter)
     embedders = make_embedders(parts.graphdef, mesh, rules, parts)
     writer = MetricWriter(workdir)
+    if start.step == 0:
+        writer.write(0, harness.parameter_scalars(setup.state["params"], parts.frozen))
 
     def cached_split(role: str) -> CachedFeatures | None:
         return None if cache is None else cache.splits.get(role)
