@@ -92,8 +92,8 @@ class HTSATConfig:
             raise ValueError(f"hidden_act {self.hidden_act!r} is not one of {sorted(_ACTIVATIONS)}")
         if self.frontend.num_mel_bins != self.num_mel_bins:
             raise ValueError(
-                f"the feature extractor's feature_size {self.frontend.num_mel_bins} is not the model's "
-                f"num_mel_bins {self.num_mel_bins}"
+                f"the feature extractor's feature_size {self.frontend.num_mel_bins} "
+                f"(preprocessor_config.json) is not the model's num_mel_bins {self.num_mel_bins}"
             )
         if self.spec_size % self.num_mel_bins:
             raise ValueError(
