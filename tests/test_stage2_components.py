@@ -23,15 +23,18 @@ from flax import nnx  # noqa: E402
 from slit import config as config_lib  # noqa: E402
 from slit.errors import UserError  # noqa: E402
 from slit.train import checkpoint, init_from, pretrained, stage1, stage1_model, stage2, stage2_model  # noqa: E402
-from tests.conftest import tiny_config  # noqa: E402
+from tests.conftest import run_slit, tiny_config  # noqa: E402
 from tests.test_parity_wav2vec2 import _checkpoint as write_wav2vec2_family  # noqa: E402
 from tests.test_stage1_pretrained import _bert_dir, _whisper_dir  # noqa: E402
 from tests.test_train_stage2 import (  # noqa: E402
+    CONFIG_FILE,
     Built,
     adam_moments,
+    cli_args,
     flat,
     one_device_mesh,
     stage2_config,
+    stage2_overrides,
     write_tiny_llama,
 )
 
@@ -200,6 +203,11 @@ def test_stage_two_trains_from_stage_one_feature_cache(tiny_data_dir, llm_dir, t
         cached_config, built.cfg, built.setup.parts.frozen, training_data
     )
     assert cache.directory == directory  # stage one's cache, keyed by the same encoder and frontend
+    # `slit cache-features` takes the stage-two config too, and finds that same cache up to date.
+    args = cli_args(stage2_overrides(tiny_data_dir, llm_dir, features_dir=str(tmp_path), **whole))
+    result = run_slit("cache-features", "--config", str(CONFIG_FILE), *args)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"feature cache {directory} is up to date" in result.stdout
     stream = stage2.train_dataset(
         cached_config, built.encoders, None, mixture=stage2.make_tasks(cached_config, with_features)
     )
