@@ -46,6 +46,7 @@ from flax import nnx
 from jax.typing import DTypeLike
 
 from slit.models.audio.clap_frontend import ClapFrontendConfig, clap_log_mel
+from slit.models.audio.wav2vec2 import ACTIVATIONS
 from slit.models.layers import Dense, Frozen, LayerNorm, normal, ones, weight, zeros
 
 __all__ = ["HTSATAudioTower", "HTSATConfig", "HTSATEncoder", "bicubic_matrix"]
@@ -53,13 +54,6 @@ __all__ = ["HTSATAudioTower", "HTSATConfig", "HTSATEncoder", "bicubic_matrix"]
 PATCH_NORM_EPS = 1e-5  # torch's LayerNorm default: patch embedding, patch merging, final norm
 SHIFT_MASK = -100.0  # transformers' additive mask between shifted-window regions
 
-_ACTIVATIONS = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-}
 _dense_init = normal(0.02)
 
 
@@ -88,8 +82,8 @@ class HTSATConfig:
             raise ValueError(
                 f"depths {self.depths} and num_attention_heads {self.num_attention_heads} differ"
             )
-        if self.hidden_act not in _ACTIVATIONS:
-            raise ValueError(f"hidden_act {self.hidden_act!r} is not one of {sorted(_ACTIVATIONS)}")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not one of {sorted(ACTIVATIONS)}")
         if self.frontend.num_mel_bins != self.num_mel_bins:
             raise ValueError(
                 f"the feature extractor's feature_size {self.frontend.num_mel_bins} "
@@ -159,6 +153,7 @@ class HTSATConfig:
 
     @property
     def sample_rate(self) -> int:
+        """The audio's sample rate in Hz (the feature extractor's `sampling_rate`: 48000)."""
         return self.frontend.sample_rate
 
 
@@ -309,7 +304,7 @@ class SwinBlock(nnx.Module):
 
     def __call__(self, x_bhwc: jax.Array) -> jax.Array:
         x_bhwc = x_bhwc + self._attention(self.norm1(x_bhwc))
-        hidden = _ACTIVATIONS[self.activation](self.fc1(self.norm2(x_bhwc)))
+        hidden = ACTIVATIONS[self.activation](self.fc1(self.norm2(x_bhwc)))
         return x_bhwc + self.fc2(hidden)
 
 
