@@ -5,8 +5,10 @@
     python launch/sweep.py CONFIG --root DIR --print-commands           # one command a line (a job array)
     python launch/sweep.py CONFIG --root DIR --prefix "srun -G1" --only 0,2 -- --config.total_steps=300
     slit report DIR --out DIR/report                                    # compare the points
+    python launch/sweep.py CONFIG --root DIR --report --metric qa_accuracy  # then writes DIR/report
 
-Re-running the same command resumes the sweep: finished points are skipped. The logic is slit/sweep.py.
+Re-running the same command resumes the sweep: finished points are skipped. Points that read cached encoder
+features (features=cached) get the cache built once first. The logic is slit/sweep.py.
 """
 
 from __future__ import annotations

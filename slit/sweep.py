@@ -14,7 +14,12 @@ Every point is checked against the config before any runs. `<root>/sweep.json` r
 workdir, overrides, command) and their status ("pending", "running", "finished", "failed (exit N)",
 "interrupted") with start and end times; it is rewritten as points run. A re-run skips the points that
 finished (the run logged its test evaluation at step == total_steps, or sweep.json says finished), so it
-resumes the sweep. `slit report <root>` compares the points.
+resumes the sweep. `slit report <root>` compares the points (`--report` writes `<root>/report` at the end).
+
+Points that read cached encoder features (`features=cached`) need the cache first: before any point runs,
+`slit cache-features` runs once per distinct encoder-and-data setting among them (their `audio_encoder.*`,
+`data.*`, `features_dir` and `batch_size` overrides), its output in `<root>/cache-features.log`; an up-to-date
+cache is kept, so a bridge or learning-rate sweep encodes the audio once.
 """
 
 from __future__ import annotations
@@ -183,6 +188,35 @@ def validate(config_path: str | pathlib.Path, points: Sequence[Point], extra: Se
             config_lib.apply_overrides(config, extra_overrides)
         except config_lib.ConfigError as e:
             raise UserError(f"arguments after --: {e}") from None
+
+
+CACHE_KEYS = ("audio_encoder.", "data.", "features_dir", "batch_size")  # what a feature cache depends on
+CACHE_LOG = "cache-features.log"
+
+
+def cache_commands(
+    config_path: str | pathlib.Path,
+    points: Sequence[Point],
+    extra: Sequence[str] = (),
+    prefix: Sequence[str] = (),
+    python: str = sys.executable,
+) -> list[list[str]]:
+    """One `slit cache-features` argv per distinct encoder-and-data setting among the points that read
+    cached features (features=cached after their overrides and `extra`), in point order; [] when none."""
+    extra_overrides = config_lib.parse_override_args(extra)
+    commands: list[list[str]] = []
+    for point in points:
+        config = config_lib.load_config_file(config_path)
+        config_lib.apply_overrides(config, [(k, format_value(v)) for k, v in point.overrides.items()])
+        config_lib.apply_overrides(config, extra_overrides)
+        if config.get("features", "compute") != "cached":
+            continue
+        keyed = {k: v for k, v in point.overrides.items() if k.startswith(CACHE_KEYS)}
+        command = [*prefix, python, "-m", "slit.cli", "cache-features", "--config", str(config_path)]
+        command += [*override_args(keyed), *extra]
+        if command not in commands:
+            commands.append(command)
+    return commands
 
 
 def parse_only(text: str, count: int) -> list[int]:
@@ -372,6 +406,14 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
         "--prefix", default="", help='a launcher put in front of each command, e.g. "srun -G1"'
     )
     parser.add_argument("--only", help="run only these point indices, e.g. 0,2,4-5")
+    parser.add_argument(
+        "--report",
+        action="store_true",
+        help="when the points have run, write the comparison (slit report) to ROOT/report: report.md, "
+        "report.csv, report.png",
+    )
+    parser.add_argument("--metric", help="with --report: the metric to plot (see slit report --help)")
+    parser.add_argument("--x", help="with --report: the swept key on the plot's x axis")
     return parser.parse_args(argv), extra
 
 
@@ -425,8 +467,32 @@ def _main(args: argparse.Namespace, extra: list[str], runner: Runner) -> int:
             print(f"{mark} {point.name}  [{entry['status']}]\n     {shlex.join(point.command)}")
         return 0
     write_state(root, state)
+    if todo:
+        caches = cache_commands(args.config, [points[i] for i in todo], extra, prefix)
+        for i, command in enumerate(caches):
+            say(
+                f"feature cache {i + 1}/{len(caches)} (once for the points reading it): {shlex.join(command)}"
+            )
+            code = runner(command, root / CACHE_LOG)
+            if code != 0:
+                say(
+                    f"slit cache-features failed (exit {code}; output: {root / CACHE_LOG}); no point was run"
+                )
+                return 1
     results = run_points(root, state, points, todo, runner)
-    return summarize(state, points, selected, done, results)
+    code = summarize(state, points, selected, done, results)
+    if args.report:
+        report_to(root, args.metric, args.x)
+    return code
+
+
+def report_to(root: pathlib.Path, metric: str | None, x: str | None) -> None:
+    """Writes `slit report ROOT --out ROOT/report` and prints its table and files."""
+    report = compare.build_report([root], root / "report", metric=metric, x=x)
+    print(report.markdown, end="")
+    for note in report.notes:
+        say(f"note: {note}")
+    say("report: " + ", ".join(str(path) for path in report.written))
 
 
 def summarize(
@@ -451,5 +517,5 @@ def summarize(
             "others ran. Run the same command again to retry them (finished points are skipped)."
         )
         return 1
-    say(f"done; compare the points with: slit report {root} --out {root / 'report'}")
+    say(f"done; compare the points with: slit report {root} --out {root / 'report'} (or --report here)")
     return 0

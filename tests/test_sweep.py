@@ -341,3 +341,84 @@ def test_the_shipped_stage1_synthetic_sweep_expands_and_validates(tmp_path):
     assert len(points) == len({p.name for p in points}) >= 4
     assert {k for o in overrides for k in o} == {"qformer.num_queries", "seed"}
     assert len({o["seed"] for o in overrides}) >= 2  # repeats each setting: mean ± std in slit report
+
+
+CACHED_CONFIG = """
+import ml_collections
+
+
+def get_config():
+    c = ml_collections.ConfigDict()
+    c.trainer = "stage2"
+    c.seed = 0
+    c.total_steps = 4
+    c.batch_size = 8
+    c.features = "cached"
+    c.audio_encoder = ml_collections.ConfigDict({"width": 8})
+    c.bridge = ml_collections.ConfigDict({"kind": "qformer"})
+    return c
+
+
+def get_sweep():
+    points = [{"bridge.kind": k, "seed": 0} for k in ("qformer", "linear")]
+    points.append({"bridge.kind": "linear", "audio_encoder.width": 16})
+    points.append({"bridge.kind": "pengi", "features": "compute"})
+    return points
+"""
+
+
+class CachingRunner(FakeRunner):
+    """FakeRunner that also takes `slit cache-features` commands (logged under the sweep root)."""
+
+    def __init__(self, cache_code: int = 0):
+        super().__init__()
+        self.cache_code = cache_code
+
+    def __call__(self, command, log_path: pathlib.Path) -> int:
+        if "cache-features" in command:
+            self.calls.append(list(command))
+            assert log_path.name == sweep.CACHE_LOG
+            return self.cache_code
+        return super().__call__(command, log_path)
+
+
+def test_points_reading_cached_features_build_each_cache_once_first(tmp_path, capsys):
+    config = tmp_path / "cached_config.py"
+    config.write_text(textwrap.dedent(CACHED_CONFIG))
+    root = tmp_path / "sweep"
+    runner = CachingRunner()
+    assert sweep.main([str(config), "--root", str(root), "--", "--config.batch_size=4"], runner) == 0
+    caches = [c for c in runner.calls if "cache-features" in c]
+    # Two encoder settings among the three cached points (the fourth computes its features); the
+    # bridge and seed do not key a cache; the arguments after -- go to the cache command too.
+    assert caches == [
+        [
+            sys.executable,
+            "-m",
+            "slit.cli",
+            "cache-features",
+            "--config",
+            str(config),
+            "--config.batch_size=4",
+        ],
+        [
+            *[sys.executable, "-m", "slit.cli", "cache-features", "--config", str(config)],
+            *["--config.audio_encoder.width=16", "--config.batch_size=4"],
+        ],
+    ]
+    assert runner.calls[:2] == caches and len(runner.calls) == 6  # the caches, then the four points
+    assert "feature cache 1/2" in capsys.readouterr().err
+
+    # A failed cache stops the sweep before any point runs.
+    runner = CachingRunner(cache_code=2)
+    assert sweep.main([str(config), "--root", str(tmp_path / "other")], runner) == 1
+    assert len(runner.calls) == 1 and "no point was run" in capsys.readouterr().err
+
+
+def test_report_is_written_when_the_points_have_run(tmp_path, capsys):
+    config = write_config(tmp_path)
+    root = tmp_path / "sweep"
+    assert sweep.main([str(config), "--root", str(root), "--report"], FakeRunner()) == 0
+    out = capsys.readouterr().out
+    assert "# Runs (5, 5 finished)" in out
+    assert {"report.md", "report.csv", "report.png"} <= {p.name for p in (root / "report").iterdir()}
