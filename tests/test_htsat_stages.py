@@ -44,6 +44,19 @@ def test_stage_one_trains_on_htsat(htsat, tiny_data_dir, tmp_path):
     assert "CLAP HTSAT" in metadata["frozen_models"]["audio_tower"]["source"]
 
 
+def test_htsat_feature_cache_is_keyed_by_its_log_mel_settings(htsat, tiny_data_dir):
+    """A feature cache of an htsat encoder names the family and its log-mel settings (from
+    preprocessor_config.json, which the weights' fingerprint does not cover)."""
+    from slit.train import feature_cache
+
+    config = tiny_config(tiny_data_dir, **htsat)
+    settings = feature_cache.frontend_settings(
+        config, feature_cache.EncoderOnly(pretrained.audio_encoder_config(config))
+    )
+    assert settings["encoder"] == "htsat"
+    assert settings["frontend"]["sample_rate"] == 16000 and settings["frontend"]["hop_length"] == 160
+
+
 def test_htsat_limits_are_named(htsat, tiny_data_dir):
     long_clips = tiny_config(tiny_data_dir, **htsat, **{"data.max_seconds": 3.0})
     with pytest.raises(ConfigError, match=r"data\.max_seconds=3\.0: the htsat encoder takes at most 2 s"):

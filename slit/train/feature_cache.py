@@ -28,6 +28,7 @@ from flax import nnx
 from slit.data import feature_cache, pipeline, sources
 from slit.errors import UserError
 from slit.models.audio.encoder import AudioEncoderConfig, encode_audio, make_audio_tower
+from slit.models.audio.htsat import HTSATConfig
 from slit.models.audio.whisper import WhisperEncoderConfig
 from slit.models.layers import Frozen
 from slit.train import checkpoint, pretrained, sharding
@@ -53,15 +54,25 @@ def cache_root(config: ml_collections.ConfigDict) -> pathlib.Path:
 def frontend_settings(config: ml_collections.ConfigDict, cfg: EncoderOnly) -> dict:
     """Everything besides the encoder's weights that decides the cached features."""
     settings = pretrained.audio_settings(config)
+    arch = cfg.audio.arch
+    family = (
+        "whisper"
+        if isinstance(arch, WhisperEncoderConfig)
+        else "htsat"
+        if isinstance(arch, HTSATConfig)
+        else "wav2vec2"
+    )
     out = {
-        "encoder": "whisper" if isinstance(cfg.audio.arch, WhisperEncoderConfig) else "wav2vec2",
+        "encoder": family,
         "sample_rate": int(config.data.sample_rate),
         "max_seconds": float(config.data.max_seconds),
         "hidden_layer": settings.hidden_layer if settings.hidden_layer is not None else -1,
         "window_seconds": settings.window_seconds,
     }
-    if isinstance(cfg.audio.arch, WhisperEncoderConfig):
-        out["num_mel_bins"] = cfg.audio.arch.num_mel_bins
+    if isinstance(arch, WhisperEncoderConfig):
+        out["num_mel_bins"] = arch.num_mel_bins
+    elif isinstance(arch, HTSATConfig):  # its log-mel settings (preprocessor_config.json), not in the weights
+        out["frontend"] = dataclasses.asdict(arch.frontend)
     else:
         out.update(normalize=cfg.audio.normalize, mask_padding=cfg.audio.mask_padding)
     return out
