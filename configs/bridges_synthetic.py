@@ -5,9 +5,10 @@ table and the plot:
     python launch/sweep.py configs/bridges_synthetic.py --root runs/bridges --report --metric qa_accuracy
 
 It builds the frozen encoder's feature cache once (`slit cache-features`), then trains the four bridges one
-after another (stage two; `slit train --config configs/bridges_synthetic.py --config.bridge.kind=...` for
-one), each evaluated on the first 100 test clips, and writes runs/bridges/report/{report.md, report.csv,
-report.png}. Re-running the command resumes it.
+after another (stage two), each evaluated on the first 100 test clips, and writes
+runs/bridges/report/{report.md, report.csv, report.png}. Re-running the command resumes it. One bridge alone:
+
+    slit train --config configs/bridges_synthetic.py --workdir runs/bridge_pengi --config.bridge.kind=pengi
 
 The setting (configs/stage2_synthetic.py otherwise): the built-in synthetic sounds; the tiny random
 Whisper-architecture encoder of configs/stage1_synthetic.py (its features cached); SmolLM2-135M-Instruct
