@@ -67,11 +67,14 @@ def get_config() -> ml_collections.ConfigDict:
     # rate is printed at the start of every run).
     c.tokenizer.max_unknown_fraction = 0.05
 
-    # The frozen encoder (slit/train/pretrained.py): "random" (a tiny random Whisper of the sizes below),
+    # The frozen encoder (slit/train/pretrained.py): "random" (a tiny random encoder of audio_encoder.arch),
     # "whisper" (path: "tiny.en", "base", or a CTranslate2 / HF Whisper directory) or "wav2vec2" (path: a
     # HF wav2vec2 / HuBERT / data2vec-audio directory); pretrained encoders bring their own sizes.
     c.audio_encoder = ml_collections.ConfigDict()
     c.audio_encoder.kind = "random"
+    # kind=random: the architecture of the random encoder: "whisper", "wav2vec2", "hubert", "data2vec-audio"
+    # or "htsat" (slit/train/random_models.py); sizes from width/layers/heads/mlp_dim below.
+    c.audio_encoder.arch = "whisper"
     c.audio_encoder.path = ""
     c.audio_encoder.hidden_layer = -1  # hidden state for the Q-Former: -1 the output, -2 BLIP-2's choice
     c.audio_encoder.window_seconds = 0.0  # > 0: encode longer audio in windows of this length (0: off)
@@ -85,6 +88,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.audio_encoder.mlp_dim = 256
     c.audio_encoder.max_positions = 1500
     c.audio_encoder.init_seed = 1234  # the frozen random encoder is a function of this seed
+    c.audio_encoder.conv_dim = 64  # random wav2vec2 / hubert / data2vec-audio: channels of each of the
+    # feature encoder's 7 convolutions (released models: 512)
+    c.audio_encoder.depths = (2, 2, 6, 2)  # random htsat: Swin blocks in each of its 4 stages (released)
 
     c.qformer = ml_collections.ConfigDict()
     # "" (random), "minilm" (packaged MiniLM-L6) or a HF BERT directory: BERT's sizes, text weights and

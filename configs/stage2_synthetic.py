@@ -106,6 +106,9 @@ def get_config() -> ml_collections.ConfigDict:
     # meaning: configs/stage1_synthetic.py); init_from checks that the encoder is the same one.
     c.audio_encoder = ml_collections.ConfigDict()  # as configs/stage1_synthetic.py
     c.audio_encoder.kind = "random"  # random | whisper | wav2vec2 (wav2vec2, HuBERT, data2vec-audio)
+    # kind=random: the architecture of the random encoder: "whisper", "wav2vec2", "hubert", "data2vec-audio"
+    # or "htsat" (slit/train/random_models.py); sizes from width/layers/heads/mlp_dim below.
+    c.audio_encoder.arch = "whisper"
     c.audio_encoder.path = ""  # whisper: "tiny.en", "base" or a directory; wav2vec2: a HF directory
     c.audio_encoder.hidden_layer = -1  # hidden state for the bridge: -1 the output, -2 BLIP-2's choice
     c.audio_encoder.window_seconds = 0.0  # > 0: encode longer audio in windows of this length (0: off)
@@ -119,6 +122,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.audio_encoder.mlp_dim = 256
     c.audio_encoder.max_positions = 1500
     c.audio_encoder.init_seed = 1234
+    c.audio_encoder.conv_dim = 64  # random wav2vec2 / hubert / data2vec-audio: channels of each of the
+    # feature encoder's 7 convolutions (released models: 512)
+    c.audio_encoder.depths = (2, 2, 6, 2)  # random htsat: Swin blocks in each of its 4 stages (released)
 
     c.bridge = ml_collections.ConfigDict()
     c.bridge.kind = "qformer"  # the Q-Former's query outputs, projected, are the LLM's soft prompt;
@@ -146,6 +152,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.bridge.mapper_mlp_ratio = 2.0  # pengi (Pengi: 2)
     c.bridge.projection_dropout = 0.5  # pengi (Pengi: 0.5)
     c.bridge.instruction_to_llm = False  # pengi: also give the LLM the instruction's tokens (Pengi: no)
+    # A safetensors file of bridge weights in slit's names (e.g. `slit import-pengi`'s bridge.safetensors),
+    # copied into the fresh bridge before step 1, for any bridge.kind whose names and shapes match (not with
+    # init_from, which also sets the bridge). "": the bridge starts from its random init.
+    c.bridge.init = ""
 
     c.qformer = ml_collections.ConfigDict()  # as configs/stage1_synthetic.py
     c.qformer.init = ""  # "minilm" or a HF BERT directory: BERT's sizes and text weights (stage one's)
@@ -168,6 +178,17 @@ def get_config() -> ml_collections.ConfigDict:
     # Start the fresh projection so that soft-prompt vectors have the scale of the LLM's token embeddings.
     c.llm.match_embedding_scale = True
     c.llm.remat_policy = "none"  # none | dots_saveable | everything (rematerialise LLM layers)
+    # kind=random: an untrained LLM of llm.arch ("llama", "gpt2" or "t5": Flan-T5's layout) and these sizes,
+    # weights from llm.init_seed, with a word-level tokenizer over the synthetic data's words
+    # (slit/train/random_models.py); e.g. --config.llm.kind=random --config.llm.arch=t5.
+    c.llm.arch = "llama"
+    c.llm.width = 64
+    c.llm.layers = 2
+    c.llm.heads = 4
+    c.llm.kv_heads = 2  # llama: grouped-query attention's key/value heads (a divisor of llm.heads)
+    c.llm.mlp_dim = 256
+    c.llm.max_positions = 512  # gpt2: its learned position table (llama: rotary, t5: relative positions)
+    c.llm.init_seed = 4321
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.learning_rate = 1e-3

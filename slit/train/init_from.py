@@ -17,7 +17,7 @@ import numpy as np
 
 from slit.data.tokenizer import TextTokenizer
 from slit.errors import UserError
-from slit.train import checkpoint, pretrained
+from slit.train import checkpoint, pretrained, random_models
 
 WORD_EMBEDDINGS = "bridge/qformer/word_embeddings/embedding"
 STAGE_ONE_QFORMER = "qformer/"  # where a stage-one run keeps its Q-Former; a Q-Former bridge's is under
@@ -48,6 +48,14 @@ def check_init_from_audio_tower(path: str, tower: dict, config: ml_collections.C
         return
     theirs = pretrained.audio_settings(ml_collections.ConfigDict(meta["config"]))
     ours = pretrained.audio_settings(config)
+    if theirs.kind == ours.kind == "random":  # (random wav2vec2 and HuBERT have the same weights)
+        their_arch = random_models.random_audio_arch(ml_collections.ConfigDict(meta["config"]))
+        if their_arch != random_models.random_audio_arch(config):
+            raise UserError(
+                f"init_from={path}: its Q-Former was trained against a random {their_arch} encoder; "
+                f"this run builds audio_encoder.arch={random_models.random_audio_arch(config)}. Use stage "
+                "one's audio_encoder settings."
+            )
     if theirs.trainable and not ours.trainable:
         raise UserError(
             f"init_from={path}: stage one trained its audio encoder (audio_encoder.trainable=true), and its "

@@ -4,8 +4,10 @@
 so that a stage-two run continues the stage-one run it was initialised from.
 
 `audio_encoder.kind`:
-- `"random"`: a randomly initialised Whisper encoder of the config's sizes (`num_mel_bins`, `width`,
-  `layers`, `heads`, `mlp_dim`, `max_positions`), a function of `init_seed`;
+- `"random"`: a randomly initialised encoder of the architecture `audio_encoder.arch` names (default
+  "whisper"; also "wav2vec2", "hubert", "data2vec-audio", "htsat": slit.train.random_models) and of the
+  config's sizes (`width`, `layers`, `heads`, `mlp_dim`; Whisper's `num_mel_bins`, `max_positions`), a
+  function of `init_seed`;
 - `"whisper"`: a pretrained Whisper encoder; `audio_encoder.path` is a packaged name (`"tiny.en"`,
   `"base"`), a CTranslate2 / faster-whisper directory or a Hugging Face Whisper directory
   (slit.interop.pretrained). Sizes come from the checkpoint; the size fields are not used;
@@ -51,6 +53,7 @@ from slit.models.audio.htsat import HTSATConfig
 from slit.models.audio.wav2vec2 import Wav2Vec2Config, resolve_hidden_layer
 from slit.models.audio.whisper import WhisperEncoderConfig
 from slit.models.qformer import QFormerConfig
+from slit.train import random_models
 
 AUDIO_KINDS = ("random", "whisper", "wav2vec2", "htsat")
 PACKAGED_BERT = "minilm"
@@ -172,7 +175,7 @@ def encoder_config(config: ml_collections.ConfigDict) -> EncoderConfig:
     """The frozen encoder's architecture: the config's sizes (random) or the checkpoint's."""
     settings = audio_settings(config)
     if settings.kind == "random":
-        return random_whisper_config(config)
+        return random_models.random_encoder_config(config)
     return load_tower(settings.weights_key).config
 
 
@@ -195,11 +198,7 @@ def audio_source(config: ml_collections.ConfigDict) -> str:
     """Where the frozen audio encoder's weights come from, in words (recorded in checkpoints)."""
     settings = audio_settings(config)
     if settings.kind == "random":
-        a = config.audio_encoder
-        return (
-            f"randomly initialised Whisper encoder (width {a.width}, {a.layers} layers, "
-            f"{a.heads} heads, {a.num_mel_bins} mel bins), init_seed {a.init_seed}"
-        )
+        return random_models.random_audio_source(config)
     return load_tower(settings.weights_key).source
 
 
@@ -383,13 +382,9 @@ def audio_problems(config: ml_collections.ConfigDict) -> list[str]:
         )
     encoder = None
     if settings.kind == "random":
-        if a.width % a.heads:
-            problems.append(
-                f"audio_encoder.width={a.width} is not divisible by audio_encoder.heads={a.heads}"
-            )
-        if a.num_mel_bins not in (80, 128):
-            problems.append(f"audio_encoder.num_mel_bins={a.num_mel_bins}: Whisper uses 80 or 128")
-        encoder = random_whisper_config(config)
+        arch_problems = random_models.random_audio_problems(config)
+        problems += arch_problems
+        encoder = None if arch_problems else random_models.random_encoder_config(config)
     elif not settings.path:
         what = (
             "a packaged name ('tiny.en', 'base') or a Whisper directory"

@@ -122,14 +122,29 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
                 problems.append(f"bridge.prompt_encoder_path={path}: no tokenizer.json (CLIP's tokenizer)")
             if not 0.0 <= bridge.get("projection_dropout", 0.5) < 1.0:
                 problems.append(f"bridge.projection_dropout={bridge.projection_dropout} must be in [0, 1)")
+    bridge_init = bridge.get("init", "")
+    if bridge_init and not pathlib.Path(bridge_init).is_file():
+        problems.append(f"bridge.init={bridge_init}: no such file (a safetensors file of bridge weights)")
+    elif bridge_init and config.init_from:
+        problems.append(
+            f"bridge.init={bridge_init} and init_from={config.init_from} both set the bridge's weights: "
+            "drop one (init_from='' to start from bridge.init, bridge.init='' to continue stage one)"
+        )
     d = config.data
     for key in ("max_instruction_length", "max_answer_length"):
         if d[key] < 1:
             problems.append(f"data.{key}={d[key]} must be at least 1")
     problems.extend(tasks_lib.config_problems(config))
     llm = config.llm
-    if llm.kind not in ("gguf", "hf"):
-        problems.append(f"llm.kind={llm.kind!r}: use 'gguf' (a GGUF file) or 'hf' (a checkpoint directory)")
+    if llm.kind not in ("gguf", "hf", "random"):
+        problems.append(
+            f"llm.kind={llm.kind!r}: use 'gguf' (a GGUF file), 'hf' (a checkpoint directory) or 'random' "
+            "(an untrained llm.arch of the llm group's sizes)"
+        )
+    elif llm.kind == "random":
+        from slit.train.random_models import random_llm_problems
+
+        problems += random_llm_problems(llm)
     elif llm.kind == "hf" and not llm.path:
         problems.append("llm.path is empty: give the HF checkpoint directory of the frozen LLM")
     elif llm.kind == "hf" and not (pathlib.Path(llm.path) / "config.json").is_file():
@@ -306,6 +321,7 @@ def build_training(
         mesh,
         rules,
         config.llm.get("match_embedding_scale", False),
+        bridge_init=str(config.get("bridge", {}).get("init", "")),
     )
     step = functools.partial(make_train_step, dropout=config.qformer.dropout > 0)
     ranks = {k: BATCH_RANKS[k] for k in batch_keys(config)}

