@@ -43,29 +43,34 @@ def test_segment_means_match_the_definition(parts):
     np.testing.assert_allclose(got, reference_segment_means(frames, mask, parts), atol=1e-6)
 
 
-@pytest.fixture(scope="module")
-def linear_run(tmp_path_factory, tiny_data_dir) -> pathlib.Path:
-    """A 2-step stage-two workdir with the linear bridge (MLP, 4 tokens), and its test evaluation."""
-    root = tmp_path_factory.mktemp("linear_bridge")
+def bridge_run(root: pathlib.Path, data_dir: str, **bridge: object) -> pathlib.Path:
+    """A 2-step stage-two workdir in `root` with the tiny Llama and the bridge settings `bridge`
+    (`{"kind": ..., ...}`: bridge.* fields), evaluated on 8 test clips."""
     llm_dir = write_tiny_llama(root / "llm")
     workdir = root / "run"
     workdir.mkdir()
     config = stage2_config(
-        tiny_data_dir,
+        data_dir,
         llm_dir,
         total_steps=2,
         checkpoint_every_steps=2,
         **{
             "eval.max_clips": 8,
-            "bridge.kind": "linear",
-            "bridge.num_tokens": 4,
-            "bridge.hidden": 16,
-            "optimizer.lr_multipliers": "",  # the config's names the Q-Former, which this bridge has not
+            **{f"bridge.{key}": value for key, value in bridge.items()},
+            "optimizer.lr_multipliers": "",  # the config's names the Q-Former, which these bridges lack
         },
     )
     (workdir / "config.json").write_text(config_lib.to_json(config) + "\n")  # as `slit train` does
     stage2.train(config, workdir)
     return workdir
+
+
+@pytest.fixture(scope="module")
+def linear_run(tmp_path_factory, tiny_data_dir) -> pathlib.Path:
+    """A 2-step stage-two workdir with the linear bridge (MLP, 4 tokens), and its test evaluation."""
+    return bridge_run(
+        tmp_path_factory.mktemp("linear_bridge"), tiny_data_dir, kind="linear", num_tokens=4, hidden=16
+    )
 
 
 def test_linear_bridge_trains_evaluates_and_its_bundle_generates_the_same_tokens(linear_run, tmp_path):

@@ -15,15 +15,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from slit import config as config_lib
 from slit import export, runs
 from slit.data import pipeline, sources
 from slit.generate import answerer
 from slit.models.bridges.pengi import PengiBridge, PengiBridgeConfig
 from slit.models.layers import Frozen
 from slit.models.qformer import QFormerConfig
-from slit.train import stage2
 from tests.conftest import TINY_DATA, run_slit
+from tests.test_bridges import bridge_run
 from tests.test_train_stage2 import stage2_config, write_tiny_llama
 
 LLM_WIDTH = 24
@@ -175,29 +174,8 @@ def test_projection_dropout_is_on_in_training_only():
 @pytest.fixture(scope="module")
 def pengi_run(tmp_path_factory, tiny_data_dir) -> pathlib.Path:
     """A 2-step stage-two workdir with the Pengi bridge (random frozen prompt encoder), evaluated."""
-    root = tmp_path_factory.mktemp("pengi_bridge")
-    llm_dir = write_tiny_llama(root / "llm")
-    workdir = root / "run"
-    workdir.mkdir()
-    config = stage2_config(
-        tiny_data_dir,
-        llm_dir,
-        total_steps=2,
-        checkpoint_every_steps=2,
-        **{
-            "eval.max_clips": 8,
-            "bridge.kind": "pengi",
-            "bridge.prefix_length": 3,
-            "bridge.clip_length": 2,
-            "bridge.projection_width": 24,
-            "bridge.mapper_layers": 1,
-            "bridge.mapper_heads": 4,
-            "optimizer.lr_multipliers": "",  # the config's names the Q-Former, which this bridge has not
-        },
-    )
-    (workdir / "config.json").write_text(config_lib.to_json(config) + "\n")  # as `slit train` does
-    stage2.train(config, workdir)
-    return workdir
+    sizes = dict(prefix_length=3, clip_length=2, projection_width=24, mapper_layers=1, mapper_heads=4)
+    return bridge_run(tmp_path_factory.mktemp("pengi_bridge"), tiny_data_dir, kind="pengi", **sizes)
 
 
 def test_pengi_bridge_trains_evaluates_and_its_bundle_generates_the_same_tokens(pengi_run, tmp_path):
