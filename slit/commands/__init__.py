@@ -18,4 +18,5 @@ COMMANDS: dict[str, str] = {
     "report": "slit.commands.report",
     "cache-features": "slit.commands.cache_features",
     "convert-torch": "slit.commands.convert_torch",
+    "import-pengi": "slit.commands.import_pengi",
 }
