@@ -273,7 +273,12 @@ def export_hf_blip2(run: runs.Run, out: pathlib.Path) -> None:
 
 def llm_text_config(llm: ml_collections.ConfigDict) -> dict:
     """The frozen LLM's transformers config as a dict (the `text_config` of a BLIP-2 export): its HF
-    checkpoint's config.json, or for a GGUF file a Llama config from the file's metadata."""
+    checkpoint's config.json, or for a GGUF file a Llama config from the file's metadata (a random LLM:
+    its arch's config, slit.train.random_models)."""
+    if llm.kind == "random":
+        from slit.train.random_models import random_llm_hf_config
+
+        return random_llm_hf_config(llm)
     if llm.kind == "hf":
         path = pathlib.Path(llm.path) / "config.json"
         if not path.is_file():

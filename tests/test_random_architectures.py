@@ -124,7 +124,7 @@ def test_stage_two_steps_on_a_random_hubert(tiny_data_dir):
 @pytest.fixture(scope="module", params=sorted(STAGE_TWO))
 def llm_run(request, tiny_data_dir, tmp_path_factory) -> tuple[str, pathlib.Path]:
     """A 2-step stage-two workdir on a random LLM of each arch (and a random encoder), with its test
-    evaluation of 8 clips."""
+    evaluation (captioning and AQA) of 4 clips."""
     arch = request.param
     workdir = tmp_path_factory.mktemp(f"stage2_{arch}")
     config = stage2_config(
@@ -134,7 +134,9 @@ def llm_run(request, tiny_data_dir, tmp_path_factory) -> tuple[str, pathlib.Path
         checkpoint_every_steps=2,
         **audio_overrides(STAGE_TWO[arch]),
         **LLM,
-        **{"llm.arch": arch, "eval.max_clips": 8},
+        **{"llm.arch": arch, "eval.max_clips": 4, "eval.batch_size": 4},
+        # (the bundle check below generates for a batch of 4 too: the same compiled program)
+        **{"eval.tasks": ("captioning", "aqa")},
     )
     stage2.validate(config, num_devices=1)
     (workdir / "config.json").write_text(config_lib.to_json(config) + "\n")  # as `slit train` does
@@ -295,3 +297,17 @@ def test_bad_random_llms_are_named(overrides, message, tiny_data_dir):
     config = stage2_config(tiny_data_dir, pathlib.Path("unused"), **{**LLM, **overrides})
     with pytest.raises(config_lib.ConfigError, match=message):
         stage2.validate(config, num_devices=1)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "t5"])
+def test_a_random_llm_as_a_transformers_config_reads_back_as_itself(arch):
+    """`random_llm_hf_config` (a BLIP-2 export's text_config) reads back as the module's config."""
+    from slit.models.llm.gpt2 import gpt2_config_from_hf
+    from slit.models.llm.llama import llama_config_from_hf
+    from slit.models.llm.t5 import t5_config_from_hf
+
+    llm = llm_group(arch)
+    read = {"llama": llama_config_from_hf, "gpt2": gpt2_config_from_hf, "t5": t5_config_from_hf}[arch]
+    want = random_models.random_llm_module_config(llm, len(random_models.random_llm_tokenizer(arch)))
+    assert read(random_models.random_llm_hf_config(llm)) == want
+    assert export.llm_text_config(llm) == random_models.random_llm_hf_config(llm)

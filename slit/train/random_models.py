@@ -318,6 +318,68 @@ def random_llm_module_config(llm: ml_collections.ConfigDict, vocab_size: int) ->
     raise ValueError(f"llm.arch={llm.arch!r}: use one of {', '.join(RANDOM_LLM_ARCHS)}")
 
 
+def random_llm_hf_config(llm: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The random LLM as a transformers config.json dict (LlamaConfig / GPT2Config / T5Config fields; what
+    `*_config_from_hf` reads back into `random_llm_module_config`'s), e.g. for a BLIP-2 export's
+    `text_config`."""
+    ids = {name: i for i, name in enumerate(_SPECIALS)}
+    vocab_size = len(random_llm_tokenizer(llm.arch))
+    special = {"eos_token_id": ids["</s>"], "pad_token_id": ids["<pad>"]}
+    if llm.arch == "llama":
+        return {
+            "model_type": "llama",
+            "vocab_size": vocab_size,
+            "hidden_size": llm.width,
+            "intermediate_size": llm.mlp_dim,
+            "num_hidden_layers": llm.layers,
+            "num_attention_heads": llm.heads,
+            "num_key_value_heads": llm.kv_heads,
+            "head_dim": llm.width // llm.heads,
+            "max_position_embeddings": llm.max_positions,
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 10000.0,
+            "hidden_act": "silu",
+            "tie_word_embeddings": False,
+            "bos_token_id": ids["<s>"],
+            **special,
+        }
+    if llm.arch == "gpt2":
+        return {
+            "model_type": "gpt2",
+            "vocab_size": vocab_size,
+            "n_positions": llm.max_positions,
+            "n_embd": llm.width,
+            "n_layer": llm.layers,
+            "n_head": llm.heads,
+            "n_inner": llm.mlp_dim,
+            "activation_function": "gelu_new",
+            "layer_norm_epsilon": 1e-5,
+            "tie_word_embeddings": True,
+            "bos_token_id": ids["<s>"],
+            **special,
+        }
+    if llm.arch == "t5":
+        return {
+            "model_type": "t5",
+            "is_encoder_decoder": True,
+            "vocab_size": vocab_size,
+            "d_model": llm.width,
+            "d_kv": llm.width // llm.heads,
+            "d_ff": llm.mlp_dim,
+            "num_layers": llm.layers,
+            "num_decoder_layers": llm.layers,
+            "num_heads": llm.heads,
+            "relative_attention_num_buckets": 32,
+            "relative_attention_max_distance": 128,
+            "feed_forward_proj": "gated-gelu",
+            "layer_norm_epsilon": 1e-6,
+            "tie_word_embeddings": False,
+            "decoder_start_token_id": ids["<pad>"],
+            **special,
+        }
+    raise ValueError(f"llm.arch={llm.arch!r}: use one of {', '.join(RANDOM_LLM_ARCHS)}")
+
+
 def random_llm_builder(llm: ml_collections.ConfigDict) -> tuple[Callable[[], nnx.Module], Any]:  # noqa: ANN401
     """(a function building the random LLM of `llm` with float32 weights from `llm.init_seed`, its
     tokenizer). `nnx.eval_shape(build)` gives the module without computing a weight (memory planning)."""
