@@ -311,3 +311,16 @@ def test_a_random_llm_as_a_transformers_config_reads_back_as_itself(arch):
     want = random_models.random_llm_module_config(llm, len(random_models.random_llm_tokenizer(arch)))
     assert read(random_models.random_llm_hf_config(llm)) == want
     assert export.llm_text_config(llm) == random_models.random_llm_hf_config(llm)
+
+
+def test_a_paper_scale_random_llm_builds_without_weights():
+    """Llama-2-7B's sizes, architecture only (`nnx.eval_shape`): no weight is computed."""
+    llm = llm_group(
+        "llama",
+        **{"llm.width": 4096, "llm.layers": 32, "llm.heads": 32, "llm.kv_heads": 32, "llm.mlp_dim": 11008},
+    )
+    assert random_models.random_llm_problems(llm) == []
+    build, _ = random_models.random_llm_builder(llm)
+    abstract = nnx.eval_shape(build)
+    count = sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.state(abstract)))
+    assert 6.4e9 < count < 6.6e9, count  # Llama-2-7B less its 32000-token vocabulary's 262 M
