@@ -480,6 +480,11 @@ def test_errors(tiny, tmp_path, capsys):
     assert "has no tokenizer" in result.notes[0] and "--clip-tokenizer" in result.notes[0]
     assert json.loads((tmp_path / "e" / "gpt2" / "config.json").read_text())["n_head"] == 1
     assert "--config.bridge.init=" in result.summary()
+    assert "configs/pengi_gpt2.py" not in result.summary()  # (offered for Pengi's published sizes only)
+    from slit.interop.pengi import published_sizes
+
+    published = dict(projection_width=1024, prefix_length=40, clip_length=40, mapper_layers=4)
+    assert published_sizes({**published, "mapper_mlp_ratio": 2.0})
 
 
 @pytest.mark.parametrize(

@@ -153,9 +153,30 @@ class PengiImport:
             "train with:",
             "  slit train --config configs/stage2_synthetic.py --workdir RUN \\",
             "    " + " \\\n    ".join(override_flags(self.overrides)),
+            *(
+                [
+                    "or, with configs/pengi_gpt2.py (Pengi's sizes and settings at paper scale):",
+                    "  slit train --config configs/pengi_gpt2.py --workdir RUN \\",
+                    "    " + " \\\n    ".join(override_flags(paper_scale_overrides(self.overrides))),
+                ]
+                if published_sizes(self.sizes)
+                else []
+            ),
             "(slit eval --workdir RUN --data NAME reads these from the run's config)",
         ]
         return "\n".join(lines)
+
+
+def published_sizes(sizes: dict) -> bool:
+    """Whether the bridge has Pengi's published sizes (those configs/pengi_gpt2.py sets)."""
+    published = {"projection_width": 1024, "prefix_length": 40, "clip_length": 40, "mapper_layers": 4}
+    return all(sizes.get(k) == v for k, v in published.items()) and sizes.get("mapper_mlp_ratio") == 2.0
+
+
+def paper_scale_overrides(overrides: dict[str, str]) -> dict[str, str]:
+    """The overrides configs/pengi_gpt2.py still needs: the three directories and bridge.init."""
+    keys = ("audio_encoder.path", "bridge.prompt_encoder_path", "llm.path", "bridge.init")
+    return {k: overrides[k] for k in keys}
 
 
 def override_flags(overrides: dict[str, str]) -> list[str]:
@@ -332,8 +353,8 @@ def _htsat(source: _Source, frontend: PengiFrontend) -> tuple[dict, dict[str, np
         "enable_fusion": False,
         "hidden_act": "gelu",
         "layer_norm_eps": 1e-5,
-        "drop_path_rate": 0.0,
-        "hidden_dropout_prob": 0.0,
+        "drop_path_rate": 0.1,  # Pengi's HTSAT default (stochastic depth in training only)
+        "hidden_dropout_prob": 0.0,  # Pengi's drop_rate (transformers' default is 0.1)
         "attention_probs_dropout_prob": 0.0,
     }
     return config, out, check
@@ -689,7 +710,10 @@ def import_pengi(
         "notes": notes,
         "skipped": result.skipped,
         "overrides": overrides,
-        "train_flags": override_flags(overrides),
+        "train_flags": override_flags(overrides),  # with configs/stage2_synthetic.py
+        "pengi_gpt2_flags": override_flags(paper_scale_overrides(overrides))
+        if published_sizes(sizes)
+        else [],
     }
     (out / "pengi.json").write_text(json.dumps(summary, indent=2) + "\n")
     if log:
