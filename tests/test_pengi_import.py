@@ -491,15 +491,18 @@ def test_errors(tiny, tmp_path, capsys):
     "sample_rate, fmax, words",
     [
         (44100, 8000.0, "melW equals the preprocessor_config.json filter bank"),
-        (32000, 14000.0, "features will not"),
+        (32000, 14000.0, "slit's frontend applies the same bank"),
     ],
 )
-def test_frontend_check_names_the_filter_bank(sample_rate, fmax, words):
+def test_frontend_check_names_the_filter_bank_and_slit_applies_it(sample_rate, fmax, words):
     """Pengi's declared frontend (44.1 kHz, 50-8000 Hz) is recognised, and so is models/config.py's 32 kHz,
-    50-14000 Hz filter bank (which HTSATWrapper builds), reported as a mismatch."""
+    50-14000 Hz filter bank (which HTSATWrapper builds): then the preprocessor_config.json changes make
+    slit's CLAP frontend, reading 44.1 kHz audio, apply exactly that bank (transformers' own filters)."""
     from transformers.audio_utils import mel_filter_bank
 
+    from slit.interop.hf_clap import clap_frontend_config_from_hf
     from slit.interop.pengi import HTSAT, _check_frontend, _Source
+    from slit.models.audio.clap_frontend import clap_mel_filters
 
     mel = mel_filter_bank(
         num_frequency_bins=513,
@@ -511,5 +514,9 @@ def test_frontend_check_names_the_filter_bank(sample_rate, fmax, words):
         mel_scale="slaney",
     )
     source = _Source({HTSAT + "logmel_extractor.melW": mel.astype(np.float32)})
-    assert words in _check_frontend(source, PengiFrontend(), 64)
+    check, changes = _check_frontend(source, PengiFrontend(), 64)
+    assert words in check
     assert source.skipped == [HTSAT + "logmel_extractor.melW"]
+    frontend = clap_frontend_config_from_hf(PengiFrontend().extractor_config() | changes)
+    assert frontend.sample_rate == 44100  # the audio stays at 44.1 kHz
+    np.testing.assert_allclose(clap_mel_filters(frontend), mel, atol=1e-9)

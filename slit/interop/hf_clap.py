@@ -96,6 +96,7 @@ def clap_frontend_config_from_hf(
             max_length_s=int(options.get("max_length_s", d.max_length_s)),
             truncation=truncation,
             padding=padding,
+            mel_sample_rate=int(options.get("slit_mel_sample_rate", 0) or 0),
         )
     except ValueError as e:
         raise UserError(f"{source}: {e}") from None

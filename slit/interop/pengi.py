@@ -57,8 +57,10 @@ truncation "rand_trunc" (its Slaney filter bank; longer clips cropped at random 
 and padding "repeat" (a shorter clip tiled and cut, as Pengi's loader does). But Pengi's `HTSATWrapper`
 builds its torchlibrosa extractor from models/config.py (32 kHz, 50 Hz-14 kHz), not from base.yml, so the
 released filter bank may be the 32 kHz one applied to 44.1 kHz audio. The checkpoint's `melW` is
-compared with both and the result reported (`frontend` in pengi.json); no ClapFeatureExtractor setting
-reproduces 32 kHz filters on 44.1 kHz audio.
+compared with both and the result reported (`frontend` in pengi.json). When it is the 32 kHz bank, the
+written preprocessor_config.json says so (`frequency_min`/`frequency_max` 50/14000 and slit's own key
+`slit_mel_sample_rate` 32000), so that slit's CLAP frontend applies the same filters to the 44.1 kHz audio;
+transformers' ClapFeatureExtractor has no such setting and ignores the key.
 """
 
 from __future__ import annotations
@@ -264,8 +266,9 @@ _HTSAT_BLOCK = {  # Pengi name in a Swin block -> transformers' (both under laye
 }
 
 
-def _htsat(source: _Source, frontend: PengiFrontend) -> tuple[dict, dict[str, np.ndarray], str]:
-    """(ClapAudioConfig dict, ClapAudioModel tensors, the frontend check in words)."""
+def _htsat(source: _Source, frontend: PengiFrontend) -> tuple[dict, dict[str, np.ndarray], str, dict]:
+    """(ClapAudioConfig dict, ClapAudioModel tensors, the frontend check in words, the preprocessor_config
+    changes that reproduce the checkpoint's filter bank)."""
     p = HTSAT
     out: dict[str, np.ndarray] = {}
     mels = source.take(p + "bn0.weight", (None,)).shape[0]
@@ -334,7 +337,7 @@ def _htsat(source: _Source, frontend: PengiFrontend) -> tuple[dict, dict[str, np
         out[f"audio_encoder.norm.{kind}"] = source.take(f"{p}norm.{kind}", (dim,))
     for key in source.under(p + "tscam_conv.") + source.under(p + "head."):
         source.skip(key)  # the classification head: transformers' ClapAudioModel has none
-    check = _check_frontend(source, frontend, mels)
+    check, filters = _check_frontend(source, frontend, mels)
     config = {
         "model_type": "clap_audio_model",
         "architectures": ["ClapAudioModel"],
@@ -357,11 +360,12 @@ def _htsat(source: _Source, frontend: PengiFrontend) -> tuple[dict, dict[str, np
         "hidden_dropout_prob": 0.0,  # Pengi's drop_rate (transformers' default is 0.1)
         "attention_probs_dropout_prob": 0.0,
     }
-    return config, out, check
+    return config, out, check, filters
 
 
-def _check_frontend(source: _Source, frontend: PengiFrontend, mels: int) -> str:
-    """Skips torchlibrosa's constants after checking their sizes, and says which filter bank melW is."""
+def _check_frontend(source: _Source, frontend: PengiFrontend, mels: int) -> tuple[str, dict]:
+    """Skips torchlibrosa's constants after checking their sizes, and says which filter bank melW is:
+    (words, the preprocessor_config.json changes that make slit's frontend apply that bank)."""
     from slit.models.audio.clap_frontend import ClapFrontendConfig, clap_mel_filters
 
     bins = frontend.n_fft // 2 + 1
@@ -376,7 +380,7 @@ def _check_frontend(source: _Source, frontend: PengiFrontend, mels: int) -> str:
             source.skip(key)
     key = HTSAT + "logmel_extractor.melW"
     if not source.has(key):
-        return "no melW in the checkpoint: not checked"
+        return "no melW in the checkpoint: not checked", {}
     mel_w = source.take(key, (bins, mels)).astype(np.float64)
     source.skip(key)
     candidates = {
@@ -398,16 +402,21 @@ def _check_frontend(source: _Source, frontend: PengiFrontend, mels: int) -> str:
         )
         if np.abs(clap_mel_filters(config) - mel_w).max() <= 1e-4 * scale:
             if change:
+                design = {
+                    "frequency_min": float(fields["fmin"]),
+                    "frequency_max": float(fields["fmax"]),
+                    "slit_mel_sample_rate": int(fields["sample_rate"]),
+                }
                 return (
                     f"melW is librosa's Slaney filter bank for {words}, applied by Pengi to "
                     f"{frontend.sample_rate} Hz audio (bands at 44.1/32 of those frequencies); "
-                    "preprocessor_config.json's filters differ and no ClapFeatureExtractor setting "
-                    "reproduces these: features will not match Pengi's"
-                )
-            return f"melW equals the preprocessor_config.json filter bank ({words})"
+                    "preprocessor_config.json says so (slit_mel_sample_rate), so slit's frontend applies "
+                    "the same bank; transformers' ClapFeatureExtractor does not read that key"
+                ), design
+            return f"melW equals the preprocessor_config.json filter bank ({words})", {}
     return (
         "melW matches neither 44.1 kHz 50-8000 Hz nor 32 kHz 50-14000 Hz Slaney filters: check the frontend"
-    )
+    ), {}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -654,7 +663,8 @@ def import_pengi(
     gpt2_tok = pathlib.Path(gpt2_tokenizer) if gpt2_tokenizer else None
     source = _Source(read_pengi_state_dict(src))
 
-    clap_config, clap, frontend_check = _htsat(source, frontend)
+    clap_config, clap, frontend_check, filters = _htsat(source, frontend)
+    extractor = frontend.extractor_config() | filters
     clip_config, clip = _clip(source, clip_tok)
     gpt2_config, gpt2 = _gpt2(source, gpt2_tok)
     sizes, bridge = _bridge(
@@ -664,9 +674,7 @@ def import_pengi(
 
     out.mkdir(parents=True, exist_ok=True)
     _save(out / "clap", clap_config, clap)
-    (out / "clap" / "preprocessor_config.json").write_text(
-        json.dumps(frontend.extractor_config(), indent=2) + "\n"
-    )
+    (out / "clap" / "preprocessor_config.json").write_text(json.dumps(extractor, indent=2) + "\n")
     _save(out / "clip", clip_config, clip)
     _save(out / "gpt2", gpt2_config, gpt2)
     notes = [
@@ -702,7 +710,7 @@ def import_pengi(
     result = PengiImport(out, sizes, overrides, sorted(source.skipped), frontend_check, notes)
     summary = {
         "source": str(src),
-        "clap": {"config": clap_config, "frontend": frontend.extractor_config(), "tensors": len(clap)},
+        "clap": {"config": clap_config, "frontend": extractor, "tensors": len(clap)},
         "clip": {"config": clip_config, "tensors": len(clip)},
         "gpt2": {"config": gpt2_config, "tensors": len(gpt2)},
         "bridge": {**sizes, "tensors": len(bridge)},

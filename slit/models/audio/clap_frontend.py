@@ -14,7 +14,9 @@ For each clip (its first `num_samples` samples of a zero-padded batch):
 3. **Mel**: the extractor's filter bank, chosen as it chooses by its `truncation` mode. `"fusion"` (the
    extractor's default): HTK mel scale, no normalisation (torchaudio's default filters); `"rand_trunc"`:
    Slaney mel scale with Slaney area normalisation (librosa's default filters). Either with `num_mel_bins`
-   (64) filters between `fmin` (0 Hz) and `fmax` (14 kHz), FFT bins at `linspace(0, sample_rate // 2)`.
+   (64) filters between `fmin` (0 Hz) and `fmax` (14 kHz), FFT bins at `linspace(0, sample_rate // 2)`
+   (`mel_sample_rate`, when set, designs the filters for that rate instead: a torchlibrosa extractor built
+   for one rate and fed audio at another, as Pengi's HTSAT may be, applies such a bank).
 4. **dB**: `10 * log10(max(mel, 1e-10))`; no `top_db` clipping (the extractor never applies it).
 
 Output (B, frames, num_mel_bins) float32, time-major: `input_features[:, 0]` of the extractor's output.
@@ -61,12 +63,19 @@ class ClapFrontendConfig:
     max_length_s: int = 10
     truncation: str = "fusion"  # picks the filter bank: "fusion" HTK, "rand_trunc" Slaney
     padding: str = "repeatpad"  # how a shorter clip is fitted to max_length_s
+    # The rate the mel filters are designed for (0: sample_rate). slit's own key in preprocessor_config.json
+    # (`slit_mel_sample_rate`; transformers' extractor does not read it).
+    mel_sample_rate: int = 0
 
     def __post_init__(self) -> None:
         if self.truncation not in TRUNCATION_MODES:
             raise ValueError(f"truncation {self.truncation!r} is not one of {list(TRUNCATION_MODES)}")
         if self.padding not in PADDING_MODES:
             raise ValueError(f"padding {self.padding!r} is not one of {list(PADDING_MODES)}")
+        if self.mel_sample_rate < 0:
+            raise ValueError(
+                f"mel_sample_rate {self.mel_sample_rate} must be 0 (sample_rate) or a rate in Hz"
+            )
         if self.max_samples <= self.n_fft // 2:
             raise ValueError(
                 f"max_length_s {self.max_length_s} at {self.sample_rate} Hz is shorter than half the FFT "
@@ -110,7 +119,8 @@ def _filters_cached(config: ClapFrontendConfig) -> np.ndarray:
         _hz_to_mel(config.fmin, scale), _hz_to_mel(config.fmax, scale), config.num_mel_bins + 2
     )
     edges = _mel_to_hz(mels, scale)  # (M + 2,) Hz
-    fft_freqs = np.linspace(0, config.sample_rate // 2, num_bins)  # (K,)
+    design_rate = config.mel_sample_rate or config.sample_rate
+    fft_freqs = np.linspace(0, design_rate // 2, num_bins)  # (K,) the bins' frequencies as designed
     diff = np.diff(edges)
     slopes = edges[None, :] - fft_freqs[:, None]  # (K, M + 2)
     down = -slopes[:, :-2] / diff[:-1]
