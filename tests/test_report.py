@@ -410,3 +410,20 @@ def test_trained_parameters_logged_at_step_0_get_a_column(tmp_path):
     assert "| 12345 |" in rows["a"] and "| 678901 |" in rows["b"]
     with (tmp_path / "out" / "report.csv").open() as f:
         assert [row["trained_params"] for row in csv.DictReader(f)] == ["12345", "678901", ""]
+
+
+def test_a_key_the_x_value_decides_names_no_series(tmp_path):
+    """A bridge ablation sets the query count for one bridge only: the count follows the bridge, so the plot
+    keeps one series; a key that varies within an x value still splits the series."""
+    for name, kind, queries in (("a", "random", 16), ("b", "wav2vec2", 2), ("c", "whisper", 16)):
+        write_run(tmp_path / "runs" / name, queries, 0, scores=(0.2, 0.5), audio_encoder__kind=kind)
+    report = compare.build_report(
+        sorted((tmp_path / "runs").iterdir()), tmp_path / "out", x="audio_encoder.kind"
+    )
+    assert set(report.swept) == {"audio_encoder.kind", "qformer.num_queries"}
+    assert [s.label for s in report.plot.series] == ["CIDEr-D"]
+    write_run(tmp_path / "runs" / "d", 8, 0, scores=(0.3, 0.5), audio_encoder__kind="whisper")
+    report = compare.build_report(
+        sorted((tmp_path / "runs").iterdir()), tmp_path / "out", x="audio_encoder.kind"
+    )
+    assert len(report.plot.series) == 3  # whisper runs with 8 and 16 queries: the count is its own factor

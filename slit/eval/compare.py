@@ -558,7 +558,8 @@ class PlotData:
 
 def plot_data(runs: Sequence[RunRecord], metric: str, x: str, keys: Sequence[str]) -> PlotData | None:
     """`metric` against the swept key `x` (or "run": the run names) over the finished runs that have a
-    finite value: one Series per setting of the other swept keys (seed aside), per x value the mean and
+    finite value: one Series per setting of the other swept keys (seed aside, and keys whose value the x
+    value decides, e.g. the query count a sweep sets for one bridge kind only), per x value the mean and
     sample std over its runs; the matching baseline (baseline_of) averaged per x. Numeric x values keep
     their values (log scale when they span a factor of 20 or more), others are categories in sorted
     order. None when no finished run has the metric."""
@@ -571,7 +572,7 @@ def plot_data(runs: Sequence[RunRecord], metric: str, x: str, keys: Sequence[str
     if not found:
         return None
     positions, labels, log = _x_positions([x_of(r) for r, _ in found])
-    others = [k for k in keys if k not in (x, SEED)]
+    others = [k for k in keys if k not in (x, SEED) and not _decided_by(k, x_of, [r for r, _ in found])]
     grouped: dict[tuple, list[tuple[float, float]]] = {}
     names: dict[tuple, str] = {}
     for run, value in found:
@@ -601,9 +602,19 @@ def plot_data(runs: Sequence[RunRecord], metric: str, x: str, keys: Sequence[str
     return PlotData(metric, x, series, labels, log, baseline)
 
 
+def _decided_by(key: str, x_of: Any, runs: Sequence[RunRecord]) -> bool:  # noqa: ANN401
+    """Whether every x value's runs share one value of `key` (it then names no series of its own)."""
+    seen: dict[tuple, tuple] = {}
+    for run in runs:
+        value = _canonical(run.values.get(key))
+        if seen.setdefault(_canonical(x_of(run)), value) != value:
+            return False
+    return True
+
+
 def plot(data: PlotData, path: str | pathlib.Path) -> pathlib.Path:
-    """Draws `data` into the PNG `path`: one faint point per run, the means with std error bars joined per
-    series, the baseline dashed; the axes named after the metric and the key."""
+    """Draws `data` into the PNG `path`: one faint point per run, the means with std error bars (joined per
+    series along a numeric x), the baseline dashed; the axes named after the metric and the key."""
     import matplotlib
 
     from slit.eval import plots
@@ -615,8 +626,15 @@ def plot(data: PlotData, path: str | pathlib.Path) -> pathlib.Path:
         colour = colours[i % len(colours)]
         xs, ys = np.array(series.points).T
         ax.scatter(xs, ys, color=colour, alpha=0.35, s=18)
-        ax.errorbar(
-            series.x, series.mean, yerr=series.std, color=colour, marker="o", capsize=3, label=series.label
+        ax.errorbar(  # categories are not joined: there is nothing between them
+            series.x,
+            series.mean,
+            yerr=series.std,
+            color=colour,
+            marker="o",
+            capsize=3,
+            label=series.label,
+            linestyle="none" if data.tick_labels is not None else "-",
         )
     if data.baseline:
         column, at, values = data.baseline
