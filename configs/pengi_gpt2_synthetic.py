@@ -13,7 +13,9 @@ word vocabulary (a CLIP tokenizer does not install offline either); GPT-2 of wid
 word-level vocabulary. The mappers are Pengi's shape at a smaller size (8 + 8 prefix tokens, 2 layers).
 What it measures is the recipe's plumbing and whether the prefix learns to steer a frozen random LM.
 
-Expected (2-core CPU, measured 2026-12-05; README: Recipes): see the README's recipe table.
+Expected (2-core CPU, measured 2026-12-05, alone): 600 steps in 2 min 53 s with the test evaluation (100
+clips, 3 beams); QA 42.0% (majority 49.0%), CIDEr-D 0.001 (audio-blind 0.517), classification 29.0% of 5
+classes: a random LM does not beat the baselines (README: Recipes).
 """
 
 import pathlib

@@ -12,7 +12,9 @@ of width 64, 2 layers (Flan-T5-XL does not install offline) with a word-level vo
 data's words, so what it measures is whether the bridge learns to steer a frozen encoder-decoder, not
 language quality; the encoder and Q-Former are the synthetic stage one's.
 
-Expected (2-core CPU, measured 2026-12-05; README: Recipes): see the README's recipe table.
+Expected (2-core CPU, measured 2026-12-05, alone): 1,000 steps in 2 min 1 s with the test evaluation; loss
+20 -> 6; QA 36.4% (majority 48.0%), CIDEr-D 0.026 (audio-blind 0.513), classification 30.4% of 5 classes: a
+random LM does not beat the baselines (README: Recipes).
 """
 
 import pathlib

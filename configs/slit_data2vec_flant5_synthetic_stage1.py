@@ -14,7 +14,9 @@ not install offline), 2 layers of width 64 with 64-channel convolutions; its sec
 feeds the Q-Former, as BLIP-2; the Q-Former is configs/stage1_synthetic.py's (2 layers, 128 wide, 16
 queries) from scratch, not BERT-base; the synthetic sounds, not AudioCaps.
 
-Expected (2-core CPU, measured 2026-12-05; README: Recipes): see the README's recipe table.
+Expected (2-core CPU, measured 2026-12-05, alone): the cache in 1 min 26 s (3,450 clips), 900 steps in 3 min
+19 s with the evaluations; test text->audio R@1 11.5%, R@10 55.4% (chance R@1 0.4%; the tiny random Whisper
+of configs/stage1_synthetic.py reaches ~29%). README: Recipes.
 """
 
 import pathlib

@@ -475,9 +475,7 @@ def _main(args: argparse.Namespace, extra: list[str], runner: Runner) -> int:
             )
             code = runner(command, root / CACHE_LOG)
             if code != 0:
-                say(
-                    f"slit cache-features failed (exit {code}; output: {root / CACHE_LOG}); no point was run"
-                )
+                say(f"slit cache-features failed (exit {code}; output: {root / CACHE_LOG}); no point was run")
                 return 1
     results = run_points(root, state, points, todo, runner)
     code = summarize(state, points, selected, done, results)

@@ -77,8 +77,8 @@ def create_model(
 
     A pretrained audio encoder (`cfg.audio.weights`) is read on the host and placed into its shardings:
     with the frozen weights (its random initialisation is then never computed), or with the trainable
-    ones when `cfg.audio.trainable` (then initialised with the rest, and replaced). With `cfg.qformer_init`, the Q-Former's text weights are BERT's
-    (slit.train.pretrained.bert_params).
+    ones when `cfg.audio.trainable` (then initialised with the rest, and replaced). With
+    `cfg.qformer_init`, the Q-Former's text weights are BERT's (slit.train.pretrained.bert_params).
     """
 
     def build() -> Stage1Model:
