@@ -159,18 +159,6 @@ def load_tower(weights_key: str) -> LoadedTower:
     raise UserError(f"audio_encoder.kind={kind!r}: use one of {', '.join(AUDIO_KINDS)}")
 
 
-def random_whisper_config(config: ml_collections.ConfigDict) -> WhisperEncoderConfig:
-    a = config.audio_encoder
-    return WhisperEncoderConfig(
-        num_mel_bins=a.num_mel_bins,
-        width=a.width,
-        num_layers=a.layers,
-        num_heads=a.heads,
-        mlp_dim=a.mlp_dim,
-        max_positions=a.max_positions,
-    )
-
-
 def encoder_config(config: ml_collections.ConfigDict) -> EncoderConfig:
     """The frozen encoder's architecture: the config's sizes (random) or the checkpoint's."""
     settings = audio_settings(config)
