@@ -144,6 +144,9 @@ def get_config() -> ml_collections.ConfigDict:
     # weights and tokenizer from bridge.prompt_encoder_path (a CLIPModel / CLIPTextModel(WithProjection)
     # save_pretrained directory with tokenizer.json; .pt checkpoints: `slit convert-torch` first)
     c.bridge.prompt_encoder_path = ""
+    c.bridge.prompt_encoder_seed = (
+        5678  # pengi: the random BERT's weights (without qformer.init), not `seed`'s
+    )
     c.bridge.prefix_length = 8  # pengi (Pengi: 40)
     c.bridge.clip_length = 8  # pengi: mapper input tokens (Pengi: 40)
     c.bridge.projection_width = 256  # pengi (Pengi: 1024)

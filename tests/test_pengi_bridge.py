@@ -122,13 +122,23 @@ def _bridge_with_random_weights() -> PengiBridge:
     return bridge
 
 
+@nnx.jit
+def _prefix(bridge: PengiBridge, frames, mask, ids):  # noqa: ANN001, ANN202
+    return bridge(frames, mask, ids, rngs=None)
+
+
+@nnx.jit
+def _prompt_embedding(bridge: PengiBridge, ids):  # noqa: ANN001, ANN202
+    return bridge.prompt_tower(ids)
+
+
 def test_pengi_bridge_matches_the_reference_and_splits_trainable_from_frozen():
     bridge = _bridge_with_random_weights()
     frames, mask, ids = _inputs()
-    got = np.asarray(bridge(jnp.asarray(frames), jnp.asarray(mask), jnp.asarray(ids), rngs=None))
+    got = np.asarray(_prefix(bridge, jnp.asarray(frames), jnp.asarray(mask), jnp.asarray(ids)))
     assert got.shape == (3, 2 * CONFIG.prefix_length, LLM_WIDTH)
 
-    prompt_embedding = np.asarray(bridge.prompt_tower(jnp.asarray(ids)), np.float64)
+    prompt_embedding = np.asarray(_prompt_embedding(bridge, jnp.asarray(ids)), np.float64)
     params = _as_str_keys(nnx.to_pure_dict(nnx.state(bridge, nnx.Param)))
     want = ref_bridge(frames.astype(np.float64), mask, prompt_embedding, params, CONFIG)
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)
@@ -140,11 +150,13 @@ def test_pengi_bridge_matches_the_reference_and_splits_trainable_from_frozen():
     # Padding in the instruction does not change its embedding; its words do.
     padded = np.concatenate([ids, np.zeros((3, 3), np.int32)], axis=1)
     np.testing.assert_allclose(
-        np.asarray(bridge.prompt_tower(jnp.asarray(padded))), prompt_embedding, atol=1e-5
+        np.asarray(_prompt_embedding(bridge, jnp.asarray(padded))), prompt_embedding, atol=1e-5
     )
     other = ids.copy()
     other[:, 1] = 20
-    assert not np.allclose(np.asarray(bridge.prompt_tower(jnp.asarray(other))), prompt_embedding, atol=1e-3)
+    assert not np.allclose(
+        np.asarray(_prompt_embedding(bridge, jnp.asarray(other))), prompt_embedding, atol=1e-3
+    )
 
     # Gradients reach every trainable part, from both prefixes.
     graphdef, trainable, rest = nnx.split(bridge, nnx.Param, ...)
@@ -153,7 +165,7 @@ def test_pengi_bridge_matches_the_reference_and_splits_trainable_from_frozen():
         model = nnx.merge(graphdef, trainable, rest)
         return jnp.sum(model(jnp.asarray(frames), jnp.asarray(mask), jnp.asarray(ids), rngs=None) ** 2)
 
-    grads = nnx.to_pure_dict(jax.grad(loss)(trainable))
+    grads = nnx.to_pure_dict(jax.jit(jax.grad(loss))(trainable))
     for part, tree in grads.items():
         assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(tree)), part
 
@@ -272,3 +284,26 @@ def test_the_prompt_encoder_is_qformer_init_s_bert(tiny_data_dir, tmp_path):
         want = bert(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(valid.astype(np.int64)))
     got = np.asarray(tower(jnp.asarray(ids, jnp.int32)))
     np.testing.assert_allclose(got, want.last_hidden_state[:, 0].numpy(), atol=1e-4)
+
+
+def test_the_random_prompt_encoder_follows_its_own_seed_not_the_run_s():
+    """A seed sweep changes the trained weights only: the frozen random prompt encoder comes from
+    `prompt_encoder_seed`."""
+    import dataclasses
+
+    def split(seed: int, prompt_seed: int) -> tuple[dict, dict]:
+        config = dataclasses.replace(CONFIG, prompt_encoder_seed=prompt_seed)
+        bridge = PengiBridge(config, LLM_WIDTH, rngs=nnx.Rngs(params=seed))
+        return nnx.to_pure_dict(nnx.state(bridge, nnx.Param)), nnx.to_pure_dict(nnx.state(bridge, Frozen))
+
+    params0, frozen0 = split(0, 7)
+    params1, frozen1 = split(1, 7)
+    jax.tree.map(np.testing.assert_array_equal, frozen0, frozen1)
+    assert not np.array_equal(
+        params0["audio_mapper"]["prefix_const"], params1["audio_mapper"]["prefix_const"]
+    )
+    _, frozen2 = split(0, 8)
+    assert not np.array_equal(
+        frozen0["prompt_tower"]["qformer"]["word_embeddings"]["embedding"],
+        frozen2["prompt_tower"]["qformer"]["word_embeddings"]["embedding"],
+    )

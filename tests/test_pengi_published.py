@@ -25,7 +25,7 @@ from slit.train import stage2  # noqa: E402
 from tests.conftest import TINY_DATA  # noqa: E402
 from tests.test_parity_clip_text import MERGES, TEXT_SIZES, VOCAB  # noqa: E402
 from tests.test_parity_htsat import write_clap_audio  # noqa: E402
-from tests.test_train_stage2 import stage2_config  # noqa: E402
+from tests.test_train_stage2 import stage2_config, write_word_tokenizer  # noqa: E402
 
 PROMPT_LENGTH = 16  # CLIP tokens of the instruction (the tiny CLIP has 16 positions)
 
@@ -51,20 +51,7 @@ def write_clip(directory: pathlib.Path) -> torch.nn.Module:
 
 def write_gpt2(directory: pathlib.Path) -> None:
     """A tiny random GPT2LMHeadModel with a word-level tokenizer over the synthetic data's words."""
-    import tokenizers
-    from tokenizers import models, pre_tokenizers
-
-    from slit.data.synthetic import TOKENIZER_VOCABULARY
-
-    specials = ["<unk>", "<|endoftext|>"]
-    words = sorted(set(TOKENIZER_VOCABULARY) | {"Answer", ":", "?", ".", ","})
-    vocab = {t: i for i, t in enumerate(specials + words)}
-    backend = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.add_special_tokens(specials)
-    transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="<unk>", bos_token="<|endoftext|>", eos_token="<|endoftext|>"
-    ).save_pretrained(str(directory))
+    vocab = write_word_tokenizer(directory, ["<unk>", "<|endoftext|>"], "<|endoftext|>", "<|endoftext|>")
     torch.manual_seed(0)
     config = transformers.GPT2Config(
         vocab_size=len(vocab), n_positions=64, n_embd=32, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=1

@@ -37,26 +37,35 @@ WEIGHTS = (0.2, 0.5, 0.3)  # caption, qa, classify
 # --------------------------------------------------------------------------------------------------
 
 
-def write_tiny_llama(directory: pathlib.Path, seed: int = 0, words: Sequence[str] = ()) -> pathlib.Path:
-    """config.json + model.safetensors (2 layers, width 32, grouped-query attention, untied output
-    layer) + a word-level tokenizer over the synthetic captions, questions and answers (and `words`)."""
+def write_word_tokenizer(
+    directory: pathlib.Path, specials: Sequence[str], bos: str, eos: str, words: Sequence[str] = ()
+) -> dict[str, int]:
+    """Saves into `directory` a transformers word-level tokenizer over the synthetic data's words, the
+    prompt's punctuation and `words`, after `specials` (specials[0] is the unknown token); its vocabulary."""
     import tokenizers
     import transformers
-    from safetensors.numpy import save_file
     from tokenizers import models, pre_tokenizers
 
     from slit.data.synthetic import TOKENIZER_VOCABULARY
 
     directory.mkdir(parents=True, exist_ok=True)
-    specials = ["<unk>", "<s>", "</s>"]
     words = sorted(set(TOKENIZER_VOCABULARY) | {"Answer", ":", "?", ".", ","} | set(words))
-    vocab = {t: i for i, t in enumerate(specials + words)}
-    backend = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    vocab = {t: i for i, t in enumerate([*specials, *words])}
+    backend = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token=specials[0]))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.add_special_tokens(specials)
+    backend.add_special_tokens(list(specials))
     transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+        tokenizer_object=backend, unk_token=specials[0], bos_token=bos, eos_token=eos
     ).save_pretrained(str(directory))
+    return vocab
+
+
+def write_tiny_llama(directory: pathlib.Path, seed: int = 0, words: Sequence[str] = ()) -> pathlib.Path:
+    """config.json + model.safetensors (2 layers, width 32, grouped-query attention, untied output
+    layer) + a word-level tokenizer over the synthetic captions, questions and answers (and `words`)."""
+    from safetensors.numpy import save_file
+
+    vocab = write_word_tokenizer(directory, ["<unk>", "<s>", "</s>"], "<s>", "</s>", words)
     v, d, heads, kv_heads, mlp = len(vocab), 32, 4, 2, 64
     e = d // heads
     rng = np.random.default_rng(seed)

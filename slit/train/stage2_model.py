@@ -207,6 +207,7 @@ def bridge_config(config: ml_collections.ConfigDict, tokenizer: TextTokenizer, e
             encoder_width=encoder_width,
             prompt_encoder=prompt,
             prompt_encoder_weights=weights,
+            prompt_encoder_seed=int(b.get("prompt_encoder_seed", 0)),
             pad_id=tokenizer.pad_id,
             projection_width=int(b.get("projection_width", 1024)),
             prefix_length=int(b.get("prefix_length", 40)),
@@ -341,7 +342,7 @@ def frozen_sources(config: ml_collections.ConfigDict, llm_source: str) -> dict[s
             sources["bridge"] = (
                 f"prompt encoder: BERT {init}"
                 if init
-                else f"prompt encoder: random BERT (seed {config.seed})"
+                else f"prompt encoder: random BERT (seed {config.bridge.get('prompt_encoder_seed', 0)})"
             )
     trained = {"audio_tower": pretrained.audio_settings(config).trainable, "llm": config.llm.get("trainable")}
     return {name: source for name, source in sources.items() if not trained.get(name, False)}

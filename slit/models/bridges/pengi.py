@@ -60,6 +60,9 @@ class PengiBridgeConfig:
     prompt_encoder: CLIPTextConfig | QFormerConfig
     pad_id: int = 0
     prompt_encoder_weights: str = ""  # where a pretrained CLIP prompt encoder comes from (not read here)
+    # The frozen prompt encoder's own random initialisation (pretrained weights then replace it), apart from
+    # the run's seed: a seed sweep changes the trained weights only.
+    prompt_encoder_seed: int = 0
     projection_width: int = 1024
     prefix_length: int = 40
     clip_length: int = 40
@@ -189,10 +192,11 @@ class PengiBridge(nnx.Module):
     def __init__(self, config: PengiBridgeConfig, llm_width: int, *, rngs: nnx.Rngs):
         c = config
         self.config = c
+        prompt_rngs = nnx.Rngs(params=c.prompt_encoder_seed)
         if isinstance(c.prompt_encoder, CLIPTextConfig):  # (its weights are Frozen as built)
-            self.prompt_tower = CLIPTextTower(c.prompt_encoder, rngs=rngs)
+            self.prompt_tower = CLIPTextTower(c.prompt_encoder, rngs=prompt_rngs)
         else:
-            self.prompt_tower = PromptTower(c.prompt_encoder, c.pad_id, rngs=rngs)
+            self.prompt_tower = PromptTower(c.prompt_encoder, c.pad_id, rngs=prompt_rngs)
         self.audio_projection = Projection(
             c.encoder_width, c.projection_width, c.projection_dropout, rngs=rngs
         )
