@@ -23,7 +23,8 @@ would not be a fair start), at one learning rate (1e-3, cosine to 5e-5); ~16 sof
 
 Expected (2-core CPU, measured 2026-12-05; README: The bridge ablation): 23 min for the four points with the
 cache built; at 200 steps no bridge beats the audio-blind baselines yet (QA 32-45% against 49%, CIDEr-D
-0.04-0.07 against 0.52): the Q-Former answers best, Pengi captions best. The trained-parameter counts
+0.04-0.06 against 0.52; Pengi 0.47 with one caption for every clip): the Q-Former answers best. One seed
+each: Pengi's result moved with its initialisation (README). The trained-parameter counts
 (report column trained_params) differ by design: Pengi's mappers run at the LLM's width (13.2 M against
 the Q-Former's 0.55 M). `-- --config.total_steps=1000` for where the bridges end up (about 2 hours).
 """
