@@ -24,13 +24,14 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
+from slit.models import masks
 from slit.models.bridges.linear import segment_means
 from slit.models.layers import (
     Dense,
     LayerNorm,
+    dot_product_attention,
     dropout,
     freeze,
     gelu,
@@ -129,9 +130,7 @@ class MapperLayer(nnx.Module):
     def __call__(self, x_bld: jax.Array) -> jax.Array:
         h = self.norm1(x_bld)
         q, k, v = (split_heads(proj(h), self.num_heads) for proj in (self.query, self.key, self.value))
-        scale = 1.0 / np.sqrt(q.shape[-1])
-        probs = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * scale, axis=-1)
-        x_bld = x_bld + self.output(merge_heads(jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)))
+        x_bld = x_bld + self.output(merge_heads(dot_product_attention(q, k, v, None)))
         return x_bld + self.fc2(jax.nn.relu(self.fc1(self.norm2(x_bld))))
 
 
@@ -180,8 +179,7 @@ class PromptTower(nnx.Module):
         self.qformer = freeze(QFormer(config, rngs=rngs))  # no gradient, no Adam state
 
     def __call__(self, ids_bl: jax.Array) -> jax.Array:
-        valid = ids_bl != self.pad_id  # BERT's padding mask: every position sees the real tokens
-        mask = jnp.broadcast_to(valid[:, None, :], (*ids_bl.shape, ids_bl.shape[1]))
+        mask = masks.text_only_mask(ids_bl != self.pad_id)  # BERT's: every position sees the real tokens
         hidden = self.qformer(text_ids_bl=ids_bl, with_queries=False, attention_mask_bll=mask, rngs=None)
         return jax.lax.stop_gradient(hidden[:, 0])
 
