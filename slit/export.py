@@ -427,9 +427,7 @@ def stage2_model_card(run: runs.Run, info: dict) -> str:
     q, a = c.qformer, c.audio_encoder
     kind = c.get("bridge", {}).get("kind", "qformer")
     if kind == "pengi":  # (no single projection: each mapper ends at the LLM's width)
-        width, llm_width = (
-            int(n) for n in np.shape(run.params["bridge"]["audio_mapper"]["linear"]["kernel"])
-        )
+        width = int(np.shape(run.params["bridge"]["audio_mapper"]["linear"]["kernel"])[0])
         llm_width = int(np.shape(run.params["bridge"]["audio_mapper"]["prefix_const"])[-1])
     else:
         width, llm_width = (int(n) for n in np.shape(run.params["bridge"]["projection"]["kernel"]))

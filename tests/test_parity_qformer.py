@@ -418,8 +418,7 @@ def _hf_retrieval_outputs(model, encoder, text_ids, text_valid) -> dict[str, np.
 
 def _slit_retrieval_outputs(params, config, encoder, text_ids, text_valid) -> dict[str, np.ndarray]:
     from slit.models import masks
-    from slit.models.layers import Dense
-    from slit.models.stage1 import l2_normalize
+    from slit.models.layers import Dense, l2_normalize
 
     qformer = pretrained.module_from_params(lambda: QFormer(config, rngs=nnx.Rngs(0)), params["qformer"])
     heads = {

@@ -200,6 +200,11 @@ def dot_product_attention(
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v_bkhd)
 
 
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+    """Normalises the last axis to unit length (as torch's F.normalize; a zero row stays zero)."""
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
 def split_heads(x_bld: jax.Array, num_heads: int) -> jax.Array:
     """(batch, length, heads * head_dim) -> (batch, length, heads, head_dim)."""
     b, length, d = x_bld.shape

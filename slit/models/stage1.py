@@ -22,7 +22,7 @@ from flax import nnx
 from slit import losses
 from slit.models import masks
 from slit.models.audio.encoder import AudioEncoderConfig, encode_audio, make_audio_tower
-from slit.models.layers import Dense, LayerNorm, gelu, normal, weight, zeros
+from slit.models.layers import Dense, LayerNorm, gelu, l2_normalize, normal, weight, zeros
 from slit.models.qformer import BERT_LAYER_NORM_EPS, QFormer, QFormerConfig
 
 
@@ -58,11 +58,6 @@ class Stage1Batch:
     num_samples: jax.Array | None = None
     features: jax.Array | None = None
     frame_mask: jax.Array | None = None
-
-
-def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-    """Normalises the last axis to unit length (as torch's F.normalize)."""
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
 class MaskedLMHead(nnx.Module):

@@ -35,6 +35,7 @@ from slit.models.layers import (
     dropout,
     freeze,
     gelu,
+    l2_normalize,
     merge_heads,
     normal,
     split_heads,
@@ -227,8 +228,3 @@ class PengiBridge(nnx.Module):
         scale too."""
         for mapper in (self.audio_mapper, self.prompt_mapper):
             mapper.prefix_const[...] = mapper.prefix_const[...] * target_rms.astype(jnp.float32)
-
-
-def l2_normalize(x_be: jax.Array) -> jax.Array:
-    """(B, E) rows scaled to unit L2 norm (Pengi divides by the norm itself; a zero row stays zero)."""
-    return x_be / jnp.maximum(jnp.linalg.norm(x_be, axis=-1, keepdims=True), 1e-12)
