@@ -28,7 +28,6 @@ Linear weights (out, in) become (in, out) kernels. `relative_position_index` (a 
 
 from __future__ import annotations
 
-import json
 import pathlib
 from collections.abc import Mapping
 from typing import Any
@@ -41,6 +40,7 @@ from jax.typing import DTypeLike
 from slit.errors import UserError
 from slit.models.audio.clap_frontend import PADDING_MODES, TRUNCATION_MODES, ClapFrontendConfig
 from slit.models.audio.htsat import HTSATConfig, HTSATEncoder
+from slit.models.llm.loading import read_json
 
 __all__ = [
     "clap_frontend_config_from_hf",
@@ -65,13 +65,6 @@ _BLOCK = {
 _LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias"}
 
 Params = dict[str, Any]
-
-
-def _read_json(path: pathlib.Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON: {e}") from None
 
 
 def clap_frontend_config_from_hf(
@@ -107,10 +100,11 @@ def read_frontend_config(directory: str | pathlib.Path) -> ClapFrontendConfig:
     directory = pathlib.Path(directory)
     path = directory / "preprocessor_config.json"
     if path.is_file():
-        return clap_frontend_config_from_hf(_read_json(path), source=str(path))
+        return clap_frontend_config_from_hf(read_json(path), source=str(path))
     path = directory / "processor_config.json"
-    if path.is_file() and isinstance(_read_json(path).get("feature_extractor"), dict):
-        return clap_frontend_config_from_hf(_read_json(path)["feature_extractor"], source=str(path))
+    options = read_json(path).get("feature_extractor") if path.is_file() else None
+    if isinstance(options, dict):
+        return clap_frontend_config_from_hf(options, source=str(path))
     return ClapFrontendConfig()
 
 
@@ -293,7 +287,7 @@ def load_htsat(directory: str | pathlib.Path) -> tuple[HTSATConfig, Params]:
             "directory (ClapModel / ClapAudioModel save_pretrained)"
         )
     config = htsat_config_from_hf(
-        _read_json(config_file), read_frontend_config(directory), source=str(config_file)
+        read_json(config_file), read_frontend_config(directory), source=str(config_file)
     )
     try:
         tensors = read_safetensors(directory)

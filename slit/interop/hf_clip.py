@@ -25,7 +25,6 @@ Linear weights (out, in) become (in, out) kernels; LayerNorm weight / bias becom
 
 from __future__ import annotations
 
-import json
 import pathlib
 from collections.abc import Mapping
 from typing import Any
@@ -36,6 +35,7 @@ from flax import nnx, traverse_util
 from jax.typing import DTypeLike
 
 from slit.errors import UserError
+from slit.models.llm.loading import read_json
 from slit.models.text.clip import ACTIVATIONS, CLIPTextConfig, CLIPTextTower
 
 __all__ = [
@@ -64,13 +64,6 @@ _LAYER = {
 }
 _LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias", "embedding": "weight"}
 _TEXT_MODEL_TYPES = ("clip", "clip_text_model")
-
-
-def _read_json(path: pathlib.Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON: {e}") from None
 
 
 def clip_text_config_from_hf(
@@ -155,7 +148,7 @@ def load_clip_text(directory: str | pathlib.Path) -> tuple[CLIPTextConfig, dict[
             f"no config.json in {str(directory)!r}: point to a Hugging Face CLIPModel / CLIPTextModel "
             "directory written by save_pretrained"
         )
-    hf_config = _read_json(config_file)
+    hf_config = read_json(config_file)
     clip_text_config_from_hf(hf_config, 0, source=str(config_file))  # vision-only / non-CLIP configs first
     try:
         tensors = read_safetensors(directory)
@@ -177,6 +170,32 @@ def load_clip_text(directory: str | pathlib.Path) -> tuple[CLIPTextConfig, dict[
     config = clip_text_config_from_hf(hf_config, projection_dim, source=str(config_file))
     text = {k: v.astype(np.float32) if np.issubdtype(v.dtype, np.floating) else v for k, v in text.items()}
     return config, text
+
+
+def read_clip_text_config(directory: str | pathlib.Path) -> CLIPTextConfig:
+    """`load_clip_text`'s config without reading the weights: config.json, and the projection's width from
+    the safetensors headers (for building a model's config; `load_clip_text` checks the rest)."""
+    from safetensors import safe_open
+
+    from slit.interop.pretrained import _safetensors_files
+
+    directory = pathlib.Path(directory)
+    config_file = directory / "config.json"
+    if not config_file.is_file():
+        raise UserError(
+            f"no config.json in {str(directory)!r}: point to a Hugging Face CLIPModel / CLIPTextModel "
+            "directory written by save_pretrained"
+        )
+    projection_dim = 0
+    try:
+        files = _safetensors_files(directory)
+    except FileNotFoundError as e:
+        raise UserError(f"{e}; for a PyTorch .pt/.bin file run `slit convert-torch` first") from None
+    for path in files:
+        with safe_open(str(path), framework="np") as f:
+            if PROJECTION in f.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
+                projection_dim = int(f.get_slice(PROJECTION).get_shape()[0])
+    return clip_text_config_from_hf(read_json(config_file), projection_dim, source=str(config_file))
 
 
 def _name_table(config: CLIPTextConfig) -> dict[str, str]:

@@ -76,6 +76,7 @@ from collections.abc import Callable
 import numpy as np
 
 from slit.errors import UserError
+from slit.models.llm.loading import read_json
 
 __all__ = ["MAPPER_HEADS", "PengiFrontend", "PengiImport", "import_pengi", "read_pengi_state_dict"]
 
@@ -427,7 +428,7 @@ def _tokenizer_model_config(directory: pathlib.Path | None, model_type: str) -> 
     """The `model_type` config.json in the tokenizer directory (a CLIPModel's `text_config`), or {}."""
     if directory is None or not (directory / "config.json").is_file():
         return {}
-    config = json.loads((directory / "config.json").read_text())
+    config = read_json(directory / "config.json")
     if config.get("model_type") == "clip":
         return config.get("text_config") or {}
     return config if config.get("model_type") in (model_type, "clip_text_model") else {}
@@ -437,7 +438,7 @@ def _eos_id(directory: pathlib.Path | None) -> int | None:
     """The id of `<|endoftext|>` in the directory's tokenizer.json, if it has one."""
     if directory is None or not (directory / "tokenizer.json").is_file():
         return None
-    data = json.loads((directory / "tokenizer.json").read_text())
+    data = read_json(directory / "tokenizer.json")
     for token in data.get("added_tokens", []):
         if token.get("content") == EOS_TEXT:
             return int(token["id"])
@@ -618,7 +619,7 @@ def _bridge(source: _Source, encoder_width: int, prompt_width: int, llm_width: i
 # Writing.
 
 
-def _save(directory: pathlib.Path, config: dict, tensors: dict[str, np.ndarray], fmt: str = "pt") -> None:
+def _save(directory: pathlib.Path, config: dict, tensors: dict[str, np.ndarray]) -> None:
     from safetensors.numpy import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -626,7 +627,7 @@ def _save(directory: pathlib.Path, config: dict, tensors: dict[str, np.ndarray],
     save_file(
         {k: np.array(v, order="C") for k, v in tensors.items()},  # (0-d stays 0-d)
         str(directory / "model.safetensors"),
-        metadata={"format": fmt},
+        metadata={"format": "pt"},  # (transformers' from_pretrained expects it)
     )
 
 

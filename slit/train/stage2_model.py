@@ -7,7 +7,6 @@ opens a stage-two run (slit.runs, slit.eval, slit.export); it imports no trainer
 from __future__ import annotations
 
 import dataclasses
-import functools
 import pathlib
 from typing import Any
 
@@ -195,7 +194,9 @@ def bridge_config(config: ml_collections.ConfigDict, tokenizer: TextTokenizer, e
         b = config.bridge
         weights = ""
         if b.get("prompt_encoder", "bert") == "clip":  # CLIP's text tower from bridge.prompt_encoder_path
-            prompt, weights = clip_text(b.prompt_encoder_path)[0], str(b.prompt_encoder_path)
+            from slit.interop.hf_clip import read_clip_text_config
+
+            prompt, weights = read_clip_text_config(b.prompt_encoder_path), str(b.prompt_encoder_path)
         else:
             # The BERT that `qformer.init` names (else a random one of the qformer group's sizes), its text
             # path only: one query, cross-attention in its first layer only, unused.
@@ -219,14 +220,6 @@ def bridge_config(config: ml_collections.ConfigDict, tokenizer: TextTokenizer, e
             instruction_to_llm=bool(b.get("instruction_to_llm", False)),
         )
     raise UserError(f"bridge.kind={kind!r}: choose one of {', '.join(BRIDGES)}")
-
-
-@functools.lru_cache(maxsize=2)
-def clip_text(path: str) -> tuple[Any, dict]:  # noqa: ANN401
-    """(CLIPTextConfig, tensors) of the CLIP checkpoint directory `path` (read once per process)."""
-    from slit.interop.hf_clip import load_clip_text
-
-    return load_clip_text(path)
 
 
 def create_model(
@@ -292,10 +285,10 @@ def create_model(
             cfg.audio, params, frozen, (abs_params, abs_frozen), (param_sh, frozen_sh)
         )
     if cfg.bridge.kind == "pengi" and isinstance(cfg.bridge.prompt_encoder, CLIPTextConfig):
-        from slit.interop.hf_clip import clip_text_params
+        from slit.interop.hf_clip import clip_text_params, load_clip_text
 
         path = cfg.bridge.prompt_encoder_weights
-        host = clip_text_params(cfg.bridge.prompt_encoder, clip_text(path)[1], source=path)
+        host = clip_text_params(cfg.bridge.prompt_encoder, load_clip_text(path)[1], source=path)
         abstract = abs_frozen["bridge"]["prompt_tower"]
         tower = pretrained.put_like(abstract, host, frozen_sh["bridge"]["prompt_tower"])
         frozen["bridge"] = {**frozen["bridge"], "prompt_tower": tower}
