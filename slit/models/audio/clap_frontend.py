@@ -36,6 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from slit.models.audio.frontend import _hz_to_mel_slaney, _mel_to_hz_slaney, _periodic_hann
+
 __all__ = [
     "PADDING_MODES",
     "TRUNCATION_MODES",
@@ -94,21 +96,16 @@ class ClapFrontendConfig:
 
 
 def _hz_to_mel(freq: np.ndarray, scale: str) -> np.ndarray:
-    freq = np.asarray(freq, np.float64)
+    """HTK's mel scale, or Slaney's (the Whisper frontend's)."""
     if scale == "htk":
-        return 2595.0 * np.log10(1.0 + freq / 700.0)
-    logstep = 27.0 / np.log(6.4)
-    return np.where(
-        freq >= 1000.0, 15.0 + np.log(np.maximum(freq, 1e-300) / 1000.0) * logstep, 3.0 * freq / 200.0
-    )
+        return 2595.0 * np.log10(1.0 + np.asarray(freq, np.float64) / 700.0)
+    return _hz_to_mel_slaney(freq)
 
 
 def _mel_to_hz(mels: np.ndarray, scale: str) -> np.ndarray:
-    mels = np.asarray(mels, np.float64)
     if scale == "htk":
-        return 700.0 * (np.power(10.0, mels / 2595.0) - 1.0)
-    logstep = np.log(6.4) / 27.0
-    return np.where(mels >= 15.0, 1000.0 * np.exp(logstep * (mels - 15.0)), 200.0 * mels / 3.0)
+        return 700.0 * (np.power(10.0, np.asarray(mels, np.float64) / 2595.0) - 1.0)
+    return _mel_to_hz_slaney(mels)
 
 
 @functools.lru_cache(maxsize=8)
@@ -144,7 +141,7 @@ def _dft_cached(n_fft: int) -> np.ndarray:
     float64. A float32 matmul with it is closer to transformers' float64 STFT than XLA's float32 FFT (whose
     error, relative to a frame's loudest bin, reaches 1e-4 dB in quiet mel bins)."""
     n = np.arange(n_fft)
-    window = 0.5 - 0.5 * np.cos(2.0 * np.pi * n / n_fft)
+    window = _periodic_hann(n_fft)
     angle = 2.0 * np.pi * np.outer(n, np.arange(n_fft // 2 + 1)) / n_fft
     basis = np.concatenate([window[:, None] * np.cos(angle), -window[:, None] * np.sin(angle)], axis=1)
     basis = basis.astype(np.float32)
