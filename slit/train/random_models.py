@@ -47,7 +47,6 @@ from slit.models.audio.clap_frontend import ClapFrontendConfig
 from slit.models.audio.htsat import HTSATConfig
 from slit.models.audio.wav2vec2 import Wav2Vec2Config
 from slit.models.audio.whisper import WhisperEncoderConfig
-from slit.models.llm.base import TokenIds
 
 RANDOM_AUDIO_ARCHS = ("whisper", "wav2vec2", "hubert", "data2vec-audio", "htsat")
 RANDOM_LLM_ARCHS = ("llama", "gpt2", "t5")
@@ -248,6 +247,14 @@ def random_llm_problems(llm: ml_collections.ConfigDict) -> list[str]:
     return problems
 
 
+def _vocabulary() -> list[str]:
+    """The random LLMs' tokens in id order: the special tokens, then the synthetic data's and the prompts'
+    words."""
+    from slit.data.synthetic import TOKENIZER_VOCABULARY
+
+    return [*_SPECIALS, *sorted((set(TOKENIZER_VOCABULARY) | set(_PROMPT_WORDS)) - set(_SPECIALS))]
+
+
 def random_llm_tokenizer(arch: str) -> Any:  # noqa: ANN401 (transformers.PreTrainedTokenizerFast)
     """A word-level tokenizer over the synthetic data's words (slit.data.synthetic.TOKENIZER_VOCABULARY)
     and stage two's prompt words, with `<pad>` 0, `</s>` 1 (EOS), `<unk>` 2 and, but for T5, `<s>` 3
@@ -256,10 +263,8 @@ def random_llm_tokenizer(arch: str) -> Any:  # noqa: ANN401 (transformers.PreTra
     import transformers
     from tokenizers import models, pre_tokenizers
 
-    from slit.data.synthetic import TOKENIZER_VOCABULARY
 
-    words = sorted((set(TOKENIZER_VOCABULARY) | set(_PROMPT_WORDS)) - set(_SPECIALS))
-    vocab = {t: i for i, t in enumerate([*_SPECIALS, *words])}
+    vocab = {t: i for i, t in enumerate(_vocabulary())}
     backend = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     backend.add_special_tokens(list(_SPECIALS))
@@ -269,61 +274,22 @@ def random_llm_tokenizer(arch: str) -> Any:  # noqa: ANN401 (transformers.PreTra
     )
 
 
-def random_llm_module_config(llm: ml_collections.ConfigDict, vocab_size: int) -> Any:  # noqa: ANN401
-    """The LlamaConfig / GPT2Config / T5Config of `llm.kind = "random"` for a vocabulary of `vocab_size`
-    (token ids as `random_llm_tokenizer` numbers them)."""
-    ids = {name: i for i, name in enumerate(_SPECIALS)}
-    if llm.arch == "llama":
-        from slit.models.llm.llama import LlamaConfig
+def random_llm_module_config(llm: ml_collections.ConfigDict) -> Any:  # noqa: ANN401
+    """The LlamaConfig / GPT2Config / T5Config of `llm.kind = "random"`: its transformers config
+    (`random_llm_hf_config`) read as a checkpoint's config.json is read."""
+    from slit.models.llm.gpt2 import gpt2_config_from_hf
+    from slit.models.llm.llama import llama_config_from_hf
+    from slit.models.llm.t5 import t5_config_from_hf
 
-        return LlamaConfig(
-            vocab_size=vocab_size,
-            hidden_size=llm.width,
-            intermediate_size=llm.mlp_dim,
-            num_layers=llm.layers,
-            num_heads=llm.heads,
-            num_kv_heads=llm.kv_heads,
-            head_dim=llm.width // llm.heads,
-            rms_norm_eps=1e-5,
-            token_ids=TokenIds(bos=ids["<s>"], eos=(ids["</s>"],), pad=ids["<pad>"]),
-        )
-    if llm.arch == "gpt2":
-        from slit.models.llm.gpt2 import GPT2Config
-
-        return GPT2Config(
-            vocab_size=vocab_size,
-            max_positions=llm.max_positions,
-            hidden_size=llm.width,
-            num_layers=llm.layers,
-            num_heads=llm.heads,
-            mlp_dim=llm.mlp_dim,
-            token_ids=TokenIds(bos=ids["<s>"], eos=(ids["</s>"],), pad=ids["<pad>"]),
-        )
-    if llm.arch == "t5":
-        from slit.models.llm.t5 import T5Config
-
-        return T5Config(
-            vocab_size=vocab_size,
-            d_model=llm.width,
-            d_kv=llm.width // llm.heads,
-            d_ff=llm.mlp_dim,
-            num_layers=llm.layers,
-            num_decoder_layers=llm.layers,
-            num_heads=llm.heads,
-            feed_forward_proj="gated-gelu",
-            tie_word_embeddings=False,
-            scale_decoder_outputs=False,
-            token_ids=TokenIds(bos=None, eos=(ids["</s>"],), pad=ids["<pad>"], decoder_start=ids["<pad>"]),
-        )
-    raise ValueError(f"llm.arch={llm.arch!r}: use one of {', '.join(RANDOM_LLM_ARCHS)}")
+    read = {"llama": llama_config_from_hf, "gpt2": gpt2_config_from_hf, "t5": t5_config_from_hf}[llm.arch]
+    return read(random_llm_hf_config(llm))
 
 
 def random_llm_hf_config(llm: ml_collections.ConfigDict) -> dict[str, Any]:
-    """The random LLM as a transformers config.json dict (LlamaConfig / GPT2Config / T5Config fields; what
-    `*_config_from_hf` reads back into `random_llm_module_config`'s), e.g. for a BLIP-2 export's
-    `text_config`."""
+    """The random LLM as a transformers config.json dict (LlamaConfig / GPT2Config / T5Config fields), e.g.
+    a BLIP-2 export's `text_config`; `random_llm_module_config` reads it as a checkpoint's is read."""
     ids = {name: i for i, name in enumerate(_SPECIALS)}
-    vocab_size = len(random_llm_tokenizer(llm.arch))
+    vocab_size = len(_vocabulary())
     special = {"eos_token_id": ids["</s>"], "pad_token_id": ids["<pad>"]}
     if llm.arch == "llama":
         return {
@@ -388,7 +354,7 @@ def random_llm_builder(llm: ml_collections.ConfigDict) -> tuple[Callable[[], nnx
     from slit.models.llm.t5 import T5
 
     tokenizer = random_llm_tokenizer(llm.arch)
-    module_config = random_llm_module_config(llm, len(tokenizer))
+    module_config = random_llm_module_config(llm)
     cls = {"llama": Llama, "gpt2": GPT2, "t5": T5}[llm.arch]
 
     def build() -> nnx.Module:
