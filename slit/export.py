@@ -422,6 +422,7 @@ def stage2_model_card(run: runs.Run, info: dict) -> str:
     """A stage-two README.md: the Q-Former and projection, into which frozen LLM, whether the instruction
     enters the Q-Former, the data, the workdir's eval results, and how to load it."""
     from slit.data.text_encoders import llm_prompt_text
+    from slit.train import stage2_model
 
     c = run.config
     q, a = c.qformer, c.audio_encoder
@@ -463,9 +464,7 @@ def stage2_model_card(run: runs.Run, info: dict) -> str:
     elif kind == "pengi":
         b = c.bridge
         prefix = int(np.shape(run.params["bridge"]["audio_mapper"]["prefix_const"])[0])
-        prompt_encoder = f"BERT {q.init}" if q.get("init", "") else "a random BERT"
-        if b.get("prompt_encoder", "bert") == "clip":
-            prompt_encoder = f"CLIP's text tower from {pathlib.Path(b.prompt_encoder_path).name}"
+        prompt_encoder = stage2_model.prompt_encoder_source(c)
         title = f"a Pengi prefix for a {llm_held} LLM"
         description = (
             f"Pengi's mapping networks over a {_encoder_held(c)} {a.kind} audio encoder: the clip's mean "

@@ -214,7 +214,7 @@ class Stage2Model(nnx.Module):
         the instruction itself (`instruction_to_llm` False: Pengi) gives the LLM the soft prompt alone
         (Li = 0)."""
         b, q, _ = soft_bqd.shape
-        if not getattr(self.config.bridge, "instruction_to_llm", True):
+        if not self.config.bridge.instruction_to_llm:
             instruction_ids_bl = instruction_ids_bl[:, :0]
         valid = instruction_ids_bl >= 0
         embeds = self.llm.embed(jnp.maximum(instruction_ids_bl, 0)).astype(jnp.float32)

@@ -263,7 +263,6 @@ def random_llm_tokenizer(arch: str) -> Any:  # noqa: ANN401 (transformers.PreTra
     import transformers
     from tokenizers import models, pre_tokenizers
 
-
     vocab = {t: i for i, t in enumerate(_vocabulary())}
     backend = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()

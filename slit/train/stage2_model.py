@@ -324,18 +324,19 @@ def _put_bridge_init(path: str, abstract: Any, shardings: dict) -> dict:  # noqa
         raise UserError(f"bridge.init={path}: {e}") from None
 
 
+def prompt_encoder_source(config: ml_collections.ConfigDict) -> str:
+    """A Pengi bridge's frozen prompt encoder in words: CLIP's text tower from its directory, the BERT of
+    `qformer.init`, or a random BERT with its seed."""
+    b, init = config.bridge, config.qformer.get("init", "")
+    if b.get("prompt_encoder", "bert") == "clip":
+        return f"CLIP text {b.prompt_encoder_path}"
+    return f"BERT {init}" if init else f"random BERT (seed {b.get('prompt_encoder_seed', 0)})"
+
+
 def frozen_sources(config: ml_collections.ConfigDict, llm_source: str) -> dict[str, str]:
     """Where each frozen model's weights come from, in words (recorded in checkpoints)."""
     sources = {"audio_tower": pretrained.audio_source(config), "llm": llm_source}
     if config.get("bridge", {}).get("kind") == "pengi":  # its frozen prompt encoder
-        init, b = config.qformer.get("init", ""), config.bridge
-        if b.get("prompt_encoder", "bert") == "clip":
-            sources["bridge"] = f"prompt encoder: CLIP text {b.prompt_encoder_path}"
-        else:
-            sources["bridge"] = (
-                f"prompt encoder: BERT {init}"
-                if init
-                else f"prompt encoder: random BERT (seed {config.bridge.get('prompt_encoder_seed', 0)})"
-            )
+        sources["bridge"] = f"prompt encoder: {prompt_encoder_source(config)}"
     trained = {"audio_tower": pretrained.audio_settings(config).trainable, "llm": config.llm.get("trainable")}
     return {name: source for name, source in sources.items() if not trained.get(name, False)}

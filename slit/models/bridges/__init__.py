@@ -10,8 +10,9 @@ otherwise). The output sits in front of the LLM's prompt. Each bridge ends in a 
 `projection` into the LLM width and can rescale it (`match_output_scale`) so that its outputs start at
 the scale of the LLM's token embeddings.
 
-Adding a bridge is one new file here (a frozen config dataclass with a `kind` field, and the module
-built as `Module(config, llm_width, rngs=...)`) plus its entry in `BRIDGES`.
+Adding a bridge is one new file here (a frozen config dataclass with a `kind` field and an
+`instruction_to_llm` field (whether the LLM also reads the instruction's tokens), and the module built as
+`Module(config, llm_width, rngs=...)`) plus its entry in `BRIDGES`.
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ class LinearBridgeConfig:
     num_tokens: int = 8
     hidden: int = 0
     initializer_range: float = 0.02
+    instruction_to_llm: bool = True  # the LLM reads the instruction after the soft prompt
     kind: str = "linear"
 
 

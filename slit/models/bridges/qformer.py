@@ -29,6 +29,7 @@ class QFormerBridgeConfig:
     qformer: QFormerConfig
     instruction_in_qformer: bool = True
     pad_id: int = 0
+    instruction_to_llm: bool = True  # the LLM reads the instruction after the soft prompt
     kind: str = "qformer"
 
 

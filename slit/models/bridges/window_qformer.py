@@ -34,6 +34,7 @@ class WindowQFormerBridgeConfig:
     window_frames: int = 17
     instruction_in_qformer: bool = False
     pad_id: int = 0
+    instruction_to_llm: bool = True  # the LLM reads the instruction after the soft prompt
     kind: str = "window_qformer"
 
     def __post_init__(self):
