@@ -83,7 +83,9 @@ def two_steps(built: Built) -> dict:
     return state
 
 
-@pytest.mark.parametrize("trainable", [False, True])
+# (frozen HTSAT in stage two also trains in tests/test_pengi_published.py and, random, in
+# tests/test_random_architectures.py: the frozen variant is the slow-marked second one here)
+@pytest.mark.parametrize("trainable", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_stage_two_trains_on_htsat(trainable, htsat, tiny_data_dir, llm_dir):
     config = stage2_config(tiny_data_dir, llm_dir, **htsat, **{"audio_encoder.trainable": trainable})
     stage2.validate(config, num_devices=1)

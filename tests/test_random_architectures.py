@@ -103,6 +103,7 @@ def test_init_from_refuses_a_stage_one_run_on_another_random_arch(stage_one_runs
         init_from.check_init_from_audio_tower(str(hubert), tower, other)
 
 
+@pytest.mark.slow  # (the same module as the random wav2vec2, which trains stage two with llama below)
 def test_stage_two_steps_on_a_random_hubert(tiny_data_dir):
     """Two stage-two steps on the random HuBERT (the other encoders train in the LLM runs below)."""
     config = stage2_config(
