@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from slit.commands import COMMANDS
 from slit.errors import UserError
-from slit.train import compile_cache, host_memory
+from slit.train import compile_cache, distributed, host_memory
 
 OVERRIDES_HELP = textwrap.fill(
     "Any field of the config file can be overridden with --config.a.b=value, e.g. --config.batch_size=64 "
@@ -79,8 +79,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(modules[args.command], "ACCEPTS_CONFIG_OVERRIDES", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    module = modules[args.command]
+    if getattr(module, "JOINS_MULTI_PROCESS_RUNS", False):
+        distributed.initialize()  # when SLIT_COORDINATOR / SLIT_DISTRIBUTED ask for it (README: GPUs, ...)
     try:
-        return modules[args.command].run(args, extra)
+        code = module.run(args, extra)
+        distributed.finished()
+        return code
     except (UserError, FileNotFoundError) as e:
         # Bad input the user can fix: the message names the file, key or value. No traceback.
         print(f"slit {args.command}: {e}", file=sys.stderr)
@@ -88,6 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:
         # A run that stopped on purpose after saving (preemption: 75; non-finite abort: 3).
         if hasattr(e, "exit_code"):
+            distributed.finished()  # every process stopped here together
             print(f"slit {args.command}: {e}", file=sys.stderr)
             return e.exit_code
         raise

@@ -76,27 +76,46 @@ def test_resumed_iterator_continues_the_same_sequence(source, tokenizer):
         np.testing.assert_array_equal(got["text_ids"], want["text_ids"])
 
 
-def test_two_processes_read_disjoint_shards_covering_the_epoch(source, tokenizer):
-    seen = []
-    for index in range(2):
-        it = iter(stream(source, tokenizer, process_index=index, process_count=2, global_batch_size=8))
-        batches = [next(it) for _ in range(len(source) // 8)]  # one epoch of this process's half
-        assert batches[0]["audio"].shape[0] == 4
-        seen.append({row.tobytes() for b in batches for row in b["audio"]})
-    assert not seen[0] & seen[1]
-    assert len(seen[0] | seen[1]) == len(source)
-
-
-def test_epochs_are_reshuffled_and_shards_cover_each_epoch_by_id(source, tokenizer):
-    ids = [source[i]["id"] for i in range(len(source))]
-    ds = pipeline.process_shard(source, seed=5, process_index=0, process_count=1)
-    first, second = [ds[i]["id"] for i in range(64)], [ds[i]["id"] for i in range(64, 128)]
-    assert sorted(first) == sorted(second) == sorted(ids) and first != second
-    halves = [pipeline.process_shard(source, 5, p, 2) for p in range(2)]
-    epoch = [{h[i]["id"] for i in range(32)} for h in halves]
-    assert not epoch[0] & epoch[1] and epoch[0] | epoch[1] == set(ids)
+def test_processes_read_their_rows_of_the_single_process_global_batches(source, tokenizer):
+    """P processes together yield exactly the global batches one process yields, row for row (the
+    data order does not depend on the number of hosts)."""
+    steps = 10  # crosses an epoch boundary (64 clips / 8)
+    whole = iter(stream(source, tokenizer, global_batch_size=8))
+    expected = [next(whole) for _ in range(steps)]
+    for count in (2, 4):
+        parts = [
+            iter(stream(source, tokenizer, process_index=p, process_count=count, global_batch_size=8))
+            for p in range(count)
+        ]
+        for want in expected:
+            rows = [next(part) for part in parts]
+            assert rows[0]["audio"].shape[0] == 8 // count
+            for key in ("audio", "text_ids", "num_samples"):
+                np.testing.assert_array_equal(np.concatenate([r[key] for r in rows]), want[key])
     with pytest.raises(ValueError, match="not divisible"):
         stream(source, tokenizer, process_count=3, process_index=0, global_batch_size=8)
+
+
+def test_a_data_position_saved_by_two_processes_resumes_in_one(source, tokenizer):
+    parts = [iter(stream(source, tokenizer, process_index=p, process_count=2)) for p in range(2)]
+    for _ in range(5):
+        for part in parts:
+            next(part)
+    states = [part.get_state() for part in parts]
+    assert states[0] == states[1]  # one position, whatever the process
+    whole = iter(stream(source, tokenizer))
+    expected = [next(whole) for _ in range(8)][5:]
+    resumed = iter(stream(source, tokenizer))
+    resumed.set_state(states[1])
+    for want in expected:
+        np.testing.assert_array_equal(next(resumed)["audio"], want["audio"])
+
+
+def test_epochs_are_reshuffled_and_cover_the_dataset_by_id(source):
+    ids = [source[i]["id"] for i in range(len(source))]
+    ds = pipeline.global_order(source, seed=5)
+    first, second = [ds[i]["id"] for i in range(64)], [ds[i]["id"] for i in range(64, 128)]
+    assert sorted(first) == sorted(second) == sorted(ids) and first != second
 
 
 def test_text_is_padded_and_truncated(tokenizer):

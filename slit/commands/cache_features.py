@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from slit import config as config_lib
 
 HELP = "cache the frozen audio encoder's outputs for training either stage (--config.features=cached)"
+JOINS_MULTI_PROCESS_RUNS = True  # one process per host (slit/train/distributed.py)
 ACCEPTS_CONFIG_OVERRIDES = True  # --config.a.b=value
 
 

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from slit.eval.registry import Result
 
 HELP = "evaluate a run's checkpoint on a dataset split; writes <workdir>/eval/<task>-<data>-<split>.*"
+JOINS_MULTI_PROCESS_RUNS = True  # one process per host (slit/train/distributed.py)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

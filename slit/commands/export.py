@@ -7,6 +7,7 @@ import argparse
 from collections.abc import Sequence
 
 HELP = "write a run's trained weights for others: safetensors + model card, a bundle, or HF BLIP-2"
+JOINS_MULTI_PROCESS_RUNS = True  # one process per host (slit/train/distributed.py)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

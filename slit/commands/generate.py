@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from slit.errors import UserError
 
 HELP = "answer a prompt about an audio file with a trained stage-two run"
+JOINS_MULTI_PROCESS_RUNS = True  # one process per host (slit/train/distributed.py)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

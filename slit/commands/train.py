@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import sys
 from collections.abc import Sequence
@@ -13,6 +12,7 @@ from slit import config as config_lib
 
 HELP = "train a model from a config file"
 ACCEPTS_CONFIG_OVERRIDES = True  # --config.a.b=value
+JOINS_MULTI_PROCESS_RUNS = True  # one process per host (slit/train/distributed.py)
 # config.trainer -> the module with validate(config, num_devices, num_processes) and train(config, workdir)
 TRAINERS = {"stage1": "slit.train.stage1", "stage2": "slit.train.stage2"}
 
@@ -22,28 +22,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", required=True, help="the run's directory; re-running resumes it")
 
 
-def initialize_distributed() -> None:
-    """Joins a multi-process run when one is configured (env SLIT_COORDINATOR, SLIT_NUM_PROCESSES,
-    SLIT_PROCESS_ID; see launch/local_multiprocess.sh). TPU pods and SLURM are auto-detected by JAX
-    when SLIT_DISTRIBUTED=auto."""
-    import jax
-
-    if os.environ.get("SLIT_COORDINATOR"):
-        jax.distributed.initialize(
-            coordinator_address=os.environ["SLIT_COORDINATOR"],
-            num_processes=int(os.environ["SLIT_NUM_PROCESSES"]),
-            process_id=int(os.environ["SLIT_PROCESS_ID"]),
-        )
-    elif os.environ.get("SLIT_DISTRIBUTED") == "auto":
-        jax.distributed.initialize()
-
-
 def run(args: argparse.Namespace, extra: Sequence[str]) -> int:
     import importlib
 
     import jax
 
-    initialize_distributed()
     config = config_lib.load_config_file(args.config)
     config_lib.apply_overrides(config, config_lib.parse_override_args(extra))
     if config.trainer not in TRAINERS:

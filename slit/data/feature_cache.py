@@ -323,11 +323,9 @@ def cached_train_dataset(
 ) -> grain.IterDataset:
     """`pipeline.train_dataset` over cached features: the same examples in the same order, batches of
     features (b, F, D) float32, frame_mask (b, F) bool and text_ids (b, max_text_length) int32."""
-    if global_batch_size % process_count:
-        raise ValueError(f"global batch {global_batch_size} is not divisible by {process_count} processes")
-    ds = pipeline.process_shard(WithFeatures(source, features), seed, process_index, process_count)
+    ds = pipeline.global_order(WithFeatures(source, features), seed)
     ds = ds.random_map(CachedTrainExample(tokenizer, spec, max_text_length), seed=seed + 1)
-    ds = ds.batch(global_batch_size // process_count, drop_remainder=True)
+    ds = pipeline.process_batches(ds, global_batch_size, process_index, process_count)
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=8))
     if worker_count > 0:
         pipeline.allow_grain_workers()

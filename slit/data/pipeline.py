@@ -1,9 +1,11 @@
 """grain input pipelines: TFDS array_record sources -> padded audio + tokenised text batches.
 
-Training (`train_dataset`): each process reads its own slice of the dataset (`process_index::
-process_count`: disjoint, together the whole epoch), shuffles it deterministically from the seed (a
-new order every epoch), picks one caption per clip at random (seeded), crops long clips at a seeded
-random offset, pads short ones, and yields its share of the global batch. Text is tokenised with
+Training (`train_dataset`): one global order of the dataset, shuffled deterministically from the seed
+(a new order every epoch); one caption per clip picked at random and long clips cropped at a random
+offset, both seeded by the example's place in that order; short clips padded. Each process yields its
+rows of every global batch (process p of P: rows p*B/P .. (p+1)*B/P - 1), so the global batch of every
+step is the same whatever the number of processes, and a run resumes on another number of hosts in
+the same data order. Text is tokenised with
 padding and truncation to a fixed length. Reading runs on threads with a prefetch buffer, and
 optionally in grain worker processes (`worker_count`; the transforms live in this importable module,
 and the program's entry point needs a `__main__` guard). The iterator's state is checkpointable
@@ -123,19 +125,25 @@ class EvalAudio(grain.transforms.Map):
 # Sharding, shuffling, batching, prefetch.
 
 
-def process_shard(
-    source: Sequence[dict[str, Any]], seed: int, process_index: int, process_count: int
+def global_order(source: Sequence[dict[str, Any]], seed: int) -> grain.MapDataset:
+    """Every example of `source` in one order shuffled from `seed` (a new order every epoch), repeated
+    forever: the same on every process."""
+    if len(source) == 0:
+        raise ValueError("the training split has no examples")
+    return grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
+
+
+def process_batches(
+    ds: grain.MapDataset, global_batch_size: int, process_index: int, process_count: int
 ) -> grain.MapDataset:
-    """This process's examples (`process_index::process_count`), shuffled from `seed` with a new
-    order every epoch, repeated forever."""
+    """This process's rows of each global batch of `ds` (examples in global order): batch k of the
+    result holds rows [process_index * b, (process_index + 1) * b) of global batch k, b =
+    global_batch_size // process_count. Batch k is index k of the result whatever the process count,
+    so a data position saved by P processes means the same step to P' processes."""
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} is not in [0, {process_count})")
-    ds = grain.MapDataset.source(source)
-    if process_count > 1:
-        ds = ds.slice(slice(process_index, None, process_count))
-    if len(ds) == 0:
-        raise ValueError(f"process {process_index} of {process_count} has no examples ({len(source)} in all)")
-    return ds.shuffle(seed=seed).repeat(None)
+    local = _per_process_batch(global_batch_size, process_count)
+    return ds.batch(local, drop_remainder=True)[process_index::process_count]
 
 
 def allow_grain_workers() -> None:
@@ -176,14 +184,14 @@ def train_dataset(
 ) -> grain.IterDataset:
     """An endless, shuffled, batched training stream for this process.
 
-    Each process reads the examples `process_index::process_count` and yields batches of
-    `global_batch_size // process_count` rows: dicts with audio (b, max_samples) float32, num_samples
+    Each process yields its rows of every global batch (`process_batches`): batches of
+    `global_batch_size // process_count` rows, dicts with audio (b, max_samples) float32, num_samples
     (b,) int32 and text_ids (b, max_text_length) int32.
     """
-    batch = _per_process_batch(global_batch_size, process_count)
-    ds = process_shard(source, seed, process_index, process_count)
-    ds = ds.random_map(TrainExample(tokenizer, spec, max_text_length), seed=seed + 1)
-    return _iterate(ds.batch(batch, drop_remainder=True), worker_count, read_threads)
+    ds = global_order(source, seed).random_map(TrainExample(tokenizer, spec, max_text_length), seed=seed + 1)
+    return _iterate(
+        process_batches(ds, global_batch_size, process_index, process_count), worker_count, read_threads
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -292,8 +300,9 @@ def mixture_dataset(
 ) -> grain.IterDataset:
     """An endless stream mixing `tasks` (task i reads `sources[i]`) with `weights` (default: sqrt of size).
 
-    Each task's dataset is sharded per process and shuffled on its own (seed + 1000 * i); grain's
-    mixture interleaves them so that every batch holds the tasks in the weights' proportions. Batches of
+    Each task's dataset is shuffled on its own (seed + 1000 * i); grain's mixture interleaves them so
+    that every batch holds the tasks in the weights' proportions, and each process yields its rows of
+    every global batch (`process_batches`). Batches of
     `global_batch_size // process_count` rows: audio (b, max_samples) float32, num_samples (b,) int32,
     instruction_ids (b, max_instruction_length) int32, target_ids (b, max_target_length) int32 (from
     `target_tokenizer`, default `tokenizer`), task_id (b,) int32.
@@ -303,16 +312,16 @@ def mixture_dataset(
     weights = list(weights) if weights is not None else sqrt_size_weights([len(s) for s in sources])
     if len(weights) != len(tasks) or min(weights) < 0 or sum(weights) <= 0:
         raise ValueError(f"weights {weights}: need one non-negative weight per task, not all zero")
-    batch = _per_process_batch(global_batch_size, process_count)
     parts = []
     for i, (task, source) in enumerate(zip(tasks, sources, strict=True)):
-        ds = process_shard(source, seed + 1000 * i, process_index, process_count)
+        ds = global_order(source, seed + 1000 * i)
         transform = InstructionExample(
             task, i, tokenizer, target_tokenizer or tokenizer, spec, max_instruction_length, max_target_length
         )
         parts.append(ds.random_map(transform, seed=seed + 1000 * i + 1))
     mixed = grain.MapDataset.mix(parts, weights)
-    return _iterate(mixed.batch(batch, drop_remainder=True), worker_count, read_threads)
+    batches = process_batches(mixed, global_batch_size, process_index, process_count)
+    return _iterate(batches, worker_count, read_threads)
 
 
 # ---------------------------------------------------------------------------------------------------------

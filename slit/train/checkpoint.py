@@ -2,7 +2,9 @@
 
 Each checkpoint holds three items:
 - `state`: {step, params, opt_state}; frozen weights are never written;
-- `data`: the grain iterator state, so a resumed run sees exactly the batches it would have seen;
+- `data`: the grain iterator state, so a resumed run sees exactly the batches it would have seen (each
+  process writes its own; every process is at the same place of one global order, so a run saved by
+  P processes resumes on any number of them: `DataStateHandler`);
 - `metadata`: the resolved config, the slit version, and each frozen model's source and content
   fingerprint (a resumed run refuses frozen weights that differ from the ones it was trained against).
 
@@ -39,6 +41,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 import slit
 from slit.errors import UserError
@@ -242,12 +245,62 @@ def read_only_manager(directory: str | pathlib.Path) -> ocp.CheckpointManager:
         item_handlers={
             "state": ocp.StandardCheckpointHandler(),
             "metadata": ocp.JsonCheckpointHandler(),
-            "data": grain.checkpoint.CheckpointHandler(),
+            "data": DataStateHandler(),
         },
         options=ocp.CheckpointManagerOptions(
             create=False, read_only=True, cleanup_tmp_directories=False, save_interval_steps=0
         ),
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# The data position
+# --------------------------------------------------------------------------------------------------
+
+
+class DataStateHandler(grain.checkpoint.CheckpointHandler):
+    """grain's iterator checkpoints (one `process_<i>-of-<n>.json` per process), restorable by any
+    number of processes.
+
+    Every process reads its rows of one global order (slit.data.pipeline.process_batches), so all of
+    them hold the same iterator state. A process of a run with another process count than the saved
+    one (no file of its own name) takes the saved state they all agree on; saved states that disagree
+    are refused, naming the files.
+    """
+
+    def restore(self, directory: epath.Path, item: Any = None, args: Any = None) -> Any:  # noqa: ANN401
+        item = item or args.item
+        own = directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        if own.exists():
+            return super().restore(directory, item=item)
+        files = sorted(directory.glob("process_*-of-*.json"))
+        if not files:
+            raise ValueError(f"{directory} holds no data-iterator state (process_<i>-of-<n>.json)")
+        states = {f.name: json.loads(f.read_text()) for f in files}
+        if any(state != states[files[0].name] for state in states.values()):
+            raise ValueError(
+                f"{directory}: the processes saved different data positions ({', '.join(states)}); this "
+                "checkpoint can only resume with the number of processes that wrote it"
+            )
+        item.set_state(states[files[0].name])
+        item.start_prefetch()
+        return item
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_save=True)
+@dataclasses.dataclass
+class DataSave(ocp.args.CheckpointArgs):
+    """Saves a grain iterator's state (`DataStateHandler`)."""
+
+    item: Any
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_restore=True)
+@dataclasses.dataclass
+class DataRestore(ocp.args.CheckpointArgs):
+    """Restores a grain iterator's state in place (`DataStateHandler`)."""
+
+    item: Any
 
 
 # --------------------------------------------------------------------------------------------------
@@ -295,7 +348,7 @@ class Checkpointer:
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
-                data=grain.checkpoint.CheckpointSave(data_iter),
+                data=DataSave(data_iter),
                 metadata=ocp.args.JsonSave(metadata),
             ),
             force=force,
@@ -387,7 +440,7 @@ class Checkpointer:
                     step,
                     args=ocp.args.Composite(
                         state=ocp.args.StandardRestore(abstract_like(state, shardings)),
-                        data=grain.checkpoint.CheckpointRestore(data_iter),
+                        data=DataRestore(data_iter),
                     ),
                 )
             except Exception as e:  # noqa: BLE001
