@@ -45,6 +45,7 @@ from etils import epath
 
 import slit
 from slit.errors import UserError
+from slit.train import sharding
 
 CHECKPOINTS = "checkpoints"
 DAMAGED = "checkpoints_damaged"
@@ -490,7 +491,7 @@ class Checkpointer:
             )
         if not copied:
             raise UserError(f"init_from={path}: no weight of the checkpoint matches this model by name")
-        params = jax.device_put(params, shardings["params"])
+        params = sharding.replace_from_host(state["params"], params, shardings["params"])
         print(
             f"Initialised {len(copied)} weights from {directory / str(step)}; {len(fresh)} stay freshly "
             f"initialised{': ' + ', '.join(_prefixes(fresh)) if fresh else ''}.",
@@ -518,7 +519,9 @@ def merge_matching(target: dict, source: dict) -> tuple[dict, list[str], list[st
 
     Paths compare by `path_name`, so a checkpoint read back as nested string-keyed dicts matches
     the model's own state (whose layer lists have integer keys).
-    Returns (merged params, copied paths, paths left as in target, paths whose shapes differ).
+    Only shapes of `target` are read: its leaves may be global arrays of any sharding, left where they
+    are. Returns (merged params: NumPy arrays at the copied paths, `target`'s leaves elsewhere; copied
+    paths, paths left as in target, paths whose shapes differ).
     """
     source_flat = {path_name(p): v for p, v in jax.tree_util.tree_flatten_with_path(source)[0]}
     copied, fresh, mismatched = [], [], []

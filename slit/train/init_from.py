@@ -17,7 +17,7 @@ import numpy as np
 
 from slit.data.tokenizer import TextTokenizer
 from slit.errors import UserError
-from slit.train import checkpoint, pretrained, random_models
+from slit.train import checkpoint, pretrained, random_models, sharding
 
 WORD_EMBEDDINGS = "bridge/qformer/word_embeddings/embedding"
 STAGE_ONE_QFORMER = "qformer/"  # where a stage-one run keeps its Q-Former; a Q-Former bridge's is under
@@ -127,9 +127,8 @@ def init_from_stage_one(
         _bridge_name(checkpoint.path_name(p)): v for p, v in jax.tree_util.tree_flatten_with_path(source)[0]
     }
     run_dir = _run_directory(directory)
-    host_params = jax.device_get(state["params"])
-    flat_target = {
-        checkpoint.path_name(p): v for p, v in jax.tree_util.tree_flatten_with_path(host_params)[0]
+    flat_target = {  # global arrays, not fetched (only the word table is, when remapped)
+        checkpoint.path_name(p): v for p, v in jax.tree_util.tree_flatten_with_path(state["params"])[0]
     }
     note = ""
     if WORD_EMBEDDINGS in source and WORD_EMBEDDINGS in flat_target and run_dir is not None:
@@ -139,14 +138,17 @@ def init_from_stage_one(
             target_vocab = tokenizer.tokenizer.get_vocab(with_added_tokens=True)
             if source_vocab != target_vocab:
                 table, copied_rows = remap_word_embeddings(
-                    source[WORD_EMBEDDINGS], source_vocab, target_vocab, flat_target[WORD_EMBEDDINGS]
+                    source[WORD_EMBEDDINGS],
+                    source_vocab,
+                    target_vocab,
+                    sharding.gather_to_host(flat_target[WORD_EMBEDDINGS]),
                 )
                 source[WORD_EMBEDDINGS] = table
                 note = (
                     f"; word embeddings: {copied_rows} of {len(target_vocab)} tokens copied by word, "
                     f"{len(target_vocab) - copied_rows} new"
                 )
-    params, copied, fresh, mismatched = checkpoint.merge_matching(host_params, source)
+    params, copied, fresh, mismatched = checkpoint.merge_matching(state["params"], source)
     if mismatched:
         groups = ["audio_encoder" if m.startswith("audio_tower/") else "qformer" for m in mismatched]
         raise UserError(
@@ -157,7 +159,7 @@ def init_from_stage_one(
         )
     if not any(name.startswith(BRIDGE_QFORMER) for name in copied):
         raise UserError(f"init_from={path}: no Q-Former weight of the checkpoint matches this model by name")
-    params = jax.device_put(params, shardings["params"])
+    params = sharding.replace_from_host(state["params"], params, shardings["params"])
     fresh_groups = sorted({"/".join(name.split("/")[:2]) for name in fresh})
     if jax.process_index() == 0:
         print(

@@ -132,3 +132,58 @@ def host_to_global(array: np.ndarray, sharding: NamedSharding, global_shape: Seq
     if jax.process_count() == 1:
         return jax.device_put(array, sharding)
     return jax.make_array_from_process_local_data(sharding, array, tuple(global_shape))
+
+
+def gather_to_host(array: jax.Array) -> np.ndarray:
+    """The whole of a (possibly sharded, possibly multi-host) array as NumPy on this process. Every
+    process must call it (a multi-host gather); for the few small tensors that are really needed whole
+    on the host (a word-embedding table to remap), never for whole models."""
+    if array.is_fully_addressable:
+        return np.asarray(jax.device_get(array))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
+def replace_from_host(arrays: dict, host: dict, shardings: dict) -> dict:
+    """`arrays` (a pure dict of global jax.Arrays) with the leaves that `host` gives as NumPy arrays
+    put in their place, in each leaf's sharding and dtype; the other leaves stay as they are (on their
+    devices: nothing of them is fetched). Every process holds the same `host` values (each reads the same
+    file) and places only its own shards. Raises ValueError naming a host leaf the arrays lack or one of
+    another shape."""
+    from flax import traverse_util
+
+    flat = traverse_util.flatten_dict(arrays)
+    flat_shardings = traverse_util.flatten_dict(shardings)
+    for path, value in traverse_util.flatten_dict(host).items():
+        if not isinstance(value, np.ndarray):
+            continue
+        if path not in flat:
+            raise ValueError(f"{'/'.join(map(str, path))} is not a weight of this model")
+        target = flat[path]
+        if tuple(value.shape) != tuple(target.shape):
+            raise ValueError(f"{'/'.join(map(str, path))}: {value.shape}, expected {tuple(target.shape)}")
+        value = value.astype(target.dtype)
+        flat[path] = jax.make_array_from_callback(
+            value.shape, flat_shardings[path], lambda index, v=value: v[index]
+        )
+    return traverse_util.unflatten_dict(flat)
+
+
+def placeholders(arrays: dict, keep: dict[tuple[str, ...], np.ndarray]) -> dict:
+    """The structure of `arrays` (a pure dict) with None at every leaf but the paths of `keep`, whose
+    NumPy values fill them: the host view a weight reader fills in without any other leaf being
+    fetched (see `replace_from_host`)."""
+    from flax import traverse_util
+
+    flat = {path: keep.get(path) for path in traverse_util.flatten_dict(arrays)}
+    return traverse_util.unflatten_dict(flat)
+
+
+def host_to_sharded(tree: Any, shardings: Any) -> Any:  # noqa: ANN401
+    """A tree of arrays that every process holds whole (weights each process read from the same file)
+    placed as global arrays in `shardings` (a matching tree): each process puts only its own shards,
+    so it works on any number of hosts (a plain device_put assumes one)."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+    return jax.tree.map(lambda x, s: replicated_to_global(np.asarray(x), s), tree, shardings)

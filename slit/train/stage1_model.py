@@ -101,9 +101,12 @@ def create_model(
         pretrained.place_audio_tower(
             cfg.audio, params, frozen, (abs_params, abs_frozen), (param_sh, frozen_sh)
         )
-    if cfg.qformer_init:
-        host = pretrained.bert_params(cfg.qformer_init, cfg.qformer, jax.device_get(params))
-        params = pretrained.put_like(abs_params, host, param_sh)
+    if cfg.qformer_init:  # BERT's weights placed into the sharded params; only the word table is fetched
+        words = ("qformer", "word_embeddings", "embedding")
+        table = sharding.gather_to_host(params["qformer"]["word_embeddings"]["embedding"])
+        view = sharding.placeholders(params, {words: table})
+        host = pretrained.bert_params(cfg.qformer_init, cfg.qformer, view)
+        params = sharding.replace_from_host(params, host, param_sh)
     return ModelParts(graphdef, params, frozen, param_sh, frozen_sh)
 
 

@@ -292,21 +292,24 @@ def create_model(
         abstract = abs_frozen["bridge"]["prompt_tower"]
         tower = pretrained.put_like(abstract, host, frozen_sh["bridge"]["prompt_tower"])
         frozen["bridge"] = {**frozen["bridge"], "prompt_tower": tower}
-    elif cfg.qformer_init and cfg.bridge.kind == "pengi":
-        host = jax.device_get(frozen["bridge"])
-        host["prompt_tower"] = pretrained.bert_params(
-            cfg.qformer_init, cfg.bridge.prompt_encoder, host["prompt_tower"]
-        )
-        frozen["bridge"] = pretrained.put_like(abs_frozen["bridge"], host, frozen_sh["bridge"])
-    elif cfg.qformer_init:
-        host = jax.device_get(params)
-        host["bridge"] = pretrained.bert_params(cfg.qformer_init, cfg.bridge.qformer, host["bridge"])
-        params = pretrained.put_like(abs_params, host, param_sh)
+    elif cfg.qformer_init:  # BERT's weights placed into the sharded tower; only the word table is fetched
+        pengi = cfg.bridge.kind == "pengi"
+        tree, shardings = (frozen, frozen_sh) if pengi else (params, param_sh)
+        part = ("bridge", "prompt_tower") if pengi else ("bridge",)
+        tower = tree["bridge"]["prompt_tower"] if pengi else tree["bridge"]
+        words = ("qformer", "word_embeddings", "embedding")
+        table = sharding.gather_to_host(tower["qformer"]["word_embeddings"]["embedding"])
+        qformer = cfg.bridge.prompt_encoder if pengi else cfg.bridge.qformer
+        host = pretrained.bert_params(cfg.qformer_init, qformer, sharding.placeholders(tower, {words: table}))
+        for name in reversed(part):
+            host = {name: host}
+        tree = sharding.replace_from_host(tree, host, shardings)
+        frozen, params = (tree, params) if pengi else (frozen, tree)
     if bridge_init:
         params["bridge"] = _put_bridge_init(bridge_init, abs_params["bridge"], param_sh["bridge"])
     if not cfg.llm_trainable:
         _, llm_frozen = nnx.split(llm, Frozen, ...)[:2]
-        frozen["llm"] = jax.device_put(nnx.to_pure_dict(llm_frozen), frozen_sh["llm"])
+        frozen["llm"] = sharding.host_to_sharded(nnx.to_pure_dict(llm_frozen), frozen_sh["llm"])
     return ModelParts(graphdef, params, frozen, param_sh, frozen_sh)
 
 
