@@ -205,6 +205,10 @@ def common_problems(config: ml_collections.ConfigDict, num_devices: int, num_pro
         problems.append(f"init_from={config.init_from}: no such workdir or checkpoint")
     if config.resume_from and not pathlib.Path(config.resume_from).exists():
         problems.append(f"resume_from={config.resume_from}: no such workdir or checkpoint")
+    if preemption_check_every(config) < 1:
+        problems.append(
+            f"preemption_check_every_steps={config.preemption_check_every_steps} must be at least 1"
+        )
     if config.max_consecutive_nonfinite < 1:
         problems.append(f"max_consecutive_nonfinite={config.max_consecutive_nonfinite} must be at least 1")
     opt = config.optimizer
@@ -248,6 +252,11 @@ def global_batches(
     return next_batch
 
 
+def preemption_check_every(config: ml_collections.ConfigDict) -> int:
+    """How many steps apart the hosts of a multi-process run share a preemption signal (default 10)."""
+    return int(config.get("preemption_check_every_steps", 10))
+
+
 def train_then_evaluate(
     config: ml_collections.ConfigDict,
     workdir: pathlib.Path,
@@ -266,7 +275,7 @@ def train_then_evaluate(
     Raises Preempted when the loop or the evaluation was stopped; `kept()` says what a stopped
     evaluation saved (e.g. "12 batches saved in DIR"). Returns the evaluation's result.
     """
-    with jax.set_mesh(mesh), PreemptionWatcher() as watcher:
+    with jax.set_mesh(mesh), PreemptionWatcher(preemption_check_every(config)) as watcher:
         state = loop.run(config, workdir, start.state, start.step, fns, ckpt, writer, data_iter, watcher)
         ckpt.close()
         result = evaluate(state, lambda: watcher.should_stop(config.total_steps))

@@ -1,9 +1,12 @@
 """Preemption: stop at the next step boundary, save, and exit with a code that says "re-run me".
 
-A single process watches SIGTERM and SIGINT itself. In a multi-process run, every process must stop
-at the same step, so the decision comes from JAX's preemption sync point (the coordination service
-notices SIGTERM on any host and all hosts agree on the step), plus a local signal that is shared
-with an all-gather at the next check.
+A single process watches SIGTERM and SIGINT itself and stops at the next step. In a multi-process
+run every process must stop at the same step, so a host's signal is shared with the others by an
+all-gather of one flag, every `check_every` calls (steps, or evaluation batches) rather than every
+step: the hosts do not meet every step, and a signal is acted on at most `check_every` steps later
+(config `preemption_check_every_steps`; keep that many steps inside the grace period a scheduler
+gives, e.g. 30 s on Cloud TPU). JAX's preemption sync point (the coordination service's own notice
+of a coming preemption) is honoured at every check too.
 """
 
 from __future__ import annotations
@@ -44,8 +47,14 @@ class PreemptionWatcher:
     a save is pending falls through to the default handler, so Ctrl-C twice still kills the run.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, check_every: int = 10) -> None:
+        """check_every: in a multi-process run, the hosts share their signals every this many calls of
+        `should_stop` (each call a step or an evaluation batch; every process calls it equally often)."""
+        if check_every < 1:
+            raise ValueError(f"preemption_check_every_steps={check_every} must be at least 1")
         self.signal_name: str | None = None
+        self.check_every = check_every
+        self._calls = 0
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> PreemptionWatcher:
@@ -69,9 +78,13 @@ class PreemptionWatcher:
         )
 
     def should_stop(self, step: int) -> bool:
-        """True when this run must save and exit now; agreed by all processes."""
+        """True when this run must save and exit now; agreed by all processes (`step`: the step just
+        done, for JAX's preemption sync point)."""
         local = self.signal_name is not None
         if jax.process_count() == 1:
             return local
+        self._calls += 1
+        if self._calls % self.check_every:
+            return False
         anyone = bool(np.any(multihost_utils.process_allgather(np.array(local))))
-        return anyone or multihost_utils.reached_preemption_sync_point(step)
+        return anyone or multihost_utils.reached_preemption_sync_point(self._calls)
