@@ -24,6 +24,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.total_steps = 900
     c.batch_size = 16  # global
+    # Compute-dtype policy (README "Parallelism"): "bfloat16" runs every tower's matmuls (audio encoder,
+    # Q-Former/bridge, LLM) on bf16 inputs with float32 accumulation; trainable master weights, optimizer
+    # state, norms, softmax and losses stay float32. Frozen weights may be stored in bf16 besides
+    # (llm.param_dtype). "float32": the plain path.
+    c.compute_dtype = "float32"
     c.log_every_steps = 25
     c.eval_every_steps = 300
     c.checkpoint_every_steps = 300
@@ -81,6 +86,12 @@ def get_config() -> ml_collections.ConfigDict:
     # Frozen (the default: no gradient, no optimizer state, fingerprinted in checkpoints) or trained with the
     # bridge (its weights then in the checkpoints; needs features=compute).
     c.audio_encoder.trainable = False
+    # Large-model levers: scan_layers stores the encoder's transformer layers stacked and runs them with one
+    # jax.lax.scan (whisper and the wav2vec2 family; compiles once for all layers; weights are read per
+    # layer and stacked, checkpoints of a trainable tower hold the stacked layout); remat_policy
+    # (none | dots_saveable | everything) rematerialises each layer's activations in the backward pass.
+    c.audio_encoder.scan_layers = False
+    c.audio_encoder.remat_policy = "none"
     c.audio_encoder.num_mel_bins = 80
     c.audio_encoder.width = 64
     c.audio_encoder.layers = 1
@@ -105,6 +116,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.qformer.embed_dim = 64
     c.qformer.max_text_positions = 64
     c.qformer.dropout = 0.0
+    c.qformer.remat_policy = "none"  # none | dots_saveable | everything (rematerialise Q-Former layers)
     c.qformer.initializer_range = 0.08  # ~1/sqrt(width); BLIP-2's BERT-base uses 0.02
 
     c.loss = ml_collections.ConfigDict()

@@ -44,6 +44,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.total_steps = 1000
     c.batch_size = 8  # global
+    # Compute-dtype policy (README "Parallelism"): "bfloat16" runs every tower's matmuls (audio encoder,
+    # Q-Former/bridge, LLM) on bf16 inputs with float32 accumulation; trainable master weights, optimizer
+    # state, norms, softmax and losses stay float32. Frozen weights may be stored in bf16 besides
+    # (llm.param_dtype). "float32": the plain path.
+    c.compute_dtype = "float32"
     c.log_every_steps = 10
     c.eval_every_steps = 0  # validation captioning + QA every N steps (0: off); the test split is always
     # evaluated after the last step
@@ -115,6 +120,12 @@ def get_config() -> ml_collections.ConfigDict:
     # Frozen (the default: no gradient, no optimizer state, fingerprinted in checkpoints) or trained with the
     # bridge (its weights then in the checkpoints; needs features=compute).
     c.audio_encoder.trainable = False
+    # Large-model levers: scan_layers stores the encoder's transformer layers stacked and runs them with one
+    # jax.lax.scan (whisper and the wav2vec2 family; compiles once for all layers; weights are read per
+    # layer and stacked, checkpoints of a trainable tower hold the stacked layout); remat_policy
+    # (none | dots_saveable | everything) rematerialises each layer's activations in the backward pass.
+    c.audio_encoder.scan_layers = False
+    c.audio_encoder.remat_policy = "none"
     c.audio_encoder.num_mel_bins = 80
     c.audio_encoder.width = 64
     c.audio_encoder.layers = 1
@@ -170,6 +181,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.qformer.cross_attention_freq = 2
     c.qformer.max_text_positions = 64
     c.qformer.dropout = 0.0
+    c.qformer.remat_policy = "none"  # none | dots_saveable | everything (rematerialise Q-Former layers)
     c.qformer.initializer_range = 0.08
     c.qformer.instruction = True  # InstructBLIP: the instruction joins the queries in the Q-Former
 
@@ -181,6 +193,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Start the fresh projection so that soft-prompt vectors have the scale of the LLM's token embeddings.
     c.llm.match_embedding_scale = True
     c.llm.remat_policy = "none"  # none | dots_saveable | everything (rematerialise LLM layers)
+    # scan_layers: the LLM's layers stored stacked and run by one jax.lax.scan (llama, gpt2, t5): a 32-layer
+    # LLM compiles in seconds; loading, checkpoints, export and generation work as without it.
+    c.llm.scan_layers = False
     # kind=random: an untrained LLM of llm.arch ("llama", "gpt2" or "t5": Flan-T5's layout) and these sizes,
     # weights from llm.init_seed, with a word-level tokenizer over the synthetic data's words
     # (slit/train/random_models.py); e.g. --config.llm.kind=random --config.llm.arch=t5.

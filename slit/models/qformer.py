@@ -19,14 +19,18 @@ import jax.numpy as jnp
 from flax import nnx
 
 from slit.models.layers import (
+    COMPUTE_DTYPES,
+    REMAT_POLICIES,
     Dense,
     Embed,
     LayerNorm,
+    compute_dtype_scope,
     dot_product_attention,
     dropout,
     gelu,
     merge_heads,
     normal,
+    remat_call,
     split_heads,
     weight,
 )
@@ -52,6 +56,18 @@ class QFormerConfig:
     # `initializer_range`). 0.02 suits BERT-base widths; narrow Q-Formers need ~1/sqrt(width), or the
     # randomly initialised cross-attention passes almost nothing of the audio to the queries.
     initializer_range: float = 0.02
+    # Large-model levers (README "Parallelism"); neither changes the weights. remat_policy: rematerialise
+    # each layer's activations in the backward pass (`qformer.remat_policy`; slit.models.layers.
+    # REMAT_POLICIES); compute_dtype: the matmul input dtype, float32 accumulation (the top-level
+    # `compute_dtype`).
+    remat_policy: str = "none"
+    compute_dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"qformer remat_policy={self.remat_policy!r}; choose one of {REMAT_POLICIES}")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype={self.compute_dtype!r}; choose one of {COMPUTE_DTYPES}")
 
 
 class BertAttentionBlock(nnx.Module):
@@ -213,11 +229,12 @@ class QFormer(nnx.Module):
         Computed once per clip and shared by every pass over the same audio; rows can be gathered
         (e.g. hard negatives) instead of recomputed. Each entry is (batch, frames, heads, head_dim) x 2.
         """
-        normed = self.encoder_norm(encoder_bfd)
-        return [
-            layer.cross_attention.project_kv(normed) if layer.cross_attention is not None else None
-            for layer in self.layers
-        ]
+        with compute_dtype_scope(self.config.compute_dtype):
+            normed = self.encoder_norm(encoder_bfd)
+            return [
+                layer.cross_attention.project_kv(normed) if layer.cross_attention is not None else None
+                for layer in self.layers
+            ]
 
     def __call__(
         self,
@@ -255,6 +272,24 @@ class QFormer(nnx.Module):
         """
         if text_ids_bl is None and not with_queries:
             raise ValueError("a Q-Former pass needs queries, text or both")
+        with compute_dtype_scope(self.config.compute_dtype):
+            return self._run(
+                text_ids_bl, with_queries, attention_mask_bll, encoder_bfd, encoder_mask_bf, encoder_kv, rngs,
+                prefix_kv, return_self_kv,
+            )  # fmt: skip
+
+    def _run(
+        self,
+        text_ids_bl: jax.Array | None,
+        with_queries: bool,
+        attention_mask_bll: jax.Array | None,
+        encoder_bfd: jax.Array | None,
+        encoder_mask_bf: jax.Array | None,
+        encoder_kv: list[tuple[jax.Array, jax.Array] | None] | None,
+        rngs: nnx.Rngs | None,
+        prefix_kv: list[tuple[jax.Array, jax.Array]] | None,
+        return_self_kv: bool,
+    ) -> jax.Array | tuple[jax.Array, list[tuple[jax.Array, jax.Array]]]:
         num_queries = self.config.num_queries if with_queries else 0
         if with_queries and encoder_kv is None and encoder_bfd is not None:
             encoder_kv = self.encoder_kv(encoder_bfd)
@@ -267,8 +302,16 @@ class QFormer(nnx.Module):
         for i, layer in enumerate(self.layers):
             layer_kv = encoder_kv[i] if (with_queries and encoder_kv is not None) else None
             prefix = prefix_kv[i] if prefix_kv is not None else None
-            hidden, own_kv = layer(
-                hidden, attention_mask_bll, num_queries, layer_kv, encoder_mask_bf, rngs, prefix
+            hidden, own_kv = remat_call(
+                layer,
+                self.config.remat_policy,
+                hidden,
+                attention_mask_bll,
+                num_queries,
+                layer_kv,
+                encoder_mask_bf,
+                rngs,
+                prefix,
             )
             self_kv.append(own_kv)
         return (hidden, self_kv) if return_self_kv else hidden

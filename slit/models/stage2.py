@@ -31,11 +31,9 @@ from flax import nnx
 
 from slit.models.audio.encoder import AudioEncoderConfig, encode_audio, make_audio_tower
 from slit.models.bridges import make_bridge
-from slit.models.layers import unfreeze
+from slit.models.layers import COMPUTE_DTYPES, compute_dtype_scope, unfreeze
+from slit.models.layers import REMAT_POLICIES as REMAT_POLICIES
 
-REMAT_POLICIES = ("none", "dots_saveable", "everything")
-"""none: keep every activation (no rematerialisation); dots_saveable: keep matmul outputs, recompute
-the rest in the backward pass; everything: keep only each layer's inputs, recompute the whole layer."""
 LOSS_AVERAGES = ("tokens", "examples")
 """How the answer-token losses of a batch are averaged (Stage2Config.loss_average)."""
 
@@ -59,10 +57,16 @@ class Stage2Config:
     loss_average: str = "tokens"
     qformer_init: str = ""
     llm_trainable: bool = False  # the LLM's weights are `nnx.Param`s and train (`llm.trainable`)
+    # The top-level `compute_dtype`: "bfloat16" runs the loss's matmuls (bridge, and the LLM's, set by
+    # slit.train.stage2_model.create_model; the towers read their own configs) on bf16 inputs with f32
+    # accumulation; master weights, optimizer state, norms, softmax and the loss stay float32.
+    compute_dtype: str = "float32"
 
     def __post_init__(self):
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy={self.remat_policy!r}; choose one of {REMAT_POLICIES}")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype={self.compute_dtype!r}; choose one of {COMPUTE_DTYPES}")
         if self.loss_average not in LOSS_AVERAGES:
             raise ValueError(f"loss_average={self.loss_average!r}; choose one of {LOSS_AVERAGES}")
 
@@ -135,9 +139,17 @@ def rematerialised_layers(llm: nnx.Module, policy: str) -> Iterator[None]:
     """Within the block, every layer the LLM calls as a whole (decoder-only layers; T5's encoder layers)
     is rematerialised with `policy`. The layers are swapped back afterwards, so the weights' paths (and
     the frozen-model fingerprints) do not depend on the policy. T5's decoder layers are not wrapped: its
-    decoder calls their parts one by one (and answers are short).
+    decoder calls their parts one by one (and answers are short). An LLM with scanned layers
+    (`llm.scan_layers`) rematerialises the scan's body instead, every stack of it (T5's decoder too).
     """
     swapped = {}
+    if getattr(llm, "scan_layers", False):
+        previous, llm.remat_policy = llm.remat_policy, policy
+        try:
+            yield
+        finally:
+            llm.remat_policy = previous
+        return
     if policy != "none":
         for name in ("layers", "encoder_layers"):
             layers = getattr(llm, name, None)
@@ -260,7 +272,8 @@ class Stage2Model(nnx.Module):
         self, batch: Stage2Batch, *, rngs: nnx.Rngs | None
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """The answer-only language-modelling loss on one global batch. Returns (loss, metrics)."""
-        with rematerialised_layers(self.llm, self.config.remat_policy):
+        policy, dtype = self.config.remat_policy, self.config.compute_dtype
+        with rematerialised_layers(self.llm, policy), compute_dtype_scope(dtype):
             logits = self.answer_logits(batch, rngs)
         valid = batch.answer_ids >= 0
         labels = jnp.maximum(batch.answer_ids, 0)

@@ -52,6 +52,7 @@ from slit.models.audio.encoder import AudioEncoderConfig
 from slit.models.audio.htsat import HTSATConfig
 from slit.models.audio.wav2vec2 import Wav2Vec2Config, resolve_hidden_layer
 from slit.models.audio.whisper import WhisperEncoderConfig
+from slit.models.layers import to_layout
 from slit.models.qformer import QFormerConfig
 from slit.train import random_models
 
@@ -179,6 +180,9 @@ def audio_encoder_config(config: ml_collections.ConfigDict) -> AudioEncoderConfi
         mask_padding=loaded.mask_padding if loaded else True,
         weights=settings.weights_key,
         trainable=settings.trainable,
+        scan_layers=bool(config.audio_encoder.get("scan_layers", False)),
+        remat_policy=str(config.audio_encoder.get("remat_policy", "none")),
+        compute_dtype=str(config.get("compute_dtype", "float32")),
     )
 
 
@@ -243,10 +247,17 @@ def bert_qformer_config(
 def qformer_component_config(
     config: ml_collections.ConfigDict, vocab_size: int, encoder_width: int
 ) -> QFormerConfig:
-    """The Q-Former the `qformer` group describes: BERT's sizes with `qformer.init`, else the group's."""
+    """The Q-Former the `qformer` group describes: BERT's sizes with `qformer.init`, else the group's; with
+    the levers `qformer.remat_policy` and the top-level `compute_dtype`."""
     if config.qformer.get("init", ""):
-        return bert_qformer_config(config, vocab_size, encoder_width)
-    return qformer_config(config.qformer, vocab_size, encoder_width)
+        qformer = bert_qformer_config(config, vocab_size, encoder_width)
+    else:
+        qformer = qformer_config(config.qformer, vocab_size, encoder_width)
+    return dataclasses.replace(
+        qformer,
+        remat_policy=str(config.qformer.get("remat_policy", "none")),
+        compute_dtype=str(config.get("compute_dtype", "float32")),
+    )
 
 
 def bert_params(init: str, qformer: QFormerConfig, fresh: dict) -> dict:
@@ -301,12 +312,13 @@ def place_audio_tower(
 def put_like(abstract: nnx.State | dict, values: dict, shardings: dict) -> dict:
     """Host arrays `values` (a pure dict with the variables of `abstract`) as global arrays with
     `shardings`, in the abstract state's dtypes. Raises ValueError naming any variable that is missing,
-    unexpected or misshapen."""
+    unexpected or misshapen. Per-layer weights are stacked where `abstract` stores its layers stacked
+    (`scan_layers`), and the other way round (`slit.models.layers.to_layout`)."""
     from flax import traverse_util
 
-    want = traverse_util.flatten_dict(
-        nnx.to_pure_dict(abstract) if isinstance(abstract, nnx.State) else abstract
-    )
+    like = nnx.to_pure_dict(abstract) if isinstance(abstract, nnx.State) else abstract
+    values = to_layout(values, like)
+    want = traverse_util.flatten_dict(like)
     given = {tuple(map(str, k)): v for k, v in traverse_util.flatten_dict(values).items()}
     out, problems = {}, []
     for path, struct in want.items():
@@ -346,6 +358,29 @@ def _whisper_frames(seconds: float, what: str, limit: str, max_positions: int, p
         )
 
 
+def lever_problems(config: ml_collections.ConfigDict) -> list[str]:
+    """Everything wrong with the large-model levers of the towers (README "Parallelism"): the top-level
+    `compute_dtype`, and each group's `remat_policy` and `scan_layers`, each naming the field."""
+    from slit.models.layers import COMPUTE_DTYPES, REMAT_POLICIES
+
+    problems = []
+    dtype = config.get("compute_dtype", "float32")
+    if dtype not in COMPUTE_DTYPES:
+        problems.append(f"compute_dtype={dtype!r}: use one of {', '.join(map(repr, COMPUTE_DTYPES))}")
+    for group in ("audio_encoder", "qformer", "llm"):
+        if group not in config:
+            continue
+        policy = config[group].get("remat_policy", "none")
+        if policy not in REMAT_POLICIES:
+            problems.append(
+                f"{group}.remat_policy={policy!r}: use one of {', '.join(map(repr, REMAT_POLICIES))}"
+            )
+        scan = config[group].get("scan_layers", False)
+        if not isinstance(scan, bool):
+            problems.append(f"{group}.scan_layers={scan!r} must be true or false")
+    return problems
+
+
 def audio_problems(config: ml_collections.ConfigDict) -> list[str]:
     """Everything wrong with the `audio_encoder` group (and its fit with `data`), each naming the field.
 
@@ -357,6 +392,12 @@ def audio_problems(config: ml_collections.ConfigDict) -> list[str]:
         return [f"audio_encoder.kind={settings.kind!r}: use one of {', '.join(map(repr, AUDIO_KINDS))}"]
     if settings.window_seconds < 0:
         problems.append(f"audio_encoder.window_seconds={settings.window_seconds} must be >= 0 (0: off)")
+    problems += lever_problems(config)
+    if a.get("scan_layers", False) and a.get("arch", "") == "htsat":
+        problems.append(
+            "audio_encoder.scan_layers=true: the htsat encoder's Swin stages differ in width and shift, so "
+            "its blocks are not scanned; use scan_layers=false (remat_policy applies)"
+        )
     if settings.trainable and config.get("features", "compute") == "cached":
         problems.append(
             "audio_encoder.trainable=true with features=cached: the cache holds the frozen encoder's "

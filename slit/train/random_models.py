@@ -356,8 +356,10 @@ def random_llm_builder(llm: ml_collections.ConfigDict) -> tuple[Callable[[], nnx
     module_config = random_llm_module_config(llm)
     cls = {"llama": Llama, "gpt2": GPT2, "t5": T5}[llm.arch]
 
+    scan = bool(llm.get("scan_layers", False))
+
     def build() -> nnx.Module:
-        return cls(module_config, rngs=nnx.Rngs(params=int(llm.init_seed)))
+        return cls(module_config, rngs=nnx.Rngs(params=int(llm.init_seed)), scan_layers=scan)
 
     return build, tokenizer
 

@@ -35,6 +35,7 @@ from slit.models.bridges.pengi import PengiBridgeConfig
 from slit.models.bridges.qformer import QFormerBridgeConfig
 from slit.models.bridges.window_qformer import WindowQFormerBridgeConfig
 from slit.models.layers import Frozen
+from slit.models.llm.base import set_matmul_dtype
 from slit.models.stage2 import Stage2Config, Stage2Model
 from slit.models.text.clip import CLIPTextConfig
 from slit.train import pretrained, sharding
@@ -105,7 +106,9 @@ def load_llm(llm_config: ml_collections.ConfigDict) -> tuple[nnx.Module, Any, st
         if not path.is_file():
             raise FileNotFoundError(f"llm.path={path}: no such GGUF file")
         file = gguf.read_gguf(path)
-        module = gguf.llama_from_gguf(file, param_dtype=param_dtype)
+        module = gguf.llama_from_gguf(
+            file, param_dtype=param_dtype, scan_layers=bool(llm_config.get("scan_layers", False))
+        )
         return module, gguf.gguf_tokenizer(file), f"GGUF {path.name} (dequantized, {llm_config.param_dtype})"
     directory = pathlib.Path(llm_config.path)
     hf_config = loading.read_json(directory / "config.json")
@@ -121,7 +124,7 @@ def load_llm(llm_config: ml_collections.ConfigDict) -> tuple[nnx.Module, Any, st
             f"{directory / 'config.json'}: model_type={model_type!r}; stage two supports llama, qwen2, "
             "mistral, gpt2 and t5"
         )
-    module = load(directory, param_dtype=param_dtype)
+    module = load(directory, param_dtype=param_dtype, scan_layers=bool(llm_config.get("scan_layers", False)))
     source = f"HF {model_type} from {directory.name} ({llm_config.param_dtype})"
     return module, loading.load_tokenizer(directory), source
 
@@ -163,6 +166,7 @@ def model_config(config: ml_collections.ConfigDict, tokenizer: TextTokenizer) ->
         # (BERT's text weights fill a Q-Former bridge's Q-Former, or Pengi's frozen prompt encoder)
         qformer_init=config.qformer.get("init", "") if bridge.kind in (*QFORMER_BRIDGES, "pengi") else "",
         llm_trainable=bool(config.llm.get("trainable", False)),
+        compute_dtype=str(config.get("compute_dtype", "float32")),
     )
 
 
@@ -250,6 +254,7 @@ def create_model(
     that safetensors file's ('.'-joined slit names, e.g. `audio_mapper.layers.0.query.kernel`); a missing,
     unexpected or misshapen weight is a UserError naming it.
     """
+    set_matmul_dtype(llm, cfg.compute_dtype)
     llm_graphdef, llm_state = nnx.split(llm)
 
     def build(llm_state: Any) -> Stage2Model:  # noqa: ANN401

@@ -18,7 +18,7 @@ from flax import nnx
 from slit.models.audio.htsat import HTSATAudioTower, HTSATConfig
 from slit.models.audio.wav2vec2 import Wav2Vec2AudioTower, Wav2Vec2Config
 from slit.models.audio.whisper import WhisperAudioTower, WhisperEncoderConfig
-from slit.models.layers import unfreeze
+from slit.models.layers import COMPUTE_DTYPES, REMAT_POLICIES, unfreeze
 
 AudioTower = WhisperAudioTower | Wav2Vec2AudioTower | HTSATAudioTower
 
@@ -36,6 +36,11 @@ class AudioEncoderConfig:
       from the run's seed). The model never reads it; it keys the frozen weights' identity.
     trainable: the encoder's weights are `nnx.Param`s and train with the bridge (`audio_encoder.trainable`);
       by default they are `Frozen` and no gradient reaches them.
+    scan_layers: the transformer layers are stored stacked and run by one `jax.lax.scan` (Whisper and the
+      wav2vec2 family; `audio_encoder.scan_layers`): compiled once for all layers.
+    remat_policy: rematerialise each layer's activations in the backward pass (`audio_encoder.remat_policy`,
+      slit.models.layers.REMAT_POLICIES); matters when the encoder trains.
+    compute_dtype: the matmul input dtype (the top-level `compute_dtype`; float32 accumulation).
     """
 
     arch: WhisperEncoderConfig | Wav2Vec2Config | HTSATConfig
@@ -45,6 +50,20 @@ class AudioEncoderConfig:
     mask_padding: bool = True
     weights: str = ""
     trainable: bool = False
+    scan_layers: bool = False
+    remat_policy: str = "none"
+    compute_dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"audio remat_policy={self.remat_policy!r}; choose one of {REMAT_POLICIES}")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype={self.compute_dtype!r}; choose one of {COMPUTE_DTYPES}")
+        if self.scan_layers and isinstance(self.arch, HTSATConfig):
+            raise ValueError(
+                "audio_encoder.scan_layers: the htsat encoder's Swin stages differ in width and shift, so "
+                "its blocks are not scanned; use scan_layers=false (remat_policy applies)"
+            )
 
     @property
     def width(self) -> int:
@@ -55,6 +74,7 @@ class AudioEncoderConfig:
 def make_audio_tower(config: AudioEncoderConfig, rngs: nnx.Rngs) -> AudioTower:
     """The tower `config.arch` describes: waveform (B, S) -> features (B, F, D), mask (B, F); its weights
     are `Frozen`, or `nnx.Param`s with `config.trainable`."""
+    levers = dict(remat_policy=config.remat_policy, compute_dtype=config.compute_dtype)
     if isinstance(config.arch, Wav2Vec2Config):
         tower = Wav2Vec2AudioTower(
             config.arch,
@@ -62,11 +82,15 @@ def make_audio_tower(config: AudioEncoderConfig, rngs: nnx.Rngs) -> AudioTower:
             hidden_layer=config.hidden_layer,
             normalize=config.normalize,
             mask_padding=config.mask_padding,
+            scan_layers=config.scan_layers,
+            **levers,
         )
     elif isinstance(config.arch, HTSATConfig):
-        tower = HTSATAudioTower(config.arch, rngs=rngs, hidden_layer=config.hidden_layer)
+        tower = HTSATAudioTower(config.arch, rngs=rngs, hidden_layer=config.hidden_layer, **levers)
     else:
-        tower = WhisperAudioTower(config.arch, rngs=rngs, hidden_layer=config.hidden_layer)
+        tower = WhisperAudioTower(
+            config.arch, rngs=rngs, hidden_layer=config.hidden_layer, scan_layers=config.scan_layers, **levers
+        )
     return unfreeze(tower) if config.trainable else tower
 
 

@@ -47,7 +47,17 @@ from jax.typing import DTypeLike
 
 from slit.models.audio.clap_frontend import ClapFrontendConfig, clap_log_mel
 from slit.models.audio.wav2vec2 import ACTIVATIONS
-from slit.models.layers import Dense, Frozen, LayerNorm, normal, ones, weight, zeros
+from slit.models.layers import (
+    Dense,
+    Frozen,
+    LayerNorm,
+    compute_dtype_scope,
+    normal,
+    ones,
+    remat_call,
+    weight,
+    zeros,
+)
 
 __all__ = ["HTSATAudioTower", "HTSATConfig", "HTSATEncoder", "bicubic_matrix"]
 
@@ -327,8 +337,9 @@ class PatchMerging(nnx.Module):
 class Stage(nnx.Module):
     """Swin blocks (every other one shifted), then a patch merging unless it is the last stage."""
 
-    def __init__(self, c: HTSATConfig, index: int, *, rngs: nnx.Rngs):
+    def __init__(self, c: HTSATConfig, index: int, *, rngs: nnx.Rngs, remat_policy: str = "none"):
         dim = c.patch_embeds_hidden_size * 2**index
+        self.remat_policy = remat_policy
         res, heads = c.resolutions[index], c.num_attention_heads[index]
         self.blocks = nnx.List(
             [SwinBlock(c, dim, heads, res, shifted=j % 2 == 1, rngs=rngs) for j in range(c.depths[index])]
@@ -337,7 +348,7 @@ class Stage(nnx.Module):
 
     def __call__(self, x_bhwc: jax.Array) -> jax.Array:
         for block in self.blocks:
-            x_bhwc = block(x_bhwc)
+            x_bhwc = remat_call(block, self.remat_policy, x_bhwc)
         return self.downsample(x_bhwc) if self.downsample is not None else x_bhwc
 
 
@@ -347,13 +358,25 @@ class HTSATEncoder(nnx.Module):
     `dtype`: the compute dtype of the activations (norms and softmax run in float32).
     """
 
-    def __init__(self, config: HTSATConfig, *, rngs: nnx.Rngs, dtype: DTypeLike = jnp.float32):
+    def __init__(
+        self,
+        config: HTSATConfig,
+        *,
+        rngs: nnx.Rngs,
+        dtype: DTypeLike = jnp.float32,
+        remat_policy: str = "none",
+    ):
+        """remat_policy: rematerialise each Swin block's activations in the backward pass
+        (`slit.models.layers.REMAT_POLICIES`). Its blocks are not scanned: the stages differ in width and
+        every other block is shifted."""
         c = config
         self.config = c
         self.dtype = dtype
         self.batch_norm = ChannelAffine(c.num_mel_bins, rngs=rngs)
         self.patch_embed = PatchEmbed(c, rngs=rngs)
-        self.stages = nnx.List([Stage(c, i, rngs=rngs) for i in range(len(c.depths))])
+        self.stages = nnx.List(
+            [Stage(c, i, rngs=rngs, remat_policy=remat_policy) for i in range(len(c.depths))]
+        )
         self.norm = LayerNorm(c.width, eps=PATCH_NORM_EPS, rngs=rngs, param_type=Frozen)
 
     def image(self, mel_btm: jax.Array) -> jax.Array:
@@ -404,13 +427,18 @@ class HTSATAudioTower(nnx.Module):
         rngs: nnx.Rngs,
         hidden_layer: int | None = None,
         dtype: DTypeLike = jnp.float32,
+        remat_policy: str = "none",
+        compute_dtype: str = "float32",
     ):
+        """remat_policy: see `HTSATEncoder`; compute_dtype: the matmul input dtype
+        (`slit.models.layers.compute_dtype_scope`)."""
         if hidden_layer is not None:
             raise ValueError(
                 f"hidden_layer {hidden_layer}: the htsat encoder feeds only its last hidden state (after the "
                 "final norm); its stages have other widths. Use hidden_layer -1 (None)"
             )
-        self.encoder = HTSATEncoder(config, rngs=rngs, dtype=dtype)
+        self.encoder = HTSATEncoder(config, rngs=rngs, dtype=dtype, remat_policy=remat_policy)
+        self.compute_dtype = compute_dtype
 
     @property
     def width(self) -> int:
@@ -428,6 +456,7 @@ class HTSATAudioTower(nnx.Module):
           features (batch, num_frames, width) and a bool mask (batch, num_frames): True for clips with audio.
         """
         mel = clap_log_mel(waveform_bs, num_samples_b, self.encoder.config.frontend)
-        features = self.encoder(mel)
+        with compute_dtype_scope(self.compute_dtype):
+            features = self.encoder(mel)
         mask = jnp.broadcast_to((num_samples_b > 0)[:, None], features.shape[:2])
         return features, mask

@@ -41,11 +41,15 @@ from slit.models.layers import (
     Dense,
     Frozen,
     LayerNorm,
+    compute_dtype_scope,
     dot_product_attention,
     merge_heads,
     normal,
     ones,
+    remat_call,
+    scan_layers,
     split_heads,
+    stack_layers,
     weight,
     zeros,
 )
@@ -394,16 +398,30 @@ class Wav2Vec2Encoder(nnx.Module):
     `slit.interop.hf_wav2vec2`).
     """
 
-    def __init__(self, config: Wav2Vec2Config, *, rngs: nnx.Rngs, dtype: DTypeLike = jnp.float32):
+    def __init__(
+        self,
+        config: Wav2Vec2Config,
+        *,
+        rngs: nnx.Rngs,
+        dtype: DTypeLike = jnp.float32,
+        scan_layers: bool = False,
+        remat_policy: str = "none",
+    ):
+        """scan_layers: transformer layers stored stacked and run by one `jax.lax.scan`
+        (`slit.models.layers.stack_layers`; same weights from the same `rngs`); remat_policy: rematerialise
+        each transformer layer's activations in the backward pass (`slit.models.layers.REMAT_POLICIES`)."""
         c = config
         self.config = c
         self.dtype = dtype
+        self.scan_layers = scan_layers
+        self.remat_policy = remat_policy
         self.feature_encoder = FeatureEncoder(c, rngs=rngs)
         self.feature_projection = FeatureProjection(c, rngs=rngs)
         self.position_conv = PositionConvEmbedding(c, rngs=rngs)
         # HF `encoder.layer_norm`: before the first layer (post-LN), or after the last (stable).
         self.encoder_norm = LayerNorm(c.width, eps=c.layer_norm_eps, rngs=rngs, param_type=Frozen)
-        self.layers = nnx.List([EncoderLayer(c, rngs=rngs) for _ in range(c.num_layers)])
+        layers = [EncoderLayer(c, rngs=rngs) for _ in range(c.num_layers)]
+        self.layers = stack_layers(layers) if scan_layers else nnx.List(layers)
 
     def __call__(
         self,
@@ -447,8 +465,16 @@ class Wav2Vec2Encoder(nnx.Module):
         x = x + self.position_conv(x)
         if not c.stable_layer_norm:
             x = self.encoder_norm(x)
-        for layer in list(self.layers)[: c.num_layers if stop is None else stop]:
-            x = layer(x, attention_mask)
+        if self.scan_layers:
+            x, _ = scan_layers(
+                self.layers,
+                lambda layer, x, _: (layer(x, attention_mask), None),
+                x,
+                remat_policy=self.remat_policy,
+                stop=stop,
+            )
+        for layer in [] if self.scan_layers else list(self.layers)[: c.num_layers if stop is None else stop]:
+            x = remat_call(layer, self.remat_policy, x, attention_mask)
         if stop is None and c.stable_layer_norm:
             x = self.encoder_norm(x)
         return x, mask_bf
@@ -474,10 +500,18 @@ class Wav2Vec2AudioTower(nnx.Module):
         normalize: bool = True,
         mask_padding: bool = True,
         dtype: DTypeLike = jnp.float32,
+        scan_layers: bool = False,
+        remat_policy: str = "none",
+        compute_dtype: str = "float32",
     ):
+        """scan_layers, remat_policy: see `Wav2Vec2Encoder`; compute_dtype: the matmul input dtype of the
+        transformer layers and projections (`slit.models.layers.compute_dtype_scope`)."""
         resolve_hidden_layer(hidden_layer, config.num_layers)  # fail early on a bad index
-        self.encoder = Wav2Vec2Encoder(config, rngs=rngs, dtype=dtype)
+        self.encoder = Wav2Vec2Encoder(
+            config, rngs=rngs, dtype=dtype, scan_layers=scan_layers, remat_policy=remat_policy
+        )
         self.hidden_layer = hidden_layer
+        self.compute_dtype = compute_dtype
         self.normalize = normalize
         self.mask_padding = mask_padding
 
@@ -497,7 +531,8 @@ class Wav2Vec2AudioTower(nnx.Module):
         """
         if self.normalize:
             waveform_bs = normalize_waveform(waveform_bs, num_samples_b)
-        features, _ = self.encoder(
-            waveform_bs, num_samples_b if self.mask_padding else None, hidden_layer=self.hidden_layer
-        )
+        with compute_dtype_scope(self.compute_dtype):
+            features, _ = self.encoder(
+                waveform_bs, num_samples_b if self.mask_padding else None, hidden_layer=self.hidden_layer
+            )
         return features, frame_mask(num_samples_b, features.shape[1], self.encoder.config)

@@ -25,11 +25,15 @@ from slit.models.layers import (
     Dense,
     Frozen,
     LayerNorm,
+    compute_dtype_scope,
     dot_product_attention,
     gelu,
     merge_heads,
     normal,
+    remat_call,
+    scan_layers,
     split_heads,
+    stack_layers,
     weight,
 )
 
@@ -113,13 +117,26 @@ class WhisperEncoderLayer(nnx.Module):
 class WhisperEncoder(nnx.Module):
     """Log-mel (batch, mel_frames, mels) -> hidden states (batch, mel_frames / 2, width)."""
 
-    def __init__(self, config: WhisperEncoderConfig, *, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        config: WhisperEncoderConfig,
+        *,
+        rngs: nnx.Rngs,
+        scan_layers: bool = False,
+        remat_policy: str = "none",
+    ):
+        """scan_layers: layers stored stacked and run by one `jax.lax.scan` (`slit.models.layers.
+        stack_layers`; same weights from the same `rngs`); remat_policy: rematerialise each layer's
+        activations in the backward pass (`slit.models.layers.REMAT_POLICIES`)."""
         c = config
         self.config = c
+        self.scan_layers = scan_layers
+        self.remat_policy = remat_policy
         self.conv1 = Conv1d(c.num_mel_bins, c.width, 3, 1, rngs=rngs)
         self.conv2 = Conv1d(c.width, c.width, 3, 2, rngs=rngs)
         self.position_embeddings = Frozen(sinusoids(c.max_positions, c.width), out_sharding=(None, "embed"))
-        self.layers = nnx.List([WhisperEncoderLayer(c, rngs=rngs) for _ in range(c.num_layers)])
+        layers = [WhisperEncoderLayer(c, rngs=rngs) for _ in range(c.num_layers)]
+        self.layers = stack_layers(layers) if scan_layers else nnx.List(layers)
         self.final_norm = LayerNorm(c.width, eps=WHISPER_LAYER_NORM_EPS, rngs=rngs, param_type=Frozen)
 
     def __call__(self, mel_btm: jax.Array, hidden_layer: int | None = None) -> jax.Array:
@@ -140,8 +157,16 @@ class WhisperEncoder(nnx.Module):
                 "use shorter audio or windowed encoding"
             )
         x = x + self.position_embeddings[...][:frames].astype(x.dtype)
-        for layer in list(self.layers)[:stop]:
-            x = layer(x)
+        if self.scan_layers:
+            x, _ = scan_layers(
+                self.layers,
+                lambda layer, x, _: (layer(x), None),
+                x,
+                remat_policy=self.remat_policy,
+                stop=stop,
+            )
+        for layer in [] if self.scan_layers else list(self.layers)[:stop]:
+            x = remat_call(layer, self.remat_policy, x)
         return self.final_norm(x) if stop == self.config.num_layers else x
 
 
@@ -152,10 +177,22 @@ class WhisperAudioTower(nnx.Module):
     that feeds the Q-Former (see `WhisperEncoder`; None: the encoder's output).
     """
 
-    def __init__(self, config: WhisperEncoderConfig, *, rngs: nnx.Rngs, hidden_layer: int | None = None):
+    def __init__(
+        self,
+        config: WhisperEncoderConfig,
+        *,
+        rngs: nnx.Rngs,
+        hidden_layer: int | None = None,
+        scan_layers: bool = False,
+        remat_policy: str = "none",
+        compute_dtype: str = "float32",
+    ):
+        """scan_layers, remat_policy: see `WhisperEncoder`; compute_dtype: the matmul input dtype
+        (`slit.models.layers.compute_dtype_scope`)."""
         resolve_hidden_layer(hidden_layer, config.num_layers)  # fail early on a bad index
-        self.encoder = WhisperEncoder(config, rngs=rngs)
+        self.encoder = WhisperEncoder(config, rngs=rngs, scan_layers=scan_layers, remat_policy=remat_policy)
         self.hidden_layer = hidden_layer
+        self.compute_dtype = compute_dtype
 
     @property
     def width(self) -> int:
@@ -172,6 +209,7 @@ class WhisperAudioTower(nnx.Module):
           features (batch, frames, width) and a bool mask (batch, frames) of frames with real audio.
         """
         mel = frontend.log_mel_spectrogram(waveform_bs, num_mel_bins=self.encoder.config.num_mel_bins)
-        features = self.encoder(mel, self.hidden_layer)
+        with compute_dtype_scope(self.compute_dtype):
+            features = self.encoder(mel, self.hidden_layer)
         mask = frontend.frame_mask(num_samples_b, mel.shape[1], downsample=2)
         return features, mask[:, : features.shape[1]]

@@ -12,7 +12,7 @@ prompts in a batch get the right rotary/absolute positions. Encoder-decoder mode
 from __future__ import annotations
 
 import dataclasses
-from typing import Protocol
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -127,3 +127,18 @@ class EncoderDecoderLM(Protocol):
         ...
 
     def init_cache(self, batch_size: int, max_length: int, dtype: DTypeLike = jnp.float32) -> KVCache: ...
+
+
+def set_matmul_dtype(llm: Any, compute_dtype: str) -> None:  # noqa: ANN401 (an nnx.Module)
+    """The compute-dtype policy for a built LLM, in place: with compute_dtype "bfloat16", every module of
+    `llm` that has a matmul input `dtype` (the model, its attention and linear layers) takes bfloat16
+    inputs; products accumulate in float32 and the residual stream, norms, softmax and logits stay float32
+    (each model's docstring). "float32" leaves the model as built. Weights keep their `param_dtype`."""
+    if compute_dtype == "float32":
+        return
+    from flax import nnx
+
+    dtype = jnp.dtype(compute_dtype)
+    for _, node in nnx.iter_graph(llm):
+        if isinstance(node, nnx.Module) and "dtype" in vars(node):
+            node.dtype = dtype

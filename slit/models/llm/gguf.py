@@ -267,6 +267,7 @@ def llama_from_gguf(
     *,
     dtype: DTypeLike = jnp.float32,
     param_dtype: DTypeLike = jnp.float32,
+    scan_layers: bool = False,
 ) -> llama.Llama:
     """The frozen Llama-family LM of a llama-architecture GGUF file, weights dequantized to `param_dtype`.
 
@@ -288,7 +289,9 @@ def llama_from_gguf(
             value = unpermute_rows(value, config.num_kv_heads, config.head_dim)
         tensors[hf_name] = value
     try:
-        return llama.llama_from_tensors(tensors, config, str(file.path), dtype=dtype, param_dtype=param_dtype)
+        return llama.llama_from_tensors(
+            tensors, config, str(file.path), dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers
+        )
     except UserError as e:
         raise _in_gguf_terms(e, file) from None
 

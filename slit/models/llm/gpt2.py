@@ -32,7 +32,7 @@ from flax import nnx, traverse_util
 from jax.typing import DTypeLike
 
 from slit.errors import UserError
-from slit.models.layers import Frozen, normal, ones, weight, zeros
+from slit.models.layers import Frozen, normal, ones, scan_layers, stack_layers, weight, zeros
 from slit.models.llm import loading
 from slit.models.llm.base import KVCache, TokenIds
 from slit.models.llm.llama import FrozenLinear, attention_masks, grouped_query_attention, update_cache_layer
@@ -185,10 +185,20 @@ class GPT2(nnx.Module):
         rngs: nnx.Rngs,
         dtype: DTypeLike = jnp.float32,
         param_dtype: DTypeLike = jnp.float32,
+        scan_layers: bool = False,
     ):
+        """scan_layers: layers stored stacked and run by one `jax.lax.scan` (as `Llama`'s); refused with
+        `scale_attn_by_inverse_layer_idx`, whose layers differ by a constant."""
         c = self.config = config
+        if scan_layers and c.scale_attn_by_inverse_layer_idx:
+            raise UserError(
+                "llm.scan_layers: this GPT-2 scales attention by 1/(layer + 1) "
+                "(scale_attn_by_inverse_layer_idx), so its layers differ; run it with scan_layers=false"
+            )
         self.vocab_size, self.hidden_size, self.token_ids = c.vocab_size, c.hidden_size, c.token_ids
         self.dtype = dtype
+        self.scan_layers = scan_layers
+        self.remat_policy = "none"  # of the scanned layers (set by slit.models.stage2.rematerialised_layers)
         d = c.hidden_size
         self.token_embedding = weight(
             Frozen, normal(), rngs, (c.vocab_size, d), ("vocab", "embed"), param_dtype
@@ -197,7 +207,8 @@ class GPT2(nnx.Module):
             Frozen, normal(0.01), rngs, (c.max_positions, d), (None, "embed"), param_dtype
         )
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.layers = nnx.List([GPT2Block(c, i, **kw) for i in range(c.num_layers)])
+        layers = [GPT2Block(c, i, **kw) for i in range(c.num_layers)]
+        self.layers = stack_layers(layers) if scan_layers else nnx.List(layers)
         self.final_norm = FrozenLayerNorm(d, eps=c.layer_norm_eps, rngs=rngs, param_dtype=param_dtype)
         self.lm_head = (
             None if c.tie_word_embeddings else FrozenLinear(d, c.vocab_size, axes=("embed", "vocab"), **kw)
@@ -230,7 +241,16 @@ class GPT2(nnx.Module):
         position_table = self.position_embedding[...].astype(jnp.float32)
         x = inputs_embeds.astype(jnp.float32) + jnp.take(position_table, positions, axis=0)
         keys, values = [], []
-        for i, layer in enumerate(self.layers):
+        if self.scan_layers:
+            cached = None if cache is None else (jnp.stack(cache.keys), jnp.stack(cache.values))
+
+            def body(layer: GPT2Block, x: jax.Array, kv: Any) -> tuple[jax.Array, Any]:  # noqa: ANN401
+                return layer(x, masks[None], None if kv is None else (kv[0], kv[1], cache.length))
+
+            x, new_kv = scan_layers(self.layers, body, x, cached, remat_policy=self.remat_policy)
+            if new_kv is not None:
+                keys, values = list(new_kv[0]), list(new_kv[1])
+        for i, layer in enumerate([] if self.scan_layers else self.layers):
             layer_cache = None if cache is None else (cache.keys[i], cache.values[i], cache.length)
             x, new_kv = layer(x, masks[None], layer_cache)
             if new_kv is not None:
@@ -308,8 +328,10 @@ def gpt2_from_tensors(
     strict: bool = True,
     dtype: DTypeLike = jnp.float32,
     param_dtype: DTypeLike = jnp.float32,
+    scan_layers: bool = False,
 ) -> GPT2:
-    """A `GPT2` from HF-named tensors: `transformer.h.{i}.attn.c_attn.weight`, ... (or without the
+    """A `GPT2` (layers stacked with `scan_layers`) from HF-named tensors:
+    `transformer.h.{i}.attn.c_attn.weight`, ... (or without the
     `transformer.` prefix, as the original GPT-2 checkpoints have them).
 
     Raises UserError listing every missing, mis-shaped and (when `strict`) unused tensor.
@@ -322,8 +344,8 @@ def gpt2_from_tensors(
         if name.endswith(_IGNORED_SUFFIXES) or (config.tie_word_embeddings and name == "lm_head.weight")
     )
 
-    def build() -> GPT2:
-        return GPT2(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype)
+    def build(scan: bool = False) -> GPT2:
+        return GPT2(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype, scan_layers=scan)
 
     params, names = {}, {}
     for path, struct_ in loading.expected_shapes(build).items():
@@ -339,13 +361,20 @@ def gpt2_from_tensors(
         source=source,
         names=names,
         strict=strict,
+        layout_build=(lambda: build(True)) if scan_layers else None,
     )
 
 
 def gpt2_from_hf(
-    directory: str | pathlib.Path, *, dtype: DTypeLike = jnp.float32, param_dtype: DTypeLike = jnp.float32
+    directory: str | pathlib.Path,
+    *,
+    dtype: DTypeLike = jnp.float32,
+    param_dtype: DTypeLike = jnp.float32,
+    scan_layers: bool = False,
 ) -> GPT2:
     """The frozen GPT-2 of a HF checkpoint directory (config.json + safetensors)."""
     hf_config, tensors = loading.read_hf_checkpoint(directory)
     config = gpt2_config_from_hf(hf_config, loading.read_generation_config(directory))
-    return gpt2_from_tensors(tensors, config, str(directory), dtype=dtype, param_dtype=param_dtype)
+    return gpt2_from_tensors(
+        tensors, config, str(directory), dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers
+    )

@@ -34,7 +34,7 @@ from flax import nnx, traverse_util
 from jax.typing import DTypeLike
 
 from slit.errors import UserError
-from slit.models.layers import Frozen, normal, ones, weight, zeros
+from slit.models.layers import Frozen, normal, ones, scan_layers, stack_layers, weight, zeros
 from slit.models.llm import loading
 from slit.models.llm.base import KVCache, TokenIds
 
@@ -409,15 +409,22 @@ class Llama(nnx.Module):
         rngs: nnx.Rngs,
         dtype: DTypeLike = jnp.float32,
         param_dtype: DTypeLike = jnp.float32,
+        scan_layers: bool = False,
     ):
+        """scan_layers: store the layers stacked and run them with one `jax.lax.scan` (compiled once for
+        all layers; `slit.models.layers.stack_layers` says why stacked). Same weights from the same
+        `rngs`, same outputs; weight paths `layers.<name>` [L, ...] instead of `layers.<i>.<name>`."""
         c = self.config = config
         self.vocab_size, self.hidden_size, self.token_ids = c.vocab_size, c.hidden_size, c.token_ids
         self.dtype = dtype
+        self.scan_layers = scan_layers
+        self.remat_policy = "none"  # of the scanned layers (set by slit.models.stage2.rematerialised_layers)
         self.embedding = weight(
             Frozen, normal(), rngs, (c.vocab_size, c.hidden_size), ("vocab", "embed"), param_dtype
         )
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.layers = nnx.List([LlamaBlock(c, **kw) for _ in range(c.num_layers)])
+        layers = [LlamaBlock(c, **kw) for _ in range(c.num_layers)]
+        self.layers = stack_layers(layers) if scan_layers else nnx.List(layers)
         self.final_norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, rngs=rngs, param_dtype=param_dtype)
         self.lm_head = (
             None
@@ -451,7 +458,9 @@ class Llama(nnx.Module):
         masks, new_valid = attention_masks(token_mask, cache, windows)
         x = inputs_embeds.astype(jnp.float32)
         keys, values = [], []
-        for i, layer in enumerate(self.layers):
+        if self.scan_layers:
+            x, keys, values = self._scan(x, positions, masks, cache)
+        for i, layer in enumerate([] if self.scan_layers else self.layers):
             layer_cache = None if cache is None else (cache.keys[i], cache.values[i], cache.length)
             x, new_kv = layer(x, positions, masks[c.window_of(i)], layer_cache)
             if new_kv is not None:
@@ -473,6 +482,28 @@ class Llama(nnx.Module):
         return logits, KVCache(
             keys=tuple(keys), values=tuple(values), valid=new_valid, length=cache.length + t
         )
+
+    def _scan(
+        self, x_btd: jax.Array, positions: jax.Array, masks: dict, cache: KVCache | None
+    ) -> tuple[jax.Array, list, list]:
+        """The scanned layers: x [B, T, D] -> (x, new per-layer keys, values; empty without a cache).
+        Each layer picks its sliding window's mask by index; a cache's per-layer arrays are stacked for
+        the scan and split again after it (one copy of the cache per call)."""
+        c = self.config
+        windows = sorted({c.window_of(i) for i in range(c.num_layers)}, key=lambda w: -1 if w is None else w)
+        mask_stack = jnp.stack([masks[w] for w in windows])
+        which = jnp.asarray([windows.index(c.window_of(i)) for i in range(c.num_layers)])
+        cached = None if cache is None else (jnp.stack(cache.keys), jnp.stack(cache.values))
+
+        def body(layer: LlamaBlock, x: jax.Array, inputs: tuple) -> tuple[jax.Array, Any]:
+            window, kv = inputs
+            layer_cache = None if kv is None else (kv[0], kv[1], cache.length)
+            return layer(x, positions, mask_stack[window], layer_cache)
+
+        x_btd, new_kv = scan_layers(self.layers, body, x_btd, (which, cached), remat_policy=self.remat_policy)
+        if new_kv is None:
+            return x_btd, [], []
+        return x_btd, list(new_kv[0]), list(new_kv[1])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -515,8 +546,10 @@ def llama_from_tensors(
     strict: bool = True,
     dtype: DTypeLike = jnp.float32,
     param_dtype: DTypeLike = jnp.float32,
+    scan_layers: bool = False,
 ) -> Llama:
-    """A `Llama` built from HF-named tensors (`model.layers.{i}.self_attn.q_proj.weight`, ...).
+    """A `Llama` built from HF-named tensors (`model.layers.{i}.self_attn.q_proj.weight`, ...); with
+    `scan_layers`, its layers stored stacked (read per layer, then stacked on the host).
 
     Linear weights (out, in) are transposed to slit's (in, out) kernels. With tied embeddings, an
     `lm_head.weight` in the checkpoint is ignored. Raises UserError listing every missing, mis-shaped
@@ -529,8 +562,8 @@ def llama_from_tensors(
         if name.endswith(_IGNORED_SUFFIXES) or (config.tie_word_embeddings and name == "lm_head.weight")
     )
 
-    def build() -> Llama:
-        return Llama(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype)
+    def build(scan: bool = False) -> Llama:
+        return Llama(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype, scan_layers=scan)
 
     params: dict[tuple[str | int, ...], Any] = {}
     names = {}
@@ -542,17 +575,31 @@ def llama_from_tensors(
         params[path] = value.T if (value is not None and is_kernel) else value
     nested = traverse_util.unflatten_dict({p: v for p, v in params.items() if v is not None})
     return loading.build_frozen(
-        build, nested, what="Llama-family LM", origin=origin, source=source, names=names, strict=strict
+        build,
+        nested,
+        what="Llama-family LM",
+        origin=origin,
+        source=source,
+        names=names,
+        strict=strict,
+        layout_build=(lambda: build(True)) if scan_layers else None,
     )
 
 
 def llama_from_hf(
-    directory: str | pathlib.Path, *, dtype: DTypeLike = jnp.float32, param_dtype: DTypeLike = jnp.float32
+    directory: str | pathlib.Path,
+    *,
+    dtype: DTypeLike = jnp.float32,
+    param_dtype: DTypeLike = jnp.float32,
+    scan_layers: bool = False,
 ) -> Llama:
     """The frozen Llama-family LM of a HF checkpoint directory (config.json + safetensors).
 
-    `param_dtype=jnp.bfloat16` keeps the frozen weights in bf16; `dtype` is the matmul input dtype.
+    `param_dtype=jnp.bfloat16` keeps the frozen weights in bf16; `dtype` is the matmul input dtype;
+    `scan_layers`: layers stored stacked and scanned (`Llama`).
     """
     hf_config, tensors = loading.read_hf_checkpoint(directory)
     config = llama_config_from_hf(hf_config, loading.read_generation_config(directory))
-    return llama_from_tensors(tensors, config, str(directory), dtype=dtype, param_dtype=param_dtype)
+    return llama_from_tensors(
+        tensors, config, str(directory), dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers
+    )

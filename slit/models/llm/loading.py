@@ -337,6 +337,7 @@ def build_frozen(
     names: Mapping[Path, str] | None = None,
     dtype: DTypeLike | None = None,
     strict: bool = True,
+    layout_build: Callable[[], nnx.Module] | None = None,
 ) -> nnx.Module:
     """The module `build()` would make, with every variable set from `params` (checked first).
 
@@ -357,6 +358,13 @@ def build_frozen(
         source_problems=source.problems if source else None,
         unused_tensors=source.unused() if (source and strict) else (),
     )
+    if layout_build is not None:
+        from slit.models.layers import to_layout
+
+        build = layout_build
+        expected = expected_shapes(build)
+        like = traverse_util.unflatten_dict(expected)
+        params = to_layout(traverse_util.unflatten_dict(traverse_util.flatten_dict(params)), like)
     abstract = nnx.eval_shape(build)
     graphdef, state = nnx.split(abstract)
     flat = traverse_util.flatten_dict(params)

@@ -42,7 +42,19 @@ from flax import nnx, struct, traverse_util
 from jax.typing import DTypeLike
 
 from slit.errors import UserError
-from slit.models.layers import Dense, Embed, Frozen, merge_heads, normal, ones, split_heads, weight
+from slit.models.layers import (
+    Dense,
+    Embed,
+    Frozen,
+    compute_dtype_scope,
+    merge_heads,
+    normal,
+    ones,
+    scan_layers,
+    split_heads,
+    stack_layers,
+    weight,
+)
 from slit.models.llm import loading
 from slit.models.llm.base import KVCache, TokenIds
 
@@ -335,10 +347,17 @@ class T5(nnx.Module):
     (T5's initialisation) for tests and shapes.
     """
 
-    def __init__(self, config: T5Config, *, rngs: nnx.Rngs, dtype: DTypeLike = jnp.float32):
+    def __init__(
+        self, config: T5Config, *, rngs: nnx.Rngs, dtype: DTypeLike = jnp.float32, scan_layers: bool = False
+    ):
+        """scan_layers: the encoder's and the decoder's layers stored stacked, each stack run by one
+        `jax.lax.scan` (see `slit.models.layers.stack_layers`); same weights from the same `rngs`.
+        dtype: the matmul input dtype (bfloat16: float32 accumulation and outputs)."""
         c = config
         self.config = c
         self.dtype = dtype
+        self.scan_layers = scan_layers
+        self.remat_policy = "none"  # of the scanned layers (set by slit.models.stage2.rematerialised_layers)
         self.vocab_size = c.vocab_size
         self.hidden_size = c.d_model
         self.token_ids = c.token_ids
@@ -346,10 +365,11 @@ class T5(nnx.Module):
             c.vocab_size, c.d_model, axes=("vocab", "embed"), rngs=rngs, param_type=Frozen, init=normal(1.0)
         )
         self.encoder_position_bias = RelativePositionBias(c, bidirectional=True, rngs=rngs)
-        self.encoder_layers = nnx.List([T5EncoderLayer(c, rngs=rngs) for _ in range(c.num_layers)])
+        stack = stack_layers if scan_layers else nnx.List
+        self.encoder_layers = stack([T5EncoderLayer(c, rngs=rngs) for _ in range(c.num_layers)])
         self.encoder_norm = RMSNorm(c.d_model, eps=c.layer_norm_epsilon, rngs=rngs)
         self.decoder_position_bias = RelativePositionBias(c, bidirectional=False, rngs=rngs)
-        self.decoder_layers = nnx.List([T5DecoderLayer(c, rngs=rngs) for _ in range(c.num_decoder_layers)])
+        self.decoder_layers = stack([T5DecoderLayer(c, rngs=rngs) for _ in range(c.num_decoder_layers)])
         self.decoder_norm = RMSNorm(c.d_model, eps=c.layer_norm_epsilon, rngs=rngs)
         if not c.tie_word_embeddings:
             self.lm_head = Dense(
@@ -374,10 +394,22 @@ class T5(nnx.Module):
         Padded positions are never attended to (their own outputs are computed but meaningless).
         Relative positions are index differences, so padding may be on either side.
         """
+        with compute_dtype_scope(self.dtype):
+            return self._encode(inputs_embeds, token_mask)
+
+    def _encode(self, inputs_embeds: jax.Array, token_mask: jax.Array) -> jax.Array:
         x = inputs_embeds.astype(jnp.float32)
         positions = jnp.arange(x.shape[1])[None]
         bias = self.encoder_position_bias(positions, positions)
         mask = jnp.broadcast_to(token_mask[:, None, :].astype(bool), (x.shape[0], x.shape[1], x.shape[1]))
+        if self.scan_layers:
+            x, _ = scan_layers(
+                self.encoder_layers,
+                lambda layer, x, _: (layer(x, bias, mask, self.dtype), None),
+                x,
+                remat_policy=self.remat_policy,
+            )
+            return self.encoder_norm(x)
         for layer in self.encoder_layers:
             x = layer(x, bias, mask, self.dtype)
         return self.encoder_norm(x)
@@ -385,6 +417,11 @@ class T5(nnx.Module):
     def cross_attention_cache(self, encoder_out: jax.Array) -> CrossAttentionCache:
         """Encoder output [B, S_enc, D] -> every decoder layer's cross-attention keys/values, for `decode`."""
         h = encoder_out.astype(self.dtype)
+        if self.scan_layers:
+            _, (keys, values) = scan_layers(
+                self.decoder_layers, lambda layer, c, _: (c, layer.cross_attention.keys_values(h)), None
+            )
+            return CrossAttentionCache(keys=tuple(keys), values=tuple(values))
         kv = [layer.cross_attention.keys_values(h) for layer in self.decoder_layers]
         return CrossAttentionCache(keys=tuple(k for k, _ in kv), values=tuple(v for _, v in kv))
 
@@ -408,6 +445,17 @@ class T5(nnx.Module):
           s + positions[b, 0] - length (positions advance by one per slot, as when decoding from
           slot 0). All new slots are valid (T5's decoder inputs are never padded).
         """
+        with compute_dtype_scope(self.dtype):
+            return self._decode(decoder_token_ids, positions, encoder_out, encoder_mask, cache)
+
+    def _decode(
+        self,
+        decoder_token_ids: jax.Array,
+        positions: jax.Array,
+        encoder_out: jax.Array | CrossAttentionCache,
+        encoder_mask: jax.Array,
+        cache: KVCache | None,
+    ) -> tuple[jax.Array, KVCache | None]:
         b, t = decoder_token_ids.shape
         x = self.embed(decoder_token_ids)
         positions = jnp.asarray(positions, jnp.int32)
@@ -429,25 +477,33 @@ class T5(nnx.Module):
             self_mask = valid[:, None, :] & (slots[None, None, :] <= query_slots[None, :, None])
         bias = self.decoder_position_bias(positions, key_positions)
 
-        new_keys, new_values = [], []
-        for i, layer in enumerate(self.decoder_layers):
+        def run_layer(layer: T5DecoderLayer, x: jax.Array, inputs: tuple) -> tuple[jax.Array, Any]:
+            """One decoder layer; inputs: (cached keys, values or None, cross keys, cross values)."""
+            cache_k, cache_v, cross_k, cross_v = inputs
             h = layer.self_attention_norm(x).astype(self.dtype)
             k, v = layer.self_attention.keys_values(h)
-            if cache is not None:
-                k = jax.lax.dynamic_update_slice_in_dim(
-                    cache.keys[i], k.astype(cache.keys[i].dtype), cache.length, 1
-                )
-                v = jax.lax.dynamic_update_slice_in_dim(
-                    cache.values[i], v.astype(cache.values[i].dtype), cache.length, 1
-                )
-                new_keys.append(k)
-                new_values.append(v)
+            if cache_k is not None:
+                k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), cache.length, 1)
+                v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), cache.length, 1)
             x = x + layer.self_attention(h, k, v, bias, self_mask).astype(jnp.float32)
             h = layer.cross_attention_norm(x).astype(self.dtype)
-            x = x + layer.cross_attention(h, cross.keys[i], cross.values[i], None, cross_mask).astype(
-                jnp.float32
-            )
+            x = x + layer.cross_attention(h, cross_k, cross_v, None, cross_mask).astype(jnp.float32)
             x = x + layer.ffn(layer.ffn_norm(x).astype(self.dtype)).astype(jnp.float32)
+            return x, (None if cache_k is None else (k, v))
+
+        new_keys, new_values = [], []
+        if self.scan_layers:
+            cached = (None, None) if cache is None else (jnp.stack(cache.keys), jnp.stack(cache.values))
+            xs = (*cached, jnp.stack(cross.keys), jnp.stack(cross.values))
+            x, new_kv = scan_layers(self.decoder_layers, run_layer, x, xs, remat_policy=self.remat_policy)
+            if new_kv is not None:
+                new_keys, new_values = list(new_kv[0]), list(new_kv[1])
+        for i, layer in enumerate([] if self.scan_layers else self.decoder_layers):
+            cached = (None, None) if cache is None else (cache.keys[i], cache.values[i])
+            x, new_kv = run_layer(layer, x, (*cached, cross.keys[i], cross.values[i]))
+            if new_kv is not None:
+                new_keys.append(new_kv[0])
+                new_values.append(new_kv[1])
 
         logits = self._logits(self.decoder_norm(x))
         if cache is None:
@@ -522,8 +578,10 @@ def t5_from_tensors(
     strict: bool = True,
     dtype: DTypeLike = jnp.float32,
     param_dtype: DTypeLike = jnp.float32,
+    scan_layers: bool = False,
 ) -> T5:
-    """A frozen `T5` built from HF `T5ForConditionalGeneration` tensors.
+    """A frozen `T5` built from HF `T5ForConditionalGeneration` tensors (layers stacked with
+    `scan_layers`).
 
     tensors: `shared.weight` [V, D]; `{encoder,decoder}.block.{i}.layer.{j}.{SelfAttention,
       EncDecAttention}.{q,k,v,o}.weight` [out, in]; `...DenseReluDense.{wi | wi_0, wi_1, wo}.weight`
@@ -547,8 +605,8 @@ def t5_from_tensors(
     ignored = _IGNORED_TENSORS + (("lm_head.weight",) if config.tie_word_embeddings else ())
     source.mark_used(name for name in tensors if name in ignored)
 
-    def build() -> T5:
-        return T5(config, rngs=nnx.Rngs(0), dtype=dtype)
+    def build(scan: bool = False) -> T5:
+        return T5(config, rngs=nnx.Rngs(0), dtype=dtype, scan_layers=scan)
 
     params: dict[tuple[str | int, ...], Any] = {}
     names = {}
@@ -565,12 +623,24 @@ def t5_from_tensors(
         f"{'tied' if config.tie_word_embeddings else 'separate'} output layer)"
     )
     return loading.build_frozen(
-        build, nested, what=what, origin=origin, source=source, names=names, dtype=param_dtype, strict=strict
+        build,
+        nested,
+        what=what,
+        origin=origin,
+        source=source,
+        names=names,
+        dtype=param_dtype,
+        strict=strict,
+        layout_build=(lambda: build(True)) if scan_layers else None,
     )
 
 
 def t5_from_hf(
-    directory: str | pathlib.Path, *, dtype: DTypeLike = jnp.float32, param_dtype: DTypeLike = jnp.float32
+    directory: str | pathlib.Path,
+    *,
+    dtype: DTypeLike = jnp.float32,
+    param_dtype: DTypeLike = jnp.float32,
+    scan_layers: bool = False,
 ) -> T5:
     """The frozen T5 / Flan-T5 of a HF checkpoint directory (config.json + safetensors, sharded or not).
 
@@ -578,4 +648,6 @@ def t5_from_hf(
     """
     hf_config, tensors = loading.read_hf_checkpoint(directory)
     config = t5_config_from_hf(hf_config, loading.read_generation_config(directory))
-    return t5_from_tensors(tensors, config, str(directory), dtype=dtype, param_dtype=param_dtype)
+    return t5_from_tensors(
+        tensors, config, str(directory), dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers
+    )
