@@ -13,6 +13,7 @@ COMMANDS: dict[str, str] = {
     "generate": "slit.commands.generate",
     "export": "slit.commands.export",
     "bench": "slit.commands.bench",
+    "plan": "slit.commands.plan",
     "data": "slit.commands.data",
     "score": "slit.commands.score",
     "report": "slit.commands.report",

@@ -25,7 +25,9 @@ Random audio encoders (`audio_encoder.arch`; run configs without the field: "whi
   image's 1024), repeat-padded as CLAP's feature extractor does.
 
 Random LLMs (`llm.kind = "random"`, `llm.arch` "llama", "gpt2" or "t5"; sizes `llm.width`, `llm.layers`,
-`llm.heads`, `llm.kv_heads` (llama), `llm.mlp_dim`, `llm.max_positions` (gpt2's position table), weights
+`llm.heads`, `llm.kv_heads` (llama), `llm.mlp_dim`, `llm.max_positions` (gpt2's position table),
+`llm.vocab_size` (rows of the embedding and output tables; absent or 0: the tokenizer's words; a paper
+LLM's, e.g. 32000, for memory planning: the word-level tokenizer still uses only its first ids), weights
 from `llm.init_seed`, computed by one jit with a fixed key: the same on every rebuild, as the frozen-model
 fingerprints checked on resume, evaluation and export require). llama: SwiGLU, RoPE (theta 10000),
 untied output layer; gpt2: GELU, learned positions, tied output layer; t5: Flan-T5's gated GELU, untied
@@ -242,6 +244,11 @@ def random_llm_problems(llm: ml_collections.ConfigDict) -> list[str]:
         )
     if arch == "llama" and llm.heads % llm.kv_heads:
         problems.append(f"llm.heads={llm.heads} is not a multiple of llm.kv_heads={llm.kv_heads}")
+    vocab_size = llm.get("vocab_size", 0)
+    if not isinstance(vocab_size, int) or vocab_size < 0 or 0 < vocab_size < len(_vocabulary()):
+        problems.append(
+            f"llm.vocab_size={vocab_size!r}: 0 (the tokenizer's {len(_vocabulary())} words) or at least that"
+        )
     if not isinstance(llm.get("init_seed"), int):
         problems.append(f"llm.init_seed={llm.get('init_seed')!r} must be an integer")
     return problems
@@ -288,7 +295,7 @@ def random_llm_hf_config(llm: ml_collections.ConfigDict) -> dict[str, Any]:
     """The random LLM as a transformers config.json dict (LlamaConfig / GPT2Config / T5Config fields), e.g.
     a BLIP-2 export's `text_config`; `random_llm_module_config` reads it as a checkpoint's is read."""
     ids = {name: i for i, name in enumerate(_SPECIALS)}
-    vocab_size = len(_vocabulary())
+    vocab_size = int(llm.get("vocab_size", 0)) or len(_vocabulary())
     special = {"eos_token_id": ids["</s>"], "pad_token_id": ids["<pad>"]}
     if llm.arch == "llama":
         return {
@@ -383,9 +390,11 @@ def random_llm(llm: ml_collections.ConfigDict) -> tuple[nnx.Module, Any, str]:  
 
     module = nnx.merge(graphdef, init())
     sizes = f"{llm.heads} heads" + (f", {llm.kv_heads} kv heads" if llm.arch == "llama" else "")
+    rows = int(llm.get("vocab_size", 0))
+    table = f" in a {rows}-row table" if rows else ""
     source = (
         f"random {_LLM_NAMES[llm.arch]} LLM (width {llm.width}, {llm.layers} layers, {sizes}, mlp "
-        f"{llm.mlp_dim}, {llm.max_positions} positions, vocabulary {len(tokenizer)}), init_seed "
+        f"{llm.mlp_dim}, {llm.max_positions} positions, vocabulary {len(tokenizer)}{table}), init_seed "
         f"{llm.init_seed} ({llm.param_dtype})"
     )
     return module, tokenizer, source
