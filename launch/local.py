@@ -96,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         env = process_env(dict(os.environ), i, args.processes, args.devices_per_process, port)
         proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         procs.append(proc)
+        with lock:
+            print(f"[launch] process {i}: pid {proc.pid}", file=sys.stderr, flush=True)
         relay = threading.Thread(target=_relay, args=(i, proc.stdout, sys.stdout, lock), daemon=True)
         relay.start()
         relays.append(relay)

@@ -96,6 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             distributed.finished()  # every process stopped here together
             print(f"slit {args.command}: {e}", file=sys.stderr)
             return e.exit_code
+        distributed.wait_for_lost_peer(e)  # names a lost peer instead of a collective's traceback
         raise
 
 

@@ -72,6 +72,25 @@ def finished() -> None:
         _watchdog.stop()
 
 
+def wait_for_lost_peer(error: BaseException) -> None:
+    """In a multi-process run, an error out of a collective usually means that a peer died (its
+    connections closed). Says so in one line and waits for the watchdog's verdict: when a peer is
+    lost, the watchdog ends this process with a message naming it (no traceback of the collective);
+    when every peer is still alive after the peer timeout, returns and the error is reported as usual."""
+    if _watchdog is None:
+        return
+    first_line = (str(error).strip().splitlines() or [""])[0][:200]
+    print(
+        f"\nslit: {type(error).__name__}: {first_line}\nslit: checking whether another process was lost "
+        f"(up to {_watchdog.timeout:.0f} s) ...",
+        file=sys.stderr,
+        flush=True,
+    )
+    deadline = time.monotonic() + _watchdog.timeout + 3 * _watchdog.interval
+    while time.monotonic() < deadline and _watchdog.running():
+        time.sleep(_watchdog.interval)
+
+
 class PeerWatchdog:
     """A daemon thread: publishes this process's heartbeat counter to the coordination service's
     key-value store every `interval` seconds and checks every peer's.
@@ -94,6 +113,9 @@ class PeerWatchdog:
 
     def start(self) -> None:
         self._thread.start()
+
+    def running(self) -> bool:
+        return self._thread.is_alive()
 
     def stop(self) -> None:
         """Marks this process finished (peers stop watching it) and ends the thread."""
