@@ -52,6 +52,8 @@ def run(args: argparse.Namespace, extra: Sequence[str]) -> int:
             f"{args.config}: trainer={trainer!r}; the cache is for stage1 and stage2 configs"
         )
     directory, summary = feature_cache.build(config, args.out, force=args.force)
+    if jax.process_index() != 0:  # every process wrote its share; process 0 reports
+        return 0
     print(json.dumps(summary, indent=2))
     overrides = [a for a in extra if not a.startswith(("--config.features=", "--config.features_dir="))]
     root = args.out or config.get("features_dir", "")

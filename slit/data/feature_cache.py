@@ -138,6 +138,43 @@ def write_cache(
         for features, mask, num_samples in batches:
             writer.add(features, mask, num_samples)
         writer.close()
+    return finish_cache(partial, directory, manifest)
+
+
+def write_split_part(directory: pathlib.Path, count: int, batches: Iterable[tuple]) -> None:
+    """One process's part of a split written by several processes: `count` clips, a contiguous range of
+    the split in order, as `write_cache` writes a split (`merge_split_parts` joins the parts)."""
+    writer = SplitWriter(directory, count)
+    for features, mask, num_samples in batches:
+        writer.add(features, mask, num_samples)
+    if count:
+        writer.close()
+
+
+def merge_split_parts(split_dir: pathlib.Path, parts: Sequence[pathlib.Path]) -> None:
+    """Joins the parts of one split (`write_split_part`, given in the split's order) into the layout one
+    writer gives: the shards renumbered in order into `split_dir` and one index over every clip."""
+    fields = ("shard", "start", "stored", "frame_mask", "num_samples")
+    joined: dict[str, list[np.ndarray]] = {k: [] for k in fields}
+    offset = 0
+    split_dir.mkdir(parents=True, exist_ok=True)
+    for part in parts:
+        if not (part / INDEX).is_file():  # a process with no clips of this split
+            shutil.rmtree(part, ignore_errors=True)
+            continue
+        with np.load(part / INDEX) as index:
+            for k in fields:
+                joined[k].append(index[k] + offset if k == "shard" else index[k])
+        shards = sorted(part.glob("features-*.npy"))
+        for k, shard in enumerate(shards):
+            shard.rename(split_dir / f"features-{offset + k:05d}.npy")
+        offset += len(shards)
+        shutil.rmtree(part)
+    np.savez(split_dir / INDEX, **{k: np.concatenate(v) for k, v in joined.items()})
+
+
+def finish_cache(partial: pathlib.Path, directory: pathlib.Path, manifest: dict) -> pathlib.Path:
+    """Writes the manifest into a complete `partial` cache and renames it to `directory`."""
     manifest = dict(
         manifest, format=FORMAT_VERSION, written=datetime.datetime.now().isoformat(timespec="seconds")
     )

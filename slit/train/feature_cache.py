@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import jax
 import ml_collections
@@ -248,6 +250,54 @@ def _encoded(
         yield features[valid], mask[valid], batch["num_samples"][valid]
 
 
+class _Range(Sequence):
+    """Clips start..stop-1 of a split, as a sequence of their own."""
+
+    def __init__(self, source: Sequence, start: int, stop: int):
+        self.source, self.start, self.stop = source, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, i: int) -> Any:  # noqa: ANN401
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return self.source[self.start + i]
+
+
+def _write_as_processes(
+    directory: pathlib.Path,
+    manifest: dict,
+    splits: dict[str, Sequence],
+    encoder: Encoder,
+    spec: pipeline.AudioSpec,
+    batch_size: int,
+    progress: Callable[[int], None],
+) -> None:
+    """Process p of P encodes clips [p*n/P, (p+1)*n/P) of each split into its part of the cache;
+    process 0 then joins the parts in order, so the cache is the one a single process writes."""
+    from jax.experimental import multihost_utils
+
+    processes, me = jax.process_count(), jax.process_index()
+    partial = directory.with_name(directory.name + ".partial")
+    if me == 0 and partial.exists():
+        shutil.rmtree(partial)
+    multihost_utils.sync_global_devices("slit: feature cache started")
+    for name, source in splits.items():
+        n = len(source)
+        start, stop = n * me // processes, n * (me + 1) // processes
+        part = _Range(source, start, stop)
+        batches = _encoded(encoder, part, spec, batch_size, progress) if len(part) else iter(())
+        feature_cache.write_split_part(partial / name / f"part-{me:05d}", len(part), batches)
+    multihost_utils.sync_global_devices("slit: feature cache parts written")
+    if me == 0:
+        for name in splits:
+            parts = [partial / name / f"part-{p:05d}" for p in range(processes)]
+            feature_cache.merge_split_parts(partial / name, parts)
+        feature_cache.finish_cache(partial, directory, manifest)
+    multihost_utils.sync_global_devices("slit: feature cache written")
+
+
 def build(
     config: ml_collections.ConfigDict,
     root: str | pathlib.Path | None = None,
@@ -261,11 +311,18 @@ def build(
     An up-to-date cache is kept unless `force`. Returns (its directory, a summary: seconds, clips,
     bytes, whether it was written).
     """
-    if jax.process_count() > 1:
-        raise UserError("slit cache-features runs as one process (it may use all of that process's devices)")
+    processes = jax.process_count()
+    if jax.process_index() != 0:  # one voice for the whole run
+        log = lambda message: None  # noqa: E731
     root = pathlib.Path(root).expanduser() if root else cache_root(config)
-    mesh = sharding.make_mesh(config.mesh)
     rules = sharding.rules_dict(config.sharding_rules)
+    batch_size = config.batch_size
+    if processes > 1:  # each process encodes its own range of clips on its own devices (no collectives)
+        local = jax.local_device_count()
+        mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.local_devices())
+        batch_size = -(-batch_size // local) * local
+    else:
+        mesh = sharding.make_mesh(config.mesh)
     encoder = make_encoder(config, mesh, rules)
     ident = identity(config, encoder.cfg, encoder.frozen)
     splits = open_splits(config)
@@ -282,6 +339,8 @@ def build(
         config.data.sample_rate, int(round(config.data.max_seconds * config.data.sample_rate))
     )
     total = sum(len(s) for s in splits.values())
+    if processes > 1:  # process 0 reports the progress of its own share
+        total = sum(len(s) // processes for s in splits.values()) or 1
     done, start = [0], time.perf_counter()
 
     def progress(n: int) -> None:
@@ -297,14 +356,17 @@ def build(
         "settings": {"batch_size": config.batch_size},
     }
     log(f"writing the feature cache of {config.data.name} ({total} clips) to {directory}")
-    feature_cache.write_cache(
-        directory,
-        manifest,
-        {
-            name: (len(source), _encoded(encoder, source, spec, config.batch_size, progress))
-            for name, source in splits.items()
-        },
-    )
+    if processes == 1:
+        feature_cache.write_cache(
+            directory,
+            manifest,
+            {
+                name: (len(source), _encoded(encoder, source, spec, batch_size, progress))
+                for name, source in splits.items()
+            },
+        )
+    else:
+        _write_as_processes(directory, manifest, splits, encoder, spec, batch_size, progress)
     seconds = time.perf_counter() - start
     size = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
     return directory, {
