@@ -73,7 +73,8 @@ def stage2_train_args(
     return [*command, "--workdir", str(workdir), *cli_args(overrides)]
 
 
-@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+# Both stages share the step loop, the watcher and the checkpointer: stage one is the slow second variant.
+@pytest.mark.parametrize("stage", [pytest.param("stage1", marks=pytest.mark.slow), "stage2"])
 def test_exact_resume_after_sigterm_at_a_random_step(tmp_path, tiny_data_dir, stage):
     """Both trainers (one harness): a run stopped by SIGTERM saves, exits 75, and the same command
     resumes it to the same losses at every step and the same final weights as an uninterrupted run."""
@@ -150,6 +151,9 @@ def run_hop(data_dir: str, workdir: pathlib.Path, devices: int, data: int, fsdp:
     return json.loads(line[len("RESULT ") :])
 
 
+# A slow second variant: tests/test_multiprocess.py moves checkpoints between 2 processes x 4 devices,
+# 1 process x 8 and 1 device in the default run; this one checks bit-equality and shardings hop by hop.
+@pytest.mark.slow
 def test_restore_across_topologies_fsdp8_then_2x4_then_one_device(tmp_path, tiny_data_dir):
     workdir = tmp_path / "run"
     first = run_hop(tiny_data_dir, workdir, devices=8, data=1, fsdp=8, steps=1)
