@@ -390,6 +390,10 @@ def scan_layers(
     return jax.lax.scan(step, carry, (jnp.arange(length), state, xs))
 
 
+def _is_layer_key(key: object) -> bool:
+    return isinstance(key, int) or (isinstance(key, str) and key.isdigit())
+
+
 def to_layout(values: Any, like: Any) -> Any:  # noqa: ANN401
     """A nested pure dict of weights converted between the per-layer layout ({"layers": {0: {...}, 1:
     {...}}}) and the stacked one ({"layers": {...}} with a leading L axis) wherever `like` (a pure dict,
@@ -397,10 +401,10 @@ def to_layout(values: Any, like: Any) -> Any:  # noqa: ANN401
     (numpy) arrays stay on the host."""
     if not isinstance(values, dict) or not isinstance(like, dict):
         return values
-    per_layer = bool(values) and all(isinstance(k, int) for k in values)
-    wants_per_layer = bool(like) and all(isinstance(k, int) for k in like)
+    per_layer = bool(values) and all(_is_layer_key(k) for k in values)  # orbax reads keys back as "0"
+    wants_per_layer = bool(like) and all(_is_layer_key(k) for k in like)
     if per_layer and not wants_per_layer:
-        layers = [values[i] for i in sorted(values)]
+        layers = [values[i] for i in sorted(values, key=int)]
         stacked = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *layers)
         return to_layout(stacked, like)
     if wants_per_layer and not per_layer:
