@@ -33,6 +33,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.total_steps = 120
     c.batch_size = 16  # global
+    # Gradient accumulation: one optimizer update from k micro-batches of batch_size / k rows (rows i,
+    # i + k, ...), scanned inside the step, so activations are one micro-batch's; the data, total_steps
+    # (optimizer updates), the schedule and checkpoints are those of batch_size. Each micro-batch's
+    # contrastive and matching losses take their negatives from that micro-batch (B / k - 1 of them, as
+    # LAVIS's accumulation): the gradients' mean, not the full batch's loss. batch_size must divide by
+    # k x the data-parallel size.
+    c.grad_accum_steps = 1
     c.log_every_steps = 10
     c.eval_every_steps = 60
     c.checkpoint_every_steps = 60
@@ -142,4 +149,8 @@ def get_config() -> ml_collections.ConfigDict:
         ("vocab", "tensor"),
         ("queries", None),
     )
+    # Constrain the activations at the tower boundaries (the encoder's features, the Q-Former's query
+    # outputs, the generation logits) in the train step to the shardings these rules give their logical
+    # axes (batch, frames/queries/length, embed/vocab), as MaxText does; False leaves the layout to XLA.
+    c.activation_sharding = True
     return c

@@ -49,6 +49,12 @@ def get_config() -> ml_collections.ConfigDict:
     # state, norms, softmax and losses stay float32. Frozen weights may be stored in bf16 besides
     # (llm.param_dtype). "float32": the plain path.
     c.compute_dtype = "float32"
+    # Gradient accumulation: one optimizer update from k micro-batches of batch_size / k rows (rows i,
+    # i + k, ...), scanned inside the step, so activations are one micro-batch's; the data, total_steps
+    # (optimizer updates), the schedule and checkpoints are those of batch_size. The answer-token loss is
+    # divided by the full batch's tokens (or examples, loss_average), so the update is the plain step's.
+    # batch_size must divide by k x the data-parallel size.
+    c.grad_accum_steps = 1
     c.log_every_steps = 10
     c.eval_every_steps = 0  # validation captioning + QA every N steps (0: off); the test split is always
     # evaluated after the last step
@@ -250,4 +256,8 @@ def get_config() -> ml_collections.ConfigDict:
         ("vocab", "tensor"),
         ("queries", None),
     )
+    # Constrain the activations at the tower boundaries (the encoder's features, the bridge's output,
+    # the LLM's input embeddings, the logits) to the shardings these rules give their logical axes
+    # (batch, frames/queries/length, embed/vocab), as MaxText does; False leaves the layout to XLA.
+    c.activation_sharding = True
     return c

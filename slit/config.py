@@ -153,10 +153,17 @@ def to_json(config: ml_collections.ConfigDict) -> str:
 def validate_stage1(config: ml_collections.ConfigDict, num_devices: int, num_processes: int = 1) -> None:
     """Checks everything that can be checked before compiling; raises ConfigError listing all problems."""
     from slit.train import harness, pretrained  # the checks every trainer shares; the components'
+    from slit.train.accumulation import accumulation_problems
 
     problems = harness.common_problems(config, num_devices, num_processes)
+    problems += accumulation_problems(config, harness.data_parallel_size(config, num_devices))
     if config.batch_size < 2:
         problems.append(f"batch_size={config.batch_size}: contrastive and matching losses need at least 2")
+    elif config.batch_size < 2 * int(config.get("grad_accum_steps", 1)):
+        problems.append(
+            f"batch_size={config.batch_size} with grad_accum_steps={config.grad_accum_steps}: each "
+            "micro-batch is a contrastive batch of its own and needs at least 2 rows"
+        )
     q = config.qformer
     problems.extend(pretrained.audio_problems(config))
     problems.extend(pretrained.qformer_problems(config))

@@ -24,6 +24,7 @@ from slit.models import masks
 from slit.models.audio.encoder import AudioEncoderConfig, encode_audio, make_audio_tower
 from slit.models.layers import Dense, LayerNorm, gelu, l2_normalize, normal, weight, zeros
 from slit.models.qformer import BERT_LAYER_NORM_EPS, QFormer, QFormerConfig
+from slit.train.sharding import constrain
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,8 +109,10 @@ class Stage1Model(nnx.Module):
     def batch_features(self, batch: Stage1Batch) -> tuple[jax.Array, jax.Array]:
         """The batch's frozen features and frame mask: given (a feature cache), or encoded from its audio."""
         if batch.features is not None:
-            return jax.lax.stop_gradient(batch.features), batch.frame_mask
-        return self.encode_audio(batch.audio, batch.num_samples)
+            features, mask = jax.lax.stop_gradient(batch.features), batch.frame_mask
+        else:
+            features, mask = self.encode_audio(batch.audio, batch.num_samples)
+        return constrain(features, ("batch", "frames", "embed")), mask
 
     def query_outputs(
         self,
@@ -121,7 +124,7 @@ class Stage1Model(nnx.Module):
     ) -> jax.Array | tuple[jax.Array, list]:
         """Queries-only Q-Former pass -> (batch, num_queries, width) (and, with `return_self_kv`, each
         layer's self-attention keys and values, for a grounded-generation pass to reuse)."""
-        return self.qformer(
+        out = self.qformer(
             with_queries=True,
             encoder_bfd=features,
             encoder_mask_bf=mask,
@@ -129,6 +132,9 @@ class Stage1Model(nnx.Module):
             rngs=rngs,
             return_self_kv=return_self_kv,
         )
+        if return_self_kv:
+            return constrain(out[0], ("batch", "queries", "embed")), out[1]
+        return constrain(out, ("batch", "queries", "embed"))
 
     def audio_embeddings(self, query_outputs_bqw: jax.Array) -> jax.Array:
         """(batch, queries, width) -> L2-normalised (batch, queries, embed_dim)."""
@@ -212,7 +218,9 @@ class Stage1Model(nnx.Module):
             prefix_kv=query_self_kv,
             rngs=rngs,
         )
-        logits = self.lm_head(itg_hidden[:, :-1], self.qformer.word_embeddings)
+        logits = constrain(
+            self.lm_head(itg_hidden[:, :-1], self.qformer.word_embeddings), ("batch", "length", "vocab")
+        )
         itg_loss = losses.language_modeling_loss(
             logits, text_ids[:, 1:], text_valid[:, 1:], c.label_smoothing
         )

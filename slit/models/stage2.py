@@ -33,6 +33,7 @@ from slit.models.audio.encoder import AudioEncoderConfig, encode_audio, make_aud
 from slit.models.bridges import make_bridge
 from slit.models.layers import COMPUTE_DTYPES, compute_dtype_scope, unfreeze
 from slit.models.layers import REMAT_POLICIES as REMAT_POLICIES
+from slit.train.sharding import constrain
 
 LOSS_AVERAGES = ("tokens", "examples")
 """How the answer-token losses of a batch are averaged (Stage2Config.loss_average)."""
@@ -163,13 +164,32 @@ def rematerialised_layers(llm: nnx.Module, policy: str) -> Iterator[None]:
             setattr(llm, name, layers)
 
 
-def masked_cross_entropy(logits_btv: jax.Array, labels_bt: jax.Array, weights_bt: jax.Array) -> jax.Array:
+def masked_cross_entropy(
+    logits_btv: jax.Array, labels_bt: jax.Array, weights_bt: jax.Array, normaliser: jax.Array | None = None
+) -> jax.Array:
     """Weighted mean token cross-entropy: sum(w * ce) / max(sum(w), 1) (w: 0/1 masks, or per-token
-    weights)."""
+    weights); divided by `normaliser` instead when given (a micro-batch's share of a larger batch's
+    mean: that batch's max(sum(w), 1))."""
     log_probs = jax.nn.log_softmax(logits_btv.astype(jnp.float32), axis=-1)
     picked = jnp.take_along_axis(log_probs, labels_bt[..., None], axis=-1)[..., 0]
     weights = weights_bt.astype(jnp.float32)
-    return -(picked * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+    denominator = jnp.maximum(weights.sum(), 1.0) if normaliser is None else normaliser
+    return -(picked * weights).sum() / denominator
+
+
+def answer_weights(answer_ids_bl: jax.Array, loss_average: str) -> jax.Array:
+    """Each answer token's weight in the loss (B, La) float32: 1 per valid token ("tokens"), or 1 / the
+    example's valid tokens ("examples": every example's weights sum to 1); 0 on padding (-1)."""
+    weights = (answer_ids_bl >= 0).astype(jnp.float32)
+    if loss_average == "examples":
+        weights = weights / jnp.maximum(weights.sum(axis=1, keepdims=True), 1.0)
+    return weights
+
+
+def loss_normaliser(answer_ids_bl: jax.Array, loss_average: str) -> jax.Array:
+    """The denominator of a batch's loss, max(sum of `answer_weights`, 1) (a float32 scalar): the
+    number of answer tokens ("tokens") or of examples with an answer ("examples")."""
+    return jnp.maximum(answer_weights(answer_ids_bl, loss_average).sum(), 1.0)
 
 
 class Stage2Model(nnx.Module):
@@ -216,7 +236,9 @@ class Stage2Model(nnx.Module):
             features_bfd, frame_mask_bf = self.encode_audio(audio_bs, num_samples_b)
         else:
             features_bfd = jax.lax.stop_gradient(features_bfd)
-        return self.bridge(features_bfd, frame_mask_bf, qformer_ids_bl, rngs)
+        features_bfd = constrain(features_bfd, ("batch", "frames", "embed"))
+        soft = self.bridge(features_bfd, frame_mask_bf, qformer_ids_bl, rngs)
+        return constrain(soft, ("batch", "queries", "embed"))
 
     def prompt(
         self, soft_bqd: jax.Array, instruction_ids_bl: jax.Array
@@ -253,7 +275,7 @@ class Stage2Model(nnx.Module):
         answer_valid = answer_ids >= 0
         answer_ids = jnp.maximum(answer_ids, 0)
         if is_encoder_decoder(self.llm):
-            encoder_out = self.llm.encode(prompt_embeds, prompt_mask)
+            encoder_out = self.llm.encode(constrain(prompt_embeds, ("batch", "length", "embed")), prompt_mask)
             start = self.llm.token_ids.decoder_start
             decoder_ids = jnp.concatenate(
                 [jnp.full((answer_ids.shape[0], 1), start, jnp.int32), answer_ids[:, :-1]], axis=1
@@ -262,6 +284,7 @@ class Stage2Model(nnx.Module):
             logits, _ = self.llm.decode(decoder_ids, positions, encoder_out, prompt_mask)
             return logits
         embeds = jnp.concatenate([prompt_embeds, self.llm.embed(answer_ids).astype(jnp.float32)], axis=1)
+        embeds = constrain(embeds, ("batch", "length", "embed"))
         mask = jnp.concatenate([prompt_mask, answer_valid], axis=1)
         positions = jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
         p, a = prompt_mask.shape[1], answer_ids.shape[1]
@@ -269,18 +292,21 @@ class Stage2Model(nnx.Module):
         return logits
 
     def __call__(
-        self, batch: Stage2Batch, *, rngs: nnx.Rngs | None
+        self, batch: Stage2Batch, *, rngs: nnx.Rngs | None, normaliser: jax.Array | None = None
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """The answer-only language-modelling loss on one global batch. Returns (loss, metrics)."""
+        """The answer-only language-modelling loss on one global batch. Returns (loss, metrics).
+
+        normaliser: the loss's denominator (default: this batch's `loss_normaliser`); a micro-batch of
+        gradient accumulation is given its full batch's, so that the micro-batches' losses sum to the
+        full batch's loss."""
         policy, dtype = self.config.remat_policy, self.config.compute_dtype
         with rematerialised_layers(self.llm, policy), compute_dtype_scope(dtype):
             logits = self.answer_logits(batch, rngs)
+        logits = constrain(logits, ("batch", "length", "vocab"))
         valid = batch.answer_ids >= 0
         labels = jnp.maximum(batch.answer_ids, 0)
-        weights = valid.astype(jnp.float32)
-        if self.config.loss_average == "examples":  # each example's tokens sum to weight 1
-            weights = weights / jnp.maximum(weights.sum(axis=1, keepdims=True), 1.0)
-        loss = masked_cross_entropy(logits, labels, weights)
+        weights = answer_weights(batch.answer_ids, self.config.loss_average)
+        loss = masked_cross_entropy(logits, labels, weights, normaliser)
         hits = (logits.argmax(-1) == labels) & valid
         accuracy = hits.sum() / jnp.maximum(valid.sum(), 1)
         return loss, {"loss": loss, "token_accuracy": accuracy, "answer_tokens": valid.sum()}

@@ -7,8 +7,10 @@ batches carry `batch`. The config's `sharding_rules` maps each name to a mesh ax
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -109,6 +111,44 @@ def batch_sharding(mesh: Mesh, rules: Rules, ndim: int) -> NamedSharding:
     """Sharding of a (batch, ...) array: the batch axis by the `batch` rule, the rest replicated."""
     target = rules.get("batch")
     return NamedSharding(mesh, PartitionSpec(target, *([None] * (ndim - 1))))
+
+
+# (rules, mesh or None) while a train step is traced under `activation_sharding`; None: `constrain` is a no-op
+_ACTIVATION_RULES: contextvars.ContextVar[tuple[dict, Mesh | None] | None] = contextvars.ContextVar(
+    "slit_activation_rules", default=None
+)
+
+
+@contextlib.contextmanager
+def activation_sharding(rules: Rules | None, mesh: Mesh | None = None) -> Iterator[None]:
+    """Within the block (a train step being traced), `constrain` maps logical activation axes through
+    `rules` (the config's `sharding_rules`) onto `mesh` (None: the mesh of `jax.set_mesh`). rules=None
+    (`activation_sharding=False` in the config) leaves `constrain` a no-op."""
+    token = _ACTIVATION_RULES.set(None if rules is None else (dict(rules), mesh))
+    try:
+        yield
+    finally:
+        _ACTIVATION_RULES.reset(token)
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    """`x` with a sharding constraint named by logical axes, one per dimension (as MaxText's
+    `with_logical_constraint`), e.g. constrain(features, ("batch", "frames", "embed")): the
+    PartitionSpec comes from the same rules table as the weights' (`logical_to_spec`; names without a
+    rule, and dimensions that do not divide, stay replicated).
+
+    A no-op (returns `x`) outside `activation_sharding`, with rules=None, or without a mesh of more than
+    one device. Tower boundaries in slit/models/stage1.py and stage2.py call it, so that XLA keeps the
+    batch split between the towers instead of choosing a layout of its own."""
+    active = _ACTIVATION_RULES.get()
+    if active is None:
+        return x
+    rules, mesh = active
+    target = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
+    if target.empty or target.size == 1:
+        return x
+    spec = logical_to_spec(tuple(logical_axes), x.shape, rules, target)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec) if mesh is not None else spec)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

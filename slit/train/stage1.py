@@ -32,7 +32,7 @@ from slit.errors import UserError
 from slit.eval import reports, retrieval
 from slit.eval.stage1 import eval_progress, evaluate_retrieval, flatten_report, make_embedders
 from slit.models.stage1 import Stage1Batch
-from slit.train import checkpoint, harness, loop, sharding
+from slit.train import accumulation, checkpoint, harness, loop, sharding
 from slit.train import feature_cache as cache_lib
 from slit.train.harness import TrainingSetup
 from slit.train.metrics import MetricWriter
@@ -62,12 +62,45 @@ def loss_and_grads(
 
 
 def make_train_step(
-    graphdef: Any, tx: optax.GradientTransformation, schedule: optax.Schedule, dropout: bool
+    graphdef: Any,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    dropout: bool,
+    accum_steps: int = 1,
+    param_shardings: dict | None = None,
+    activation_rules: sharding.Rules | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> Callable[[dict, dict, dict, jax.Array], tuple[dict, dict]]:
-    """The pure train step: (state, frozen, batch, key) -> (state, metrics)."""
+    """The pure train step: (state, frozen, batch, key) -> (state, metrics), one optimizer update.
+
+    accum_steps = k > 1 (`grad_accum_steps`): the update follows the mean of the gradients of k
+    micro-batches (rows i, i + k, ... of the batch; slit.train.accumulation), each micro-batch's loss
+    computed as a batch of its own, with its own in-batch contrastive negatives and hard negatives, as
+    gradient accumulation in LAVIS does. That is not the full batch's loss: contrastive learning with k
+    micro-batches sees B / k - 1 negatives per example, not B - 1. Micro-batch i uses the key
+    `jax.random.fold_in(key, i)` where the plain step uses `key` (dropout and negatives differ between
+    micro-batches, and are the same every run). The metrics are the means over the micro-batches
+    (each a mean over its rows). param_shardings: the accumulator's shardings (those of the params).
+
+    activation_rules: the config's sharding rules, applied to the tower-boundary activations
+    (slit.train.sharding.constrain) on `mesh` (None: jax.set_mesh's); None leaves them unconstrained.
+    """
+
+    def grads_of(params: dict, frozen: dict, batch: dict, key: jax.Array, step: jax.Array) -> tuple:
+        if accum_steps == 1:
+            return loss_and_grads(graphdef, params, frozen, batch, key, step, dropout)
+
+        def micro(micro_batch: dict, i: jax.Array) -> tuple[dict, dict]:
+            micro_key = jax.random.fold_in(key, i)
+            return loss_and_grads(graphdef, params, frozen, micro_batch, micro_key, step, dropout)
+
+        grads, metrics = accumulation.accumulate(micro, batch, accum_steps, params, param_shardings)
+        grads = jax.tree.map(lambda g: g / accum_steps, grads)
+        return grads, jax.tree.map(lambda m: m.mean(axis=0), metrics)
 
     def train_step(state: dict, frozen: dict, batch: dict, key: jax.Array) -> tuple[dict, dict]:
-        grads, metrics = loss_and_grads(graphdef, state["params"], frozen, batch, key, state["step"], dropout)
+        with sharding.activation_sharding(activation_rules, mesh):
+            grads, metrics = grads_of(state["params"], frozen, batch, key, state["step"])
         return apply_gradients(tx, schedule, state, grads, metrics)
 
     return train_step
@@ -86,7 +119,15 @@ def build_training(
     (CACHED_BATCH_KEYS) instead of audio (BATCH_KEYS)."""
     cfg = model_config(config, tokenizer)
     parts = create_model(cfg, config.seed, config.audio_encoder.init_seed, mesh, rules)
-    step = functools.partial(make_train_step, dropout=config.qformer.dropout > 0)
+    options = accumulation.step_options(config)
+    step = functools.partial(
+        make_train_step,
+        dropout=config.qformer.dropout > 0,
+        accum_steps=options["accum_steps"],
+        param_shardings=parts.param_shardings,
+        activation_rules=rules if options["activation_sharding"] else None,
+        mesh=mesh,
+    )
     ranks = {k: BATCH_RANKS[k] for k in batch_keys(config)}
     return harness.build_training(config, parts, mesh, rules, ranks, step, model_config=cfg)
 

@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -40,8 +41,8 @@ from slit.eval import stage2 as evals
 from slit.eval.stage2 import evaluate_split, evaluation_sets, headline, write_reports
 from slit.generate.answerer import Answerer
 from slit.models.bridges import BRIDGES, QFORMER_BRIDGES
-from slit.models.stage2 import LOSS_AVERAGES, REMAT_POLICIES, Stage2Batch, Stage2Config
-from slit.train import checkpoint, harness, loop, pretrained, sharding
+from slit.models.stage2 import LOSS_AVERAGES, REMAT_POLICIES, Stage2Batch, Stage2Config, loss_normaliser
+from slit.train import accumulation, checkpoint, harness, loop, pretrained, sharding
 from slit.train.harness import TrainingSetup
 from slit.train.init_from import check_init_from_audio_tower, resolve_start
 from slit.train.metrics import MetricWriter
@@ -77,6 +78,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
     all problems."""
     problems = harness.common_problems(config, num_devices, num_processes)
     dp = harness.data_parallel_size(config, num_devices)
+    problems += accumulation.accumulation_problems(config, dp)
     if dp and config.eval.batch_size % dp:
         problems.append(
             f"eval.batch_size={config.eval.batch_size} is not divisible by the data-parallel size {dp}"
@@ -284,21 +286,78 @@ def model_batch(local: dict, config: ml_collections.ConfigDict) -> dict[str, np.
     }
 
 
+def loss_and_grads(
+    graphdef: Any,
+    params: dict,
+    frozen: dict,
+    batch: dict,
+    key: jax.Array,
+    step: jax.Array,
+    dropout: bool,
+    normaliser: jax.Array | None = None,
+) -> tuple[dict, dict]:
+    """Gradients of the answer-token loss w.r.t. the trainable params, and the batch's metrics
+    (`normaliser`: the loss's denominator, default the batch's own; slit.models.stage2.Stage2Model)."""
+    dropout_key = jax.random.fold_in(key, step)
+
+    def loss_fn(params: dict) -> tuple[jax.Array, dict]:
+        model = nnx.merge(graphdef, params, frozen)
+        rngs = nnx.Rngs(dropout=dropout_key) if dropout else None
+        return model(Stage2Batch(**batch), rngs=rngs, normaliser=normaliser)
+
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return grads, metrics
+
+
 def make_train_step(
-    graphdef: Any, tx: optax.GradientTransformation, schedule: optax.Schedule, dropout: bool
+    graphdef: Any,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    dropout: bool,
+    accum_steps: int = 1,
+    param_shardings: dict | None = None,
+    activation_rules: sharding.Rules | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> Callable[[dict, dict, dict, jax.Array], tuple[dict, dict]]:
-    """The pure train step: (state, frozen, batch, key) -> (state, metrics). Gradients are taken
-    w.r.t. the trainable params only; frozen weights are a separate argument."""
+    """The pure train step: (state, frozen, batch, key) -> (state, metrics), one optimizer update.
+    Gradients are taken w.r.t. the trainable params only; frozen weights are a separate argument.
+
+    accum_steps = k > 1 (`grad_accum_steps`): the gradients of k micro-batches (rows i, i + k, ... of
+    the batch; slit.train.accumulation) are summed, each micro-batch's weighted token-loss sum divided
+    by the *full* batch's denominator (its answer tokens for loss_average="tokens", its examples with
+    an answer for "examples"), so the update is the plain full-batch step's (up to float32 summation
+    order). Micro-batch i's dropout key is the plain step's with `key` replaced by
+    `jax.random.fold_in(key, i)`. Metrics are the full batch's: the loss (the micro-batches' sum),
+    token_accuracy (weighted by answer tokens) and answer_tokens (their sum). param_shardings: the
+    accumulator's shardings (those of the params).
+
+    activation_rules: the config's sharding rules, applied to the tower-boundary activations
+    (slit.train.sharding.constrain) on `mesh` (None: jax.set_mesh's); None leaves them unconstrained.
+    """
+
+    def grads_of(params: dict, frozen: dict, batch: dict, key: jax.Array, step: jax.Array) -> tuple:
+        if accum_steps == 1:
+            return loss_and_grads(graphdef, params, frozen, batch, key, step, dropout)
+        loss_average = nnx.merge(graphdef, params, frozen).config.loss_average  # static: the model's config
+        normaliser = loss_normaliser(batch["answer_ids"], loss_average)
+
+        def micro(micro_batch: dict, i: jax.Array) -> tuple[dict, dict]:
+            micro_key = jax.random.fold_in(key, i)
+            return loss_and_grads(graphdef, params, frozen, micro_batch, micro_key, step, dropout, normaliser)
+
+        grads, metrics = accumulation.accumulate(micro, batch, accum_steps, params, param_shardings)
+        tokens = metrics["answer_tokens"]
+        hits = (metrics["token_accuracy"] * tokens).sum()
+        return grads, dict(
+            {k: v.mean(axis=0) for k, v in metrics.items()},
+            loss=metrics["loss"].sum(),
+            token_accuracy=hits / jnp.maximum(tokens.sum(), 1),
+            answer_tokens=tokens.sum(),
+        )
 
     def train_step(state: dict, frozen: dict, batch: dict, key: jax.Array) -> tuple[dict, dict]:
-        dropout_key = jax.random.fold_in(key, state["step"])
-
-        def loss_fn(params: dict) -> tuple[jax.Array, dict]:
-            model = nnx.merge(graphdef, params, frozen)
-            rngs = nnx.Rngs(dropout=dropout_key) if dropout else None
-            return model(Stage2Batch(**batch), rngs=rngs)
-
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        with sharding.activation_sharding(activation_rules, mesh):
+            grads, metrics = grads_of(state["params"], frozen, batch, key, state["step"])
         return apply_gradients(tx, schedule, state, grads, metrics)
 
     return train_step
@@ -323,7 +382,15 @@ def build_training(
         config.llm.get("match_embedding_scale", False),
         bridge_init=str(config.get("bridge", {}).get("init", "")),
     )
-    step = functools.partial(make_train_step, dropout=config.qformer.dropout > 0)
+    options = accumulation.step_options(config)
+    step = functools.partial(
+        make_train_step,
+        dropout=config.qformer.dropout > 0,
+        accum_steps=options["accum_steps"],
+        param_shardings=parts.param_shardings,
+        activation_rules=rules if options["activation_sharding"] else None,
+        mesh=mesh,
+    )
     ranks = {k: BATCH_RANKS[k] for k in batch_keys(config)}
     return harness.build_training(config, parts, mesh, rules, ranks, step, model_config=cfg)
 
