@@ -55,6 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.init_from = ""
     c.allow_frozen_mismatch = False  # resume even if a frozen model differs from the checkpoint's
     c.max_consecutive_nonfinite = 10  # steps with NaN/Inf gradients are skipped; abort after this many
+    c.preemption_check_every_steps = 10  # several hosts share a SIGTERM every N steps (not every step)
     # "compute": run the frozen encoder every step; "cached": read its outputs, written once by
     # `slit cache-features --config ...` into features_dir ("": <data.data_dir>/slit_features).
     c.features = "cached"

@@ -65,6 +65,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.init_from = ""  # a stage-one workdir or checkpoint: its Q-Former weights
     c.allow_frozen_mismatch = False
     c.max_consecutive_nonfinite = 10
+    c.preemption_check_every_steps = 10  # several hosts share a SIGTERM every N steps (not every step)
     # "compute": run the frozen encoder every step; "cached": read its outputs, written once by
     # `slit cache-features --config ...` (the same cache as stage one's for the same audio_encoder and
     # data groups) into features_dir ("": <data.data_dir>/slit_features). Evaluations run the encoder.
