@@ -13,6 +13,7 @@ import json
 import os
 import pathlib
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
+import soundfile
 
 from tests.conftest import ROOT, tiny_overrides
 from tests.test_train_stage2 import stage2_overrides, write_tiny_llama
@@ -151,6 +153,18 @@ def test_stage_two_as_two_processes_equals_one(tiny_data_dir: str, tmp_path: pat
     for step in want:
         assert got[step] == pytest.approx(want[step], rel=1e-5)
     assert_close_reports(reports(two), reports(one))
+
+    # `slit export` and `slit generate` started on every host: process 0 writes and answers.
+    clip = tmp_path / "clip.wav"
+    soundfile.write(clip, 0.3 * np.sin(np.arange(16000) * 2 * np.pi * 440 / 16000), 16000)
+    slit = f"{shlex.quote(sys.executable)} -m slit.cli"
+    both = (
+        f"{slit} export --workdir {two} --format bundle --out {tmp_path / 'bundle'} && "
+        f"{slit} generate --workdir {two} --audio {clip} --prompt 'describe the sound.'"
+    )
+    result = run_two_processes(["bash", "-c", both])
+    assert (tmp_path / "bundle" / "model.safetensors").is_file()
+    assert "[p0] (checkpoint step 4 of" in result.stdout and "[p1] (checkpoint step" not in result.stdout
 
 
 # Two processes that join the run as `slit` does (slit.train.distributed.initialize) and then sum across

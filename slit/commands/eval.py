@@ -63,6 +63,18 @@ def _print(result: Result) -> None:
 
 
 def run(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    import contextlib
+    import io
+
+    import jax
+
+    if jax.process_index() != 0:  # every process evaluates; process 0 writes and reports
+        with contextlib.redirect_stdout(io.StringIO()):
+            return _run(args)
+    return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from slit.errors import UserError
     from slit.eval import registry
     from slit.train import checkpoint

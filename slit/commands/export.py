@@ -4,6 +4,8 @@ or stage-two run (slit/export.py)."""
 from __future__ import annotations
 
 import argparse
+import pathlib
+import tempfile
 from collections.abc import Sequence
 
 HELP = "write a run's trained weights for others: safetensors + model card, a bundle, or HF BLIP-2"
@@ -19,8 +21,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    import jax
+
     from slit import export
 
+    if jax.process_index() != 0:  # every process reads the checkpoint (orbax reads it together); process 0
+        with tempfile.TemporaryDirectory() as scratch:  # writes the export, the others a copy they drop
+            export.export(args.workdir, args.format, pathlib.Path(scratch) / "export", args.step)
+        return 0
     out = export.export(args.workdir, args.format, args.out, args.step)
     print(f"wrote {args.format} export of {args.workdir} to {out}:")
     for path in sorted(out.rglob("*")):

@@ -85,6 +85,18 @@ def read_audio(path: pathlib.Path, sample_rate: int, max_samples: int) -> tuple[
 
 
 def run(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    import contextlib
+    import io
+
+    import jax
+
+    if jax.process_index() != 0:  # every process generates alike; process 0 answers
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            return _run(args)
+    return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     prompts = args.prompt or ["describe the sound."]
     if any(not p.strip() for p in prompts):
         raise UserError("a --prompt is empty; ask something, e.g. --prompt 'describe the sound.'")
