@@ -28,6 +28,14 @@ from tests.conftest import ROOT, tiny_overrides
 from tests.test_train_stage2 import stage2_overrides, write_tiny_llama
 
 MESH = {"mesh.data": 2, "mesh.fsdp": 4}
+LAUNCHER = [
+    sys.executable,
+    str(ROOT / "launch" / "local.py"),
+    "--processes",
+    "2",
+    "--devices-per-process",
+    "4",
+]
 
 
 def cli_args(overrides: dict[str, object]) -> list[str]:
@@ -49,16 +57,8 @@ def run_one_process(command: list[str], devices: int) -> subprocess.CompletedPro
 
 
 def run_two_processes(command: list[str], **env: str) -> subprocess.CompletedProcess:
-    launcher = [
-        sys.executable,
-        str(ROOT / "launch" / "local.py"),
-        "--processes",
-        "2",
-        "--devices-per-process",
-        "4",
-    ]
     result = subprocess.run(
-        [*launcher, "--", *command],
+        [*LAUNCHER, "--", *command],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -194,18 +194,10 @@ def run_and_kill_process_1(
 ) -> tuple:
     """Starts `command` as 2 processes, kills process 1 once `started(log text)`; returns (launcher exit
     code, the log, seconds from the kill to the end)."""
-    launcher = [
-        sys.executable,
-        str(ROOT / "launch" / "local.py"),
-        "--processes",
-        "2",
-        "--devices-per-process",
-        "4",
-    ]
     log = tmp_path / "launch.log"
     with log.open("w") as out:
         proc = subprocess.Popen(
-            [*launcher, "--grace", "300", "--", *command],
+            [*LAUNCHER, "--grace", "300", "--", *command],
             stdout=out,
             stderr=subprocess.STDOUT,
             cwd=ROOT,
