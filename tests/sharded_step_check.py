@@ -7,6 +7,7 @@ Usage: python tests/sharded_step_check.py DATA_DIR DATA FSDP TENSOR
 import functools
 import json
 import pathlib
+import re
 import sys
 
 import jax
@@ -14,6 +15,9 @@ import numpy as np
 
 from slit.train import sharding, stage1, stage1_model
 from tests.conftest import tiny_config, train_batches
+
+# A sharding constraint in the lowered text: its spec ('{"data", "fsdp"}, {}, {}') and shape ("8x100x64").
+CONSTRAINT = re.compile(r"sdy\.sharding_constraint %\S+ <@\w+, \[(.*)\]> : tensor<([0-9x]+)x\w+>")
 
 
 def run(config, devices, mesh_sizes, tokenizer, batches):
@@ -35,6 +39,9 @@ def run(config, devices, mesh_sizes, tokenizer, batches):
     )
     with jax.set_mesh(mesh):
         first = {k: jax.device_put(batches[0][k], setup.batch_shardings[k]) for k in stage1.BATCH_KEYS}
+        # The activation sharding constraints in the step compared here (tests/test_activation_sharding.py)
+        lowered = setup.step_fn.lower(state, setup.parts.frozen, first, key).as_text()
+        constraints = [[shape, spec] for spec, shape in CONSTRAINT.findall(lowered)]
         grads, _ = grads_fn(state["params"], setup.parts.frozen, first, key, state["step"])
         grads = jax.device_get(grads)
         for batch in batches:
@@ -47,7 +54,7 @@ def run(config, devices, mesh_sizes, tokenizer, batches):
         "/".join(str(getattr(k, "key", k)) for k in path): str(leaf.sharding.spec)
         for path, leaf in jax.tree_util.tree_leaves_with_path(state["params"])
     }
-    return after_first_step, grads, losses, shardings
+    return after_first_step, grads, losses, shardings, constraints
 
 
 def main():
@@ -56,10 +63,10 @@ def main():
     config = tiny_config(data_dir, **{"qformer.width": 64, "qformer.mlp_dim": 128, "audio_encoder.width": 64})
     tokenizer = stage1_model.make_tokenizer(config, pathlib.Path("/nonexistent"))
     batches = train_batches(config, tokenizer, 3)
-    single, single_grads, single_losses, _ = run(
+    single, single_grads, single_losses, _, _ = run(
         config, jax.devices()[:1], {"data": 1, "fsdp": 1, "tensor": 1}, tokenizer, batches
     )
-    multi, multi_grads, multi_losses, specs = run(
+    multi, multi_grads, multi_losses, specs, constraints = run(
         config, jax.devices(), {"data": data, "fsdp": fsdp, "tensor": tensor}, tokenizer, batches
     )
 
@@ -80,6 +87,7 @@ def main():
                 "multi_losses": multi_losses,
                 "sharded_params": sum("fsdp" in s or "tensor" in s for s in specs.values()),
                 "num_params": len(specs),
+                "constraints": constraints,
             }
         )
     )

@@ -119,6 +119,10 @@ def test_sharded_step_equals_single_device(tiny_data_dir, data, fsdp, tensor):
     # unambiguous (|g| > 1e-6): Adam's first update is lr * g / (|g| + eps), so elements whose gradient
     # is rounding noise around zero move by +-lr in either run. The three step losses above agree too.
     assert report["max_param_diff"] < 1e-5, report
+    # The step compared holds the activation sharding constraints (batch over data and fsdp): the
+    # encoder's features (batch 8, 100 frames, width 64) and the Q-Former's query outputs (4 queries).
+    for shape in ("8x100x64", "8x4x64"):
+        assert [shape, '{"data", "fsdp"}, {}, {}'] in report["constraints"], report["constraints"]
 
 
 def test_model_memorises_a_fixed_batch(tiny_data_dir):
