@@ -122,14 +122,20 @@ def test_plan_cli_search_table_json_and_hand_counts(tmp_path: pathlib.Path) -> N
 
 def test_plan_allocates_no_weights_and_counts_the_lm_head_flops(tmp_path: pathlib.Path, capsys) -> None:
     """A T5 whose two 200M-row vocabulary tables hold 102 GB of float32 (more than this machine's memory)
-    plans on one device in this process; the process's peak memory stays far below the weights'. XLA's
+    plans on one device in this process, and is said not to fit 16 GiB, naming the weights first; the
+    process's peak memory stays far below the weights'. XLA's
     FLOPs are the LM head's: (B x La x d) @ (d x V) forward and its input gradient backward (the frozen
     head gets no weight gradient), 2 x 2 x B x La x d x V, which dwarfs the rest of the model."""
+    import jax
+
     vocab = 200_000_000
     config = write_config(tmp_path, vocab)
     out = tmp_path / "plan.json"
-    code = cli.main(["plan", "--config", str(config), "--devices", "1", "--out", str(out)])
-    assert code == 0
+    cache = jax.config.jax_enable_compilation_cache
+    command = ["plan", "--config", str(config), "--devices", "1", "--memory-per-device", "16"]
+    code = cli.main([*command, "--out", str(out)])
+    assert code == 1  # does not fit
+    assert jax.config.jax_enable_compilation_cache == cache  # turned off for the plan only
     plan = json.loads(out.read_text())["plan"]
     weights = plan["parts"]["frozen"]["llm"]
     assert weights == t5_bytes_per_device(vocab, 1, 1) > 100e9
@@ -137,7 +143,9 @@ def test_plan_allocates_no_weights_and_counts_the_lm_head_flops(tmp_path: pathli
     assert peak < weights / 10
     lm_head = 2 * 2 * BATCH * ANSWER * D * vocab
     assert lm_head <= plan["flops"] <= 1.1 * lm_head, plan["flops"] / lm_head
-    assert "| FLOPs per step |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| FLOPs per step |" in printed
+    assert "does not fit in 16 GiB per device" in printed and "- weights (" in printed
 
 
 @pytest.mark.parametrize(
@@ -182,3 +190,19 @@ def test_paper_configs_plan(tmp_path: pathlib.Path, config: str, devices: int) -
     assert result.returncode == 0, result.stderr[-3000:]
     plan = json.loads(out.read_text())["plan"]
     assert plan["argument_bytes"] > 0 and plan["flops"] > 0
+
+
+@pytest.mark.slow
+def test_stage_one_plans(tmp_path: pathlib.Path, capsys) -> None:
+    """Stage one's step plans too (one device, in this process): its trainable Q-Former and heads, the
+    frozen tower, and Adam's two moments per trained weight."""
+    out = tmp_path / "plan.json"
+    code = cli.main(
+        ["plan", "--config", str(ROOT / "configs" / "stage1_synthetic.py"), "--devices", "1"]
+        + ["--out", str(out)]
+    )
+    assert code == 0
+    plan = json.loads(out.read_text())["plan"]
+    assert set(plan["parts"]["params"]) >= {"qformer", "audio_projection", "text_projection"}
+    assert set(plan["parts"]["frozen"]) == {"audio_tower"}
+    assert 0 <= plan["optimizer_bytes"] - 2 * plan["param_bytes"] <= 64

@@ -16,6 +16,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import ml_collections
 
 HELP = "compile the train step ahead of time on N simulated devices: memory and FLOPs per device"
 ACCEPTS_CONFIG_OVERRIDES = True  # --config.a.b=value
@@ -70,7 +74,8 @@ def simulated_devices(n: int) -> bool:
     from jax._src import xla_bridge
 
     if not xla_bridge.backends_are_initialized():
-        os.environ["XLA_FLAGS"] = _with_device_flag(os.environ.get("XLA_FLAGS", ""), n)
+        if n > 1:  # (the flag and the config option say the same; the flag reaches older jax too)
+            os.environ["XLA_FLAGS"] = _with_device_flag(os.environ.get("XLA_FLAGS", ""), n)
         jax.config.update("jax_platforms", "cpu")
         jax.config.update("jax_num_cpu_devices", n)
     return len(jax.devices("cpu")) >= n
@@ -94,9 +99,24 @@ def run(args: argparse.Namespace, extra: Sequence[str]) -> int:
         return subprocess.call([sys.executable, "-m", "slit.cli", *_argv(args, extra)], env=env)
     import jax
 
-    # Compile times are part of the plan: measured, not loaded from the persistent compilation cache.
+    # Compile times are part of the plan: measured, not loaded from the persistent compilation cache (turned
+    # back on afterwards for a caller in the same process, e.g. tests).
+    cache_was = jax.config.jax_enable_compilation_cache
     jax.config.update("jax_enable_compilation_cache", False)
-    devices = jax.devices("cpu")[: args.devices]
+    try:
+        return _plan(args, extra, config, jax.devices("cpu")[: args.devices])
+    finally:
+        jax.config.update("jax_enable_compilation_cache", cache_was)
+
+
+def _plan(
+    args: argparse.Namespace, extra: Sequence[str], config: ml_collections.ConfigDict, devices: list
+) -> int:
+    """The plan of `config` on `devices` (N CPU devices): prints the table (and the search, the verdict),
+    writes --out; returns 1 when --memory-per-device is given and the step does not fit, else 0."""
+    from slit.errors import UserError
+    from slit.train import plan as plan_lib
+
     say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     say(f"slit plan: {plan_lib.describe_config(config)}; {args.devices} simulated devices")
     started = time.perf_counter()
@@ -123,7 +143,10 @@ def run(args: argparse.Namespace, extra: Sequence[str]) -> int:
 
     print(plan_lib.table(chosen))
     if args.search:
-        print("\nmeshes tried (best first; `not compiled`: ranked by the shardings' bytes only):\n")
+        print(
+            "\nmeshes tried (the compiled ones by XLA's total, then the others by the rough estimate "
+            "from their shardings):\n"
+        )
         print(plan_lib.candidates_table(candidates, args.memory_per_device))
         for mesh, why in refused:
             print(f"- {mesh['data']} x {mesh['fsdp']} x {mesh['tensor']}: refused: {why}")

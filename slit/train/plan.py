@@ -70,9 +70,9 @@ class MeshPlan:
     lower_seconds: float = 0.0
     compile_seconds: float = 0.0
     error: str = ""  # why this mesh could not be compiled ("" when it was)
-    loops: bool = (
-        False  # the program has while loops (scanned layers, accumulation): `flops` is a lower bound
-    )
+    # the program has while loops (scanned layers, accumulation): `flops` is then a lower bound
+    loops: bool = False
+    rough_bytes: int = 0  # `search`'s rough estimate of the peak, used only to rank meshes for compiling
     # from the shardings, by top-level part: {"params": {"bridge": bytes, ...}, "frozen": {"llm": ...}}
     parts: dict = dataclasses.field(default_factory=dict)
 
@@ -456,6 +456,45 @@ def rows_per_device(plan: MeshPlan, config: ml_collections.ConfigDict) -> float:
     return config.batch_size / math.prod(plan.mesh[a] for a in axes)
 
 
+def rough_peak(t: AbstractTraining, config: ml_collections.ConfigDict, plan: MeshPlan, mesh: Any) -> int:  # noqa: ANN401
+    """A rough peak per device, only to choose which meshes to compile: the state (`plan.state_bytes`);
+    the weights as the matmuls read them, gathered over every axis but `tensor` (XLA gathers an FSDP
+    weight whole before its matmul and keeps it for the backward pass), plus a float32 copy of each
+    16-bit weight when compute_dtype is float32; and the LLM's activations by Korthikanti et al. (2022)
+    for t-way tensor parallelism without sequence parallelism: s·b·h·(10 + 24/t + 5·a·s/(h·t)) bytes a
+    layer in 16 bits (twice that in float32), b the rows of one micro-batch on a device."""
+    rules = {}
+    for name, target in sharding.rules_dict(config.sharding_rules).items():
+        axes = tuple(
+            a for a in ((target,) if isinstance(target, str) else tuple(target or ())) if a == "tensor"
+        )
+        rules[name] = axes or None
+    f32 = config.get("compute_dtype", "float32") == "float32"
+    gathered = 0
+    for abstract, variables in zip((t.state["params"], t.frozen), t.variables, strict=True):
+        shardings = sharding.state_shardings(variables, rules, mesh)
+        for x, sh in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings), strict=True):
+            size = np.dtype(x.dtype).itemsize
+            gathered += math.prod(sh.shard_shape(x.shape)) * (size + (4 if f32 and size < 4 else 0))
+    activations = 0.0
+    llm = config.get("llm", None)
+    if config.trainer == "stage2" and llm is not None and llm.kind == "random":
+        d = config.data
+        bridge = config.get("bridge", {}).get("kind", "qformer")
+        soft = config.qformer.num_queries if "qformer" in bridge else config.bridge.get("num_tokens", 8)
+        lengths = (
+            [soft + d.max_instruction_length, d.max_answer_length]
+            if llm.arch == "t5"
+            else [soft + d.max_instruction_length + d.max_answer_length]
+        )
+        rows = rows_per_device(plan, config) / int(config.get("grad_accum_steps", 1))
+        h, a, tp = llm.width, llm.heads, plan.mesh["tensor"]
+        for seq in lengths:
+            per_layer = seq * rows * h * (10 + 24 / tp + 5 * a * seq / (h * tp))
+            activations += llm.layers * per_layer * (2 if f32 else 1)
+    return int(plan.state_bytes + gathered + activations)
+
+
 def search(
     config: ml_collections.ConfigDict,
     devices: Sequence[jax.Device],
@@ -465,9 +504,8 @@ def search(
     """Plans the meshes that factor len(devices) (data x fsdp x tensor).
 
     Every candidate the trainer's checks accept is first estimated from its shardings alone (one trace of
-    the setup, then seconds per mesh: `estimate`) and ranked: meshes within 5% of the fewest state bytes
-    per device first, among them the fewest batch rows per device (activations), then the rest likewise.
-    The first `limit` (0: all) are compiled (`plan_mesh`). Returns (plans: the compiled ones by XLA's
+    the setup, then seconds per mesh: `estimate`) and ranked by `rough_peak`; the first `limit` (0: all)
+    are compiled (`plan_mesh`). Returns (plans: the compiled ones by XLA's
     total, best first, then the others in rank order), [(mesh, why the trainer refused it)]."""
     trainer = _trainer(config)
     valid, refused = [], []
@@ -485,22 +523,21 @@ def search(
     first = with_mesh(config, valid[0])
     mesh0 = sharding.make_mesh(first.mesh, devices)
     t = abstract_training(first, mesh0, sharding.rules_dict(first.sharding_rules))
-    plans = [estimate(t, config, sharding.make_mesh(with_mesh(config, m).mesh, devices)) for m in valid]
-    least = min(p.state_bytes for p in plans)
-    plans.sort(
-        key=lambda p: (
-            p.state_bytes > 1.05 * least,
-            rows_per_device(p, config),
-            p.mesh["tensor"],
-            p.state_bytes,
-        )
-    )
+    plans = []
+    for m in valid:
+        mesh = sharding.make_mesh(with_mesh(config, m).mesh, devices)
+        plan = estimate(t, config, mesh)
+        plan.rough_bytes = rough_peak(t, config, plan, mesh)
+        plans.append(plan)
+    plans.sort(key=lambda p: (p.rough_bytes, rows_per_device(p, config), p.state_bytes))
     chosen = len(plans) if limit <= 0 else min(limit, len(plans))
     for i in range(chosen):
         if progress:
             progress(f"compiling {plans[i].mesh_text()} ({i + 1}/{chosen}) ...")
         try:
-            plans[i] = plan_mesh(with_mesh(config, plans[i].mesh), devices)
+            done = plan_mesh(with_mesh(config, plans[i].mesh), devices)
+            done.rough_bytes = plans[i].rough_bytes
+            plans[i] = done
         except Exception as e:  # noqa: BLE001 (one mesh failing to compile must not end the search)
             plans[i].error = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
     compiled = sorted((p for p in plans[:chosen] if not p.error), key=lambda p: p.total_bytes)
@@ -537,8 +574,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None) -> None
 
 
 def gib(n: float) -> str:
-    """Bytes in GiB (MiB below 0.01 GiB)."""
-    return f"{n / GIB:.2f} GiB" if abs(n) >= 0.01 * GIB or n == 0 else f"{n / 1024**2:.2f} MiB"
+    """Bytes in GiB (MiB below 0.01 GiB, KiB below 0.01 MiB)."""
+    if abs(n) >= 0.01 * GIB or n == 0:
+        return f"{n / GIB:.2f} GiB"
+    return f"{n / 1024**2:.2f} MiB" if abs(n) >= 0.01 * 1024**2 else f"{n / 1024:.2f} KiB"
 
 
 def _by_part(sizes: Mapping[str, int]) -> str:
@@ -595,20 +634,19 @@ def table(plan: MeshPlan) -> str:
 
 def candidates_table(plans: Sequence[MeshPlan], memory_per_device: float | None = None) -> str:
     """The searched meshes, best first (Markdown)."""
-    head = (
-        "| mesh (data x fsdp x tensor) | params + frozen + optimizer | activations + temporaries | total | "
-    )
-    head += "compile |" + (" fits |" if memory_per_device else "")
-    out = [head, "|---|---:|---:|---:|---:|" + ("---|" if memory_per_device else "")]
+    head = "| mesh (data x fsdp x tensor) | params + frozen + optimizer | rough estimate | "
+    head += "activations + temporaries | total | compile |" + (" fits |" if memory_per_device else "")
+    out = [head, "|---|---:|---:|---:|---:|---:|" + ("---|" if memory_per_device else "")]
     for p in plans:
         shape = f"{p.mesh['data']} x {p.mesh['fsdp']} x {p.mesh['tensor']}"
+        cells = [gib(p.state_bytes), gib(p.rough_bytes) if p.rough_bytes else ""]
         if p.argument_bytes and not p.error:
-            cells = [gib(p.state_bytes), gib(p.temp_bytes), gib(p.total_bytes), f"{p.compile_seconds:.0f} s"]
+            cells += [gib(p.temp_bytes), gib(p.total_bytes), f"{p.compile_seconds:.0f} s"]
             if memory_per_device:
                 cells.append("yes" if p.total_bytes <= memory_per_device * GIB else "no")
         else:
             why = f"failed: {p.error}" if p.error else "not compiled"
-            cells = [gib(p.state_bytes), why, "", ""] + ([""] if memory_per_device else [])
+            cells += [why, "", ""] + ([""] if memory_per_device else [])
         out.append(f"| {shape} | " + " | ".join(cells) + " |")
     return "\n".join(out)
 
