@@ -45,7 +45,10 @@ MODEL_GROUPS = {
     "stage2": ("audio_encoder", "qformer", "tokenizer", "llm", "eval"),
 }
 OPTIONAL_GROUPS = ("bridge",)
-TOP_LEVEL_KEYS = {"stage1": ("trainer",), "stage2": ("trainer", "seed", "loss_average")}
+TOP_LEVEL_KEYS = {
+    "stage1": ("trainer", "compute_dtype"),
+    "stage2": ("trainer", "seed", "loss_average", "compute_dtype"),
+}
 DATA_KEYS = ("sample_rate",)  # and every data.max_* (clip length, text and instruction lengths)
 LLM_TOKENIZER_DIR = runs.LLM_TOKENIZER_DIR
 
