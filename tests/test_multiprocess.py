@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from tests.conftest import ROOT, tiny_overrides
+from tests.conftest import ROOT, TINY_DATA, tiny_overrides
 from tests.test_train_stage2 import stage2_overrides, write_tiny_llama
 
 MESH = {"mesh.data": 2, "mesh.fsdp": 4}
@@ -86,12 +86,17 @@ def reports(workdir: pathlib.Path) -> dict[str, dict]:
 
 
 def assert_close_reports(got: dict, want: dict) -> None:
+    """Equal reports, numbers within float32 reduction noise. A ROC AUC over the matching head's scores
+    (27 true x 340 hard-negative pairs) may differ by a pair or two whose scores tie to ~1e-6 and swap
+    (1 / 9,180 each): AUCs within 5e-4; retrieval ranks and every other number within 1e-5."""
     assert got.keys() == want.keys()
     for name in want:
         flat_got, flat_want = _flatten(got[name]), _flatten(want[name])
         assert flat_got.keys() == flat_want.keys(), name
         for key, value in flat_want.items():
-            if isinstance(value, float):
+            if isinstance(value, float) and "auc" in key:
+                assert flat_got[key] == pytest.approx(value, abs=5e-4), f"{name}: {key}"
+            elif isinstance(value, float):
                 assert flat_got[key] == pytest.approx(value, rel=1e-5, abs=1e-6), f"{name}: {key}"
             else:
                 assert flat_got[key] == value, f"{name}: {key}"
@@ -132,12 +137,13 @@ def test_stage_one_as_two_processes_equals_one_and_checkpoints_move_between_proc
     assert "(step 2; this workdir)" in resumed.stderr
     assert losses(hop)[4] == pytest.approx(want[4], rel=1e-4)  # 1 device: another reduction order
 
-    # The other way round: 2 processes resume the 1-process run's step 2 and evaluate as 2 processes.
-    other = tmp_path / "one_then_two"
-    resume = overrides | {"resume_from": stage_one_reference / "checkpoints" / "2"}
-    run_two_processes(slit_command("stage1_synthetic.py", other, resume))
-    assert losses(other)[4] == pytest.approx(want[4], rel=1e-5)
-    assert_close_reports(reports(other), reports(stage_one_reference))
+    # The other way round: 2 processes restore the 1-process run's checkpoint and evaluate it (`slit
+    # eval`, the run's re-ranking depth), writing the report the 1-process trainer wrote.
+    want_reports = reports(stage_one_reference)
+    command = [sys.executable, "-m", "slit.cli", "eval", "--workdir", str(stage_one_reference)]
+    command += ["--data", TINY_DATA, "--data-dir", tiny_data_dir, "--task", "retrieval"]
+    run_two_processes([*command, "--rerank-k", str(overrides["retrieval_rerank_k"])])
+    assert_close_reports(reports(stage_one_reference), want_reports)
 
 
 def test_stage_two_as_two_processes_equals_one(tiny_data_dir: str, tmp_path: pathlib.Path):
