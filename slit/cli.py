@@ -81,7 +81,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     module = modules[args.command]
     if getattr(module, "JOINS_MULTI_PROCESS_RUNS", False):
-        distributed.initialize()  # when SLIT_COORDINATOR / SLIT_DISTRIBUTED ask for it (README: GPUs, ...)
+        # joins a multi-process run as SLIT_COORDINATOR / SLIT_DISTRIBUTED say (README: GPUs, TPUs and
+        # several hosts)
+        distributed.initialize()
     try:
         code = module.run(args, extra)
         distributed.finished()
