@@ -34,6 +34,9 @@ def llm_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     return write_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
 
 
+# A slow second variant: random HTSAT trains stage one in tests/test_random_architectures.py, and this
+# CLAP directory's HTSAT loads and trains in stage two below.
+@pytest.mark.slow
 def test_stage_one_trains_on_htsat(htsat, tiny_data_dir, tmp_path):
     config = tiny_config(tiny_data_dir, total_steps=2, **htsat)
     config_lib.validate_stage1(config, num_devices=1)
