@@ -2,14 +2,16 @@
 # A slit command on every worker of a Cloud TPU VM pod (one process per worker, one JAX runtime).
 #
 #   launch/tpu_pod.sh --tpu my-v5p-64 --zone us-east5-a -- \
-#       slit train --config configs/stage2_audiocaps.py --workdir gs://my-bucket/runs/s2
+#       slit train --config configs/stage2_audiocaps.py --workdir SHARED/runs/s2
 #
 # 1. copies this checkout (the files git tracks, plus uncommitted changes) to every worker;
 # 2. installs it there in a virtual environment with JAX's TPU build (skip with --no-install);
 # 3. runs the same command on all workers at once with SLIT_DISTRIBUTED=auto (JAX finds the
 #    coordinator and each worker's id from the TPU metadata);
 # 4. brings every worker's log back to logs/tpu_pod/<tpu>-<time>/worker-<i>.log.
-# Workdirs and data should be on gs:// (every worker sees the same files). Re-running the same command
+# The workdir and the data must be on a filesystem every worker mounts at the same path (SHARED above:
+# e.g. a Filestore/NFS share): each worker writes its shards of every checkpoint there (gs:// workdirs
+# are not supported yet). Re-running the same command
 # resumes from the newest checkpoint; a preempted run exits 75 on every worker after saving.
 #
 # Options: --tpu NAME (required), --zone ZONE (required), --project PROJECT, --remote-dir DIR (default
@@ -32,7 +34,7 @@ while [ "$#" -gt 0 ]; do
   esac
 done
 if [ -z "$tpu" ] || [ -z "$zone" ] || [ "$#" -eq 0 ]; then
-  echo "usage: launch/tpu_pod.sh --tpu NAME --zone ZONE [--project P] -- slit train --config ... --workdir gs://..." >&2
+  echo "usage: launch/tpu_pod.sh --tpu NAME --zone ZONE [--project P] -- slit train --config ... --workdir SHARED/..." >&2
   exit 2
 fi
 
