@@ -63,15 +63,10 @@ def _print(result: Result) -> None:
 
 
 def run(args: argparse.Namespace, extra: Sequence[str]) -> int:
-    import contextlib
-    import io
+    from slit.train import distributed
 
-    import jax
-
-    if jax.process_index() != 0:  # every process evaluates; process 0 writes and reports
-        with contextlib.redirect_stdout(io.StringIO()):
-            return _run(args)
-    return _run(args)
+    with distributed.only_process_0_prints():  # every process evaluates; process 0 writes and reports
+        return _run(args)
 
 
 def _run(args: argparse.Namespace) -> int:

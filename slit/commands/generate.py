@@ -85,15 +85,10 @@ def read_audio(path: pathlib.Path, sample_rate: int, max_samples: int) -> tuple[
 
 
 def run(args: argparse.Namespace, extra: Sequence[str]) -> int:
-    import contextlib
-    import io
+    from slit.train import distributed
 
-    import jax
-
-    if jax.process_index() != 0:  # every process generates alike; process 0 answers
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            return _run(args)
-    return _run(args)
+    with distributed.only_process_0_prints(stderr=True):  # every process generates alike; process 0 answers
+        return _run(args)
 
 
 def _run(args: argparse.Namespace) -> int:

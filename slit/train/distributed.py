@@ -20,10 +20,13 @@ their next collective. Two guards bound that wait:
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import sys
 import threading
 import time
+from collections.abc import Iterator
 
 # EX_UNAVAILABLE from sysexits.h: a service (here: a peer process) is unavailable. Re-running the same
 # command on every host resumes from the last checkpoint.
@@ -64,6 +67,22 @@ def initialize() -> None:
     if jax.process_count() > 1:
         _watchdog = PeerWatchdog(float(os.environ.get("SLIT_PEER_TIMEOUT", "60")))
         _watchdog.start()
+
+
+@contextlib.contextmanager
+def only_process_0_prints(stderr: bool = False) -> Iterator[None]:
+    """Within the block, the output of every process but process 0 is dropped (stdout; stderr too with
+    `stderr`): for commands that every host runs alike and process 0 reports."""
+    import jax
+
+    if jax.process_index() == 0:
+        yield
+        return
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+        if stderr:
+            stack.enter_context(contextlib.redirect_stderr(io.StringIO()))
+        yield
 
 
 def finished() -> None:
