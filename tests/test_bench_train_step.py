@@ -189,3 +189,28 @@ def test_overrides_may_not_change_the_benchmarked_shape():
         train_step.sized_config("stage1_synthetic.py", shape, 0.1, {}, [("qformer.layers", "6")])
     config = train_step.sized_config("stage1_synthetic.py", shape, 0.1, {}, [("optimizer.b2", "0.99")])
     assert config.qformer.layers == shape.qformer.num_layers and config.optimizer.b2 == 0.99
+
+
+def test_bfloat16_sets_both_sides_matmul_dtype():
+    """--dtype bfloat16: slit's config gets compute_dtype (an override of it is refused, naming --dtype);
+    the reference holds its frozen LLM in bfloat16 and its Q-Former's matmuls run under autocast, while
+    the trained weights (the master copy AdamW updates) stay float32."""
+    torch = pytest.importorskip("torch")
+    from slit.bench import torch_reference, train_step
+    from slit.errors import UserError
+
+    shape = SIZES["tiny"][1]
+    config = train_step.sized_config("stage2_synthetic.py", shape, 0.1, {}, [], "bfloat16")
+    assert config.compute_dtype == "bfloat16"
+    with pytest.raises(UserError, match="compute_dtype.*--dtype"):
+        train_step.sized_config("stage2_synthetic.py", shape, 0.1, {}, [("compute_dtype", "float32")])
+
+    hf = torch_reference.random_llama(shape.llm)
+    batch = train_step.stage2_batch(shape)
+    seen = []
+    step = torch_reference.stage2_reference(shape, hf, batch, dtype="bfloat16")
+    hf.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, o: seen.append(i[0].dtype))
+    loss = step.step()
+    assert np.isfinite(loss)
+    assert {p.dtype for p in hf.parameters()} == {torch.bfloat16}
+    assert seen == [torch.bfloat16]

@@ -80,9 +80,14 @@ TINY_QFORMER = QFormerShape(
 TINY_LLAMA = LlamaShape(
     hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2, vocab_size=101
 )
+LLAMA_1B = LlamaShape(  # TinyLlama-1.1B's sizes (with a tied output layer): a ~1B frozen LLM
+    hidden_size=2048, intermediate_size=5632, num_layers=22, num_heads=32, num_kv_heads=4, vocab_size=32000
+)
 SIZES: dict[str, tuple[Stage1Shape, Stage2Shape]] = {
     # The issue's size: a BERT-base Q-Former (BLIP-2's), SmolLM2-135M, batch 8, 10 s of Whisper base.
     "base": (Stage1Shape(), Stage2Shape()),
+    # An accelerator's size: stage two through a ~1B random Llama (1.03 B weights), batch 32.
+    "1b": (Stage1Shape(batch=32), Stage2Shape(llm=LLAMA_1B, batch=32)),
     # For tests: seconds to compile and run.
     "tiny": (
         Stage1Shape(TINY_QFORMER, batch=4, frames=12, encoder_width=16, text_length=6, embed_dim=8),

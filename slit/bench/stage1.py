@@ -35,7 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-length", type=int, default=0, help="caption tokens (0: the size's)")
 
 
-def slit_setup(shape: Stage1Shape, dropout: float, overrides: list[tuple[str, str]]) -> tuple:
+def slit_setup(
+    shape: Stage1Shape, dropout: float, overrides: list[tuple[str, str]], dtype: str = "float32"
+) -> tuple:
     """(TrainingSetup, mesh, pad id): slit's stage-one training at `shape`, as `slit train` builds it."""
     from slit import config as config_lib
     from slit.data.synthetic import CAPTION_VOCABULARY
@@ -44,7 +46,7 @@ def slit_setup(shape: Stage1Shape, dropout: float, overrides: list[tuple[str, st
     from slit.train.stage1_model import create_model, model_config
 
     config = train_step.sized_config(
-        "stage1_synthetic.py", shape, dropout, {"qformer.embed_dim": shape.embed_dim}, overrides
+        "stage1_synthetic.py", shape, dropout, {"qformer.embed_dim": shape.embed_dim}, overrides, dtype
     )
     q = shape.qformer
     config_lib.validate_stage1(config, _num_devices())
@@ -70,14 +72,16 @@ def run(args: argparse.Namespace) -> dict:
     shape = train_step.resized(SIZES[args.size][0], args)
     if args.text_length:
         shape = dataclasses.replace(shape, text_length=args.text_length)
-    setup, mesh, pad_id = slit_setup(shape, args.dropout, args.config_overrides)
+    setup, mesh, pad_id = slit_setup(shape, args.dropout, args.config_overrides, args.dtype)
     batch = train_step.stage1_batch(shape, pad_id=pad_id)
 
     def make_reference() -> object:
         from slit.bench import torch_reference
 
         device = train_step.torch_device()
-        return torch_reference.stage1_reference(shape, batch, dropout=args.dropout, device=device)
+        return torch_reference.stage1_reference(
+            shape, batch, dropout=args.dropout, device=device, dtype=args.dtype
+        )
 
     measured = train_step.measure(
         args,
@@ -90,7 +94,8 @@ def run(args: argparse.Namespace) -> dict:
         flops.stage1(shape, share_encoder_kv=False, generation_reuses_queries=False),
     )
     return {
-        "step": "stage one: contrastive + matching + grounded generation, AdamW, cached features, float32",
+        "step": "stage one: contrastive + matching + grounded generation, AdamW, cached features, "
+        f"{args.dtype} matmuls",
         "shape": dataclasses.asdict(shape),
         "dropout": args.dropout,
         **measured,

@@ -34,19 +34,31 @@ READS_CONFIG = True  # --config.a.b=value overrides of configs/stage2_synthetic.
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     train_step.add_common_arguments(parser)
     parser.add_argument("--gguf", default=None, help="the LLM's GGUF file (default: SmolLM2-135M-Instruct)")
+    parser.add_argument(
+        "--random-llm",
+        action="store_true",
+        help="base size: random weights of SmolLM2-135M's shape, made by transformers, instead of the GGUF's "
+        "(the step's time does not depend on the values; for a machine without the GGUF). The tiny and 1b "
+        "sizes always use random weights",
+    )
 
 
-def reference_llm(size: str, gguf: str | None) -> tuple[Any, str]:  # noqa: ANN401
+def reference_llm(size: str, gguf: str | None, random: bool = False) -> tuple[Any, str]:  # noqa: ANN401
     """(transformers LlamaForCausalLM in float32 eval mode, description): the GGUF's for `base`, a random
-    one of the tiny shape for `tiny` (which needs torch even with --skip-reference)."""
+    one of the size's shape for `tiny`, `1b` or `random` (which needs torch even with --skip-reference;
+    sdpa attention when the reference runs on a GPU, eager on the CPU)."""
     train_step.require_torch()
     import torch
     import transformers
 
     from slit.bench import torch_reference
 
-    if size == "tiny":
-        return torch_reference.random_llama(SIZES["tiny"][1].llm), "a random tiny Llama made by transformers"
+    if size != "base" or random:
+        shape = SIZES[size][1].llm
+        attention = "sdpa" if train_step.torch_device() == "cuda" else "eager"
+        hf = torch_reference.random_llama(shape, attn_implementation=attention)
+        billions = sum(p.numel() for p in hf.parameters()) / 1e9
+        return hf, f"a random {size} Llama ({billions:.2f} B weights) made by transformers"
     path = gguf_path(gguf)
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         path.parent, gguf_file=path.name, dtype=torch.float32
@@ -82,6 +94,8 @@ def slit_setup(
     llm: Any,
     dropout: float,
     overrides: list[tuple[str, str]],  # noqa: ANN401
+    dtype: str = "float32",
+    llm_dtype: str = "float32",
 ) -> tuple:
     """(TrainingSetup, mesh, Q-Former pad id): slit's stage-two training at `shape` around `llm` (a slit
     LLM module), as `slit train` builds it."""
@@ -92,9 +106,10 @@ def slit_setup(
     from slit.train import sharding, stage2
     from slit.train.stage2_model import model_config
 
-    config = train_step.sized_config(
-        "stage2_synthetic.py", shape, dropout, {"qformer.instruction": True}, overrides
-    )
+    own: dict[str, Any] = {"qformer.instruction": True}
+    if "llm.param_dtype" not in dict(overrides):
+        own["llm.param_dtype"] = llm_dtype
+    config = train_step.sized_config("stage2_synthetic.py", shape, dropout, own, overrides, dtype)
     q = shape.qformer
     stage2.validate(config, jax.device_count())
     tokenizer = TextTokenizer(word_level_tokenizer(TOKENIZER_VOCABULARY))
@@ -119,26 +134,31 @@ def run(args: argparse.Namespace) -> dict:
     from slit.models.llm import llama
 
     base = SIZES[args.size][1]
-    dtype = dict(args.config_overrides).get("llm.param_dtype", "float32")
+    # The frozen LLM is stored in the compute dtype (--config.llm.param_dtype chooses otherwise).
+    dtype = dict(args.config_overrides).get("llm.param_dtype", args.dtype)
     param_dtype = {"float32": np.float32, "bfloat16": "bfloat16"}.get(dtype, np.float32)
-    if args.skip_reference and args.size == "base":  # no PyTorch needed: slit reads the GGUF itself
+    if args.skip_reference and args.size == "base" and not args.random_llm:  # slit reads the GGUF itself
         hf, (lm, llm_description) = None, _slit_gguf(args.gguf, param_dtype)
     else:
-        hf, llm_description = reference_llm(args.size, args.gguf)
+        hf, llm_description = reference_llm(args.size, args.gguf, args.random_llm)
         tensors = {name: t.detach().cpu().numpy() for name, t in hf.state_dict().items()}
         config = llama.llama_config_from_hf(hf.config.to_dict())
         lm = llama.llama_from_tensors(tensors, config, llm_description, param_dtype=param_dtype)
         del tensors
     llm = LlamaShape(**{f.name: getattr(lm.config, f.name) for f in dataclasses.fields(LlamaShape)})
     shape = train_step.resized(dataclasses.replace(base, llm=llm), args)
-    setup, mesh, pad_id, llm_dtype = slit_setup(shape, lm, args.dropout, args.config_overrides)
+    setup, mesh, pad_id, llm_dtype = slit_setup(
+        shape, lm, args.dropout, args.config_overrides, args.dtype, dtype
+    )
     batch = train_step.stage2_batch(shape, pad_id=pad_id)
 
     def make_reference() -> object:
         from slit.bench import torch_reference
 
         device = train_step.torch_device()
-        return torch_reference.stage2_reference(shape, hf, batch, dropout=args.dropout, device=device)
+        return torch_reference.stage2_reference(
+            shape, hf, batch, dropout=args.dropout, device=device, dtype=args.dtype
+        )
 
     measured = train_step.measure(
         args,
@@ -152,7 +172,7 @@ def run(args: argparse.Namespace) -> dict:
     )
     return {
         "step": "stage two: instruction-aware Q-Former soft prompt, frozen LLM, answer loss, AdamW, "
-        "cached features",
+        f"cached features, {args.dtype} matmuls",
         "llm": llm_description,
         "llm_param_dtype": llm_dtype,
         "shape": dataclasses.asdict(shape),

@@ -37,6 +37,10 @@ def _side(name: str, s: dict, speedup: str) -> str:
     )
 
 
+def _dtype_name(result: dict) -> str:
+    return {"float32": "f32", "bfloat16": "bf16"}.get(result.get("dtype", "float32"), result.get("dtype"))
+
+
 def bench_section(result: dict, source: str) -> str:
     """The markdown section of one benchmark's JSON result (`source`: where the JSON lies)."""
     name = result["bench"]
@@ -62,7 +66,8 @@ def bench_section(result: dict, source: str) -> str:
     flops = result["model_flops_per_step"]
     lines += [
         "",
-        f"Measured f32 matmul peak in the run: {result['peak_flops'] / 1e9:.0f} GFLOP/s (MFU is against it). "
+        f"Measured {_dtype_name(result)} matmul peak in the run: {result['peak_flops'] / 1e9:.0f} GFLOP/s "
+        "(MFU is against it). "
         f"Model FLOPs per step: {flops['total'] / 1e12:.3f} T (trainable forward "
         f"{flops['trainable_forward'] / 1e9:.0f} G + backward {flops['trainable_backward'] / 1e9:.0f} G; "
         f"frozen forward {flops['frozen_forward'] / 1e9:.0f} G + backward to the inputs "
@@ -91,7 +96,18 @@ def bench_section(result: dict, source: str) -> str:
         f"{_gb(rss['end'])}.",
     ]
     if m.get("device"):
-        lines[-1] += f" Device: {m['device']}."
+        device = m["device"]
+        lines[-1] += (
+            f" Device memory: peak {_gb(device['peak_bytes_in_use'])} in use of {_gb(device['bytes_limit'])}."
+            if {"peak_bytes_in_use", "bytes_limit"} <= set(device)
+            else f" Device: {device}."
+        )
+    xla = m.get("slit_xla") or {}
+    if "total" in xla:
+        lines[-1] += (
+            f" XLA's memory analysis of slit's step (what `slit plan` reads): arguments "
+            f"{_gb(xla['argument'])}, temporaries {_gb(xla['temp'])}, total {_gb(xla['total'])}."
+        )
     goal_mfu, goal_speedup = GOALS.get(name, (None, None))
     if goal_mfu:
         reached = f"MFU {100 * result['mfu']:.0f}% (goal {100 * goal_mfu:.0f}%)"

@@ -64,6 +64,7 @@ gradient.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable
 
@@ -382,6 +383,15 @@ def _tensor(batch: dict[str, np.ndarray], key: str, dtype: torch.dtype, device: 
     return torch.as_tensor(np.asarray(batch[key])).to(device=device, dtype=dtype)
 
 
+def _autocast(device: str, dtype: str) -> contextlib.AbstractContextManager:
+    """float32: nothing; bfloat16: torch.autocast, matmul inputs in bfloat16 (float32 master weights,
+    optimizer and losses: autocast keeps softmax, norms and cross-entropy in float32), as slit's
+    compute_dtype does."""
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=getattr(torch, dtype))
+
+
 def _sync(device: str) -> Callable[[], None]:
     if torch.device(device).type == "cuda":
         return torch.cuda.synchronize
@@ -398,8 +408,10 @@ def stage1_reference(
     dropout: float = 0.1,
     device: str = "cpu",
     seed: int = 0,
+    dtype: str = "float32",
 ) -> ReferenceStep:
-    """BLIP-2's stage-one step (ITC + ITM + ITG) on cached features, in PyTorch.
+    """BLIP-2's stage-one step (ITC + ITM + ITG) on cached features, in PyTorch; `dtype` the matmuls'
+    (_autocast).
 
     batch: features (B, F, E) float32, frame_mask (B, F) bool (True = real frame), text_ids (B, T) int
     (0 = padding, position 0 is [CLS]); copied to `device` once, here. `seed` seeds the initialisation,
@@ -418,7 +430,8 @@ def stage1_reference(
 
     def step() -> float:
         optimizer.zero_grad(set_to_none=True)
-        loss = model(features, frame_mask, text_ids, generator)
+        with _autocast(device, dtype):
+            loss = model(features, frame_mask, text_ids, generator)
         loss.backward()
         optimizer.step()
         sync()
@@ -428,7 +441,7 @@ def stage1_reference(
     description = (
         f"PyTorch {torch.__version__} / transformers {transformers.__version__} BLIP-2 stage one "
         f"(InstructBlipQFormerModel {q.num_layers}x{q.width}, {q.num_queries} queries, "
-        f"{model.qformer.config._attn_implementation} attention; ITC+ITM+ITG), float32, fused AdamW, "
+        f"{model.qformer.config._attn_implementation} attention; ITC+ITM+ITG), {dtype} matmuls, fused AdamW, "
         f"on {device}"
     )
     return ReferenceStep(step, _trainable(model), description)
@@ -442,8 +455,10 @@ def stage2_reference(
     dropout: float = 0.1,
     device: str = "cpu",
     seed: int = 0,
+    dtype: str = "float32",
 ) -> ReferenceStep:
-    """InstructBLIP's stage-two step in PyTorch: the Q-Former bridge trained through a frozen LLM.
+    """InstructBLIP's stage-two step in PyTorch: the Q-Former bridge trained through a frozen LLM; `dtype`
+    the matmuls' (_autocast), the frozen LLM stored in it.
 
     batch: features (B, F, E) float32, frame_mask (B, F) bool, qformer_ids (B, Lq) int (0 = padding),
     instruction_ids (B, Li) int left-padded with -1, answer_ids (B, La) int right-padded with -1; copied to
@@ -451,7 +466,7 @@ def stage2_reference(
     """
     torch.manual_seed(seed)
     llm.requires_grad_(False)
-    llm.to(device).eval()
+    llm.to(device=device, dtype=getattr(torch, dtype)).eval()
     bridge = Stage2Bridge(shape, llm.config.hidden_size, dropout).to(device).train()
     optimizer = _adamw(bridge)
     features = _tensor(batch, "features", torch.float32, device)
@@ -463,8 +478,9 @@ def stage2_reference(
 
     def step() -> float:
         optimizer.zero_grad(set_to_none=True)
-        soft = bridge(features, frame_mask, qformer_ids)
-        loss = answer_loss(llm, soft, instruction_ids, answer_ids)
+        with _autocast(device, dtype):
+            soft = bridge(features, frame_mask, qformer_ids)
+            loss = answer_loss(llm, soft, instruction_ids, answer_ids)
         loss.backward()
         optimizer.step()
         sync()
@@ -475,16 +491,20 @@ def stage2_reference(
         f"PyTorch {torch.__version__} / transformers {transformers.__version__} InstructBLIP stage two "
         f"(InstructBlipQFormerModel {q.num_layers}x{q.width}, {q.num_queries} queries, "
         f"{bridge.qformer.config._attn_implementation} attention; frozen {type(llm).__name__} "
-        f"{c.num_hidden_layers}x{c.hidden_size}, {c._attn_implementation} attention), float32, fused AdamW, "
+        f"{c.num_hidden_layers}x{c.hidden_size}, {c._attn_implementation} attention, held in {dtype}), "
+        f"{dtype} matmuls, fused AdamW, "
         f"on {device}"
     )
     return ReferenceStep(step, _trainable(bridge), description)
 
 
-def random_llama(shape: LlamaShape, seed: int = 0) -> transformers.LlamaForCausalLM:
+def random_llama(
+    shape: LlamaShape, seed: int = 0, attn_implementation: str = "eager"
+) -> transformers.LlamaForCausalLM:
     """A randomly initialised float32 transformers Llama of `shape` (tied embeddings, rope theta 1e5, RMSNorm
-    eps 1e-5), on the CPU, with eager attention: its attention is plain matmuls, so that FlopCounterMode
-    counts exactly the model FLOPs (a fused sdpa kernel's backward also recomputes the scores)."""
+    eps 1e-5), on the CPU. Eager attention by default: plain matmuls, so that FlopCounterMode counts
+    exactly the model FLOPs (a fused sdpa kernel's backward also recomputes the scores); "sdpa" is what a
+    GPU user runs."""
     config = transformers.LlamaConfig(
         vocab_size=shape.vocab_size,
         hidden_size=shape.hidden_size,
@@ -499,7 +519,7 @@ def random_llama(shape: LlamaShape, seed: int = 0) -> transformers.LlamaForCausa
         bos_token_id=None,
         eos_token_id=None,
         pad_token_id=0,
-        attn_implementation="eager",
+        attn_implementation=attn_implementation,
     )
     torch.manual_seed(seed)
     return transformers.LlamaForCausalLM(config).to(torch.float32)

@@ -46,6 +46,13 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--skip-reference", action="store_true", help="time slit only (no PyTorch reference, no speedup)"
     )
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="matmul inputs on both sides (bfloat16: slit's compute_dtype, torch.autocast; float32 master "
+        "weights, optimizer state and losses either way); the peak is measured in it",
+    )
 
 
 def resized(shape: Any, args: argparse.Namespace) -> Any:  # noqa: ANN401 (a Stage1Shape or Stage2Shape)
@@ -119,12 +126,13 @@ def sized_config(
     dropout: float,
     own: dict[str, Any],
     overrides: list[tuple[str, str]],
+    dtype: str = "float32",
 ) -> Any:  # noqa: ANN401 (an ml_collections.ConfigDict)
     """The config file of configs/ (`file`) resized to `shape` (the Q-Former, batch, the width of the
-    cached features), training from cached features, BERT's init std, `dropout`, the benchmark's `own`
-    settings; then the user's `--config.a.b=value` overrides, which may not change any of those (the
-    reference and the FLOP counts follow the shape, not the config: a UserError says to use --size,
-    --batch, --frames or --dropout)."""
+    cached features), training from cached features, BERT's init std, `dropout`, `dtype` as the compute
+    dtype, the benchmark's `own` settings; then the user's `--config.a.b=value` overrides, which may not
+    change any of those (the reference and the FLOP counts follow the shape, not the config: a UserError
+    says to use --size, --batch, --frames, --dropout or --dtype)."""
     from slit import config as config_lib
     from slit.errors import UserError
 
@@ -145,14 +153,15 @@ def sized_config(
         "qformer.max_text_positions": q.max_text_positions,
         "qformer.dropout": dropout,
         "qformer.initializer_range": 0.02,
+        "compute_dtype": dtype,
     }
     sized |= own
     fixed = sorted(k for k, _ in overrides if k in sized)
     if fixed:
         raise UserError(
             f"--config.{fixed[0]}: the benchmark sets {', '.join(fixed)} from its shape, so that the "
-            "PyTorch reference and the FLOP counts match slit's step; use --size, --batch, --frames or "
-            "--dropout"
+            "PyTorch reference and the FLOP counts match slit's step; use --size, --batch, --frames, "
+            "--dropout or --dtype"
         )
     config_lib.apply_overrides(config, [(k, str(v)) for k, v in sized.items()] + list(overrides))
     return config
@@ -165,6 +174,9 @@ class SlitStep:
     step: Callable[[], float]  # updates the TrainingSetup's state
     compile_s: float  # lowering and compiling the step, ahead of time
     xla_flops: float | None  # XLA's own count of the compiled step's FLOPs (cost analysis)
+    xla_memory: dict[
+        str, int
+    ]  # XLA's memory analysis of the compiled step (bytes a device; what slit plan reads)
 
 
 def slit_step(setup: Any, batch: dict[str, np.ndarray], mesh: Any) -> SlitStep:  # noqa: ANN401
@@ -190,7 +202,27 @@ def slit_step(setup: Any, batch: dict[str, np.ndarray], mesh: Any) -> SlitStep: 
         xla_flops = float(cost["flops"]) if cost and "flops" in cost else None
     except Exception:  # noqa: BLE001 (a backend without cost analysis)
         xla_flops = None
-    return SlitStep(step, compile_s, xla_flops)
+    return SlitStep(step, compile_s, xla_flops, xla_memory(compiled))
+
+
+def xla_memory(compiled: Any) -> dict[str, int]:  # noqa: ANN401 (a jax.stages.Compiled)
+    """XLA's memory analysis of a compiled step, bytes a device ({} where the backend has none):
+    arguments, outputs, outputs aliased to (donated) arguments, temporaries, and their total as
+    `slit plan` adds them (arguments + outputs - aliased + temporaries)."""
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 (a backend without memory analysis)
+        return {}
+    if m is None:
+        return {}
+    out = {
+        k: int(getattr(m, f"{k}_size_in_bytes"))
+        for k in ("argument", "output", "alias", "temp", "generated_code")
+        if hasattr(m, f"{k}_size_in_bytes")
+    }
+    if {"argument", "output", "alias", "temp"} <= set(out):
+        out["total"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+    return out
 
 
 def _nbytes(tree: Any) -> int:  # noqa: ANN401
@@ -374,6 +406,17 @@ def device_memory() -> dict:
     return {k: stats[k] for k in ("peak_bytes_in_use", "bytes_limit") if k in stats}
 
 
+def peak_flops(dtype: str) -> float:
+    """The matmul peak of the default device in `dtype`, measured now: 2048-square products on a CPU,
+    8192-square ones on an accelerator (smaller ones leave a GPU's tensor cores idle)."""
+    import jax
+
+    from slit.bench import common
+
+    size = 2048 if jax.default_backend() == "cpu" else 8192
+    return common.matmul_peak_flops(size=size, dtype=dtype)
+
+
 def log_to_stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -432,12 +475,10 @@ def measure(
     compiled on `batch`, the reference made by `make_reference()` (a torch_reference.ReferenceStep;
     not with --skip-reference), the two timed in turns, the peak again; returns the result's timing,
     FLOP, compile and memory parts."""
-    from slit.bench import common
-
-    peaks = [common.matmul_peak_flops()]
+    peaks = [peak_flops(args.dtype)]
     slit = slit_step(setup, batch, mesh)
     log_to_stderr(f"slit: step compiled in {slit.compile_s:.1f} s")
-    memory: dict[str, Any] = {"slit_state": state_memory(setup)}
+    memory: dict[str, Any] = {"slit_state": state_memory(setup), "slit_xla": slit.xla_memory}
     made = {}
 
     def reference_step() -> Callable[[], float]:
@@ -448,8 +489,9 @@ def measure(
     timings = time_in_turns(
         slit.step, None if args.skip_reference else reference_step, threads, args.repeats, log_to_stderr
     )
-    peaks.append(common.matmul_peak_flops())
+    peaks.append(peak_flops(args.dtype))
     result = compare(reference_name, timings, model_flops, reference_flops, peaks)
+    result["dtype"] = args.dtype
     memory |= {"peak_host_rss_bytes": timings.peak_rss_bytes, "device": device_memory()}
     if "ref" in made:
         memory["reference_trainable_parameters"] = made["ref"].trainable_parameters
