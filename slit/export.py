@@ -34,7 +34,7 @@ from flax import nnx
 import slit
 from slit import runs
 from slit.data import tasks as tasks_lib
-from slit.errors import UserError
+from slit.errors import UserError, some_names
 from slit.train import checkpoint
 
 FORMATS = ("safetensors", "bundle", "hf-blip2")
@@ -101,8 +101,8 @@ def unflatten(flat: dict[str, np.ndarray], like: dict) -> dict:
     if missing or unexpected:
         raise UserError(
             "the weights do not fit the model:"
-            + (f"\n  missing: {', '.join(missing)}" if missing else "")
-            + (f"\n  unexpected: {', '.join(unexpected)}" if unexpected else "")
+            + (f"\n  missing: {some_names(missing)}" if missing else "")
+            + (f"\n  unexpected: {some_names(unexpected)}" if unexpected else "")
         )
     return out
 

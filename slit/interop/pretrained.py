@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from slit.errors import UserError
+from slit.errors import UserError, some_names
 from slit.models.audio.whisper import WhisperEncoder, WhisperEncoderConfig
 
 __all__ = [
@@ -260,6 +260,9 @@ def module_from_params(build: Callable[[], nnx.Module], params: Params) -> nnx.M
         if tuple(np.shape(given[k])) != tuple(expected[k].shape)
     ]
     if missing or unexpected or misshapen:
-        raise ValueError(f"params do not fit: missing {missing}, unexpected {unexpected}, shapes {misshapen}")
+        raise ValueError(
+            f"params do not fit: missing [{some_names(missing)}], unexpected [{some_names(unexpected)}], "
+            f"shapes [{some_names(misshapen, sep='; ')}]"
+        )
     nnx.replace_by_pure_dict(state, params, lambda var, v: var.replace(jnp.asarray(v, var.dtype)))
     return nnx.merge(graphdef, state)

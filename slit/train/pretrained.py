@@ -47,7 +47,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from slit.errors import UserError
+from slit.errors import UserError, some_names
 from slit.models.audio.encoder import AudioEncoderConfig
 from slit.models.audio.htsat import HTSATConfig
 from slit.models.audio.wav2vec2 import Wav2Vec2Config, resolve_hidden_layer
@@ -332,7 +332,9 @@ def put_like(abstract: nnx.State | dict, values: dict, shardings: dict) -> dict:
             out[path] = np.asarray(value, struct.dtype)
     problems += [f"unexpected {'.'.join(name)}" for name in sorted(given)]
     if problems:
-        raise ValueError("pretrained weights do not fit the model: " + "; ".join(problems))
+        raise ValueError(
+            "pretrained weights do not fit the model: " + some_names(problems, limit=12, sep="; ")
+        )
     flat_shardings = traverse_util.flatten_dict(shardings)
     return traverse_util.unflatten_dict(
         {
