@@ -41,10 +41,17 @@ setup(
         "pycocoevalcap>=1.2",  # METEOR 1.5 and the Stanford PTB tokenizer jars; caption-metric reference
         "gguf>=0.17",  # reads and dequantizes llama.cpp GGUF checkpoints
         "jiwer>=3.0",  # word error rate of transcript answers
+        "gcsfs>=2025.3",  # gs:// workdirs: etils.epath reaches Cloud Storage through fsspec's gcsfs
     ],
     extras_require={
         # scikit-learn: the average-precision reference for classification mAP.
-        "test": ["pytest>=8.0", "pytest-xdist>=3.6", "ruff>=0.8", "scikit-learn>=1.4"],
+        "test": [
+            "pytest>=8.0",
+            "pytest-xdist>=3.6",
+            "ruff>=0.8",
+            "scikit-learn>=1.4",
+            "gcp-storage-emulator>=2026.7",  # a Cloud Storage on localhost for the gs:// workdir test
+        ],
         # Reference implementations for parity tests. torch is pinned exactly: an unpinned torch
         # pulls a multi-GB CUDA build.
         "parity": [

@@ -29,10 +29,11 @@ from typing import Any, NamedTuple
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 from flax import nnx
 
 import slit
-from slit import runs
+from slit import paths, runs
 from slit.data import tasks as tasks_lib
 from slit.errors import UserError, some_names
 from slit.train import checkpoint
@@ -133,15 +134,16 @@ def model_config_dict(config: ml_collections.ConfigDict) -> dict:
 
 def export(
     workdir: str | pathlib.Path, fmt: str, out: str | pathlib.Path, step: int | None = None
-) -> pathlib.Path:
+) -> pathlib.Path | epath.Path:
     """Writes `fmt` for checkpoint `step` (default: the newest) of a stage-one or stage-two workdir to the
-    directory `out` (created; refused if it exists and is not empty). Returns `out`.
+    directory `out` (created; refused if it exists and is not empty). Returns `out`. Either may be a URI
+    (gs://): an export to one is written locally first, then copied there.
 
     Raises UserError for an unknown format, a non-empty `out`, or a workdir that is not a run with a
     checkpoint and its tokenizer(s)."""
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r} is not a format; choose one of {', '.join(FORMATS)}")
-    out = pathlib.Path(out)
+    out = paths.workdir_path(out) if paths.is_remote(out) else pathlib.Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a new (or empty) directory")
     if out.exists() and any(out.iterdir()):
@@ -157,6 +159,11 @@ def export(
     ]
     if missing:
         raise UserError(f"{run.workdir} lacks {' and '.join(missing)}; was it written by `slit train`?")
+    if paths.is_remote(out):
+        with tempfile.TemporaryDirectory(prefix="slit-export-") as scratch:
+            export(workdir, fmt, pathlib.Path(scratch) / out.name, step)
+            paths.copy(pathlib.Path(scratch) / out.name, out)
+        return out
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
@@ -200,12 +207,12 @@ def write_weights(run: runs.Run, fmt: str, out: pathlib.Path) -> None:
 
 def copy_tokenizers(run: runs.Run, out: pathlib.Path) -> None:
     """The Q-Former's tokenizer.json and (stage two) the LLM's tokenizer directory."""
-    shutil.copy(run.qformer_tokenizer, out / runs.QFORMER_TOKENIZER)
+    paths.copy(run.qformer_tokenizer, out / runs.QFORMER_TOKENIZER)
     clip_config = run.workdir / "tokenizer_config.json"  # a CLIP prompt tokenizer's (Pengi)
     if clip_config.is_file():
-        shutil.copy(clip_config, out / clip_config.name)
+        paths.copy(clip_config, out / clip_config.name)
     if run.stage == "stage2":
-        shutil.copytree(run.llm_tokenizer, out / LLM_TOKENIZER_DIR)
+        paths.copy(run.llm_tokenizer, out / LLM_TOKENIZER_DIR)
 
 
 def typed_params(run: runs.Run) -> tuple[dict, Any]:

@@ -23,7 +23,9 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 
+from slit import paths
 from slit.errors import UserError
 from slit.train import checkpoint
 
@@ -36,14 +38,14 @@ LLM_TOKENIZER_DIR = "llm_tokenizer"  # as slit.train.stage2_model.LLM_TOKENIZER_
 class Run:
     """One checkpoint of a workdir, read on the host."""
 
-    workdir: pathlib.Path
+    workdir: epath.Path  # a local path or a URI (gs://)
     config: ml_collections.ConfigDict  # the resolved config recorded with this checkpoint
     stage: str  # "stage1" or "stage2" (config.trainer)
     step: int
     params: dict  # trainable weights: nested dict of np.ndarray, as saved (list indices as str)
     metadata: dict  # the checkpoint's metadata: config, slit version, frozen_models
-    qformer_tokenizer: pathlib.Path | None  # <workdir>/tokenizer.json, when there
-    llm_tokenizer: pathlib.Path | None  # <workdir>/llm_tokenizer/, when there (stage two)
+    qformer_tokenizer: epath.Path | None  # <workdir>/tokenizer.json, when there
+    llm_tokenizer: epath.Path | None  # <workdir>/llm_tokenizer/, when there (stage two)
 
     @property
     def frozen_models(self) -> dict[str, dict[str, str]]:
@@ -54,8 +56,9 @@ class Run:
 def checkpoint_steps(workdir: str | pathlib.Path) -> list[int]:
     """The steps of the checkpoints in `<workdir>/checkpoints` (sorted; empty when there are none).
 
-    Raises UserError when `workdir` is not a directory or not a `slit train` workdir."""
-    workdir = pathlib.Path(workdir)
+    Raises UserError when `workdir` (a local path or a URI such as gs://) is not a directory or not a
+    `slit train` workdir."""
+    workdir = paths.workdir_path(workdir)
     if not workdir.exists():
         raise UserError(f"--workdir {workdir}: no such directory; give the workdir of a `slit train` run")
     if not workdir.is_dir():
@@ -79,7 +82,7 @@ def load_run(workdir: str | pathlib.Path, step: int | None = None) -> Run:
     Raises UserError for a missing directory, a directory that is not a workdir, a workdir without a
     checkpoint, a step it does not hold or cannot read, or a trainer slit does not know.
     """
-    workdir = pathlib.Path(workdir).absolute()
+    workdir = paths.workdir_path(workdir, absolute=True)
     steps = checkpoint_steps(workdir)
     if not steps:
         raise UserError(
@@ -246,7 +249,8 @@ def open_stage2(run: Run, config: ml_collections.ConfigDict | None = None) -> Tr
             f"{run.workdir} lacks {QFORMER_TOKENIZER} or {LLM_TOKENIZER_DIR}/; was it written by stage two?"
         )
     qformer_tok = load_text_tokenizer(run.workdir)
-    llm_tok = loading.load_tokenizer(run.llm_tokenizer)
+    with paths.local_copy(run.llm_tokenizer) as local:  # transformers reads local files
+        llm_tok = loading.load_tokenizer(local)
     parts, answerer, identity = build_stage2(config, qformer_tok, llm_tok, sharding.make_mesh(config.mesh))
     checkpoint.check_frozen_identity(
         run.frozen_models,
@@ -265,7 +269,7 @@ def load_trained(workdir: str | pathlib.Path, step: int | None = None) -> Traine
     checkpoint, or another trainer's run."""
     import json
 
-    workdir = pathlib.Path(workdir)
+    workdir = paths.workdir_path(workdir)
     if not workdir.is_dir():
         raise UserError(
             f"workdir {workdir} does not exist; give the --workdir of a `slit train` stage-two run"

@@ -17,8 +17,12 @@ import argparse
 import pathlib
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from slit.errors import UserError
+
+if TYPE_CHECKING:
+    from etils import epath
 
 HELP = "answer a prompt about an audio file with a trained stage-two run"
 JOINS_MULTI_PROCESS_RUNS = True  # one process per host (slit/train/distributed.py)
@@ -49,9 +53,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="seed of the sampling draws")
 
 
-def check_inputs(workdir: str, audio: str) -> tuple[pathlib.Path, pathlib.Path]:
-    """Fails fast, before anything heavy loads, on a missing workdir, config, checkpoint or audio file."""
-    run, clip = pathlib.Path(workdir), pathlib.Path(audio)
+def check_inputs(workdir: str, audio: str) -> tuple[epath.Path, pathlib.Path]:
+    """Fails fast, before anything heavy loads, on a missing workdir (a local path or gs://...), config,
+    checkpoint or audio file."""
+    from slit import paths
+
+    run, clip = paths.workdir_path(workdir), pathlib.Path(audio)
     if not run.is_dir():
         raise UserError(
             f"--workdir {run}: no such directory; give the workdir of a stage-two `slit train` run"

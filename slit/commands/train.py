@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import pathlib
 import sys
 from collections.abc import Sequence
 
 from slit import config as config_lib
+from slit import paths
 
 HELP = "train a model from a config file"
 ACCEPTS_CONFIG_OVERRIDES = True  # --config.a.b=value
@@ -19,7 +19,11 @@ TRAINERS = {"stage1": "slit.train.stage1", "stage2": "slit.train.stage2"}
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="a config file in configs/")
-    parser.add_argument("--workdir", required=True, help="the run's directory; re-running resumes it")
+    parser.add_argument(
+        "--workdir",
+        required=True,
+        help="the run's directory (a local path or gs://...); re-running resumes it",
+    )
 
 
 def run(args: argparse.Namespace, extra: Sequence[str]) -> int:
@@ -35,7 +39,7 @@ def run(args: argparse.Namespace, extra: Sequence[str]) -> int:
         )
     trainer = importlib.import_module(TRAINERS[config.trainer])
     trainer.validate(config, jax.device_count(), jax.process_count())
-    workdir = pathlib.Path(args.workdir)
+    workdir = paths.workdir_path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     resolved = config_lib.to_json(config)
     previous = workdir / "config.json"

@@ -16,7 +16,10 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 import tokenizers
+from etils import epath
 from tokenizers import models, pre_tokenizers, processors
+
+from slit import paths
 
 PAD, DEC, UNK, CLS, SEP, MASK = "[PAD]", "[DEC]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
 TOKENIZER_FILE = "tokenizer.json"
@@ -96,21 +99,21 @@ class TextTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
 
-    def save(self, directory: str | pathlib.Path) -> pathlib.Path:
-        path = pathlib.Path(directory) / TOKENIZER_FILE
-        self.tokenizer.save(str(path))
+    def save(self, directory: str | pathlib.Path) -> epath.Path:
+        """Writes `tokenizer.json` into `directory` (a local path or a URI such as gs://)."""
+        path = paths.workdir_path(directory) / TOKENIZER_FILE
+        path.write_text(self.tokenizer.to_str(pretty=True))
         return path
 
     @classmethod
     def from_directory(cls, directory: str | pathlib.Path) -> TextTokenizer:
-        """Loads `tokenizer.json` (or a BERT `vocab.txt`) from a directory."""
-        directory = pathlib.Path(directory)
+        """Loads `tokenizer.json` (or a BERT `vocab.txt`) from a directory (a local path or a URI)."""
+        directory = paths.workdir_path(directory)
         if (directory / TOKENIZER_FILE).is_file():
-            return cls(tokenizers.Tokenizer.from_file(str(directory / TOKENIZER_FILE)))
+            return cls(tokenizers.Tokenizer.from_str((directory / TOKENIZER_FILE).read_text()))
         if (directory / "vocab.txt").is_file():
-            return cls(
-                tokenizers.BertWordPieceTokenizer(str(directory / "vocab.txt"), lowercase=True)._tokenizer
-            )
+            with paths.local_copy(directory / "vocab.txt") as vocab:
+                return cls(tokenizers.BertWordPieceTokenizer(str(vocab), lowercase=True)._tokenizer)
         raise FileNotFoundError(
             f"no {TOKENIZER_FILE} or vocab.txt in {directory}; point to a tokenizer directory"
         )
@@ -149,18 +152,19 @@ class CLIPInstructionTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
 
-    def save(self, directory: str | pathlib.Path) -> pathlib.Path:
+    def save(self, directory: str | pathlib.Path) -> epath.Path:
+        """Writes `tokenizer.json` and `tokenizer_config.json` into `directory` (a local path or a URI)."""
         import json
 
-        path = pathlib.Path(directory) / TOKENIZER_FILE
-        self.tokenizer.save(str(path))
+        path = paths.workdir_path(directory) / TOKENIZER_FILE
+        path.write_text(self.tokenizer.to_str(pretty=True))
         special = {
             "bos_token": self.tokenizer.id_to_token(self.clip.bos_id),
             "eos_token": self.tokenizer.id_to_token(self.clip.eos_id),
             "pad_token": self.tokenizer.id_to_token(self.clip.pad_id),
         }
         config = {"tokenizer_class": CLIP_TOKENIZER_CLASS, **special}
-        (pathlib.Path(directory) / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        path.with_name("tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
         return path
 
 
@@ -168,7 +172,7 @@ def is_clip_tokenizer(directory: str | pathlib.Path) -> bool:
     """Whether `directory` holds a CLIP tokenizer (tokenizer_config.json says CLIPTokenizer[Fast])."""
     import json
 
-    path = pathlib.Path(directory) / "tokenizer_config.json"
+    path = paths.workdir_path(directory) / "tokenizer_config.json"
     try:
         config = json.loads(path.read_text()) if path.is_file() else {}
     except (OSError, json.JSONDecodeError):
@@ -181,5 +185,7 @@ def load_text_tokenizer(directory: str | pathlib.Path) -> TextTokenizer | CLIPIn
     directory's tokenizer_config.json says so (a Pengi bridge with a CLIP prompt encoder), else the
     Q-Former's BERT-style one."""
     if is_clip_tokenizer(directory):
-        return CLIPInstructionTokenizer(directory)
+        # CLIP's tokenizer reads local files
+        with paths.local_copy(directory, only=(TOKENIZER_FILE, "tokenizer_config.json")) as local:
+            return CLIPInstructionTokenizer(local)
     return TextTokenizer.from_directory(directory)

@@ -23,11 +23,13 @@ import json
 import math
 import os
 import pathlib
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from slit import paths as slit_paths
 from slit.errors import UserError
 
 SWEEP_FILE = "sweep.json"  # written by launch/sweep.py (slit/sweep.py)
@@ -52,11 +54,11 @@ def read_metrics(workdir: str | pathlib.Path) -> list[dict[str, Any]]:
     """The JSON objects of `<workdir>/metrics.jsonl` in file order ([] when there is none). Lines that are
     not JSON objects with a "step" (a line cut short by a kill) are skipped; non-finite values, which the
     writer stores as the strings "nan"/"inf", are read back as floats."""
-    path = pathlib.Path(workdir) / METRICS_FILE
+    path = slit_paths.workdir_path(workdir) / METRICS_FILE
     if not path.is_file():
         return []
     lines = []
-    for text in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    for text in path.read_bytes().decode("utf-8", errors="replace").splitlines():
         try:
             record = json.loads(text)
         except json.JSONDecodeError:
@@ -116,7 +118,7 @@ def trained_parameters(lines: Sequence[Mapping[str, Any]]) -> int | None:
 
 def checkpoint_steps(workdir: str | pathlib.Path) -> list[int]:
     """The steps of `<workdir>/checkpoints/<step>/` (sorted; [] when there are none)."""
-    directory = pathlib.Path(workdir) / CHECKPOINTS
+    directory = slit_paths.workdir_path(workdir) / CHECKPOINTS
     if not directory.is_dir():
         return []
     return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
@@ -124,7 +126,7 @@ def checkpoint_steps(workdir: str | pathlib.Path) -> list[int]:
 
 def read_config(workdir: str | pathlib.Path) -> dict[str, Any] | None:
     """`<workdir>/config.json` as a dict; None when there is none. UserError when it is not JSON."""
-    path = pathlib.Path(workdir) / CONFIG_FILE
+    path = slit_paths.workdir_path(workdir) / CONFIG_FILE
     if not path.is_file():
         return None
     try:
@@ -187,7 +189,7 @@ class _Source:
 
 def read_sweep(root: str | pathlib.Path) -> dict[str, Any]:
     """`<root>/sweep.json` (written by launch/sweep.py); UserError when it cannot be read."""
-    path = pathlib.Path(root) / SWEEP_FILE
+    path = slit_paths.workdir_path(root) / SWEEP_FILE
     try:
         state = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -225,7 +227,7 @@ def expand_paths(paths: Iterable[str | pathlib.Path]) -> list[_Source]:
     points, started or not); a run named twice counts once. UserError for any other path."""
     sources: list[_Source] = []
     for given in paths:
-        path = pathlib.Path(given)
+        path = slit_paths.workdir_path(given)
         if not path.is_dir():
             raise UserError(f"{given}: no such directory; give run workdirs (config.json) or sweep roots")
         if (path / SWEEP_FILE).is_file():
@@ -238,7 +240,7 @@ def expand_paths(paths: Iterable[str | pathlib.Path]) -> list[_Source]:
             )
     seen, unique = set(), []
     for source in sources:
-        key = os.path.abspath(source.workdir)
+        key = _absolute(source.workdir)
         if key not in seen:
             seen.add(key)
             unique.append(source)
@@ -266,16 +268,24 @@ def _status(
     return f"unfinished (step {step or 0} of {of})", step, total
 
 
+def _absolute(path: pathlib.Path) -> str:
+    """An absolute local path; a URI as epath holds it (gs://bucket/runs/a -> /gs/bucket/runs/a), so that
+    runs in a bucket are named from their common folder there."""
+    if slit_paths.is_remote(path):
+        return str(pathlib.PurePosixPath(*path.parts))
+    return os.path.abspath(path)
+
+
 def _common_parent(workdirs: Sequence[pathlib.Path]) -> pathlib.Path:
-    parents = [os.path.abspath(w.parent) for w in workdirs]
+    parents = [_absolute(w.parent) for w in workdirs]
     return pathlib.Path(os.path.commonpath(parents))
 
 
 def _name(workdir: pathlib.Path, parent: pathlib.Path) -> str:
     """A run's name: its path from the current directory when it is below it, else from `parent` (the
     runs' common parent)."""
-    here = os.path.relpath(os.path.abspath(workdir))
-    return here if not here.startswith("..") else os.path.relpath(os.path.abspath(workdir), parent)
+    here = os.path.relpath(_absolute(workdir))
+    return here if not here.startswith("..") else os.path.relpath(_absolute(workdir), parent)
 
 
 def collect(paths: Iterable[str | pathlib.Path]) -> list[RunRecord]:
@@ -685,7 +695,17 @@ def build_report(
     """Reads the runs of `paths` (collect) and writes into `out`: report.md (the runs table and, when seeds
     repeat a setting, the mean ± std table), report.csv, report_by_setting.csv (with seeds) and report.png
     (`metric` against `x`, when a finished run has the metric). UserError for no runs, an unknown metric
-    (the available ones listed) or an unknown x (the swept keys listed)."""
+    (the available ones listed) or an unknown x (the swept keys listed). `paths` and `out` may be URIs
+    (gs://): a report for one is written locally first, then copied there."""
+    if slit_paths.is_remote(out):
+        target = slit_paths.workdir_path(out)
+        with tempfile.TemporaryDirectory(prefix="slit-report-") as scratch:
+            report = build_report(paths, scratch, metric, x)
+            for name in ("report_by_setting.csv", "report.png"):  # an earlier report's, not written now
+                if not (pathlib.Path(scratch) / name).exists() and (target / name).exists():
+                    (target / name).unlink()
+            slit_paths.copy(scratch, target)
+        return dataclasses.replace(report, written=[target / p.name for p in report.written])
     runs = collect(paths)
     keys = swept_keys(runs)
     runs = sort_runs(runs, keys)

@@ -4,11 +4,15 @@ scores. matplotlib's object API with the Agg canvas: no pyplot, no global backen
 
 from __future__ import annotations
 
+import io
 import math
 import pathlib
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+from etils import epath
+
+from slit import paths
 
 
 def new_figure(width: float, height: float) -> object:
@@ -21,8 +25,15 @@ def new_figure(width: float, height: float) -> object:
     return figure
 
 
-def save_figure(figure: object, path: str | pathlib.Path) -> pathlib.Path:
-    """Writes `figure` as a PNG at `path` (parent folders created); returns the path."""
+def save_figure(figure: object, path: str | pathlib.Path) -> pathlib.Path | epath.Path:
+    """Writes `figure` as a PNG at `path` (parent folders created; a URI such as gs:// too); returns the
+    path."""
+    if paths.is_remote(path):
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png")
+        path = paths.workdir_path(path)
+        path.write_bytes(buffer.getvalue())
+        return path
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, format="png")

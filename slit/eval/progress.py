@@ -15,6 +15,7 @@ files (a shared file system, as for checkpoints).
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import pathlib
@@ -23,6 +24,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
+from etils import epath
+
+from slit import paths
 
 PARTIAL_DIR = "partial"
 
@@ -45,11 +49,11 @@ class BatchProgress:
     """
 
     def __init__(self, workdir: str | pathlib.Path, key: str, write: bool = True):
-        self.directory = pathlib.Path(workdir) / "eval" / PARTIAL_DIR / key
+        self.directory = paths.workdir_path(workdir) / "eval" / PARTIAL_DIR / key
         self.write = write
         self.resumed = 0  # batches loaded instead of computed
 
-    def _path(self, index: int, group: str) -> pathlib.Path:
+    def _path(self, index: int, group: str) -> epath.Path:
         return self.directory / f"{group}-{index:06d}.npz"
 
     def load(self, index: int, group: str = "batch") -> dict[str, Any] | None:
@@ -61,7 +65,8 @@ class BatchProgress:
         if not path.is_file():
             return None
         try:
-            with np.load(path, allow_pickle=False) as data:
+            source = io.BytesIO(path.read_bytes()) if paths.is_remote(path) else path
+            with np.load(source, allow_pickle=False) as data:
                 out: dict[str, Any] = {}
                 for name in data.files:
                     if name.startswith("json:"):
@@ -86,6 +91,11 @@ class BatchProgress:
             else:
                 arrays[f"json:{name}"] = np.array(json.dumps(value))
         path = self._path(index, group)
+        if paths.is_remote(path):  # an object store writes an object whole or not at all
+            buffer = io.BytesIO()
+            np.savez(buffer, **arrays)
+            path.write_bytes(buffer.getvalue())
+            return
         tmp = path.with_suffix(".tmp.npz")
         np.savez(tmp, **arrays)
         os.replace(tmp, path)
@@ -98,7 +108,10 @@ class BatchProgress:
     def clear(self) -> None:
         """Removes the saved results (call once the report is written)."""
         if self.write and self.directory.is_dir():
-            shutil.rmtree(self.directory, ignore_errors=True)
+            if paths.is_remote(self.directory):
+                self.directory.rmtree()
+            else:
+                shutil.rmtree(self.directory, ignore_errors=True)
             parent = self.directory.parent
             if parent.is_dir() and not any(parent.iterdir()):
                 parent.rmdir()

@@ -18,6 +18,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from etils import epath
+
+from slit import paths as slit_paths
 
 TASKS = ("retrieval", "captioning", "classification", "aqa")
 
@@ -53,7 +56,10 @@ def _config_dict(config: Any) -> Any:
     return config
 
 
-def _write_atomically(path: pathlib.Path, text: str) -> None:
+def _write_atomically(path: epath.Path, text: str) -> None:
+    if slit_paths.is_remote(path):  # an object store writes an object whole or not at all
+        path.write_text(text)
+        return
     temporary = path.with_name(f".{path.name}.tmp")
     temporary.write_text(text)
     os.replace(temporary, path)
@@ -222,13 +228,14 @@ def write_report(
     config: Any = None,
     step: int | None = None,
     with_plot: bool = True,
-) -> dict[str, pathlib.Path]:
-    """Writes `<workdir>/eval/<task>-<data>-<split>.{json,md}` and, where the task has one, `.png`.
+) -> dict[str, epath.Path]:
+    """Writes `<workdir>/eval/<task>-<data>-<split>.{json,md}` and, where the task has one, `.png`
+    (`workdir`: a local path or a URI such as gs://).
 
     The JSON holds {"task", "data", "split", "checkpoint_step", "metrics", "config"}; files are replaced
     atomically. Returns {"json": path, "markdown": path, "plot": path (if written)}.
     """
-    directory = pathlib.Path(workdir) / "eval"
+    directory = slit_paths.workdir_path(workdir) / "eval"
     directory.mkdir(parents=True, exist_ok=True)
     stem = report_stem(task, data, split)
     document = {

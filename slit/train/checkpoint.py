@@ -30,7 +30,6 @@ import hashlib
 import json
 import logging
 import pathlib
-import shutil
 import sys
 import time
 from typing import Any
@@ -44,6 +43,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 import slit
+from slit import paths
 from slit.errors import UserError
 from slit.train import sharding
 
@@ -176,8 +176,8 @@ def read_on_host(manager: ocp.CheckpointManager, step: int, *, metadata: bool = 
 
 def run_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
     """The resolved config of a run: `<workdir>/config.json` (written by `slit train`), else the one
-    recorded in the newest checkpoint's metadata."""
-    workdir = pathlib.Path(workdir)
+    recorded in the newest checkpoint's metadata. `workdir`: a local path or a URI (gs://)."""
+    workdir = paths.workdir_path(workdir)
     if (workdir / "config.json").is_file():
         return ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
     steps = (
@@ -194,10 +194,10 @@ def run_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
     )
 
 
-def locate(path: str | pathlib.Path) -> tuple[pathlib.Path, int | None]:
-    """Resolves a workdir, its checkpoints directory, or one step's directory to
+def locate(path: str | pathlib.Path) -> tuple[epath.Path, int | None]:
+    """Resolves a workdir, its checkpoints directory, or one step's directory (local paths or URIs) to
     (checkpoints directory, step or None for the newest)."""
-    path = pathlib.Path(path).absolute()
+    path = paths.workdir_path(path, absolute=True)
     if not path.exists():
         raise UserError(f"checkpoint path {path} does not exist")
     if (path / CHECKPOINTS).is_dir():
@@ -212,7 +212,7 @@ def locate(path: str | pathlib.Path) -> tuple[pathlib.Path, int | None]:
     )
 
 
-def _manager(directory: pathlib.Path, config: ml_collections.ConfigDict, read_only: bool = False):
+def _manager(directory: epath.Path, config: ml_collections.ConfigDict, read_only: bool = False):
     if read_only:
         return read_only_manager(directory)
     return ocp.CheckpointManager(
@@ -324,7 +324,7 @@ class Checkpointer:
     def __init__(self, workdir: str | pathlib.Path, config: ml_collections.ConfigDict, frozen: dict):
         """`frozen` is `frozen_identity(...)` of this run's frozen models."""
         self.config = config
-        self.workdir = pathlib.Path(workdir).absolute()
+        self.workdir = paths.workdir_path(workdir, absolute=True)
         self.directory = self.workdir / CHECKPOINTS
         self.frozen = frozen
         self.manager = _manager(self.directory, config)
@@ -452,7 +452,7 @@ class Checkpointer:
             return Start(restored["state"], int(step), f"resumed from {step_dir}")
         return None
 
-    def _damaged(self, manager: ocp.CheckpointManager, step_dir: pathlib.Path, error: Exception) -> None:
+    def _damaged(self, manager: ocp.CheckpointManager, step_dir: epath.Path, error: Exception) -> None:
         reason = f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
         if manager is not self.manager:
             print(f"warning: checkpoint {step_dir} cannot be read ({reason}); trying older", file=sys.stderr)
@@ -460,7 +460,7 @@ class Checkpointer:
         target = self.workdir / DAMAGED / f"{step_dir.name}-{int(time.time())}"
         if jax.process_index() == 0:
             target.parent.mkdir(exist_ok=True)
-            shutil.move(str(step_dir), target)
+            paths.move(step_dir, target)
         print(
             f"warning: checkpoint {step_dir} cannot be read ({reason}); moved it to {target} and falling "
             "back to the previous one",

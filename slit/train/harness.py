@@ -26,6 +26,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from slit import paths
 from slit.errors import UserError
 from slit.train import checkpoint, loop, sharding
 from slit.train.metrics import MetricWriter
@@ -201,9 +202,9 @@ def common_problems(config: ml_collections.ConfigDict, num_devices: int, num_pro
             problems.append(f"{key}={config[key]} must be >= 0 (0 turns it off)")
     if config.resume_from and config.init_from:
         problems.append("resume_from and init_from are both set; a run starts from one of them")
-    if config.init_from and not pathlib.Path(config.init_from).exists():
+    if config.init_from and not paths.workdir_path(config.init_from).exists():
         problems.append(f"init_from={config.init_from}: no such workdir or checkpoint")
-    if config.resume_from and not pathlib.Path(config.resume_from).exists():
+    if config.resume_from and not paths.workdir_path(config.resume_from).exists():
         problems.append(f"resume_from={config.resume_from}: no such workdir or checkpoint")
     if preemption_check_every(config) < 1:
         problems.append(

@@ -32,6 +32,7 @@ from slit.errors import UserError
 from slit.eval import reports, retrieval
 from slit.eval.stage1 import eval_progress, evaluate_retrieval, flatten_report, make_embedders
 from slit.models.stage1 import Stage1Batch
+from slit.paths import workdir_path
 from slit.train import accumulation, checkpoint, harness, loop, sharding
 from slit.train import feature_cache as cache_lib
 from slit.train.harness import TrainingSetup
@@ -174,7 +175,7 @@ def _has_split(config: ml_collections.ConfigDict, split: str) -> bool:
 def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
     """Trains stage one in `workdir` (resuming from its checkpoint); returns the test retrieval report
     ({} when the dataset has no test split: a note says so before step 1)."""
-    workdir = pathlib.Path(workdir)
+    workdir = workdir_path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
 

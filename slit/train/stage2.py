@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import pathlib
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -34,6 +35,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from slit import config as config_lib
+from slit import paths
 from slit.data import pipeline, sources
 from slit.data import tasks as tasks_lib
 from slit.errors import UserError
@@ -399,7 +401,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     """Trains stage two in `workdir` (resuming from its checkpoint); returns the test eval reports
     ({"captioning": ..., "aqa": ..., "classification": ..., "skipped": {evaluation: why}}, with the
     evaluations the test split can answer), or {dataset name: those reports} for a `data.mixture`."""
-    workdir = pathlib.Path(workdir)
+    workdir = paths.workdir_path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
     mesh = sharding.make_mesh(config.mesh)
@@ -409,7 +411,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     llm, llm_tok, llm_source = load_llm(config.llm)
     if is_main:
         qformer_tok.save(workdir)
-        llm_tok.save_pretrained(str(workdir / LLM_TOKENIZER_DIR))
+        with tempfile.TemporaryDirectory() as scratch:  # transformers writes local files only
+            llm_tok.save_pretrained(scratch)
+            paths.copy(scratch, workdir / LLM_TOKENIZER_DIR)
     encoders = make_encoders(config, qformer_tok, llm, llm_tok)
 
     # Model (frozen audio encoder, bridge, frozen LLM) and its sharded train state and jitted step.
