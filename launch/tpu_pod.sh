@@ -9,9 +9,9 @@
 # 3. runs the same command on all workers at once with SLIT_DISTRIBUTED=auto (JAX finds the
 #    coordinator and each worker's id from the TPU metadata);
 # 4. brings every worker's log back to logs/tpu_pod/<tpu>-<time>/worker-<i>.log.
-# The workdir and the data must be on a filesystem every worker mounts at the same path (SHARED above:
-# e.g. a Filestore/NFS share): each worker writes its shards of every checkpoint there (gs:// workdirs
-# are not supported yet). Re-running the same command
+# The data must be on a filesystem every worker mounts at the same path (SHARED above: e.g. a
+# Filestore/NFS share), and so must the workdir unless it is a gs:// bucket path: each worker writes its
+# shards of every checkpoint there. Re-running the same command
 # resumes from the newest checkpoint; a preempted run exits 75 on every worker after saving.
 #
 # Options: --tpu NAME (required), --zone ZONE (required), --project PROJECT, --remote-dir DIR (default
