@@ -46,13 +46,13 @@ def test_zero_shot_classification_equals_sklearn_on_the_rebuilt_model(trained_ru
 
     workdir, config = own_copy(trained_run, tmp_path)
     # --task all (the default): every stage-one evaluation the split can answer (it has captions and
-    # labels: retrieval and classification), each with its report.
-    result = run_slit("eval", "--workdir", str(workdir), "--data", config.data.name, "--rerank-k", "0")
+    # labels: retrieval and classification), each with its report. Without --rerank-k, retrieval
+    # re-ranks the run's retrieval_rerank_k.
+    result = run_slit("eval", "--workdir", str(workdir), "--data", config.data.name)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "by contrastive similarity" in result.stdout and "skipped" not in result.stdout
-    assert (
-        workdir / "eval" / (reports.report_stem("retrieval", config.data.name, "test") + ".json")
-    ).is_file()
+    retrieval = workdir / "eval" / (reports.report_stem("retrieval", config.data.name, "test") + ".json")
+    assert json.loads(retrieval.read_text())["metrics"]["rerank_k"] == config.retrieval_rerank_k > 0
     stem = workdir / "eval" / reports.report_stem("classification", config.data.name, "test")
     document = json.loads(stem.with_suffix(".json").read_text())
     assert stem.with_suffix(".md").is_file() and document["checkpoint_step"] == 2

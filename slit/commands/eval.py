@@ -38,8 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--rerank-k",
         type=int,
-        default=128,
-        help="retrieval: re-rank each query's top k by the matching head (default 128 as BLIP-2; 0: off)",
+        default=None,
+        help="retrieval: re-rank each query's top k by the matching head (0: off; default: the run's "
+        "retrieval_rerank_k, 128 as BLIP-2)",
     )
     parser.add_argument(
         "--instruction",

@@ -26,7 +26,8 @@ class Request:
     split: str = "test"
     data_dir: str | None = None
     step: int | None = None
-    rerank_k: int = 128  # retrieval: re-rank each query's top k by the matching head (0: off)
+    rerank_k: int | None = None  # retrieval: re-rank each query's top k by the matching head (0: off;
+    # None: the run's retrieval_rerank_k)
     instruction: str | None = None  # captioning / aqa: the instruction (default: the run's first)
     max_clips: int = 0  # captioning / aqa: only the first N clips (0: all)
     prompt: str | None = None  # stage-one classification: the prompt template (default: its own)
