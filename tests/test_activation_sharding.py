@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from slit.train import sharding
-from tests.conftest import ROOT
+from tests.conftest import ROOT, xla_flags
 
 BATCH = '{"data", "fsdp"}'  # the rules' batch -> (data, fsdp); embed -> fsdp is then taken: replicated
 RULES = {"batch": ("data", "fsdp"), "embed": "fsdp", "vocab": "tensor"}
@@ -30,7 +30,7 @@ RULES = {"batch": ("data", "fsdp"), "embed": "fsdp", "vocab": "tensor"}
 def run_check(data_dir: str, work_dir: str, *flags: str) -> dict:
     env = dict(
         os.environ,
-        XLA_FLAGS="--xla_force_host_platform_device_count=8",
+        XLA_FLAGS=xla_flags(8),
         JAX_PLATFORMS="cpu",
         PYTHONPATH=str(ROOT),
     )

@@ -25,7 +25,7 @@ from slit.train import checkpoint, loop, stage1, stage1_model
 from slit.train.metrics import MetricWriter
 from slit.train.optimizer import make_optimizer, nonfinite_counts
 from slit.train.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionWatcher
-from tests.conftest import ROOT, tiny_config, tiny_overrides
+from tests.conftest import ROOT, tiny_config, tiny_overrides, xla_flags
 from tests.topology_check import by_name, read_checkpoint_on_host
 
 TIMING_KEYS = {"steps_per_second", "examples_per_second", "data_wait_fraction"}
@@ -127,9 +127,7 @@ def test_exact_resume_after_sigterm_at_a_random_step(tmp_path, tiny_data_dir, st
 
 
 def run_hop(data_dir: str, workdir: pathlib.Path, devices: int, data: int, fsdp: int, steps: int) -> dict:
-    env = dict(
-        os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", PYTHONPATH=str(ROOT)
-    )
+    env = dict(os.environ, XLA_FLAGS=xla_flags(devices), PYTHONPATH=str(ROOT))
     result = subprocess.run(
         [
             sys.executable,

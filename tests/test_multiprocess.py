@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from tests.conftest import ROOT, tiny_overrides
+from tests.conftest import ROOT, tiny_overrides, xla_flags
 from tests.test_train_stage2 import stage2_overrides, write_tiny_llama
 
 MESH = {"mesh.data": 2, "mesh.fsdp": 4}
@@ -50,7 +50,7 @@ def slit_command(config: str, workdir: pathlib.Path, overrides: dict[str, object
 
 
 def run_one_process(command: list[str], devices: int) -> subprocess.CompletedProcess:
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(devices), JAX_PLATFORMS="cpu")
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     return result

@@ -12,7 +12,7 @@ import pytest
 
 from slit.train import sharding, stage1, stage1_model
 from slit.train.optimizer import decay_mask
-from tests.conftest import ROOT, tiny_config, train_batches
+from tests.conftest import ROOT, tiny_config, train_batches, xla_flags
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,7 @@ def test_learning_rate_warms_up_then_decays(setup_and_batches):
 def test_sharded_step_equals_single_device(tiny_data_dir, data, fsdp, tensor):
     env = dict(
         os.environ,
-        XLA_FLAGS="--xla_force_host_platform_device_count=8",
+        XLA_FLAGS=xla_flags(8),
         JAX_PLATFORMS="cpu",
         PYTHONPATH=str(ROOT),
     )
