@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import pathlib
 import socket
 
@@ -18,6 +19,9 @@ import pytest
 
 from tests.conftest import ROOT, tiny_overrides
 
+# gcsfs's default filesystem first asks Cloud Storage's gRPC control API for the bucket's type, which the
+# emulator does not serve (a 60 s time-out per bucket): the plain JSON-API filesystem, chosen at import.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 emulator = pytest.importorskip(
     "gcp_storage_emulator.server", reason="gcp-storage-emulator (pip install .[test])"
 )
@@ -30,6 +34,7 @@ BUCKET = "slit-test"
 @pytest.fixture
 def gcs(monkeypatch: pytest.MonkeyPatch):
     """A Cloud Storage emulator on localhost holding the bucket BUCKET; yields the bucket's client."""
+    import fsspec
     import gcsfs
     from etils.epath import backend
 
@@ -40,7 +45,15 @@ def gcs(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", url)  # gcsfs and google-cloud-storage
     monkeypatch.setenv("TENSORSTORE_GCS_HTTP_URL", url)  # tensorstore's gcs driver (orbax's arrays)
     monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", "slit-test")
-    monkeypatch.setenv("NO_GCE_CHECK", "True")  # no credentials lookups on a metadata server
+    # No credentials are looked up anywhere but here: left alone, google-auth and tensorstore ask the GCE
+    # metadata server (169.254.169.254) for a token, thousands of times in one run. gcsfs goes anonymous;
+    # tensorstore takes a fixed token; any google-auth probe left goes to a closed port on localhost.
+    monkeypatch.setitem(fsspec.config.conf, "gcs", {"token": "anon"})
+    monkeypatch.setenv("GOOGLE_AUTH_TOKEN_FOR_TESTING", "anonymous")
+    for name in ("GCE_METADATA_HOST", "GCE_METADATA_IP", "GCE_METADATA_ROOT"):
+        monkeypatch.setenv(name, "127.0.0.1:9")
+    monkeypatch.setenv("NO_GCE_CHECK", "True")
+    monkeypatch.setattr(socket.socket, "connect", _loopback_only(socket.socket.connect))
     # The emulator's downloads leave out the object's generation, which tensorstore's gcs driver reads
     # (OCDBT's manifest is read back and updated by generation): send it as Cloud Storage does.
     monkeypatch.setattr(objects, "download", functools.partial(_download_with_generation, objects.download))
@@ -55,6 +68,23 @@ def gcs(monkeypatch: pytest.MonkeyPatch):
         gcsfs.GCSFileSystem.clear_instance_cache()
         backend.fsspec_backend._get_filesystem.cache_clear()
         server.stop()
+
+
+def _loopback_only(connect):
+    """socket.connect, refusing (and so failing the test) any address but this machine's: the Python
+    clients (gcsfs, google-auth) reach nothing else. (tensorstore connects from C++; a run under
+    `strace -f -e trace=connect` showed it reaching only 127.0.0.1 with the settings above.)"""
+
+    def checked(self: socket.socket, address: object) -> object:
+        if self.family in (socket.AF_INET, socket.AF_INET6) and address[0] not in (
+            "127.0.0.1",
+            "::1",
+            "localhost",
+        ):
+            raise AssertionError(f"the gs:// test tried to reach {address}")
+        return connect(self, address)
+
+    return checked
 
 
 def _download_with_generation(download, request, response, storage, *args, **kwargs) -> None:
