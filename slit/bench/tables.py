@@ -129,7 +129,7 @@ def render(paths: Sequence[pathlib.Path], commands: Sequence[str]) -> str:
         f"Measured on {day}: {machine['cpu_count']} CPU cores ({machine['platform']}), JAX "
         f"{machine['jax_version']} on {machine['jax_backend']}. Timings are medians of steps "
         "taken in turns (blocks of slit's steps, then of the PyTorch reference's, twice, in one process); "
-        "utilisation is against the f32 "
+        f"utilisation is against the {' / '.join(sorted({_dtype_name(r) for r in results}))} "
         "matmul peak measured in the same run. How each number is taken: `slit/bench/train_step.py`; "
         "what the FLOPs count: `slit/bench/flops.py`.",
         "",
