@@ -15,6 +15,7 @@ import os
 import pathlib
 import socket
 
+import numpy as np
 import pytest
 
 from tests.conftest import ROOT, tiny_overrides
@@ -151,3 +152,32 @@ def test_stage_one_trains_resumes_evaluates_exports_and_reports_in_a_gs_workdir(
 
     assert cli.main(["report", workdir, "--out", f"gs://{BUCKET}/report"]) == 0
     assert "s1" in epath.Path(f"gs://{BUCKET}/report/report.md").read_text()
+
+
+@pytest.mark.slow  # a second run in a bucket: stage two's own files (the LLM's tokenizer, generation)
+def test_stage_two_trains_evaluates_and_generates_from_a_gs_workdir(gcs, tiny_data_dir, tmp_path):
+    import soundfile
+    from etils import epath
+
+    from slit import cli
+    from tests.test_train_stage2 import stage2_overrides, write_tiny_llama
+
+    llm_dir = write_tiny_llama(tmp_path / "llm")
+    overrides = stage2_overrides(tiny_data_dir, llm_dir, total_steps=2, **{"eval.max_clips": 4})
+    workdir = f"gs://{BUCKET}/runs/s2"
+    args = [f"--config.{k}={v}" for k, v in overrides.items()]
+    config = str(ROOT / "configs" / "stage2_synthetic.py")
+    assert cli.main(["train", "--config", config, "--workdir", workdir, *args]) == 0
+    run = epath.Path(workdir)
+    assert (run / "llm_tokenizer").is_dir() and (run / "checkpoints" / "2").is_dir()
+    assert any(p.name.startswith("captioning") for p in (run / "eval").iterdir())
+
+    clip = tmp_path / "clip.wav"
+    soundfile.write(clip, np.zeros(16000, np.float32) + 0.01, 16000)
+    assert (
+        cli.main(["generate", "--workdir", workdir, "--audio", str(clip), "--prompt", "describe the sound."])
+        == 0
+    )
+    out = f"gs://{BUCKET}/exports/s2"
+    assert cli.main(["export", "--workdir", workdir, "--format", "bundle", "--out", out]) == 0
+    assert (epath.Path(out) / "model.safetensors").is_file()
