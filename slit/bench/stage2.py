@@ -47,6 +47,12 @@ def reference_llm(size: str, gguf: str | None, random: bool = False) -> tuple[An
     """(transformers LlamaForCausalLM in float32 eval mode, description): the GGUF's for `base`, a random
     one of the size's shape for `tiny`, `1b` or `random` (which needs torch even with --skip-reference;
     sdpa attention when the reference runs on a GPU, eager on the CPU)."""
+    if size != "base" or random:
+        train_step.require_torch(
+            f"the random LLM of --size {size}{' --random-llm' if random else ''} is made by transformers "
+            "(the same weights for both sides), which needs torch",
+            "",
+        )
     train_step.require_torch()
     import torch
     import transformers

@@ -252,17 +252,17 @@ def state_memory(setup: Any) -> dict:  # noqa: ANN401
 # --- timing ------------------------------------------------------------------------------------------
 
 
-def require_torch() -> None:
-    """Raises a UserError saying how to get the PyTorch reference when torch is not installed."""
+def require_torch(
+    why: str = "the PyTorch reference needs torch and transformers",
+    instead: str = ", or run slit alone with --skip-reference",
+) -> None:
+    """Raises a UserError saying how to get torch (for `why`) when it is not installed."""
     import importlib.util
 
     from slit.errors import UserError
 
     if importlib.util.find_spec("torch") is None or importlib.util.find_spec("transformers") is None:
-        raise UserError(
-            "the PyTorch reference needs torch and transformers: pip install -e '.[parity]' "
-            "(torch==2.13.0), or run slit alone with --skip-reference"
-        )
+        raise UserError(f"{why}: pip install -e '.[parity]' (torch==2.13.0){instead}")
 
 
 def torch_device() -> str:
