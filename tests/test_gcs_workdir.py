@@ -181,3 +181,28 @@ def test_stage_two_trains_evaluates_and_generates_from_a_gs_workdir(gcs, tiny_da
     out = f"gs://{BUCKET}/exports/s2"
     assert cli.main(["export", "--workdir", workdir, "--format", "bundle", "--out", out]) == 0
     assert (epath.Path(out) / "model.safetensors").is_file()
+
+
+@pytest.mark.slow  # two processes (startup and compilation of each: a minute or two)
+def test_two_processes_train_and_resume_in_a_gs_workdir(gcs, tiny_data_dir):
+    """As a pod runs: 2 processes x 4 devices write one run's checkpoints into the bucket (each its
+    shards), then resume it; the emulator's address reaches them through the environment."""
+    import os
+    import subprocess
+
+    from etils import epath
+
+    from tests.test_multiprocess import LAUNCHER, MESH, slit_command
+
+    workdir = f"gs://{BUCKET}/runs/mp"
+    for steps in (2, 4):
+        overrides = tiny_overrides(tiny_data_dir, total_steps=steps) | MESH | {"data.test_split": "none"}
+        command = slit_command("stage1_synthetic.py", workdir, overrides)
+        result = subprocess.run(
+            [*LAUNCHER, "--", *command], capture_output=True, text=True, cwd=ROOT, env=dict(os.environ),
+            timeout=900,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert "Resuming from gs://" in result.stdout + result.stderr
+    steps = sorted(int(p.name) for p in (epath.Path(workdir) / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps[-1] == 4
