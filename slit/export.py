@@ -159,18 +159,15 @@ def export(
     ]
     if missing:
         raise UserError(f"{run.workdir} lacks {' and '.join(missing)}; was it written by `slit train`?")
-    if paths.is_remote(out):
+    if paths.is_remote(out):  # written here, then copied up (the run read once)
         with tempfile.TemporaryDirectory(prefix="slit-export-") as scratch:
-            export(workdir, fmt, pathlib.Path(scratch) / out.name, step)
-            paths.copy(pathlib.Path(scratch) / out.name, out)
+            _write(run, fmt, pathlib.Path(scratch))
+            paths.copy(scratch, out)
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
-        if fmt == "hf-blip2":
-            export_hf_blip2(run, staging)
-        else:
-            write_weights(run, fmt, staging)
+        _write(run, fmt, staging)
         if out.exists():
             out.rmdir()  # empty, checked above
         staging.rename(out)
@@ -178,6 +175,14 @@ def export(
         if staging.exists():
             shutil.rmtree(staging)
     return out
+
+
+def _write(run: runs.Run, fmt: str, directory: pathlib.Path) -> None:
+    """The export of `fmt` into the (empty, local) `directory`."""
+    if fmt == "hf-blip2":
+        export_hf_blip2(run, directory)
+    else:
+        write_weights(run, fmt, directory)
 
 
 def write_weights(run: runs.Run, fmt: str, out: pathlib.Path) -> None:

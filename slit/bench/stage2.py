@@ -53,18 +53,16 @@ def reference_llm(size: str, gguf: str | None, random: bool = False) -> tuple[An
             "(the same weights for both sides), which needs torch",
             "",
         )
+        from slit.bench import torch_reference
+
+        attention = "sdpa" if train_step.torch_device() == "cuda" else "eager"
+        hf = torch_reference.random_llama(SIZES[size][1].llm, attn_implementation=attention)
+        billions = sum(p.numel() for p in hf.parameters()) / 1e9
+        return hf, f"a random {size} Llama ({billions:.2f} B weights) made by transformers"
     train_step.require_torch()
     import torch
     import transformers
 
-    from slit.bench import torch_reference
-
-    if size != "base" or random:
-        shape = SIZES[size][1].llm
-        attention = "sdpa" if train_step.torch_device() == "cuda" else "eager"
-        hf = torch_reference.random_llama(shape, attn_implementation=attention)
-        billions = sum(p.numel() for p in hf.parameters()) / 1e9
-        return hf, f"a random {size} Llama ({billions:.2f} B weights) made by transformers"
     path = gguf_path(gguf)
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         path.parent, gguf_file=path.name, dtype=torch.float32
