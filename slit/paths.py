@@ -70,6 +70,18 @@ def copy(source: PathLike, target: PathLike) -> None:
     _copy_tree(workdir_path(source), workdir_path(target))
 
 
+def write_whole(path: PathLike, data: bytes) -> None:
+    """Writes `data` to `path` whole or not at all: a local file through a temporary sibling and a rename
+    (a reader never sees half of it), a URI as one object (an object store's writes are whole)."""
+    if is_remote(path):
+        epath.Path(os.fspath(path)).write_bytes(data)
+        return
+    path = pathlib.Path(path)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_bytes(data)
+    os.replace(temporary, path)
+
+
 def move(source: PathLike, target: PathLike) -> None:
     """Moves a file or directory to `target` on the same filesystem (`shutil.move` for local paths; a copy
     then a delete for URIs, where directories are only name prefixes)."""

@@ -38,6 +38,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from slit import config as config_lib
+from slit import paths
 from slit.errors import UserError
 from slit.eval import compare
 
@@ -289,9 +290,7 @@ def write_state(root: str | pathlib.Path, state: dict[str, Any]) -> pathlib.Path
     root.mkdir(parents=True, exist_ok=True)
     state["updated"] = now()
     path = root / SWEEP_FILE
-    temporary = path.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps(state, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
+    paths.write_whole(path, (json.dumps(state, indent=2, default=str) + "\n").encode())
     return path
 
 

@@ -28,15 +28,11 @@ def new_figure(width: float, height: float) -> object:
 def save_figure(figure: object, path: str | pathlib.Path) -> pathlib.Path | epath.Path:
     """Writes `figure` as a PNG at `path` (parent folders created; a URI such as gs:// too); returns the
     path."""
-    if paths.is_remote(path):
-        buffer = io.BytesIO()
-        figure.savefig(buffer, format="png")
-        path = paths.workdir_path(path)
-        path.write_bytes(buffer.getvalue())
-        return path
-    path = pathlib.Path(path)
+    path = paths.workdir_path(path) if paths.is_remote(path) else pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, format="png")
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    paths.write_whole(path, buffer.getvalue())
     return path
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import pathlib
 import shutil
 from collections.abc import Callable, Mapping
@@ -65,8 +64,7 @@ class BatchProgress:
         if not path.is_file():
             return None
         try:
-            source = io.BytesIO(path.read_bytes()) if paths.is_remote(path) else path
-            with np.load(source, allow_pickle=False) as data:
+            with np.load(io.BytesIO(path.read_bytes()), allow_pickle=False) as data:
                 out: dict[str, Any] = {}
                 for name in data.files:
                     if name.startswith("json:"):
@@ -90,15 +88,9 @@ class BatchProgress:
                 arrays[name] = value
             else:
                 arrays[f"json:{name}"] = np.array(json.dumps(value))
-        path = self._path(index, group)
-        if paths.is_remote(path):  # an object store writes an object whole or not at all
-            buffer = io.BytesIO()
-            np.savez(buffer, **arrays)
-            path.write_bytes(buffer.getvalue())
-            return
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        paths.write_whole(self._path(index, group), buffer.getvalue())
 
     def describe(self) -> str:
         """What is saved so far, for the preemption message: "N batches saved in DIR"."""

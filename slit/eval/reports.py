@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import pathlib
 import re
 from collections.abc import Mapping
@@ -54,15 +53,6 @@ def _config_dict(config: Any) -> Any:
     if hasattr(config, "to_dict"):  # ml_collections.ConfigDict
         return config.to_dict()
     return config
-
-
-def _write_atomically(path: epath.Path, text: str) -> None:
-    if slit_paths.is_remote(path):  # an object store writes an object whole or not at all
-        path.write_text(text)
-        return
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
 
 
 def _pct(value: float | None) -> str:
@@ -247,8 +237,8 @@ def write_report(
         "config": _plain(_config_dict(config)),
     }
     paths = {"json": directory / f"{stem}.json", "markdown": directory / f"{stem}.md"}
-    _write_atomically(paths["json"], json.dumps(document, indent=2) + "\n")
-    _write_atomically(paths["markdown"], markdown(task, data, split, document["metrics"], step))
+    slit_paths.write_whole(paths["json"], (json.dumps(document, indent=2) + "\n").encode())
+    slit_paths.write_whole(paths["markdown"], markdown(task, data, split, document["metrics"], step).encode())
     if with_plot:
         title = f"{task}: {data} ({split})" + (f", step {step}" if step is not None else "")
         written = plot(task, document["metrics"], directory / f"{stem}.png", title)
