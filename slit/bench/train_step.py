@@ -30,7 +30,11 @@ from slit.bench.shapes import SIZES, Stage1Shape, Stage2Shape
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--size", choices=sorted(SIZES), default="base", help="base: BERT-base Q-Former, batch 8; tiny: tests"
+        "--size",
+        choices=sorted(SIZES),
+        default="base",
+        help="base: BERT-base Q-Former, batch 8; 1b: an accelerator's size, batch 32 (stage two through a "
+        "~1B random Llama); tiny: tests",
     )
     parser.add_argument("--batch", type=int, default=0, help="clips per step (0: the size's)")
     parser.add_argument("--frames", type=int, default=0, help="encoder frames per clip (0: the size's)")
