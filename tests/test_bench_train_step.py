@@ -214,3 +214,26 @@ def test_bfloat16_sets_both_sides_matmul_dtype():
     assert np.isfinite(loss)
     assert {p.dtype for p in hf.parameters()} == {torch.bfloat16}
     assert seen == [torch.bfloat16]
+
+
+def test_stage2_bench_lays_the_llm_out_as_its_config_says(tmp_path):
+    """The 1b size scans its LLM's layers by default (one compiled layer, not 22); any size follows
+    --config.llm.scan_layers, and the scanned step takes the same losses as the per-layer one."""
+    pytest.importorskip("torch")
+    from slit import cli
+    from slit.bench import stage2
+
+    config = stage2.bench_config(SIZES["1b"][1], 0.1, [], "bfloat16", stage2.SIZE_SETTINGS["1b"])
+    assert config.llm.scan_layers is True and config.llm.param_dtype == "bfloat16"
+    overridden = [("llm.scan_layers", "false")]
+    assert not stage2.bench_config(
+        SIZES["1b"][1], 0.1, overridden, "bfloat16", stage2.SIZE_SETTINGS["1b"]
+    ).llm.scan_layers
+    results = {}
+    for scan in ("false", "true"):
+        out = tmp_path / f"{scan}.json"
+        args = ["bench", "stage2", "--size", "tiny", "--repeats", "2", "--skip-reference", "--out", str(out)]
+        assert cli.main([*args, f"--config.llm.scan_layers={scan}"]) == 0
+        results[scan] = json.loads(out.read_text())
+    assert results["true"]["llm_scan_layers"] is True and results["false"]["llm_scan_layers"] is False
+    np.testing.assert_allclose(results["true"]["slit_losses"], results["false"]["slit_losses"], rtol=1e-5)

@@ -29,6 +29,9 @@ from slit.bench.shapes import SIZES, LlamaShape, Stage2Shape
 
 HELP = "the stage-two train step (BERT-base Q-Former, frozen SmolLM2-135M): slit vs PyTorch, speedup and MFU"
 READS_CONFIG = True  # --config.a.b=value overrides of configs/stage2_synthetic.py
+# Each size's settings beyond its shape (the user's --config overrides win): the 1b size stores its 22 LLM
+# layers stacked and runs them with one scan, so an accelerator compiles one layer rather than 22.
+SIZE_SETTINGS: dict[str, dict[str, Any]] = {"base": {}, "tiny": {}, "1b": {"llm.scan_layers": True}}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -84,25 +87,40 @@ def gguf_path(gguf: str | None) -> pathlib.Path:
     return path
 
 
-def _slit_gguf(gguf: str | None, param_dtype: Any) -> tuple[Any, str]:  # noqa: ANN401
+def _slit_gguf(gguf: str | None, param_dtype: Any, scan_layers: bool = False) -> tuple[Any, str]:  # noqa: ANN401
     """(slit's Llama of the GGUF file, description), dequantized by slit."""
     from slit.models.llm import gguf as gguf_lib
 
     path = gguf_path(gguf)
-    lm = gguf_lib.llama_from_gguf(path, param_dtype=param_dtype)
+    lm = gguf_lib.llama_from_gguf(path, param_dtype=param_dtype, scan_layers=scan_layers)
     return lm, f"{path.name} (dequantized to float32 by slit)"
+
+
+def bench_config(
+    shape: Stage2Shape,
+    dropout: float,
+    overrides: list[tuple[str, str]],
+    dtype: str = "float32",
+    own: dict[str, Any] | None = None,
+) -> Any:  # noqa: ANN401 (an ml_collections.ConfigDict)
+    """configs/stage2_synthetic.py as the benchmark runs it at `shape` (train_step.sized_config), the
+    instruction-aware Q-Former, the frozen LLM stored in `dtype`, then `own` (the size's defaults), then
+    the user's `--config.a.b=value` overrides."""
+    defaults = {"llm.param_dtype": dtype} | (own or {})  # each may be overridden
+    settings = {"qformer.instruction": True} | {k: v for k, v in defaults.items() if k not in dict(overrides)}
+    return train_step.sized_config("stage2_synthetic.py", shape, dropout, settings, overrides, dtype)
 
 
 def slit_setup(
     shape: Stage2Shape,
-    llm: Any,
+    llm: Any,  # noqa: ANN401
     dropout: float,
-    overrides: list[tuple[str, str]],  # noqa: ANN401
+    overrides: list[tuple[str, str]],
     dtype: str = "float32",
-    llm_dtype: str = "float32",
+    config: Any = None,  # noqa: ANN401 (bench_config's, when the caller made it already)
 ) -> tuple:
-    """(TrainingSetup, mesh, Q-Former pad id): slit's stage-two training at `shape` around `llm` (a slit
-    LLM module), as `slit train` builds it."""
+    """(TrainingSetup, mesh, Q-Former pad id, the LLM's stored dtype): slit's stage-two training at
+    `shape` around `llm` (a slit LLM module), as `slit train` builds it."""
     import jax
 
     from slit.data.synthetic import TOKENIZER_VOCABULARY
@@ -110,10 +128,7 @@ def slit_setup(
     from slit.train import sharding, stage2
     from slit.train.stage2_model import model_config
 
-    own: dict[str, Any] = {"qformer.instruction": True}
-    if "llm.param_dtype" not in dict(overrides):
-        own["llm.param_dtype"] = llm_dtype
-    config = train_step.sized_config("stage2_synthetic.py", shape, dropout, own, overrides, dtype)
+    config = config if config is not None else bench_config(shape, dropout, overrides, dtype)
     q = shape.qformer
     stage2.validate(config, jax.device_count())
     tokenizer = TextTokenizer(word_level_tokenizer(TOKENIZER_VOCABULARY))
@@ -133,26 +148,33 @@ def slit_setup(
 
 
 def run(args: argparse.Namespace) -> dict:
-    import numpy as np
-
     from slit.models.llm import llama
 
     base = SIZES[args.size][1]
-    # The frozen LLM is stored in the compute dtype (--config.llm.param_dtype chooses otherwise).
-    dtype = dict(args.config_overrides).get("llm.param_dtype", args.dtype)
-    param_dtype = {"float32": np.float32, "bfloat16": "bfloat16"}.get(dtype, np.float32)
+    # The frozen LLM is stored in the compute dtype and laid out as the config says (the 1b size scans
+    # its layers: one compiled layer instead of 22); --config.llm.param_dtype / scan_layers choose otherwise.
+    config = bench_config(
+        train_step.resized(base, args),
+        args.dropout,
+        args.config_overrides,
+        args.dtype,
+        SIZE_SETTINGS[args.size],
+    )
+    param_dtype, scan = config.llm.param_dtype, bool(config.llm.scan_layers)
     if args.skip_reference and args.size == "base" and not args.random_llm:  # slit reads the GGUF itself
-        hf, (lm, llm_description) = None, _slit_gguf(args.gguf, param_dtype)
+        hf, (lm, llm_description) = None, _slit_gguf(args.gguf, param_dtype, scan)
     else:
         hf, llm_description = reference_llm(args.size, args.gguf, args.random_llm)
         tensors = {name: t.detach().cpu().numpy() for name, t in hf.state_dict().items()}
-        config = llama.llama_config_from_hf(hf.config.to_dict())
-        lm = llama.llama_from_tensors(tensors, config, llm_description, param_dtype=param_dtype)
+        lm_config = llama.llama_config_from_hf(hf.config.to_dict())
+        lm = llama.llama_from_tensors(
+            tensors, lm_config, llm_description, param_dtype=param_dtype, scan_layers=scan
+        )
         del tensors
     llm = LlamaShape(**{f.name: getattr(lm.config, f.name) for f in dataclasses.fields(LlamaShape)})
     shape = train_step.resized(dataclasses.replace(base, llm=llm), args)
     setup, mesh, pad_id, llm_dtype = slit_setup(
-        shape, lm, args.dropout, args.config_overrides, args.dtype, dtype
+        shape, lm, args.dropout, args.config_overrides, args.dtype, config
     )
     batch = train_step.stage2_batch(shape, pad_id=pad_id)
 
@@ -179,6 +201,7 @@ def run(args: argparse.Namespace) -> dict:
         f"cached features, {args.dtype} matmuls",
         "llm": llm_description,
         "llm_param_dtype": llm_dtype,
+        "llm_scan_layers": scan,
         "shape": dataclasses.asdict(shape),
         "dropout": args.dropout,
         **measured,
