@@ -283,3 +283,71 @@ def test_tokenizer_loads_from_directory_files(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no tokenizer"):
         loading.load_tokenizer(tmp_path / "empty")
+
+
+def _int8_reference(weight_out_in: np.ndarray) -> np.ndarray:
+    """The weight-only int8 definition written out on a PyTorch (out, in) weight: per output row,
+    s = max |W| / 127, Q = round(W / s) in [-127, 127]; returns the dequantised Q * s."""
+    scale = np.abs(weight_out_in).max(axis=1, keepdims=True) / 127.0
+    scale = np.where(scale > 0, scale, 1.0)
+    return np.clip(np.rint(weight_out_in / scale), -127, 127) * scale
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["per_layer", "scanned"])
+def test_int8_layers_match_transformers_on_the_dequantised_weights(tmp_path, scan):
+    """llm.quantization=int8: slit's layers hold int8 kernels and a float32 scale per output channel;
+    its logits equal transformers' model whose layers' linear weights were replaced by the dequantised
+    values of the definition (NumPy, above), and greedy decoding gives the same tokens. The embedding
+    and the separate output layer stay float32 (untouched in the reference too)."""
+    from slit.generate import GenerationConfig, generate
+    from slit.models.llm import quantize
+
+    hf = _write(tmp_path, "llama3_rope_bias")  # biases on every projection, separate lm_head
+    lm = llama.llama_from_hf(tmp_path, scan_layers=scan)
+    assert quantize.quantize_layers(lm, "int8") == (7 if scan else 14)
+    changed = 0
+    with torch.no_grad():
+        for module in hf.model.layers.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.copy_(torch.from_numpy(_int8_reference(module.weight.numpy())))
+                changed += 1
+    assert changed == 14
+    stored = {str(v[...].dtype) for _, v in nnx.state(lm, Frozen).flat_state()}
+    assert stored == {"int8", "float32"}
+    assert lm.lm_head.kernel[...].dtype == jnp.float32 and lm.embedding[...].dtype == jnp.float32
+    ids, mask, positions = _inputs()
+    expected = _hf_logits(hf, ids, mask, positions)
+    err = np.abs(_slit_logits(lm, ids, mask, positions) - expected)[mask].max()
+    print(f"int8 layers: max abs logit diff {err:.2e} (logit std {expected.std():.2f})")
+    assert err < ATOL
+
+    prompt_ids, prompt_mask, _ = _inputs(length=6, pads=(0, 2, 4))
+    with torch.no_grad():
+        want = hf.generate(
+            input_ids=torch.from_numpy(prompt_ids).long(),
+            attention_mask=torch.from_numpy(prompt_mask).long(),
+            max_new_tokens=5,
+            do_sample=False,
+        )[:, 6:].numpy()
+    config = GenerationConfig(max_new_tokens=5, eos_token_ids=(), pad_token_id=0)
+    got = generate(lm, lm.embed(jnp.asarray(prompt_ids)), jnp.asarray(prompt_mask), config).tokens
+    np.testing.assert_array_equal(np.asarray(got), want)
+
+
+def test_int8_quantiser_is_the_definition():
+    """slit's quantiser against the definition, on a (.., in, out) kernel with a zero channel and a
+    stacked [L, in, out] one: the same int8 values and scales, and dequantised within half a step."""
+    from slit.models.llm.quantize import int8_per_output_channel
+
+    rng = np.random.default_rng(0)
+    kernel = rng.normal(size=(3, 5, 7)).astype(np.float32)
+    kernel[1, :, 2] = 0.0
+    q, scale = (np.asarray(a) for a in int8_per_output_channel(kernel))
+    assert q.dtype == np.int8 and scale.dtype == np.float32 and scale.shape == (3, 7)
+    for layer in range(3):
+        np.testing.assert_allclose(
+            q[layer].T * scale[layer][:, None], _int8_reference(kernel[layer].T), rtol=1e-6, atol=1e-7
+        )
+    assert np.all(np.abs(q.astype(np.float32) * scale[:, None, :] - kernel) <= scale[:, None, :] / 2 + 1e-7)
+    assert scale[1, 2] == 1.0 and not q[1, :, 2].any()
+    assert np.abs(q).max() == 127
