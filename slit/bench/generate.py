@@ -107,6 +107,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--skip-transformers", action="store_true", help="time slit only (no reference, no speedup)"
     )
+    parser.add_argument(
+        "--weights",
+        choices=WEIGHTS,
+        default="float32",
+        help="how slit stores the LLM: float32; bfloat16 (matmul inputs bf16 too, and transformers runs "
+        "in bf16); int8 (layers weight-only int8, llm.quantization=int8, against float32 transformers; "
+        "the change in loss on transformers' continuations is reported)",
+    )
 
 
 def _model_flops(config: Any, prompt_lengths: list[int], new_tokens: int) -> float:
@@ -124,6 +132,41 @@ def _model_flops(config: Any, prompt_lengths: list[int], new_tokens: int) -> flo
         fed = p + new_tokens - 1  # prompt tokens, then every new token but the last
         total += fed * per_token + new_tokens * head + attend * sum(range(1, fed + 1))
     return total
+
+
+WEIGHTS = ("float32", "bfloat16", "int8")
+
+
+def _slit_llm(tensors: dict[str, np.ndarray], hf_config: dict, description: str, weights: str) -> Any:  # noqa: ANN401
+    """slit's Llama of transformers' tensors, stored as `weights` says (see --weights)."""
+    import jax.numpy as jnp
+
+    from slit.models.llm import llama, quantize
+
+    config = llama.llama_config_from_hf(hf_config)
+    if weights == "bfloat16":
+        return llama.llama_from_tensors(
+            tensors, config, description, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16
+        )
+    lm = llama.llama_from_tensors(tensors, config, description)
+    quantize.quantize_layers(lm, "int8" if weights == "int8" else "none", description)
+    return lm
+
+
+def continuation_loss(lm: Any, ids: np.ndarray, mask: np.ndarray, tokens: np.ndarray) -> float:  # noqa: ANN401
+    """Mean next-token cross-entropy (nats) of `tokens` int [B, N] after the left-padded prompts
+    (ids, mask [B, P]) under `lm`, teacher-forced in one forward pass."""
+    import jax
+    import jax.numpy as jnp
+
+    full = np.concatenate([ids, tokens[:, :-1]], axis=1).astype(np.int32)
+    full_mask = np.concatenate([mask, np.ones(tokens[:, :-1].shape, bool)], axis=1)
+    positions = np.maximum(np.cumsum(full_mask, axis=1) - 1, 0).astype(np.int32)
+    start = ids.shape[1] - 1  # the logits at the prompt's last slot predict the first new token
+    logits, _ = lm(lm.embed(jnp.asarray(full)), jnp.asarray(positions), jnp.asarray(full_mask))
+    logp = jax.nn.log_softmax(np.asarray(logits, np.float32)[:, start:], axis=-1)
+    picked = np.take_along_axis(np.asarray(logp), tokens[..., None].astype(np.int64), axis=-1)[..., 0]
+    return float(-picked.mean())
 
 
 class Reference(NamedTuple):
@@ -311,7 +354,7 @@ def run(args: argparse.Namespace) -> dict:
     from slit.bench import common
     from slit.errors import UserError
     from slit.generate import GenerationConfig
-    from slit.models.llm import gguf, llama
+    from slit.models.llm import gguf
 
     try:
         batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
@@ -342,9 +385,13 @@ def run(args: argparse.Namespace) -> dict:
     load_times = {"load_transformers_s": time.perf_counter() - start}
     start = time.perf_counter()
     tensors = {name: t.detach().cpu().numpy() for name, t in hf.state_dict().items()}
-    lm = llama.llama_from_tensors(tensors, llama.llama_config_from_hf(hf.config.to_dict()), description)
+    lm = _slit_llm(tensors, hf.config.to_dict(), description, args.weights)
+    # int8: the float32 model too, for the change in loss (the tokens are compared with transformers')
+    full = _slit_llm(tensors, hf.config.to_dict(), description, "float32") if args.weights == "int8" else None
     del tensors
     load_times["load_slit_from_transformers_weights_s"] = time.perf_counter() - start
+    if args.weights == "bfloat16":  # both sides in bf16
+        hf = hf.to(torch.bfloat16)
     peak = common.matmul_peak_flops()
 
     n = args.max_new_tokens
@@ -386,11 +433,21 @@ def run(args: argparse.Namespace) -> dict:
                 "rows_agreeing": int(agree.all(axis=1).sum()),
                 "agreeing_prefix_per_row": [int(np.argmin(row)) if not row.all() else n for row in agree],
             }
+            if full is not None:  # the same continuations scored by the int8 and the float32 model
+                losses = {
+                    w: continuation_loss(m, ids, mask, hf_tokens)
+                    for w, m in (("int8", lm), ("float32", full))
+                }
+                result["transformers_continuation_loss"] = losses | {
+                    "change": losses["int8"] - losses["float32"]
+                }
         runs.append(result)
 
     return {
         "model": description,
         "model_kind": kind,
+        "weights": args.weights,
+        "transformers_dtype": "bfloat16" if args.weights == "bfloat16" else "float32",
         "decoding": "greedy, EOS stopping off",
         "device": device,
         **load_times,
