@@ -218,7 +218,8 @@ def test_bfloat16_sets_both_sides_matmul_dtype():
 
 def test_stage2_bench_lays_the_llm_out_as_its_config_says(tmp_path):
     """The 1b size scans its LLM's layers by default (one compiled layer, not 22); any size follows
-    --config.llm.scan_layers, and the scanned step takes the same losses as the per-layer one."""
+    --config.llm.scan_layers (the scanned step takes the same losses as the per-layer one) and
+    --config.llm.quantization."""
     pytest.importorskip("torch")
     from slit import cli
     from slit.bench import stage2
@@ -230,10 +231,18 @@ def test_stage2_bench_lays_the_llm_out_as_its_config_says(tmp_path):
         SIZES["1b"][1], 0.1, overridden, "bfloat16", stage2.SIZE_SETTINGS["1b"]
     ).llm.scan_layers
     results = {}
-    for scan in ("false", "true"):
-        out = tmp_path / f"{scan}.json"
+    for name, override in (
+        ("false", "scan_layers=false"),
+        ("true", "scan_layers=true"),
+        ("int8", "quantization=int8"),
+    ):
+        out = tmp_path / f"{name}.json"
         args = ["bench", "stage2", "--size", "tiny", "--repeats", "2", "--skip-reference", "--out", str(out)]
-        assert cli.main([*args, f"--config.llm.scan_layers={scan}"]) == 0
-        results[scan] = json.loads(out.read_text())
+        assert cli.main([*args, f"--config.llm.{override}"]) == 0
+        results[name] = json.loads(out.read_text())
     assert results["true"]["llm_scan_layers"] is True and results["false"]["llm_scan_layers"] is False
     np.testing.assert_allclose(results["true"]["slit_losses"], results["false"]["slit_losses"], rtol=1e-5)
+    # --config.llm.quantization=int8 reaches the benchmark's LLM too: int8 frozen weights, fewer bytes.
+    int8, plain = results["int8"]["memory"]["slit_state"], results["false"]["memory"]["slit_state"]
+    assert results["int8"]["llm_quantization"] == "int8" and "int8" in int8["frozen_dtypes"]
+    assert int8["frozen_bytes"] < plain["frozen_bytes"]

@@ -148,7 +148,7 @@ def slit_setup(
 
 
 def run(args: argparse.Namespace) -> dict:
-    from slit.models.llm import llama
+    from slit.models.llm import llama, quantize
 
     base = SIZES[args.size][1]
     # The frozen LLM is stored in the compute dtype and laid out as the config says (the 1b size scans
@@ -171,6 +171,7 @@ def run(args: argparse.Namespace) -> dict:
             tensors, lm_config, llm_description, param_dtype=param_dtype, scan_layers=scan
         )
         del tensors
+    quantize.quantize_layers(lm, config.llm.quantization, llm_description)  # --config.llm.quantization=int8
     llm = LlamaShape(**{f.name: getattr(lm.config, f.name) for f in dataclasses.fields(LlamaShape)})
     shape = train_step.resized(dataclasses.replace(base, llm=llm), args)
     setup, mesh, pad_id, llm_dtype = slit_setup(
@@ -202,6 +203,7 @@ def run(args: argparse.Namespace) -> dict:
         "llm": llm_description,
         "llm_param_dtype": llm_dtype,
         "llm_scan_layers": scan,
+        "llm_quantization": config.llm.quantization,
         "shape": dataclasses.asdict(shape),
         "dropout": args.dropout,
         **measured,
