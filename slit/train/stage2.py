@@ -426,6 +426,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     qformer_tok = make_qformer_tokenizer(config, workdir)
     llm, llm_tok, llm_source = load_llm(config.llm)
     if is_main:
+        print(f"Frozen LLM: {llm_source}", file=sys.stderr)
         qformer_tok.save(workdir)
         with tempfile.TemporaryDirectory() as scratch:  # transformers writes local files only
             llm_tok.save_pretrained(scratch)
