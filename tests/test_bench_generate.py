@@ -64,12 +64,14 @@ def test_bench_generate_bf16_and_int8_weights(tmp_path):
         results[weights] = json.loads(out.read_text())
     bf16 = results["bfloat16"]
     assert bf16["weights"] == bf16["transformers_dtype"] == "bfloat16"
-    assert bf16["runs"][0]["tokens_agree"]
+    assert bf16["runs"][0]["tokens_agree"] and bf16["runs"][0]["slit_weight_dtypes"] == ["bfloat16"]
     int8 = results["int8"]
     assert int8["weights"] == "int8" and int8["transformers_dtype"] == "float32"
+    assert int8["runs"][0]["slit_weight_dtypes"] == ["float32", "int8"]
     losses = int8["runs"][0]["transformers_continuation_loss"]
     assert losses["change"] == pytest.approx(losses["int8"] - losses["float32"])
-    assert 0 < losses["float32"] and abs(losses["change"]) < 0.1 * losses["float32"]
+    # Rounded weights score the continuations differently, but not by much.
+    assert 0 < losses["float32"] and 0 < abs(losses["change"]) < 0.1 * losses["float32"]
 
 
 def test_continuation_loss_is_transformers_cross_entropy():

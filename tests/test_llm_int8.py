@@ -5,8 +5,10 @@ is in tests/test_parity_llama.py), trained against, evaluated, exported and load
 from __future__ import annotations
 
 import pathlib
+import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -76,12 +78,39 @@ def test_stage_two_trains_through_an_int8_llm_and_its_bundle_loads_it_again(tiny
     [
         ({"llm.quantization": "int4"}, "llm.quantization='int4': use one of 'none', 'int8'"),
         ({"llm.quantization": "int8", "llm.trainable": True}, "a quantised LLM is frozen"),
-        ({"llm.quantization": "int8", "llm.arch": "t5"}, "not T5's"),
+        ({"llm.quantization": "int8", "llm.arch": "t5"}, "with a T5 LLM"),
     ],
 )
 def test_quantization_values_that_cannot_work_are_named(tiny_data_dir, overrides, message):
+    from slit.errors import UserError
     from slit.train import stage2
 
     config = stage2_config(tiny_data_dir, pathlib.Path("unused"), **{**LLM, **overrides})
-    with pytest.raises(Exception, match=message.replace("(", r"\(").replace("'", "'")):
+    with pytest.raises(UserError, match=re.escape(message)):
         stage2.validate(config, num_devices=1)
+
+
+def test_slit_plan_sizes_an_int8_llm_without_its_weights():
+    """The abstract LLM slit plan compiles: int8 layer kernels, float32 scales (also under a bf16
+    param_dtype), the embedding in param_dtype; a quarter of the layers' float32 bytes."""
+    from slit import config as config_lib
+    from slit.train import plan
+    from tests.test_train_stage2 import CONFIG_FILE
+
+    config = config_lib.load_config_file(CONFIG_FILE)
+    config_lib.apply_overrides(
+        config, [(k, str(v)) for k, v in LLM.items()] + [("llm.param_dtype", "bfloat16")]
+    )
+    sizes = {}
+    for quantization in ("none", "int8"):
+        config.llm.quantization = quantization
+        _, state = plan._abstract_llm(config.llm)
+        leaves = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(state)}
+        sizes[quantization] = {k: (x.dtype, x.size) for k, x in leaves.items()}
+    int8 = sizes["int8"]
+    kernels = [k for k in int8 if "['layers']" in k and k.endswith("['kernel'].value")]
+    assert kernels and all(int8[k][0] == jnp.int8 for k in kernels)
+    scales = [k for k in int8 if "kernel_scale" in k]
+    assert len(scales) == len(kernels) and all(int8[k][0] == jnp.float32 for k in scales)
+    assert int8["['embedding'].value"][0] == jnp.bfloat16
+    assert all(sizes["none"][k][0] == jnp.bfloat16 for k in kernels)

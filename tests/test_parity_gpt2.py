@@ -204,3 +204,30 @@ def test_original_checkpoint_names_without_prefix(tmp_path):
         np.abs(_slit_logits(lm, ids, mask, positions) - _hf_logits(hf, ids, mask, positions))[mask].max()
         < ATOL
     )
+
+
+def test_int8_layers_match_transformers_on_the_dequantised_weights(tmp_path):
+    """llm.quantization=int8 on GPT-2: the attention's output projection and the MLP (Conv1D weights,
+    (in, out)) are stored as int8 with a float32 scale per output column, the fused q/k/v kernel is not;
+    logits equal transformers' model holding the dequantised weights of the definition (NumPy)."""
+    from slit.models.llm import quantize
+
+    hf = _write(tmp_path, "gpt2_untied_variant")
+    lm = gpt2.gpt2_from_hf(tmp_path)
+    assert quantize.quantize_layers(lm, "int8") == 6  # 2 layers x (attention out, fc, proj)
+
+    def dequantised(weight_in_out: np.ndarray) -> np.ndarray:
+        scale = np.abs(weight_in_out).max(axis=0, keepdims=True) / 127.0
+        scale = np.where(scale > 0, scale, 1.0)
+        return np.clip(np.rint(weight_in_out / scale), -127, 127) * scale
+
+    with torch.no_grad():
+        for block in hf.transformer.h:
+            for conv in (block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj):
+                conv.weight.copy_(torch.from_numpy(dequantised(conv.weight.numpy())))
+    assert lm.layers[0].attention.qkv_kernel[...].dtype == jnp.float32
+    ids, mask, positions = _inputs()
+    expected = _hf_logits(hf, ids, mask, positions)
+    err = np.abs(_slit_logits(lm, ids, mask, positions) - expected)[mask].max()
+    print(f"gpt2 int8 layers: max abs logit diff {err:.2e} (logit std {expected.std():.2f})")
+    assert err < ATOL

@@ -305,6 +305,8 @@ def test_int8_layers_match_transformers_on_the_dequantised_weights(tmp_path, sca
     hf = _write(tmp_path, "llama3_rope_bias")  # biases on every projection, separate lm_head
     lm = llama.llama_from_hf(tmp_path, scan_layers=scan)
     assert quantize.quantize_layers(lm, "int8") == (7 if scan else 14)
+    with pytest.raises(ValueError, match="int8 already"):  # a second pass would set every scale to 1
+        quantize.quantize_layers(lm, "int8")
     changed = 0
     with torch.no_grad():
         for module in hf.model.layers.modules():

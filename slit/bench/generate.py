@@ -83,6 +83,9 @@ RANDOM_PROMPT_LENGTHS = (37, 30, 41, 28, 35, 44, 33, 39)  # chat prompts of Smol
 CALIBRATION_TOKENS = 4
 
 
+WEIGHTS = ("float32", "bfloat16", "int8")  # how slit stores the LLM (--weights)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
@@ -132,9 +135,6 @@ def _model_flops(config: Any, prompt_lengths: list[int], new_tokens: int) -> flo
         fed = p + new_tokens - 1  # prompt tokens, then every new token but the last
         total += fed * per_token + new_tokens * head + attend * sum(range(1, fed + 1))
     return total
-
-
-WEIGHTS = ("float32", "bfloat16", "int8")
 
 
 def _slit_llm(tensors: dict[str, np.ndarray], hf_config: dict, description: str, weights: str) -> Any:  # noqa: ANN401
@@ -349,7 +349,9 @@ def _bench_batch(
 
 
 def run(args: argparse.Namespace) -> dict:
+    import jax
     import torch
+    from flax import nnx
 
     from slit.bench import common
     from slit.errors import UserError
@@ -386,10 +388,10 @@ def run(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     tensors = {name: t.detach().cpu().numpy() for name, t in hf.state_dict().items()}
     lm = _slit_llm(tensors, hf.config.to_dict(), description, args.weights)
-    # int8: the float32 model too, for the change in loss (the tokens are compared with transformers')
-    full = _slit_llm(tensors, hf.config.to_dict(), description, "float32") if args.weights == "int8" else None
-    del tensors
     load_times["load_slit_from_transformers_weights_s"] = time.perf_counter() - start
+    # int8 against transformers: slit's float32 model too, for the change in loss (made after the timing)
+    scored = args.weights == "int8" and not args.skip_transformers
+    full, tensors = None, tensors if scored else None
     if args.weights == "bfloat16":  # both sides in bf16
         hf = hf.to(torch.bfloat16)
     peak = common.matmul_peak_flops()
@@ -433,7 +435,9 @@ def run(args: argparse.Namespace) -> dict:
                 "rows_agreeing": int(agree.all(axis=1).sum()),
                 "agreeing_prefix_per_row": [int(np.argmin(row)) if not row.all() else n for row in agree],
             }
-            if full is not None:  # the same continuations scored by the int8 and the float32 model
+            if scored:  # the same continuations scored by the int8 and the float32 model
+                if full is None:
+                    full = _slit_llm(tensors, hf.config.to_dict(), description, "float32")
                 losses = {
                     w: continuation_loss(m, ids, mask, hf_tokens)
                     for w, m in (("int8", lm), ("float32", full))
@@ -441,6 +445,7 @@ def run(args: argparse.Namespace) -> dict:
                 result["transformers_continuation_loss"] = losses | {
                     "change": losses["int8"] - losses["float32"]
                 }
+        result["slit_weight_dtypes"] = sorted({str(x.dtype) for x in jax.tree.leaves(nnx.state(lm))})
         runs.append(result)
 
     return {

@@ -160,6 +160,11 @@ def run(args: argparse.Namespace) -> dict:
         args.dtype,
         SIZE_SETTINGS[args.size],
     )
+    import jax
+
+    from slit.train import stage2
+
+    stage2.validate(config, jax.device_count())  # before the LLM is read: a bad value is named first
     param_dtype, scan = config.llm.param_dtype, bool(config.llm.scan_layers)
     if args.skip_reference and args.size == "base" and not args.random_llm:  # slit reads the GGUF itself
         hf, (lm, llm_description) = None, _slit_gguf(args.gguf, param_dtype, scan)
@@ -171,7 +176,9 @@ def run(args: argparse.Namespace) -> dict:
             tensors, lm_config, llm_description, param_dtype=param_dtype, scan_layers=scan
         )
         del tensors
-    quantize.quantize_layers(lm, config.llm.quantization, llm_description)  # --config.llm.quantization=int8
+    if quantize.quantize_layers(lm, config.llm.quantization, llm_description):  # --config.llm.quantization
+        # (the PyTorch reference keeps the float32 weights: its speedup then compares unequal models)
+        llm_description += f", layers stored {config.llm.quantization} by slit (the reference's: float32)"
     llm = LlamaShape(**{f.name: getattr(lm.config, f.name) for f in dataclasses.fields(LlamaShape)})
     shape = train_step.resized(dataclasses.replace(base, llm=llm), args)
     setup, mesh, pad_id, llm_dtype = slit_setup(
@@ -202,7 +209,7 @@ def run(args: argparse.Namespace) -> dict:
         f"cached features, {args.dtype} matmuls",
         "llm": llm_description,
         "llm_param_dtype": llm_dtype,
-        "llm_scan_layers": scan,
+        "llm_scan_layers": bool(lm.scan_layers),  # the built module's layout
         "llm_quantization": config.llm.quantization,
         "shape": dataclasses.asdict(shape),
         "dropout": args.dropout,

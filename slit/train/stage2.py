@@ -76,6 +76,18 @@ def batch_keys(config: ml_collections.ConfigDict) -> tuple[str, ...]:
 TASK_NAMES = tasks_lib.TASK_KINDS
 
 
+def _llm_model_type(llm: ml_collections.ConfigDict) -> str:
+    """The LLM's architecture as far as the config tells before loading: `llm.arch` of a random LLM, the
+    `model_type` of an HF directory's config.json, "llama" for a GGUF file (slit reads Llama GGUFs)."""
+    if llm.kind == "random":
+        return str(llm.get("arch", "llama"))
+    if llm.kind == "hf" and (pathlib.Path(llm.path) / "config.json").is_file():
+        from slit.models.llm.loading import read_json
+
+        return str(read_json(pathlib.Path(llm.path) / "config.json").get("model_type", ""))
+    return "llama" if llm.kind == "gguf" else ""
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes: int = 1) -> None:
     """Checks everything that can be checked before loading or compiling; raises ConfigError listing
     all problems."""
@@ -166,9 +178,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
             f"llm.trainable=true with llm.quantization={quantization}: a quantised LLM is frozen (its "
             "weights are rounded to int8 for storage); use --config.llm.quantization=none to train it"
         )
-    elif quantization != "none" and llm.kind == "random" and llm.get("arch", "llama") == "t5":
+    elif quantization != "none" and _llm_model_type(llm) == "t5":
         problems.append(
-            f"llm.quantization={quantization} with llm.arch=t5: slit stores Llama-family and GPT-2 layers in "
+            f"llm.quantization={quantization} with a T5 LLM: slit stores Llama-family and GPT-2 layers in "
             "int8, not T5's; use --config.llm.quantization=none"
         )
     if llm.param_dtype not in ("float32", "bfloat16"):

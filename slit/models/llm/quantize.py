@@ -3,12 +3,16 @@
 Each linear kernel W (in, out) of the decoder's layers is stored as int8 values Q and one float32 scale
 per output channel, s = max_i |W[i, o]| / 127, Q = round(W / s) (a channel of zeros gets s = 1). A layer
 computes `(x @ Q) * s`: the scale leaves the contraction, so the matmul reads int8 weights converted to
-the compute dtype inside it (on GPU and TPU XLA fuses the conversion into the matrix product), and the
+the compute dtype inside it (on GPU and TPU XLA can fuse the conversion into the matrix product: not
+measured here; XLA:CPU converts the weights first, README "Benchmarks"), and the
 result equals `x @ (Q * s)`, the dequantised weights, up to float32 summation order. Weights take a
 quarter of their float32 bytes (half of bfloat16's); the embedding table and the output layer stay in
 `llm.param_dtype` (their rows are read or produce the logits directly).
 
 Stacked (scanned) layers quantise per layer and output channel: kernels [L, in, out], scales [L, out].
+What is stored so: every projection of a Llama-family layer (q, k, v, o, gate, up, down); of a GPT-2 layer,
+the attention's output projection and the MLP (its fused q/k/v kernel, a quarter of the layer's weights,
+stays in `llm.param_dtype`). T5's layers are not (refused).
 """
 
 from __future__ import annotations
@@ -25,14 +29,18 @@ QUANTIZATIONS = ("none", "int8")
 INT8_MAX = 127
 
 
-def int8_per_output_channel(kernel: np.ndarray | jax.Array) -> tuple[jax.Array, jax.Array]:
+def int8_per_output_channel(kernel: np.ndarray | jax.Array) -> tuple[np.ndarray | jax.Array, ...]:
     """kernel [..., in, out] -> (int8 [..., in, out], float32 scale [..., out]): symmetric absmax per
-    output channel, `kernel ~= q * scale[..., None, :]` within scale / 2 per element (traceable, so that
-    `slit plan` sizes an int8 LLM under `eval_shape`)."""
-    w = jnp.asarray(kernel).astype(jnp.float32)
-    scale = jnp.max(jnp.abs(w), axis=-2) / INT8_MAX
-    scale = jnp.where(scale > 0, scale, 1.0)
-    q = jnp.clip(jnp.rint(w / scale[..., None, :]), -INT8_MAX, INT8_MAX).astype(jnp.int8)
+    output channel, `kernel ~= q * scale[..., None, :]` within scale / 2 per element.
+
+    A concrete kernel is quantised on the host in NumPy (no float32 copy of it on the device, and the
+    same bits whatever the device); a traced one with jnp, so that `slit plan` sizes an int8 LLM under
+    `eval_shape`."""
+    xp = jnp if isinstance(kernel, jax.core.Tracer) else np
+    w = (kernel if xp is jnp else np.asarray(jax.device_get(kernel))).astype(xp.float32)
+    scale = xp.max(xp.abs(w), axis=-2) / INT8_MAX
+    scale = xp.where(scale > 0, scale, 1.0).astype(xp.float32)
+    q = xp.clip(xp.rint(w / scale[..., None, :]), -INT8_MAX, INT8_MAX).astype(xp.int8)
     return q, scale
 
 
@@ -56,13 +64,15 @@ def quantize_layers(module: nnx.Module, quantization: str, what: str = "the LLM"
             f"llm.quantization=int8: {what} ({type(module).__name__}) has no linear layers slit can store "
             "in int8 (Llama-family and GPT-2 LLMs can); use --config.llm.quantization=none"
         )
+    if any(linear.kernel_scale is not None for linear in linears):  # its scales would become 1
+        raise ValueError(f"{what}: its layers are stored in int8 already; quantise a module once")
     for linear in linears:
         metadata = linear.kernel.get_metadata()
         axes = metadata.get("out_sharding")
         q, scale = int8_per_output_channel(linear.kernel.get_value())
-        linear.kernel = Frozen(q, **metadata)
+        linear.kernel = Frozen(jnp.asarray(q), **metadata)
         scale_metadata = dict(metadata)
         if axes is not None:
             scale_metadata["out_sharding"] = (*tuple(axes)[:-2], tuple(axes)[-1])
-        linear.kernel_scale = Frozen(scale, **scale_metadata)
+        linear.kernel_scale = Frozen(jnp.asarray(scale), **scale_metadata)
     return len(linears)
