@@ -692,7 +692,8 @@ def verdict(plan: MeshPlan, config: ml_collections.ConfigDict, memory_per_device
             lines.append(
                 f"- weights ({gib(size)}): shard them over more devices (--config.mesh.fsdp / "
                 f"--config.mesh.tensor; now fsdp={mesh['fsdp']}, tensor={mesh['tensor']}; `--search` tries "
-                f"every mesh of {n}), or keep the frozen LLM in bf16 (--config.llm.param_dtype=bfloat16)"
+                f"every mesh of {n}), or keep the frozen LLM in bf16 (--config.llm.param_dtype=bfloat16) "
+                "or its layers in int8 (--config.llm.quantization=int8)"
             )
         elif what == "optimizer":
             lines.append(
