@@ -278,6 +278,9 @@ def export_hf_blip2(run: runs.Run, out: pathlib.Path) -> None:
                 "stage": "stage2",
                 "step": run.step,
                 "frozen_models": run.frozen_models,
+                # "int8": the Q-Former was trained against the LLM's layers rounded to int8 per output
+                # channel (slit.models.llm.quantize), while text_config describes the float model
+                "llm_quantization": run.config.llm.get("quantization", "none"),
                 "llm_prompt": llm_prompt_text("{instruction}"),
                 "trained_on": run.config.data.name,
             }

@@ -71,6 +71,13 @@ def test_stage_two_trains_through_an_int8_llm_and_its_bundle_loads_it_again(tiny
     instructions = ["describe the sound", "what is the sound"]
     want = trained.answer(audio, num_samples, instructions, gen)
     assert bundle.model.answer(audio, num_samples, instructions, gen) == want and all(want)
+    # Resuming against the float weights is refused by the frozen-model fingerprints, naming both.
+    from slit.errors import UserError
+
+    config.llm.quantization, config.total_steps = "none", 3
+    with pytest.raises(UserError, match="frozen models differ") as refused:
+        stage2.train(config, workdir)
+    assert "int8" in str(refused.value)
 
 
 @pytest.mark.parametrize(
