@@ -148,7 +148,10 @@ def slit_setup(
 
 
 def run(args: argparse.Namespace) -> dict:
+    import jax
+
     from slit.models.llm import llama, quantize
+    from slit.train import stage2
 
     base = SIZES[args.size][1]
     # The frozen LLM is stored in the compute dtype and laid out as the config says (the 1b size scans
@@ -160,10 +163,6 @@ def run(args: argparse.Namespace) -> dict:
         args.dtype,
         SIZE_SETTINGS[args.size],
     )
-    import jax
-
-    from slit.train import stage2
-
     stage2.validate(config, jax.device_count())  # before the LLM is read: a bad value is named first
     param_dtype, scan = config.llm.param_dtype, bool(config.llm.scan_layers)
     if args.skip_reference and args.size == "base" and not args.random_llm:  # slit reads the GGUF itself

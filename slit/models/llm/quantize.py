@@ -4,8 +4,8 @@ Each linear kernel W (in, out) of the decoder's layers is stored as int8 values 
 per output channel, s = max_i |W[i, o]| / 127, Q = round(W / s) (a channel of zeros gets s = 1). A layer
 computes `(x @ Q) * s`: the scale leaves the contraction, so the matmul reads int8 weights converted to
 the compute dtype inside it (on GPU and TPU XLA can fuse the conversion into the matrix product: not
-measured here; XLA:CPU converts the weights first, README "Benchmarks"), and the
-result equals `x @ (Q * s)`, the dequantised weights, up to float32 summation order. Weights take a
+measured here; XLA:CPU converts the weights first, README "Benchmarks"), and the result equals
+`x @ (Q * s)`, the dequantised weights, up to float32 summation order. Weights take a
 quarter of their float32 bytes (half of bfloat16's); the embedding table and the output layer stay in
 `llm.param_dtype` (their rows are read or produce the logits directly).
 
