@@ -121,3 +121,27 @@ def test_slit_plan_sizes_an_int8_llm_without_its_weights():
     assert len(scales) == len(kernels) and all(int8[k][0] == jnp.float32 for k in scales)
     assert int8["['embedding'].value"][0] == jnp.bfloat16
     assert all(sizes["none"][k][0] == jnp.bfloat16 for k in kernels)
+
+
+@pytest.mark.slow  # ~1 min: a second variant (8 devices) of the int8 stage two tested above
+def test_int8_stage_two_sharded_over_8_devices_equals_one_device(tiny_data_dir):
+    """The int8 kernels shard by their logical axes (their scales by the output axis), and the sharded
+    step's first update equals the single device's."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, xla_flags
+
+    env = dict(os.environ, XLA_FLAGS=xla_flags(8), JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    script = str(ROOT / "tests" / "int8_sharded_check.py")
+    done = subprocess.run(
+        [sys.executable, script, tiny_data_dir], capture_output=True, text=True, env=env, timeout=900
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["specs"]["kernel"] == ["int8", "P('fsdp', 'tensor')"]
+    assert result["specs"]["kernel_scale"] == ["float32", "P('tensor',)"]
+    np.testing.assert_allclose(*result["loss"], rtol=1e-6)
+    assert result["max_grad_diff"] <= 1e-5 * max(1.0, result["max_grad"])
