@@ -155,18 +155,20 @@ def _slit_llm(tensors: dict[str, np.ndarray], hf_config: dict, description: str,
 
 def continuation_loss(lm: Any, ids: np.ndarray, mask: np.ndarray, tokens: np.ndarray) -> float:  # noqa: ANN401
     """Mean next-token cross-entropy (nats) of `tokens` int [B, N] after the left-padded prompts
-    (ids, mask [B, P]) under `lm`, teacher-forced in one forward pass."""
-    import jax
+    (ids, mask [B, P]) under `lm`, teacher-forced in one forward pass (slit.losses.language_modeling_loss)."""
     import jax.numpy as jnp
 
-    full = np.concatenate([ids, tokens[:, :-1]], axis=1).astype(np.int32)
-    full_mask = np.concatenate([mask, np.ones(tokens[:, :-1].shape, bool)], axis=1)
-    positions = np.maximum(np.cumsum(full_mask, axis=1) - 1, 0).astype(np.int32)
+    from slit.generate.decoding import positions_from_mask
+    from slit.losses import language_modeling_loss
+
+    full = jnp.asarray(np.concatenate([ids, tokens[:, :-1]], axis=1), jnp.int32)
+    full_mask = jnp.asarray(np.concatenate([mask, np.ones(tokens[:, :-1].shape, bool)], axis=1))
     start = ids.shape[1] - 1  # the logits at the prompt's last slot predict the first new token
-    logits, _ = lm(lm.embed(jnp.asarray(full)), jnp.asarray(positions), jnp.asarray(full_mask))
-    logp = jax.nn.log_softmax(np.asarray(logits, np.float32)[:, start:], axis=-1)
-    picked = np.take_along_axis(np.asarray(logp), tokens[..., None].astype(np.int64), axis=-1)[..., 0]
-    return float(-picked.mean())
+    logits, _ = lm(
+        lm.embed(full), positions_from_mask(full_mask), full_mask, logits_span=(start, full.shape[1])
+    )
+    targets = jnp.asarray(tokens, jnp.int32)
+    return float(language_modeling_loss(logits, targets, jnp.ones(targets.shape)))
 
 
 class Reference(NamedTuple):

@@ -43,7 +43,7 @@ from slit.eval import stage2 as evals
 from slit.eval.stage2 import evaluate_split, evaluation_sets, headline, write_reports
 from slit.generate.answerer import Answerer
 from slit.models.bridges import BRIDGES, QFORMER_BRIDGES
-from slit.models.llm.quantize import QUANTIZATIONS
+from slit.models.llm.quantize import unknown_quantization
 from slit.models.stage2 import LOSS_AVERAGES, REMAT_POLICIES, Stage2Batch, Stage2Config, loss_normaliser
 from slit.train import accumulation, checkpoint, harness, loop, pretrained, sharding
 from slit.train.harness import TrainingSetup
@@ -169,10 +169,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
     elif llm.kind == "gguf" and llm.path and not pathlib.Path(llm.path).is_file():
         problems.append(f"llm.path={llm.path}: no such GGUF file")
     quantization = llm.get("quantization", "none")
-    if quantization not in QUANTIZATIONS:
-        problems.append(
-            f"llm.quantization={quantization!r}: use one of {', '.join(map(repr, QUANTIZATIONS))}"
-        )
+    if problem := unknown_quantization(quantization):
+        problems.append(problem)
     elif quantization != "none" and llm.get("trainable", False):
         problems.append(
             f"llm.trainable=true with llm.quantization={quantization}: a quantised LLM is frozen (its "

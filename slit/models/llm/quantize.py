@@ -29,6 +29,13 @@ QUANTIZATIONS = ("none", "int8")
 INT8_MAX = 127
 
 
+def unknown_quantization(value: str) -> str | None:
+    """What is wrong with `llm.quantization=value` in words; None for a known one."""
+    if value in QUANTIZATIONS:
+        return None
+    return f"llm.quantization={value!r}: use one of {', '.join(map(repr, QUANTIZATIONS))}"
+
+
 def int8_per_output_channel(kernel: np.ndarray | jax.Array) -> tuple[np.ndarray | jax.Array, ...]:
     """kernel [..., in, out] -> (int8 [..., in, out], float32 scale [..., out]): symmetric absmax per
     output channel, `kernel ~= q * scale[..., None, :]` within scale / 2 per element.
@@ -51,10 +58,8 @@ def quantize_layers(module: nnx.Module, quantization: str, what: str = "the LLM"
     "int8" finds none (an LLM whose layers slit cannot store in int8)."""
     from slit.models.llm.llama import FrozenLinear
 
-    if quantization not in QUANTIZATIONS:
-        raise UserError(
-            f"llm.quantization={quantization!r}: use one of {', '.join(map(repr, QUANTIZATIONS))}"
-        )
+    if problem := unknown_quantization(quantization):
+        raise UserError(problem)
     if quantization == "none":
         return 0
     layers = getattr(module, "layers", None)
