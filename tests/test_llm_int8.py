@@ -11,33 +11,35 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from tests.test_levers_towers import LLM
-from tests.test_train_stage2 import Built, stage2_config
+from tests.test_train_stage2 import stage2_config
 
 
-def _llm_bytes(frozen: dict) -> int:
-    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(frozen["llm"]))
+def _frozen(llm: nnx.Module) -> dict[str, jax.Array]:
+    return {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(nnx.state(llm))}
 
 
 def test_stage_two_trains_through_an_int8_llm_and_its_bundle_loads_it_again(tiny_data_dir, tmp_path):
+    """(That the train step's frozen weights stay int8 in their shardings: tests/test_bench_train_step.py
+    and the slow 8-device test below.)"""
     from slit import config as config_lib
     from slit import export
     from slit.train import stage2
+    from slit.train.stage2_model import load_llm
 
-    plain = Built(stage2_config(tiny_data_dir, pathlib.Path("unused"), **LLM), num_batches=1)
-    int8 = Built(
-        stage2_config(tiny_data_dir, pathlib.Path("unused"), **LLM, **{"llm.quantization": "int8"}),
-        num_batches=1,
+    plain = _frozen(load_llm(stage2_config(tiny_data_dir, pathlib.Path("unused"), **LLM).llm)[0])
+    int8_llm, _, source = load_llm(
+        stage2_config(tiny_data_dir, pathlib.Path("unused"), **LLM, **{"llm.quantization": "int8"}).llm
     )
-    kinds = {str(x.dtype) for x in jax.tree.leaves(int8.setup.parts.frozen["llm"])}
-    assert kinds == {"int8", "float32"}, kinds
-    layers = plain.setup.parts.frozen["llm"]["layers"]
-    kernels = sum(x.size for p, x in jax.tree_util.tree_leaves_with_path(layers) if "kernel" in str(p))
+    int8 = _frozen(int8_llm)
+    assert {str(x.dtype) for x in int8.values()} == {"int8", "float32"} and "int8" in source
+    kernels = [k for k in plain if "['layers']" in k and "['kernel']" in k]
+    assert kernels and all(int8[k].dtype == jnp.int8 for k in kernels)
     # Every layer kernel goes from 4 bytes to 1, plus 4 bytes of scale per output channel.
-    saved = _llm_bytes(plain.setup.parts.frozen) - _llm_bytes(int8.setup.parts.frozen)
-    assert 0.9 * 3 * kernels < saved < 3 * kernels
-    assert "int8" in int8.llm_source
+    saved = sum(x.nbytes for x in plain.values()) - sum(x.nbytes for x in int8.values())
+    assert 0.9 * 3 * sum(plain[k].size for k in kernels) < saved < 3 * sum(plain[k].size for k in kernels)
 
     workdir = tmp_path / "run"
     workdir.mkdir()
